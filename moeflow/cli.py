@@ -1,0 +1,60 @@
+"""The `moeflow` command line.
+
+Each subcommand lives beside the code it drives, in a module that exposes
+`add_arguments(parser)` and `main(args) -> int`. Modules are imported only to build
+the parser, and keep their heavy imports (torch, transformers) inside `main`, so that
+`moeflow --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moeflow.errors import MoeflowError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("moeflow.commands.generate", "generate text from a prompt, streaming to stdout"),
+    "inspect": ("moeflow.commands.inspect", "describe a checkpoint and what an expert budget holds"),
+    "serve": ("moeflow.server.cli", "serve a model behind an OpenAI-compatible HTTP API"),
+    "bench": ("moeflow.bench.cli", "benchmarks: offline engine configurations, or a running server"),
+    "trace": ("moeflow.routing.trace_cli", "record the expert routes a model takes over a data split"),
+    "data": ("moeflow.data.cli", "build the public-text training corpus"),
+    "train": ("moeflow.train.cli", "train a reference MoE model with transformers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeflow",
+        description="Run and serve Mixture-of-Experts models whose experts do not fit in GPU memory.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not module_name.startswith(exc.name):
+                raise
+            continue  # a subcommand whose module is not part of this build
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except MoeflowError as exc:
+        print(f"moeflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

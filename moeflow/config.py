@@ -1,0 +1,132 @@
+"""Engine configuration: what the user asks for, validated once.
+
+Values derived at run time (the number of slots a budget buys, the dtype a checkpoint
+resolves to) live in the runtime objects that derive them and are never written back here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moeflow.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_PER_LAYER_RE = re.compile(r"^\s*([0-9]+)\s*(?:slots?)?\s*/\s*layer\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertBudget:
+    """How much device memory the expert cache may use.
+
+    Written as bytes (`8GiB`, `512MB`, `1000000`), a share of all expert bytes (`25%`),
+    or slots per MoE layer (`2/layer`).
+    """
+
+    kind: Literal["bytes", "fraction", "per_layer"]
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> ExpertBudget:
+        if not isinstance(text, str):
+            raise ConfigError(f"expert budget must be a string such as '25%', '8GiB' or '2/layer', got {text!r}")
+        s = text.strip()
+        if s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+            except ValueError:
+                raise ConfigError(f"expert budget {text!r}: '{s[:-1]}' is not a number") from None
+            if not 0 < pct <= 100:
+                raise ConfigError(f"expert budget {text!r}: a percentage must be in (0, 100]")
+            return cls("fraction", pct / 100)
+        if m := _PER_LAYER_RE.match(s):
+            n = int(m.group(1))
+            if n < 1:
+                raise ConfigError(f"expert budget {text!r}: at least 1 slot per layer")
+            return cls("per_layer", n)
+        if m := _BYTES_RE.match(s):
+            unit = m.group(2).lower()
+            if unit not in _UNITS:
+                raise ConfigError(
+                    f"expert budget {text!r}: unknown unit {m.group(2)!r} (use B, KB, MB, GB, KiB, MiB, GiB, ...)"
+                )
+            n = float(m.group(1)) * _UNITS[unit]
+            if n <= 0:
+                raise ConfigError(f"expert budget {text!r} must be positive")
+            return cls("bytes", n)
+        raise ConfigError(f"expert budget {text!r} not understood: write e.g. '25%', '8GiB' or '2/layer'")
+
+    def num_slots(self, *, expert_bytes: int, num_moe_layers: int, num_experts: int) -> int:
+        """Slots this budget buys, capped at one slot per expert of the model."""
+        total = num_moe_layers * num_experts
+        if self.kind == "fraction":
+            n = math.floor(self.value * total + 1e-9)
+        elif self.kind == "per_layer":
+            n = int(self.value) * num_moe_layers
+        else:
+            n = int(self.value // expert_bytes)
+        return min(n, total)
+
+    def __str__(self) -> str:
+        if self.kind == "fraction":
+            return f"{self.value * 100:g}%"
+        if self.kind == "per_layer":
+            return f"{int(self.value)}/layer"
+        return format_bytes(self.value)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+EVICTION_POLICIES = ("lru", "lfu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULER_POLICIES = ("fcfs",)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    budget: ExpertBudget = field(default_factory=lambda: ExpertBudget("fraction", 1.0))
+    eviction: str = "lru"
+
+    def __post_init__(self) -> None:
+        if self.eviction not in EVICTION_POLICIES:
+            raise ConfigError(f"eviction policy {self.eviction!r} unknown; choose one of {', '.join(EVICTION_POLICIES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings, capped at 4096
+    max_batch_size: int = 16  # sequences decoding together; also the number of KV-cache rows
+    max_num_batched_tokens: int = 4096  # prompt tokens per prefill step
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: str = "fcfs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} unknown; choose one of {', '.join(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device {self.device!r} unknown; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.scheduler not in SCHEDULER_POLICIES:
+            raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
