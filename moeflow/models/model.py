@@ -1,0 +1,146 @@
+"""The decoder: embed -> for each layer: attention (KV cache) -> MoE or dense MLP -> norm -> logits.
+
+Shapes: T tokens in the step (all sequences flattened), H hidden, N query heads, G KV
+heads, D head dim, V vocabulary, B sequences in the step.
+
+Dense weights live on the device for the engine's whole life; routed experts are reached
+only through `experts` (the cache-backed compute), so this file never sees where an
+expert's weights are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.models.layers import Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
+from moeflow.models.spec import ModelSpec
+from moeflow.routing.router import Routing, route
+from moeflow.routing.selection import Selector
+from moeflow.weights.checkpoint import Checkpoint
+
+ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RouteObserver = Callable[[int, Routing], None]
+
+
+@dataclass
+class ForwardBatch:
+    """One step's tokens. Prefill steps carry whole prompts; decode steps one token per sequence."""
+
+    input_ids: torch.Tensor  # [T] on the device
+    positions: torch.Tensor  # [T] on the device
+    is_prefill: bool
+    kv_rows: list[int]  # per sequence, its row in the KV cache
+    starts: list[int]  # per sequence, tokens already in its KV cache before this step
+    lengths: list[int]  # per sequence, tokens in this step
+    kv_rows_t: torch.Tensor | None = None  # decode: [B] on the device
+    context_lens_t: torch.Tensor | None = None  # decode: [B] on the device (past + 1)
+    max_context: int = 0  # decode: longest context in the batch
+
+
+class MoEModel:
+    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                 max_model_len: int):
+        self.spec = spec
+        self.dtype, self.device = dtype, device
+        self.scale = spec.head_dim ** -0.5
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta, max_model_len, dtype, device)
+        self.w = {name: checkpoint.tensor(name).to(device=device, dtype=dtype)
+                  for name in self._dense_names(checkpoint)}
+        self.lm_head = self.w["model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"]
+        self.moe_prefix = {l: checkpoint.layouts[l].prefix for l in spec.moe_layers}
+        self.experts: ExpertsFn | None = None
+        self.selector: Selector | None = None
+        self.route_observer: RouteObserver | None = None
+
+    @staticmethod
+    def _dense_names(checkpoint: Checkpoint) -> list[str]:
+        s = checkpoint.spec
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not s.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for layer in range(s.num_layers):
+            names.extend(checkpoint.dense_layer_shapes(layer))
+        return names
+
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.w.values())
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Hidden states after the final norm, [T, H]."""
+        h = F.embedding(batch.input_ids, self.w["model.embed_tokens.weight"])
+        for layer in range(self.spec.num_layers):
+            p = f"model.layers.{layer}"
+            h = h + self._attention(layer, rms_norm(h, self.w[f"{p}.input_layernorm.weight"], self.spec.rms_norm_eps),
+                                    batch, kv)
+            r = rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
+            h = h + (self._moe(layer, r) if layer in self.moe_prefix else self._dense(layer, r))
+        return rms_norm(h, self.w["model.norm.weight"], self.spec.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def _linear(self, x: torch.Tensor, name: str, bias: bool) -> torch.Tensor:
+        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"] if bias else None)
+
+    def _attention(self, layer: int, x: torch.Tensor, batch: ForwardBatch,
+                   kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s, p = self.spec, f"model.layers.{layer}.self_attn"
+        T = x.shape[0]
+        q = self._linear(x, f"{p}.q_proj", s.qkv_bias)
+        k = self._linear(x, f"{p}.k_proj", s.qkv_bias)
+        v = self._linear(x, f"{p}.v_proj", s.qkv_bias)
+        if s.qk_norm == "full":
+            q = rms_norm(q, self.w[f"{p}.q_norm.weight"], s.rms_norm_eps)
+            k = rms_norm(k, self.w[f"{p}.k_norm.weight"], s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q = q.view(T, s.num_heads, s.head_dim)
+        k = k.view(T, s.num_kv_heads, s.head_dim)
+        v = v.view(T, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "per_head":
+            q = rms_norm(q, self.w[f"{p}.q_norm.weight"], s.rms_norm_eps)
+            k = rms_norm(k, self.w[f"{p}.k_norm.weight"], s.rms_norm_eps)
+        q = self.rotary.apply(q, batch.positions)
+        k = self.rotary.apply(k, batch.positions)
+        k_cache, v_cache = kv[0][layer], kv[1][layer]  # [rows, G, max_len, D]
+        window = s.sliding_window[layer]
+        if batch.is_prefill:
+            outs, offset = [], 0
+            for row, start, n in zip(batch.kv_rows, batch.starts, batch.lengths):
+                k_cache[row, :, start : start + n] = k[offset : offset + n].transpose(0, 1)
+                v_cache[row, :, start : start + n] = v[offset : offset + n].transpose(0, 1)
+                outs.append(attend_prefill(q[offset : offset + n], k_cache[row, :, : start + n],
+                                           v_cache[row, :, : start + n], start, self.scale, window))
+                offset += n
+            o = torch.cat(outs) if len(outs) > 1 else outs[0]
+        else:
+            rows, pos = batch.kv_rows_t, batch.positions
+            k_cache[rows, :, pos] = k
+            v_cache[rows, :, pos] = v
+            C = batch.max_context
+            o = attend_decode(q, k_cache[rows, :, :C], v_cache[rows, :, :C], batch.context_lens_t, self.scale, window)
+        return self._linear(o, f"{p}.o_proj", s.o_bias)
+
+    def _dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{layer}.mlp"
+        return dense_mlp(x, self.w[f"{p}.gate_proj.weight"], self.w[f"{p}.up_proj.weight"], self.w[f"{p}.down_proj.weight"])
+
+    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p = self.moe_prefix[layer]
+        routing = route(F.linear(x, self.w[f"{p}.gate.weight"]), self.spec.router)
+        if self.route_observer is not None:
+            self.route_observer(layer, routing)
+        if self.selector is not None:
+            routing = self.selector.select(layer, routing)
+        out = self.experts(layer, x, routing.ids, routing.weights)
+        if self.spec.shared_expert_width:
+            shared = dense_mlp(x, self.w[f"{p}.shared_expert.gate_proj.weight"], self.w[f"{p}.shared_expert.up_proj.weight"],
+                               self.w[f"{p}.shared_expert.down_proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+        return out
