@@ -1,0 +1,244 @@
+"""ExpertCache: the device tier, a fixed pool of equal slots allocated once.
+
+Shapes: L MoE layers, E experts per layer, S slots, each slot one expert (3*I*H elements).
+
+The pool maps (layer, expert) -> slot. Every layer has a quota of slots (equal shares by
+default; a predictor may rebalance them by demand). A layer under its quota takes a slot
+from the layer most over its quota; a layer at its quota evicts one of its own experts,
+chosen by the eviction policy. Slots a compute still reads are pinned and never evicted.
+
+When the budget holds every expert, the pool is filled once at start-up with a fixed
+mapping and the MoE layers read it through a device-side table with no host round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moeflow.experts.policies import EvictionPolicy, Key
+from moeflow.experts.store import ExpertStore
+from moeflow.experts.transfer import Priority, TransferEngine
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0  # distinct experts a step needed that were already resident
+    misses: int = 0  # distinct experts a step needed that had to be loaded on demand
+    bytes_moved: int = 0  # host->device bytes of demand loads
+    stall_s: float = 0.0  # time the compute waited for demand loads
+    prefetches: int = 0
+    prefetch_bytes: int = 0
+
+    def add(self, other: LayerStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class CacheStats:
+    per_layer: dict[int, LayerStats] = field(default_factory=dict)
+    preload_bytes: int = 0  # start-up fill of a fully resident pool, not counted as misses
+
+    def total(self) -> LayerStats:
+        out = LayerStats()
+        for s in self.per_layer.values():
+            out.add(s)
+        return out
+
+
+class ExpertCache:
+    # Prefetches go onto the copy stream a few at a time, after each layer's demand loads,
+    # so a later demand miss queues behind at most this many of them.
+    PREFETCHES_PER_LAYER = 2
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        num_slots: int,
+        device: torch.device,
+        policy: EvictionPolicy,
+    ):
+        self.store = store
+        self.layers = store.layers
+        self.num_experts = E = store.num_experts
+        self.num_slots = num_slots
+        self.expert_bytes = store.expert_bytes
+        self.device = device
+        self.policy = policy
+        L = len(self.layers)
+        self._ordinal = {layer: i for i, layer in enumerate(self.layers)}
+        self.pool = torch.empty(num_slots, store.numel, dtype=store.dtype, device=device)
+        IH = store.width * store.hidden
+        # strided views over the pool: slot s's gate_up is [2I, H], its down [H, I]
+        self.w_gate_up = self.pool[:, : 2 * IH].view(num_slots, 2 * store.width, store.hidden)
+        self.w_down = self.pool[:, 2 * IH :].view(num_slots, store.hidden, store.width)
+        self.transfer = TransferEngine(device, num_slots)
+        self.slot_of = np.full((L, E), -1, dtype=np.int64)
+        self.owner: list[Key | None] = [None] * num_slots
+        self._pins = np.zeros(num_slots, dtype=np.int64)
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._held = np.zeros(L, dtype=np.int64)
+        self.quota = self.equal_quotas(num_slots, L)
+        self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
+        self.fully_resident = num_slots >= L * E
+        self.slot_table: torch.Tensor | None = None  # [L, E] on device, fully resident pools only
+        self._resident_hits: torch.Tensor | None = None
+        if self.fully_resident:
+            self._preload()
+
+    @staticmethod
+    def equal_quotas(num_slots: int, num_layers: int) -> np.ndarray:
+        q = np.full(num_layers, num_slots // num_layers, dtype=np.int64)
+        q[: num_slots % num_layers] += 1
+        return q
+
+    def ordinal(self, layer: int) -> int:
+        return self._ordinal[layer]
+
+    # -- fully resident pools --------------------------------------------------------------
+
+    def _preload(self) -> None:
+        for layer in self.layers:
+            li = self._ordinal[layer]
+            for e in range(self.num_experts):
+                slot = li * self.num_experts + e
+                self.pool[slot].copy_(self.store.get(layer, e), non_blocking=True)
+                self._assign(slot, layer, e)
+        self._free.clear()
+        self.stats.preload_bytes = len(self.layers) * self.num_experts * self.expert_bytes
+        self.slot_table = torch.from_numpy(self.slot_of.astype(np.int32)).to(self.device)
+        self._resident_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def count_resident_hits(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Count a fully resident layer's distinct experts on the device, without a host sync."""
+        used = torch.zeros(self.num_experts, dtype=torch.int64, device=self.device)
+        used.index_fill_(0, topk_ids.flatten(), 1)
+        self._resident_hits[self._ordinal[layer]] += used.sum()
+
+    # -- on-demand pools -------------------------------------------------------------------
+
+    def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
+        """Make as many of `experts` resident as the pool allows and pin them.
+
+        Returns {expert: slot} for those acquired (all already-resident ones first, then
+        loads in the given order). The caller computes with them, calls `release`, and asks
+        again for the rest. The compute stream is made to wait for the loads it needs.
+        """
+        li = self._ordinal[layer]
+        stats = self.stats.per_layer[layer]
+        got: dict[int, int] = {}
+        for e in experts:
+            slot = int(self.slot_of[li, e])
+            if slot >= 0:
+                got[e] = slot
+                self._pins[slot] += 1
+                self.policy.touch((layer, e))
+                stats.hits += 1
+        for e in experts:
+            if e in got:
+                continue
+            slot = self._take_slot(li)
+            if slot is None:
+                break
+            self._assign(slot, layer, e)
+            self.transfer.copy(slot, self.pool[slot], self.store.get(layer, e), Priority.DEMAND, tag=layer)
+            got[e] = slot
+            self._pins[slot] += 1
+            self.policy.touch((layer, e))
+            stats.misses += 1
+            stats.bytes_moved += self.expert_bytes
+        self.transfer.wait_for(list(got.values()), tag=layer)
+        self.transfer.issue_prefetches(limit=self.PREFETCHES_PER_LAYER)
+        return got
+
+    def prefetch(self, layer: int, experts: list[int]) -> int:
+        """Queue loads, at prefetch priority, of predicted experts of `layer` (best first).
+
+        Takes free slots, else evicts this layer's own unpinned, unpredicted experts, and
+        never grows the layer past its quota; returns how many loads were queued.
+        """
+        li = self._ordinal[layer]
+        stats = self.stats.per_layer[layer]
+        predicted = set(experts)
+        queued = 0
+        for e in experts:
+            if self.slot_of[li, e] >= 0:
+                continue
+            if self._free and self._held[li] < self.quota[li]:
+                slot = self._free.pop()
+            else:
+                candidates = [(layer, int(x)) for x in np.flatnonzero(self.slot_of[li] >= 0)
+                              if int(x) not in predicted and self._pins[self.slot_of[li, x]] == 0]
+                if not candidates:
+                    break
+                slot = int(self.slot_of[li, self.policy.victim(candidates)[1]])
+                self._evict(slot)
+            self._assign(slot, layer, e)
+            self.policy.touch((layer, e))
+            self.transfer.copy(slot, self.pool[slot], self.store.get(layer, e), Priority.PREFETCH)
+            stats.prefetches += 1
+            stats.prefetch_bytes += self.expert_bytes
+            queued += 1
+        return queued
+
+    def release(self, slots: list[int]) -> None:
+        self.transfer.mark_read(slots)
+        for s in slots:
+            self._pins[s] -= 1
+
+    def _assign(self, slot: int, layer: int, expert: int) -> None:
+        li = self._ordinal[layer]
+        self.owner[slot] = (layer, expert)
+        self.slot_of[li, expert] = slot
+        self._held[li] += 1
+
+    def _evict(self, slot: int) -> None:
+        layer, expert = self.owner[slot]
+        li = self._ordinal[layer]
+        self.owner[slot] = None
+        self.slot_of[li, expert] = -1
+        self._held[li] -= 1
+        self.policy.forget((layer, expert))
+        self.transfer.cancel(slot)  # a prefetch into it that was never issued is stale now
+
+    def _take_slot(self, li: int) -> int | None:
+        """A free slot, or one freed by evicting an unpinned expert; None if every slot is pinned."""
+        if self._free:
+            return self._free.pop()
+        over = self._held - self.quota
+        others = sorted((j for j in range(len(self.layers)) if j != li), key=lambda j: -over[j])
+        if over[li] >= 0:
+            order = [li, *others]
+        else:
+            order = [j for j in others if over[j] > 0] + [li] + [j for j in others if over[j] <= 0]
+        for j in order:
+            layer = self.layers[j]
+            candidates = [(layer, int(e)) for e in np.flatnonzero(self.slot_of[j] >= 0)
+                          if self._pins[self.slot_of[j, e]] == 0]
+            if candidates:
+                _, expert = self.policy.victim(candidates)
+                slot = int(self.slot_of[j, expert])
+                self._evict(slot)
+                return slot
+        return None
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def collect_stats(self) -> CacheStats:
+        """Fold device-side counters into the stats; call after the compute stream is synchronised."""
+        for layer, secs in self.transfer.drain_stalls().items():
+            self.stats.per_layer[layer].stall_s += secs
+        if self._resident_hits is not None:
+            counts = self._resident_hits.tolist()
+            self._resident_hits.zero_()
+            for layer, n in zip(self.layers, counts):
+                self.stats.per_layer[layer].hits += int(n)
+        return self.stats
+
+    def resident_count(self, layer: int) -> int:
+        return int(self._held[self._ordinal[layer]])
