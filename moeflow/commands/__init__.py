@@ -1,0 +1,1 @@
+"""CLI subcommands that drive the engine directly (generate, inspect)."""

@@ -1,0 +1,24 @@
+"""Engine options shared by the commands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--expert-budget", default="100%",
+                   help="device memory for routed experts: a share of all expert bytes ('25%%'), bytes ('8GiB'), "
+                        "or slots per MoE layer ('2/layer'); default: %(default)s")
+    g.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="expert-cache eviction policy")
+    g.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype; 'auto': float32 on CPU, the checkpoint's half type on CUDA")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output) per sequence")
+    g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoding together")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(expert_budget=args.expert_budget, eviction=args.eviction, device=args.device, dtype=args.dtype,
+                max_model_len=args.max_model_len, max_batch_size=args.max_batch_size, seed=args.seed)

@@ -1,0 +1,145 @@
+"""LLM: the offline facade. Load a model directory, generate for a list of prompts."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from moeflow.config import CacheConfig, EngineConfig, ExpertBudget
+from moeflow.engine.engine import LLMEngine
+from moeflow.errors import RequestError
+from moeflow.experts.cache import LayerStats
+from moeflow.outputs import GenerateOutputs, GenerateStats, RequestOutput
+from moeflow.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate with an MoE model whose experts live in a budgeted device cache.
+
+    >>> llm = LLM("path/to/model", expert_budget="25%")
+    >>> out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+    >>> out[0].outputs[0].text, out.stats.decode_tokens_per_s
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        expert_budget: str = "100%",
+        eviction: str = "lru",
+        device: str = "auto",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_batch_size: int = 16,
+        max_num_batched_tokens: int = 4096,
+        seed: int = 0,
+        skip_tokenizer_init: bool = False,
+    ):
+        config = EngineConfig(
+            model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_batch_size=max_batch_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), seed=seed,
+        )
+        self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
+        self._ids = itertools.count()
+        self.last_stats: GenerateStats | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> GenerateOutputs:
+        """One RequestOutput per prompt, in order; `.stats` holds the call's figures."""
+        prompts = self._as_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not use_tqdm) as bar:
+            ids = []
+            for out in self._drive(prompts, params, ids):
+                if out.finished:
+                    finished[out.request_id] = out
+                    bar.update(1)
+        return GenerateOutputs([finished[rid] for rid in ids], self.last_stats)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Outputs for one prompt as each step produces them; `last_stats` is set once it finishes."""
+        yield from self._drive([prompt], [sampling_params or SamplingParams()], [])
+
+    def _drive(self, prompts: list[Prompt], params: list[SamplingParams], ids: list[str]) -> Iterator[RequestOutput]:
+        engine = self.engine
+        before = dict(engine.counters)
+        cache_before = {l: _copy(s) for l, s in engine.cache.stats.per_layer.items()}
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        ids.extend(str(next(self._ids)) for _ in prompts)
+        # Validate every prompt before any runs, so a bad one leaves nothing half-done.
+        added = []
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                engine.add_request(rid, prompt, p)
+                added.append(rid)
+            pending = set(ids)
+            while pending:
+                for out in engine.step():
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+        finally:  # an error, or a caller that stopped iterating: leave no request behind
+            for rid in added:
+                engine.abort_request(rid)
+        self.last_stats = self._stats(before, cache_before)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        prompt = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(prompt, sampling_params)[0]
+
+    @staticmethod
+    def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise RequestError("no prompts given")
+        if all(isinstance(t, int) for t in prompts):
+            return [prompts]  # one prompt given as token ids
+        return prompts
+
+    def _stats(self, before: dict, cache_before: dict[int, LayerStats]) -> GenerateStats:
+        engine = self.engine
+        c = engine.counters
+        per_layer = {}
+        total = LayerStats()
+        for layer, now in engine.cache.stats.per_layer.items():
+            d = LayerStats(**{k: getattr(now, k) - getattr(cache_before[layer], k) for k in now.__dataclass_fields__})
+            per_layer[layer] = d
+            total.add(d)
+        if engine.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(engine.device)
+        else:
+            peak = engine.device_bytes
+        return GenerateStats(
+            prompt_tokens=c["prompt_tokens"] - before["prompt_tokens"],
+            generated_tokens=c["generated_tokens"] - before["generated_tokens"],
+            decode_tokens=c["decode_tokens"] - before["decode_tokens"],
+            prefill_s=c["prefill_s"] - before["prefill_s"],
+            decode_s=c["decode_s"] - before["decode_s"],
+            cache=total, per_layer=per_layer, peak_device_memory_bytes=peak,
+        )
+
+
+def _copy(s: LayerStats) -> LayerStats:
+    return LayerStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})

@@ -1,0 +1,112 @@
+"""Tokenizer: a model directory's tokenizer.json and tokenizer_config.json, without transformers.
+
+Encoding applies tokenizer.json's own post-processor (which adds BOS where the model
+expects it); chat templates are the Jinja templates Hugging Face checkpoints ship.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moeflow.errors import CheckpointError, RequestError
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...}, the AddedToken form
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer as _Backend
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{model_dir} has no tokenizer.json; moeflow needs the tokenizer beside the weights "
+                "(or pass token ids and skip_tokenizer_init=True)"
+            )
+        try:
+            self._tok = _Backend.from_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path} could not be read as a tokenizer: {exc}") from None
+        cfg_path = model_dir / "tokenizer_config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+        self.chat_template: str | None = self.config.get("chat_template")
+        template_file = model_dir / "chat_template.jinja"
+        if self.chat_template is None and template_file.is_file():
+            self.chat_template = template_file.read_text()
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise RequestError("this model's tokenizer_config.json has no chat_template; use a plain completion")
+        if self._template is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise RequestError(f"chat template rejected the messages: {exc}") from None
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-emitting or splitting characters.
+
+    Decodes a short window of recent tokens twice (with and without the newest) and emits
+    only the new suffix; a delta that ends in an incomplete UTF-8 sequence is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-6:])  # context for tokenizers whose decoding depends on neighbours
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            self.text += delta
+            return delta
+        return ""
