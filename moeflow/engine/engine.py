@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from moeflow.config import EngineConfig, format_bytes
+from moeflow.config import EngineConfig, budget_text, format_bytes
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import POLICIES as SCHEDULING_POLICIES
@@ -21,7 +21,7 @@ from moeflow.errors import BudgetError, ConfigError, RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
 from moeflow.experts.policies import make_policy
-from moeflow.experts.store import ExpertSource, ExpertStore
+from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
 from moeflow.models.spec import ModelSpec
 from moeflow.outputs import CompletionOutput, RequestOutput
@@ -30,6 +30,7 @@ from moeflow.routing.selection import ExactSelector
 from moeflow.sampling import Sampler, SamplingParams, top_logprobs
 from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
 from moeflow.weights.checkpoint import Checkpoint
+from moeflow.weights.synthetic import SyntheticCheckpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -59,10 +60,11 @@ def resolve_dtype(name: str, spec: ModelSpec, device: torch.device) -> torch.dty
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, skip_tokenizer_init: bool = False,
-                 expert_source: ExpertSource | None = None):
+                 checkpoint: Checkpoint | SyntheticCheckpoint | None = None):
+        """`checkpoint` replaces the directory `config.model` names (a synthetic model for benchmarks)."""
         self.config = config
         self.device = resolve_device(config.device)
-        self.checkpoint = Checkpoint(config.model)
+        self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(config.model)
         self.spec = spec = self.checkpoint.spec
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
         self.max_model_len = self._resolve_max_model_len(config.max_model_len, spec)
@@ -71,7 +73,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        store = ExpertStore(expert_source or self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
+        store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
         num_slots = self._budget_slots(store.expert_bytes)
         self.cache = ExpertCache(store, num_slots, self.device, make_policy(config.cache.eviction))
         self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len)
@@ -109,7 +111,7 @@ class LLMEngine:
             raise BudgetError(
                 f"expert budget {budget} buys {slots} slot(s) of {format_bytes(expert_bytes)} each, but one MoE "
                 f"layer needs its top-{need} experts on the device at once. The smallest budget that works is "
-                f"{need} slots: --expert-budget {math.ceil(need * expert_bytes / 2**20)}MiB "
+                f"{need} slots: --expert-budget {budget_text(need * expert_bytes)} "
                 f"(or {math.ceil(10000 * need / total) / 100:g}%)"
             )
         return slots

@@ -138,50 +138,10 @@ class Checkpoint:
                 raise CheckpointError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
 
     def dense_layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of one decoder layer's non-expert tensors."""
-        s = self.spec
-        H, D = s.hidden_size, s.head_dim
-        p = f"model.layers.{layer}"
-        q, kv = s.num_heads * D, s.num_kv_heads * D
-        out = {
-            f"{p}.input_layernorm.weight": (H,),
-            f"{p}.post_attention_layernorm.weight": (H,),
-            f"{p}.self_attn.q_proj.weight": (q, H),
-            f"{p}.self_attn.k_proj.weight": (kv, H),
-            f"{p}.self_attn.v_proj.weight": (kv, H),
-            f"{p}.self_attn.o_proj.weight": (H, q),
-        }
-        if s.qkv_bias:
-            out.update({f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
-                        f"{p}.self_attn.v_proj.bias": (kv,)})
-        if s.o_bias:
-            out[f"{p}.self_attn.o_proj.bias"] = (H,)
-        if s.qk_norm == "per_head":
-            out.update({f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)})
-        elif s.qk_norm == "full":
-            out.update({f"{p}.self_attn.q_norm.weight": (q,), f"{p}.self_attn.k_norm.weight": (kv,)})
-        if layer in s.moe_layers:
-            moe = self.layouts[layer].prefix
-            out[f"{moe}.gate.weight"] = (s.num_experts, H)
-            if s.shared_expert_width:
-                W = s.shared_expert_width
-                out.update({f"{moe}.shared_expert.gate_proj.weight": (W, H), f"{moe}.shared_expert.up_proj.weight": (W, H),
-                            f"{moe}.shared_expert.down_proj.weight": (H, W), f"{moe}.shared_expert_gate.weight": (1, H)})
-        else:
-            W = s.dense_intermediate_size
-            out.update({f"{p}.mlp.gate_proj.weight": (W, H), f"{p}.mlp.up_proj.weight": (W, H),
-                        f"{p}.mlp.down_proj.weight": (H, W)})
-        return out
+        return dense_layer_shapes(self.spec, self.layouts, layer)
 
     def dense_numel(self) -> int:
-        """Elements of every tensor that is not a routed expert (embeddings, attention, norms, routers, ...)."""
-        s = self.spec
-        shapes = [(s.vocab_size, s.hidden_size), (s.hidden_size,)]
-        if not s.tie_word_embeddings:
-            shapes.append((s.vocab_size, s.hidden_size))
-        for layer in range(s.num_layers):
-            shapes.extend(self.dense_layer_shapes(layer).values())
-        return sum(math.prod(shape) for shape in shapes)
+        return dense_numel(self.spec, self.layouts)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -219,3 +179,49 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def dense_layer_shapes(s: ModelSpec, layouts: dict[int, ExpertLayout], layer: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one decoder layer's non-expert tensors."""
+    H, D = s.hidden_size, s.head_dim
+    p = f"model.layers.{layer}"
+    q, kv = s.num_heads * D, s.num_kv_heads * D
+    out = {
+        f"{p}.input_layernorm.weight": (H,),
+        f"{p}.post_attention_layernorm.weight": (H,),
+        f"{p}.self_attn.q_proj.weight": (q, H),
+        f"{p}.self_attn.k_proj.weight": (kv, H),
+        f"{p}.self_attn.v_proj.weight": (kv, H),
+        f"{p}.self_attn.o_proj.weight": (H, q),
+    }
+    if s.qkv_bias:
+        out.update({f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
+                    f"{p}.self_attn.v_proj.bias": (kv,)})
+    if s.o_bias:
+        out[f"{p}.self_attn.o_proj.bias"] = (H,)
+    if s.qk_norm == "per_head":
+        out.update({f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)})
+    elif s.qk_norm == "full":
+        out.update({f"{p}.self_attn.q_norm.weight": (q,), f"{p}.self_attn.k_norm.weight": (kv,)})
+    if layer in s.moe_layers:
+        moe = layouts[layer].prefix
+        out[f"{moe}.gate.weight"] = (s.num_experts, H)
+        if s.shared_expert_width:
+            W = s.shared_expert_width
+            out.update({f"{moe}.shared_expert.gate_proj.weight": (W, H), f"{moe}.shared_expert.up_proj.weight": (W, H),
+                        f"{moe}.shared_expert.down_proj.weight": (H, W), f"{moe}.shared_expert_gate.weight": (1, H)})
+    else:
+        W = s.dense_intermediate_size
+        out.update({f"{p}.mlp.gate_proj.weight": (W, H), f"{p}.mlp.up_proj.weight": (W, H),
+                    f"{p}.mlp.down_proj.weight": (H, W)})
+    return out
+
+
+def dense_numel(s: ModelSpec, layouts: dict[int, ExpertLayout]) -> int:
+    """Elements of every tensor that is not a routed expert (embeddings, attention, norms, routers, ...)."""
+    shapes = [(s.vocab_size, s.hidden_size), (s.hidden_size,)]
+    if not s.tie_word_embeddings:
+        shapes.append((s.vocab_size, s.hidden_size))
+    for layer in range(s.num_layers):
+        shapes.extend(dense_layer_shapes(s, layouts, layer).values())
+    return sum(math.prod(shape) for shape in shapes)
