@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from moeflow.config import EngineConfig, budget_text, format_bytes
+from moeflow.config import CacheConfig, EngineConfig, ExpertBudget, budget_text, format_bytes
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import POLICIES as SCHEDULING_POLICIES
@@ -63,6 +63,7 @@ class LLMEngine:
                  checkpoint: Checkpoint | SyntheticCheckpoint | None = None):
         """`checkpoint` replaces the directory `config.model` names (a synthetic model for benchmarks)."""
         self.config = config
+        self.scheduler: Scheduler | None = None
         self.device = resolve_device(config.device)
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(config.model)
         self.spec = spec = self.checkpoint.spec
@@ -73,11 +74,9 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
-        num_slots = self._budget_slots(store.expert_bytes)
-        self.cache = ExpertCache(store, num_slots, self.device, make_policy(config.cache.eviction))
+        self.store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
         self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len)
-        self.model.experts = CachedExperts(self.cache)
+        self.reset_expert_cache(config.cache)
         self.model.selector = ExactSelector()
         self.predictor: Predictor = NoPredictor()
         self.model.route_observer = lambda layer, routing: self.predictor.observe(layer, routing.ids)
@@ -101,8 +100,21 @@ class LLMEngine:
                               f"{spec.max_position_embeddings}")
         return asked
 
-    def _budget_slots(self, expert_bytes: int) -> int:
-        spec, budget = self.spec, self.config.cache.budget
+    def reset_expert_cache(self, cache_config: CacheConfig) -> None:
+        """Start from an empty expert cache of a new budget and policy (the host store is kept)."""
+        if self.has_unfinished_requests():
+            raise RequestError("the expert cache can only be replaced while no request is running")
+        num_slots = self._budget_slots(self.store.expert_bytes, cache_config.budget)
+        old = getattr(self, "cache", None)
+        self.cache = self.model.experts = None
+        del old  # free the old pool before the new one is allocated
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache = ExpertCache(self.store, num_slots, self.device, make_policy(cache_config.eviction))
+        self.model.experts = CachedExperts(self.cache)
+
+    def _budget_slots(self, expert_bytes: int, budget: ExpertBudget) -> int:
+        spec = self.spec
         slots = budget.num_slots(expert_bytes=expert_bytes, num_moe_layers=spec.num_moe_layers,
                                  num_experts=spec.num_experts)
         need = spec.router.top_k
@@ -168,7 +180,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler is not None and self.scheduler.has_unfinished()
 
     @property
     def num_running(self) -> int:
