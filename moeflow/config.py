@@ -90,6 +90,14 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def budget_text(n: float) -> str:
+    """A byte count as the smallest budget string (rounded up, never down) that covers it."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{math.ceil(n / size * 100) / 100:g}{unit}"
+    return f"{math.ceil(n)}B"
+
+
 EVICTION_POLICIES = ("lru", "lfu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULER_POLICIES = ("fcfs",)
@@ -116,6 +124,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: str = "fcfs"
     seed: int = 0
+    enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

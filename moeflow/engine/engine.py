@@ -12,6 +12,7 @@ import time
 import torch
 
 from moeflow.config import CacheConfig, EngineConfig, ExpertBudget, budget_text, format_bytes
+from moeflow.engine.cuda_graphs import DecodeGraphs
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import POLICIES as SCHEDULING_POLICIES
@@ -63,7 +64,7 @@ class LLMEngine:
                  checkpoint: Checkpoint | SyntheticCheckpoint | None = None):
         """`checkpoint` replaces the directory `config.model` names (a synthetic model for benchmarks)."""
         self.config = config
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
         self.device = resolve_device(config.device)
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(config.model)
         self.spec = spec = self.checkpoint.spec
@@ -76,14 +77,13 @@ class LLMEngine:
 
         self.store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
         self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len)
-        self.reset_expert_cache(config.cache)
         self.model.selector = ExactSelector()
-        self.predictor: Predictor = NoPredictor()
-        self.model.route_observer = lambda layer, routing: self.predictor.observe(layer, routing.ids)
         self.kv = KVCache(spec.num_layers, config.max_batch_size, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, SCHEDULING_POLICIES[config.scheduler]())
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.predictor: Predictor = NoPredictor()
+        self.reset_expert_cache(config.cache)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, SCHEDULING_POLICIES[config.scheduler]())
         self.sampler = Sampler()
         self._generator = torch.Generator(self.device).manual_seed(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -112,6 +112,21 @@ class LLMEngine:
             torch.cuda.empty_cache()
         self.cache = ExpertCache(self.store, num_slots, self.device, make_policy(cache_config.eviction))
         self.model.experts = CachedExperts(self.cache)
+        self._configure_graphs()
+
+    def set_predictor(self, predictor: Predictor) -> None:
+        """Install a predictor: it is asked before every step and shown every layer's real routes."""
+        self.predictor = predictor
+        self.model.route_observer = ((lambda layer, routing: predictor.observe(layer, routing.ids))
+                                     if predictor.observes_routes else None)
+        self._configure_graphs()
+
+    def _configure_graphs(self) -> None:
+        """Replay decode steps as CUDA graphs while every expert is resident and nothing observes a layer."""
+        usable = (self.device.type == "cuda" and not self.config.enforce_eager and self.cache.fully_resident
+                  and self.model.route_observer is None and self.model.selector.exact)
+        self.runner.graphs = (DecodeGraphs(self.model, self.kv, self.cache, self.device, self.config.max_batch_size,
+                                           self.max_model_len) if usable else None)
 
     def _budget_slots(self, expert_bytes: int, budget: ExpertBudget) -> int:
         spec = self.spec

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.engine.cuda_graphs import DecodeGraphs
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.engine.sequence import Sequence
@@ -26,6 +27,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = device
+        self.graphs: DecodeGraphs | None = None  # set by the engine while every expert is resident
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -52,6 +54,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepLogits:
+        if self.graphs is not None and not batch.is_prefill:
+            seqs = batch.seqs
+            logits = self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                     [s.kv_row for s in seqs])
+            return StepLogits(logits, {})
         fb = self.prepare_prefill(batch.seqs) if batch.is_prefill else self.prepare_decode(batch.seqs)
         hidden = self.model.forward(fb, (self.kv.k, self.kv.v))
         ends = torch.tensor(fb.lengths).cumsum(0) - 1

@@ -13,6 +13,7 @@ mapping and the MoE layers read it through a device-side table with no host roun
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +120,16 @@ class ExpertCache:
         used = torch.zeros(self.num_experts, dtype=torch.int64, device=self.device)
         used.index_fill_(0, topk_ids.flatten(), 1)
         self._resident_hits[self._ordinal[layer]] += used.sum()
+
+    @contextmanager
+    def uncounted(self):
+        """Work done inside (a CUDA graph's warm-up run) leaves the device-side counters as they were."""
+        saved = self._resident_hits.clone() if self._resident_hits is not None else None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                self._resident_hits.copy_(saved)
 
     # -- on-demand pools -------------------------------------------------------------------
 

@@ -116,6 +116,8 @@ def test_prefetch_queues_within_quota_and_demand_promotes_it():
 class ScriptedPredictor:
     """Predicts a fixed, partly wrong set of experts for every layer."""
 
+    observes_routes = True
+
     def __init__(self, spec):
         self.spec, self.observed = spec, 0
 
@@ -134,7 +136,7 @@ def test_prefetching_never_changes_the_tokens(budget, checkpoint):
     prompts = [[0, 5, 6, 7, 8], [0, 200, 13]]
     plain = LLM(model, device="cpu", expert_budget=budget, max_model_len=64).generate(prompts, params)
     llm = LLM(model, device="cpu", expert_budget=budget, max_model_len=64)
-    llm.engine.predictor = ScriptedPredictor(llm.engine.spec)
+    llm.engine.set_predictor(ScriptedPredictor(llm.engine.spec))
     predicted = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in predicted] == [o.outputs[0].token_ids for o in plain]
     assert predicted.stats.cache.prefetches > 0

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 class Predictor(Protocol):
+    observes_routes: bool  # False: `observe` is never called (and resident decode steps can run as CUDA graphs)
+
     def predict(self, batch: ScheduledBatch) -> dict[int, torch.Tensor] | None:
         """Per MoE layer, expert scores [E] for the step about to run; None: no prediction."""
 
@@ -26,6 +28,8 @@ class Predictor(Protocol):
 
 class NoPredictor:
     """On-demand loading only: the cache learns what a step needs when the router says so."""
+
+    observes_routes = False
 
     def predict(self, batch: ScheduledBatch) -> dict[int, torch.Tensor] | None:
         return None

@@ -1,0 +1,119 @@
+"""The engine on CUDA: exactness, pinned host buffers, copies on their own stream, no per-expert syncs.
+
+Run on a GPU machine with `pytest -m gpu`; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoints import FAMILIES, LAYOUTS
+from helpers import LogitsRecorder, greedy, hf_greedy, relative_error
+from moeflow import LLM
+
+pytestmark = pytest.mark.gpu
+PROMPT = [0, 17, 201, 45, 99, 3, 150, 77, 12, 260, 31]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def hf_on_cuda(model_dir, dtype):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", ["100%", "25%"])
+def test_cuda_float32_matches_transformers(family, layout, budget, checkpoint):
+    model_dir = checkpoint(family, layout)
+    import transformers as tf
+
+    # the reference runs on the CPU in float32: the strictest one there is
+    ref_tokens, ref_logits = hf_greedy(tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                       PROMPT, 32)
+    llm = LLM(str(model_dir), device="cuda", dtype="float32", expert_budget=budget, max_model_len=128)
+    rec = LogitsRecorder(llm)
+    out = llm.generate([PROMPT], greedy(32))
+    assert out[0].outputs[0].token_ids == ref_tokens
+    errors = [relative_error(a, b) for a, b in zip(rec.steps(), ref_logits)]
+    assert max(errors) < 1e-4
+
+
+def test_cuda_bfloat16_tokens_match_transformers_on_the_trained_model():
+    """bfloat16 rounds differently in every implementation; a trained model's clear margins keep the tokens equal."""
+    from moeflow.assets import default_model_dir
+
+    model_dir = default_model_dir()
+    hf = hf_on_cuda(model_dir, torch.bfloat16)
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", expert_budget="25%", max_model_len=512)
+    for text in ["The history of the city", "def fibonacci(n):", "ROMEO. What light"]:
+        ids = llm.tokenizer.encode(text)
+        import transformers as tf
+
+        cfg = tf.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=None)
+        t = torch.tensor([ids], device="cuda")
+        ref = hf.generate(t, attention_mask=torch.ones_like(t), generation_config=cfg)[0, len(ids):].tolist()
+        assert llm.generate([ids], greedy(32))[0].outputs[0].token_ids == ref, text
+
+
+def test_host_store_is_pinned_and_expert_copies_run_on_their_own_stream(checkpoint, tmp_path):
+    llm = LLM(str(checkpoint("qwen3_moe", "fused")), device="cuda", dtype="float32", expert_budget="25%",
+              max_model_len=128)
+    cache = llm.engine.cache
+    assert cache.store.is_pinned and cache.store.get(cache.layers[0], 0).is_pinned()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = llm.generate([PROMPT, PROMPT[:4]], greedy(8))
+    assert out.stats.cache.misses > 0
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernel_streams = {e["args"]["stream"] for e in events if e.get("cat") == "kernel"}
+    h2d_streams = [e["args"]["stream"] for e in events
+                   if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    copy_only = {s for s in h2d_streams if s not in kernel_streams}
+    assert len(copy_only) == 1, "expert loads run on one stream that runs no kernels"
+    assert h2d_streams.count(copy_only.pop()) == out.stats.cache.misses, "one copy per expert load"
+
+
+def test_no_device_wide_synchronisation_per_expert(checkpoint, monkeypatch):
+    llm = LLM(str(checkpoint("mixtral", "fused")), device="cuda", dtype="float32", expert_budget="1/layer",
+              max_model_len=128)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append("device"))
+    for cls in (torch.cuda.Stream, torch.cuda.Event):
+        original = cls.synchronize
+        monkeypatch.setattr(cls, "synchronize", lambda self, _o=original: (calls.append(type(self).__name__), _o(self)))
+    out = llm.generate([PROMPT, PROMPT[:5], PROMPT[:2]], greedy(12))
+    assert out.stats.cache.misses > 20
+    assert calls == []
+    assert out.stats.cache.stall_s > 0, "the compute stream's waits on copies are timed with events"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_cuda_graph_decode_equals_eager(family, checkpoint):
+    model_dir = str(checkpoint(family, "fused"))
+    prompts = [PROMPT, PROMPT[:3], PROMPT[:7]]  # 3 sequences: padded to the batch bucket of 4
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(model_dir, device="cuda", dtype="float32", max_model_len=128, enforce_eager=eager)
+        rec = LogitsRecorder(llm)
+        runs[eager] = (llm, llm.generate(prompts, greedy(20)), rec)
+    llm, out, rec = runs[False]
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs._graphs, "decode ran as graphs"
+    assert runs[True][0].engine.runner.graphs is None
+    for i in range(3):
+        assert out[i].outputs[0].token_ids == runs[True][1][i].outputs[0].token_ids
+        for a, b in zip(rec.steps(i), runs[True][2].steps(i)):
+            assert relative_error(a, b) < 1e-5
+    assert out.stats.cache.hits == runs[True][1].stats.cache.hits, "padding and warm-up leave the counters alone"
