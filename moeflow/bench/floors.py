@@ -1,0 +1,96 @@
+"""What an offloaded run could at best achieve: measured copy bandwidth, and optimal-cache misses.
+
+The floor of an offloaded run is the time its expert bytes take over the measured pinned
+host-to-device bandwidth plus the time the same steps take with every expert resident.
+The Belady floor does the same for the misses an optimal cache of the same number of slots
+would take on the same route trace (evict the expert whose next use is farthest away).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict, deque
+
+import torch
+
+
+def pinned_h2d_bandwidth(nbytes: int, device: torch.device, reps: int = 10) -> float:
+    """Bytes per second of one plain pinned host-to-device copy of `nbytes`, median of `reps`."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times = sorted(times[2:])
+    return nbytes / times[len(times) // 2]
+
+
+def device_memory_bandwidth(device: torch.device, nbytes: int = 2**30, reps: int = 10) -> float:
+    """Bytes per second a large device-to-device copy moves, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times = sorted(times[2:])
+    return 2 * nbytes / times[len(times) // 2]
+
+
+def flatten(access_log: list[tuple[int, list[int]]]) -> list[tuple[int, int]]:
+    """Per-layer expert sets, in step order, as one sequence of (layer, expert) uses."""
+    return [(layer, e) for layer, experts in access_log for e in experts]
+
+
+def belady_misses(uses: list[tuple[int, int]], num_slots: int, count_from: int = 0) -> int:
+    """Misses of an optimal cache of `num_slots` over `uses`, counting those at index >= count_from."""
+    next_use: list[float] = [0.0] * len(uses)
+    seen: dict[tuple[int, int], float] = {}
+    for i in range(len(uses) - 1, -1, -1):
+        next_use[i] = seen.get(uses[i], float("inf"))
+        seen[uses[i]] = i
+    resident: dict[tuple[int, int], float] = {}  # key -> its next use
+    heap: list[tuple[float, tuple[int, int]]] = []  # (-next use, key), stale entries skipped
+    misses = 0
+    for i, key in enumerate(uses):
+        if key in resident:
+            resident[key] = next_use[i]
+        else:
+            if i >= count_from:
+                misses += 1
+            if len(resident) >= num_slots:
+                while True:
+                    neg, victim = heapq.heappop(heap)
+                    if resident.get(victim) == -neg:
+                        del resident[victim]
+                        break
+            resident[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], key))
+    return misses
+
+
+def lru_misses(uses: list[tuple[int, int]], slots_per_layer: dict[int, int], count_from: int = 0) -> int:
+    """Misses of a per-layer LRU with fixed slots per layer, for comparison with the live cache."""
+    order: dict[int, deque] = defaultdict(deque)
+    misses = 0
+    for i, (layer, e) in enumerate(uses):
+        q = order[layer]
+        if e in q:
+            q.remove(e)
+        else:
+            if i >= count_from:
+                misses += 1
+            if len(q) >= slots_per_layer[layer]:
+                q.popleft()
+        q.append(e)
+    return misses
