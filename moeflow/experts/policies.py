@@ -1,73 +1,67 @@
 """Eviction policies for the expert cache.
 
 A policy only ranks; the cache decides which layer gives up a slot (by per-layer quota)
-and asks the policy which of that layer's unpinned experts should go.
+and asks the policy which of that layer's evictable experts should go. Rankings live in
+[layer, expert] arrays, so choosing a victim is one vectorised pass over a layer's experts
+rather than a Python loop: the miss path runs hundreds of times per step at large batches.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Protocol
 
-Key = tuple[int, int]  # (layer, expert)
+import numpy as np
 
 
 class EvictionPolicy(Protocol):
-    def touch(self, key: Key) -> None:
-        """`key` was used (a hit) or just filled."""
+    def touch(self, li: int, expert: int) -> None:
+        """Expert `expert` of the layer with ordinal `li` was used (a hit) or just filled."""
 
-    def forget(self, key: Key) -> None:
-        """`key` left the cache."""
+    def forget(self, li: int, expert: int) -> None:
+        """The expert left the cache."""
 
-    def victim(self, candidates: list[Key]) -> Key:
-        """The candidate to evict; `candidates` is non-empty and all are resident and unpinned."""
+    def victim(self, li: int, candidates: np.ndarray) -> int:
+        """The expert to evict among `candidates` (a bool mask over the layer's experts, not all False)."""
 
 
 class LRUPolicy:
-    def __init__(self) -> None:
-        # per layer, least recent first: candidates always come from one layer, so a victim
-        # is found by scanning that layer's order only
-        self._order: dict[int, OrderedDict[int, None]] = {}
+    def __init__(self, num_layers: int, num_experts: int):
+        self._last = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self._tick = 0
 
-    def touch(self, key: Key) -> None:
-        order = self._order.setdefault(key[0], OrderedDict())
-        order[key[1]] = None
-        order.move_to_end(key[1])
+    def touch(self, li: int, expert: int) -> None:
+        self._tick += 1
+        self._last[li, expert] = self._tick
 
-    def forget(self, key: Key) -> None:
-        self._order.get(key[0], {}).pop(key[1], None)
+    def forget(self, li: int, expert: int) -> None:
+        self._last[li, expert] = 0
 
-    def victim(self, candidates: list[Key]) -> Key:
-        allowed = set(candidates)
-        for layer in dict.fromkeys(k[0] for k in candidates):
-            for expert in self._order.get(layer, ()):
-                if (layer, expert) in allowed:
-                    return layer, expert
-        return candidates[0]
+    def victim(self, li: int, candidates: np.ndarray) -> int:
+        return int(np.where(candidates, self._last[li], np.iinfo(np.int64).max).argmin())
 
 
 class LFUPolicy:
-    """Least frequently used since it entered the cache; ties go to the least recent."""
+    """Least frequently used since it entered the cache; ties go to the least recently used."""
 
-    def __init__(self) -> None:
-        self._count: dict[Key, int] = {}
-        self._recency = LRUPolicy()
+    def __init__(self, num_layers: int, num_experts: int):
+        self._count = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self._recency = LRUPolicy(num_layers, num_experts)
 
-    def touch(self, key: Key) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
-        self._recency.touch(key)
+    def touch(self, li: int, expert: int) -> None:
+        self._count[li, expert] += 1
+        self._recency.touch(li, expert)
 
-    def forget(self, key: Key) -> None:
-        self._count.pop(key, None)
-        self._recency.forget(key)
+    def forget(self, li: int, expert: int) -> None:
+        self._count[li, expert] = 0
+        self._recency.forget(li, expert)
 
-    def victim(self, candidates: list[Key]) -> Key:
-        least = min(self._count.get(k, 0) for k in candidates)
-        return self._recency.victim([k for k in candidates if self._count.get(k, 0) == least])
+    def victim(self, li: int, candidates: np.ndarray) -> int:
+        counts = np.where(candidates, self._count[li], np.iinfo(np.int64).max)
+        return self._recency.victim(li, candidates & (counts == counts.min()))
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    return POLICIES[name]()
+def make_policy(name: str, num_layers: int, num_experts: int) -> EvictionPolicy:
+    return POLICIES[name](num_layers, num_experts)

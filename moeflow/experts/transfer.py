@@ -1,8 +1,9 @@
 """TransferEngine: copies expert buffers from the host store into device slots.
 
-On CUDA every fill runs on one dedicated copy stream and records one event per slot; the
-compute stream waits only on the events of the slots it is about to read, so a layer whose
-experts are resident never waits, and no device-wide synchronisation happens per expert.
+On CUDA every fill runs on one dedicated copy stream; each batch of fills records one event,
+which every slot it filled keeps. The compute stream waits only on the events of the slots
+it is about to read, so a layer whose experts are resident never waits, and no device-wide
+synchronisation happens per expert.
 A slot is refilled only after the compute that last read it has finished (its read event).
 
 Demand misses are issued at once; prefetches queue in software and are issued in order
@@ -37,41 +38,52 @@ class TransferEngine:
         self._stall_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_cpu: dict[int, float] = {}
 
-    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor, priority: Priority, tag: int = -1) -> None:
-        """Fill `slot` (device view `dst`) from the host buffer `src`.
+    def copy_many(self, loads: list[tuple[int, torch.Tensor, torch.Tensor]], priority: Priority,
+                  tag: int = -1) -> None:
+        """Fill slots from host buffers: `loads` is [(slot, device view, host buffer)].
 
-        `src` is a row of the ExpertStore, which lives as long as the engine, so it outlives
-        the asynchronous copy without a reference being held here.
+        Each host buffer is a row of the ExpertStore, which lives as long as the engine, so it
+        outlives the asynchronous copy without a reference being held here.
         """
         if priority == Priority.PREFETCH:
-            self._queued[slot] = (dst, src)
+            for slot, dst, src in loads:
+                self._queued[slot] = (dst, src)
             return
-        self._queued.pop(slot, None)
-        self._issue(slot, dst, src, tag)
+        for slot, _, _ in loads:
+            self._queued.pop(slot, None)
+        self._issue(loads, tag)
 
-    def _issue(self, slot: int, dst: torch.Tensor, src: torch.Tensor, tag: int) -> None:
+    def _issue(self, loads: list[tuple[int, torch.Tensor, torch.Tensor]], tag: int) -> None:
+        if not loads:
+            return
         if not self.is_cuda:
             t0 = time.perf_counter()
-            dst.copy_(src)
+            for _, dst, src in loads:
+                dst.copy_(src)
             if tag >= 0:  # a demand fill on the CPU is a stall for the layer that waits on it
                 self._stall_cpu[tag] = self._stall_cpu.get(tag, 0.0) + time.perf_counter() - t0
             return
         with torch.cuda.stream(self.stream):
-            if (read := self._read_done[slot]) is not None:
-                self.stream.wait_event(read)
-            dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
+            waited = set()
+            for slot, dst, src in loads:
+                read = self._read_done[slot]
+                if read is not None and id(read) not in waited:
+                    self.stream.wait_event(read)
+                    waited.add(id(read))
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()  # one event marks every fill of this batch
             done.record(self.stream)
-        self._fill_done[slot] = done
+        for slot, _, _ in loads:
+            self._fill_done[slot] = done
 
     def issue_prefetches(self, limit: int | None = None) -> int:
         """Issue up to `limit` queued prefetches (all if None); returns how many were issued."""
-        n = 0
-        while self._queued and (limit is None or n < limit):
+        batch = []
+        while self._queued and (limit is None or len(batch) < limit):
             slot, (dst, src) = self._queued.popitem(last=False)
-            self._issue(slot, dst, src, tag=-1)
-            n += 1
-        return n
+            batch.append((slot, dst, src))
+        self._issue(batch, tag=-1)
+        return len(batch)
 
     def cancel(self, slot: int) -> bool:
         """Drop a queued, not yet issued, prefetch into `slot`."""
@@ -82,10 +94,8 @@ class TransferEngine:
 
     def wait_for(self, slots: list[int], tag: int) -> None:
         """Make the current (compute) stream wait until `slots` are filled."""
-        for slot in slots:
-            if slot in self._queued:  # a prefetch not yet issued is needed now: promote it
-                dst, src = self._queued.pop(slot)
-                self._issue(slot, dst, src, tag)
+        # a prefetch not yet issued is needed now: promote it
+        self._issue([(s, *self._queued.pop(s)) for s in slots if s in self._queued], tag)
         if not self.is_cuda:
             return
         pending = [s for s in slots if self._fill_done[s] is not None]
@@ -94,8 +104,12 @@ class TransferEngine:
         compute = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(compute)
+        waited = set()
         for s in pending:
-            compute.wait_event(self._fill_done[s])
+            event = self._fill_done[s]
+            if id(event) not in waited:
+                compute.wait_event(event)
+                waited.add(id(event))
             self._fill_done[s] = None
         end.record(compute)
         self._stall_events.append((tag, start, end))

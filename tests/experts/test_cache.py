@@ -40,7 +40,7 @@ def make_cache(slots, policy=None, spec=None):
     spec = spec or toy_spec()
     source = CountingSource(spec)
     store = ExpertStore(source, spec, torch.float32, pin=False)
-    return ExpertCache(store, slots, torch.device("cpu"), policy or LRUPolicy()), source
+    return ExpertCache(store, slots, torch.device("cpu"), (policy or LRUPolicy)(spec.num_layers, spec.num_experts)), source
 
 
 def use(cache, layer, experts):
@@ -85,7 +85,7 @@ def test_pinned_slots_are_never_evicted_and_rounds_cover_every_expert():
 
 
 def test_lfu_keeps_the_frequently_used():
-    cache, _ = make_cache(slots=6, policy=LFUPolicy())
+    cache, _ = make_cache(slots=6, policy=LFUPolicy)
     use(cache, 1, [0, 1])
     use(cache, 2, [0, 1])
     for _ in range(3):
