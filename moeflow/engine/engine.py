@@ -12,7 +12,7 @@ import time
 import torch
 
 from moeflow.config import CacheConfig, EngineConfig, ExpertBudget, budget_text, format_bytes
-from moeflow.engine.cuda_graphs import DecodeGraphs
+from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import POLICIES as SCHEDULING_POLICIES
@@ -110,7 +110,8 @@ class LLMEngine:
         del old  # free the old pool before the new one is allocated
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.cache = ExpertCache(self.store, num_slots, self.device, make_policy(cache_config.eviction))
+        policy = make_policy(cache_config.eviction, self.spec.num_moe_layers, self.spec.num_experts)
+        self.cache = ExpertCache(self.store, num_slots, self.device, policy)
         self.model.experts = CachedExperts(self.cache)
         self._configure_graphs()
 
@@ -122,11 +123,17 @@ class LLMEngine:
         self._configure_graphs()
 
     def _configure_graphs(self) -> None:
-        """Replay decode steps as CUDA graphs while every expert is resident and nothing observes a layer."""
-        usable = (self.device.type == "cuda" and not self.config.enforce_eager and self.cache.fully_resident
-                  and self.model.route_observer is None and self.model.selector.exact)
-        self.runner.graphs = (DecodeGraphs(self.model, self.kv, self.cache, self.device, self.config.max_batch_size,
-                                           self.max_model_len) if usable else None)
+        """Replay decode steps as CUDA graphs on CUDA, unless something must see every layer in Python."""
+        usable = (self.device.type == "cuda" and not self.config.enforce_eager and self.model.route_observer is None
+                  and self.model.selector.exact)
+        args = (self.model, self.kv)
+        sizes = (self.device, self.config.max_batch_size, self.max_model_len)
+        if not usable:
+            self.runner.graphs = None
+        elif self.cache.fully_resident:
+            self.runner.graphs = ResidentDecodeGraphs(*args, self.cache, *sizes)
+        else:
+            self.runner.graphs = OffloadedDecodeGraphs(*args, self.model.experts, *sizes)
 
     def _budget_slots(self, expert_bytes: int, budget: ExpertBudget) -> int:
         spec = self.spec

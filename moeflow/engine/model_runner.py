@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.engine.cuda_graphs import DecodeGraphs
+from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.engine.sequence import Sequence
@@ -27,7 +27,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = device
-        self.graphs: DecodeGraphs | None = None  # set by the engine while every expert is resident
+        self.graphs: ResidentDecodeGraphs | OffloadedDecodeGraphs | None = None  # set by the engine
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moeflow.experts.policies import EvictionPolicy, Key
+from moeflow.experts.policies import EvictionPolicy
 from moeflow.experts.store import ExpertStore
 from moeflow.experts.transfer import Priority, TransferEngine
 
@@ -55,13 +55,7 @@ class ExpertCache:
     # so a later demand miss queues behind at most this many of them.
     PREFETCHES_PER_LAYER = 2
 
-    def __init__(
-        self,
-        store: ExpertStore,
-        num_slots: int,
-        device: torch.device,
-        policy: EvictionPolicy,
-    ):
+    def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy: EvictionPolicy):
         self.store = store
         self.layers = store.layers
         self.num_experts = E = store.num_experts
@@ -78,14 +72,21 @@ class ExpertCache:
         self.w_down = self.pool[:, 2 * IH :].view(num_slots, store.hidden, store.width)
         self.transfer = TransferEngine(device, num_slots)
         self.slot_of = np.full((L, E), -1, dtype=np.int64)
-        self.owner: list[Key | None] = [None] * num_slots
+        self.owner: list[tuple[int, int] | None] = [None] * num_slots  # (layer, expert) per slot
         self._pins = np.zeros(num_slots, dtype=np.int64)
         self._free = list(range(num_slots - 1, -1, -1))
         self._held = np.zeros(L, dtype=np.int64)
         self.quota = self.equal_quotas(num_slots, L)
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         self.fully_resident = num_slots >= L * E
-        self.slot_table: torch.Tensor | None = None  # [L, E] on device, fully resident pools only
+        # slot_of mirrored on the device, so kernels map (layer, expert) -> slot without the host;
+        # uploaded after every change, through a ring of pinned staging buffers
+        self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._staging = [torch.empty(L, E, dtype=torch.int32, pin_memory=pin) for _ in range(4 if pin else 1)]
+        self._staging_done = [torch.cuda.Event() if pin else None for _ in self._staging]
+        self._next_staging = 0
+        self._table_dirty = False
         self._resident_hits: torch.Tensor | None = None
         if self.fully_resident:
             self._preload()
@@ -110,7 +111,7 @@ class ExpertCache:
                 self._assign(slot, layer, e)
         self._free.clear()
         self.stats.preload_bytes = len(self.layers) * self.num_experts * self.expert_bytes
-        self.slot_table = torch.from_numpy(self.slot_of.astype(np.int32)).to(self.device)
+        self.upload_slot_table()
         self._resident_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=self.device)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -143,28 +144,32 @@ class ExpertCache:
         li = self._ordinal[layer]
         stats = self.stats.per_layer[layer]
         got: dict[int, int] = {}
+        missing = []
         for e in experts:
             slot = int(self.slot_of[li, e])
             if slot >= 0:
                 got[e] = slot
                 self._pins[slot] += 1
-                self.policy.touch((layer, e))
-                stats.hits += 1
-        for e in experts:
-            if e in got:
-                continue
+                self.policy.touch(li, e)
+            else:
+                missing.append(e)
+        stats.hits += len(got)
+        loads = []
+        for e in missing:
             slot = self._take_slot(li)
             if slot is None:
                 break
             self._assign(slot, layer, e)
-            self.transfer.copy(slot, self.pool[slot], self.store.get(layer, e), Priority.DEMAND, tag=layer)
             got[e] = slot
             self._pins[slot] += 1
-            self.policy.touch((layer, e))
-            stats.misses += 1
-            stats.bytes_moved += self.expert_bytes
+            self.policy.touch(li, e)
+            loads.append((slot, self.pool[slot], self.store.get(layer, e)))
+        stats.misses += len(loads)
+        stats.bytes_moved += len(loads) * self.expert_bytes
+        self.transfer.copy_many(loads, Priority.DEMAND, tag=layer)
         self.transfer.wait_for(list(got.values()), tag=layer)
         self.transfer.issue_prefetches(limit=self.PREFETCHES_PER_LAYER)
+        self.upload_slot_table()
         return got
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
@@ -175,27 +180,42 @@ class ExpertCache:
         """
         li = self._ordinal[layer]
         stats = self.stats.per_layer[layer]
-        predicted = set(experts)
-        queued = 0
+        keep = np.zeros(self.num_experts, dtype=bool)
+        keep[experts] = True
+        loads = []
         for e in experts:
             if self.slot_of[li, e] >= 0:
                 continue
             if self._free and self._held[li] < self.quota[li]:
                 slot = self._free.pop()
             else:
-                candidates = [(layer, int(x)) for x in np.flatnonzero(self.slot_of[li] >= 0)
-                              if int(x) not in predicted and self._pins[self.slot_of[li, x]] == 0]
-                if not candidates:
+                candidates = self._evictable(li) & ~keep
+                if not candidates.any():
                     break
-                slot = int(self.slot_of[li, self.policy.victim(candidates)[1]])
+                slot = int(self.slot_of[li, self.policy.victim(li, candidates)])
                 self._evict(slot)
             self._assign(slot, layer, e)
-            self.policy.touch((layer, e))
-            self.transfer.copy(slot, self.pool[slot], self.store.get(layer, e), Priority.PREFETCH)
-            stats.prefetches += 1
-            stats.prefetch_bytes += self.expert_bytes
-            queued += 1
-        return queued
+            self.policy.touch(li, e)
+            loads.append((slot, self.pool[slot], self.store.get(layer, e)))
+        stats.prefetches += len(loads)
+        stats.prefetch_bytes += len(loads) * self.expert_bytes
+        self.transfer.copy_many(loads, Priority.PREFETCH)
+        return len(loads)
+
+    def upload_slot_table(self) -> None:
+        """Bring the device's slot table up to date with the host's (on the current stream), if it changed."""
+        if not self._table_dirty:
+            return
+        i = self._next_staging
+        self._next_staging = (i + 1) % len(self._staging)
+        done = self._staging_done[i]
+        if done is not None:
+            done.synchronize()  # the copy that last read this staging buffer has run
+        np.copyto(self._staging[i].numpy(), self.slot_of, casting="unsafe")
+        self.slot_table.copy_(self._staging[i], non_blocking=done is not None)
+        if done is not None:
+            done.record()
+        self._table_dirty = False
 
     def release(self, slots: list[int]) -> None:
         self.transfer.mark_read(slots)
@@ -207,6 +227,7 @@ class ExpertCache:
         self.owner[slot] = (layer, expert)
         self.slot_of[li, expert] = slot
         self._held[li] += 1
+        self._table_dirty = True
 
     def _evict(self, slot: int) -> None:
         layer, expert = self.owner[slot]
@@ -214,26 +235,30 @@ class ExpertCache:
         self.owner[slot] = None
         self.slot_of[li, expert] = -1
         self._held[li] -= 1
-        self.policy.forget((layer, expert))
+        self._table_dirty = True
+        self.policy.forget(li, expert)
         self.transfer.cancel(slot)  # a prefetch into it that was never issued is stale now
 
+    def _evictable(self, li: int) -> np.ndarray:
+        """Bool mask over layer li's experts: resident and not pinned by a compute in flight."""
+        slots = self.slot_of[li]
+        return (slots >= 0) & (self._pins[np.maximum(slots, 0)] == 0)
+
     def _take_slot(self, li: int) -> int | None:
-        """A free slot, or one freed by evicting an unpinned expert; None if every slot is pinned."""
+        """A free slot, or one freed by evicting an unpinned expert; None if every slot is pinned.
+
+        A layer at its quota evicts its own; a layer under it takes from the layers most over
+        theirs. Only when those have nothing evictable does any other layer give a slot.
+        """
         if self._free:
             return self._free.pop()
         over = self._held - self.quota
-        others = sorted((j for j in range(len(self.layers)) if j != li), key=lambda j: -over[j])
-        if over[li] >= 0:
-            order = [li, *others]
-        else:
-            order = [j for j in others if over[j] > 0] + [li] + [j for j in others if over[j] <= 0]
-        for j in order:
-            layer = self.layers[j]
-            candidates = [(layer, int(e)) for e in np.flatnonzero(self.slot_of[j] >= 0)
-                          if self._pins[self.slot_of[j, e]] == 0]
-            if candidates:
-                _, expert = self.policy.victim(candidates)
-                slot = int(self.slot_of[j, expert])
+        by_excess = sorted(range(len(self.layers)), key=lambda j: -over[j])
+        preferred = [li] if over[li] >= 0 else [j for j in by_excess if over[j] > 0] + [li]
+        for j in preferred + by_excess:
+            candidates = self._evictable(j)
+            if candidates.any():
+                slot = int(self.slot_of[j, self.policy.victim(j, candidates)])
                 self._evict(slot)
                 return slot
         return None

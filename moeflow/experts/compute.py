@@ -10,6 +10,8 @@ many rounds a small cache needed, so the output is the same at every expert budg
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeflow.experts.cache import ExpertCache
@@ -37,18 +39,31 @@ class CachedExperts:
             return fused_moe(x, slot_ids, topk_weights, cache.w_gate_up, cache.w_down, backend=self.backend)
         T, K = topk_ids.shape
         rows = torch.zeros(T, K, x.shape[-1], dtype=torch.float32, device=x.device)
+        table = cache.slot_table[cache.ordinal(layer)]
+
+        def compute() -> None:
+            fused_moe_rows(x, table[topk_ids], topk_weights, cache.w_gate_up, cache.w_down, rows,
+                           backend=self.backend)
+
         # The router has spoken: the host must learn which experts to move (one sync per layer).
-        needed = torch.unique(topk_ids).tolist()
+        self.run_rounds(layer, torch.unique(topk_ids).tolist(), compute)
+        return combine_rows(rows, x.dtype)
+
+    def run_rounds(self, layer: int, needed: list[int], compute: Callable[[], None]) -> None:
+        """Bring `needed` experts of `layer` in, in as many rounds as the pool allows.
+
+        `compute()` runs once per round, after the round's experts are resident and the
+        device's slot table says where; picks of experts not resident map to -1 and are
+        skipped. (A pick whose expert stayed resident from an earlier round is computed again,
+        to the same row: rounds only happen when the pool is smaller than a layer's needs.)
+        """
+        cache = self.cache
         if self.access_log is not None:
             self.access_log.append((layer, needed))
         while needed:
             got = cache.acquire(layer, needed)
             if not got:
                 raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
-            table = torch.full((cache.num_experts,), -1, dtype=torch.int64)
-            table[list(got)] = torch.tensor(list(got.values()), dtype=torch.int64)
-            slot_ids = table.to(x.device, non_blocking=True)[topk_ids]
-            fused_moe_rows(x, slot_ids, topk_weights, cache.w_gate_up, cache.w_down, rows, backend=self.backend)
+            compute()
             cache.release(list(got.values()))
             needed = [e for e in needed if e not in got]
-        return combine_rows(rows, x.dtype)

@@ -73,14 +73,58 @@ class MoEModel:
 
     def forward(self, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Hidden states after the final norm, [T, H]."""
-        h = F.embedding(batch.input_ids, self.w["model.embed_tokens.weight"])
-        for layer in range(self.spec.num_layers):
-            p = f"model.layers.{layer}"
-            h = h + self._attention(layer, rms_norm(h, self.w[f"{p}.input_layernorm.weight"], self.spec.rms_norm_eps),
-                                    batch, kv)
-            r = rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
-            h = h + (self._moe(layer, r) if layer in self.moe_prefix else self._dense(layer, r))
+        h = self.embed(batch.input_ids)
+        done = 0
+        for m in self.spec.moe_layers:
+            h = self.dense_layers(done, m, h, batch, kv)
+            h, r, routing = self.attention_and_route(m, h, batch, kv)
+            h = self.add_moe_output(m, h, r, self.experts(m, r, routing.ids, routing.weights))
+            done = m + 1
+        return self.final_norm(self.dense_layers(done, self.spec.num_layers, h, batch, kv))
+
+    # The pieces forward is made of. Decode steps that must stop at every router (to learn
+    # which experts to load) replay them as separate CUDA graphs; see engine/cuda_graphs.py.
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.w["model.embed_tokens.weight"])
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.w["model.norm.weight"], self.spec.rms_norm_eps)
+
+    def dense_layers(self, start: int, stop: int, h: torch.Tensor, batch: ForwardBatch,
+                     kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Decoder layers start..stop-1, none of them MoE."""
+        for layer in range(start, stop):
+            h, r = self._attention_block(layer, h, batch, kv)
+            h = h + self._dense(layer, r)
+        return h
+
+    def attention_and_route(self, layer: int, h: torch.Tensor, batch: ForwardBatch,
+                            kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """MoE layer `layer` up to its router: (residual stream, the MoE block's input, the routing)."""
+        h, r = self._attention_block(layer, h, batch, kv)
+        routing = route(F.linear(r, self.w[f"{self.moe_prefix[layer]}.gate.weight"]), self.spec.router)
+        if self.route_observer is not None:
+            self.route_observer(layer, routing)
+        if self.selector is not None:
+            routing = self.selector.select(layer, routing)
+        return h, r, routing
+
+    def add_moe_output(self, layer: int, h: torch.Tensor, r: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Residual + routed experts' output (+ the gated shared expert where the family has one)."""
+        if self.spec.shared_expert_width:
+            p = self.moe_prefix[layer]
+            shared = dense_mlp(r, self.w[f"{p}.shared_expert.gate_proj.weight"], self.w[f"{p}.shared_expert.up_proj.weight"],
+                               self.w[f"{p}.shared_expert.down_proj.weight"])
+            routed = routed + torch.sigmoid(F.linear(r, self.w[f"{p}.shared_expert_gate.weight"])) * shared
+        return h + routed
+
+    def _attention_block(self, layer: int, h: torch.Tensor, batch: ForwardBatch,
+                         kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        p = f"model.layers.{layer}"
+        h = h + self._attention(layer, rms_norm(h, self.w[f"{p}.input_layernorm.weight"], self.spec.rms_norm_eps),
+                                batch, kv)
+        return h, rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
@@ -130,17 +174,3 @@ class MoEModel:
     def _dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp"
         return dense_mlp(x, self.w[f"{p}.gate_proj.weight"], self.w[f"{p}.up_proj.weight"], self.w[f"{p}.down_proj.weight"])
-
-    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        p = self.moe_prefix[layer]
-        routing = route(F.linear(x, self.w[f"{p}.gate.weight"]), self.spec.router)
-        if self.route_observer is not None:
-            self.route_observer(layer, routing)
-        if self.selector is not None:
-            routing = self.selector.select(layer, routing)
-        out = self.experts(layer, x, routing.ids, routing.weights)
-        if self.spec.shared_expert_width:
-            shared = dense_mlp(x, self.w[f"{p}.shared_expert.gate_proj.weight"], self.w[f"{p}.shared_expert.up_proj.weight"],
-                               self.w[f"{p}.shared_expert.down_proj.weight"])
-            out = out + torch.sigmoid(F.linear(x, self.w[f"{p}.shared_expert_gate.weight"])) * shared
-        return out
