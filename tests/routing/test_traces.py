@@ -1,0 +1,81 @@
+"""Routing traces: the format round-trips, and `moeflow trace` records the routes the engine takes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moeflow import LLM, SamplingParams
+from moeflow.routing.traces import Trace, TraceBuilder
+
+DOCS = [
+    {"doc_id": "wiki_en/1", "domain": "wiki_en", "source": "fixture", "text": "the quick brown fox jumps over the lazy dog"},
+    {"doc_id": "wiki_fr/1", "domain": "wiki_fr", "source": "fixture", "text": "bonjour le monde, hola mundo"},
+    {"doc_id": "wiki_en/2", "domain": "wiki_en", "source": "fixture", "text": "a mixture of experts routes every token"},
+]
+
+
+def test_trace_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    b = TraceBuilder((0, 2), {"model": "m"})
+    for i, n in enumerate((5, 3)):
+        b.add(f"d{i}", ["a", "b"][i], list(range(n)), rng.integers(0, 8, (n, 2, 2)), rng.random((n, 2, 2)),
+              rng.standard_normal((n, 2, 8)))
+    trace = b.build()
+    trace.save(tmp_path / "t.npz")
+    back = Trace.load(tmp_path / "t.npz")
+    for name in ("token_ids", "positions", "seq_ids", "topk_ids", "topk_weights", "router_logits", "seq_domains"):
+        assert np.array_equal(getattr(back, name), getattr(trace, name)), name
+    assert back.meta == {"model": "m"} and back.num_experts == 8 and back.top_k == 2
+    assert [(d, dom, s.stop - s.start) for d, dom, s in back.sequences()] == [("d0", "a", 5), ("d1", "b", 3)]
+    assert back.expert_load().sum() == 8 * 2 * 2 and back.expert_load("b").sum() == 3 * 2 * 2
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a moeflow routing trace"):
+        Trace.load(tmp_path / "bad.npz")
+
+
+class RouteRecorder:
+    observes_routes = True
+
+    def __init__(self):
+        self.routes = {}
+
+    def predict(self, batch):
+        return None
+
+    def observe(self, layer, topk_ids):
+        self.routes.setdefault(layer, []).append(topk_ids.cpu().numpy())
+
+
+def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
+    model = checkpoint("olmoe", "fused")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    out = tmp_path / "trace.npz"
+    proc = subprocess.run([sys.executable, "-m", "moeflow.cli", "trace", str(model), "--data", str(corpus),
+                           "--out", str(out), "--device", "cpu", "--batch-size", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    trace = Trace.load(out)
+    assert [d for d, _, _ in trace.sequences()] == [d["doc_id"] for d in DOCS]
+    assert sorted(trace.domain_names.tolist()) == ["wiki_en", "wiki_fr"]
+    assert trace.topk_ids.shape[1:] == (4, 2) and trace.router_logits.shape[1:] == (4, 8)
+    # the routes of one document, taken alone through the engine, are the trace's
+    llm = LLM(str(model), device="cpu", max_model_len=128)
+    rec = RouteRecorder()
+    llm.engine.set_predictor(rec)
+    doc_id, _, rows = list(trace.sequences())[1]
+    llm.generate([trace.token_ids[rows].tolist()], SamplingParams(max_tokens=1, temperature=0))
+    for li, layer in enumerate(trace.moe_layers):
+        assert np.array_equal(rec.routes[int(layer)][0], trace.topk_ids[rows, li])
+    # every trace row's experts are its router logits' top k (up to float16 rounding of the stored logits)
+    logits = trace.router_logits.astype(np.float32)
+    chosen = np.take_along_axis(logits, trace.topk_ids.astype(np.int64), axis=-1)
+    others = logits.copy()
+    np.put_along_axis(others, trace.topk_ids.astype(np.int64), -np.inf, axis=-1)
+    assert np.all(chosen.min(-1) >= others.max(-1) - 1e-2)
+    assert np.all(trace.topk_weights > 0) and np.all(np.diff(trace.topk_weights.astype(np.float32), axis=-1) <= 1e-3)
