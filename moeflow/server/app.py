@@ -1,0 +1,121 @@
+"""The FastAPI app: OpenAI routes under /v1 (behind the API key when one is set), and the
+open routes beside them: /health, /metrics, and vLLM's /tokenize, /detokenize, /tokenizer_info.
+
+The app never starts or stops the engine thread: whoever made the EngineClient owns it (the
+`serve` command, or a test), so one engine can sit behind several apps.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from moeflow import __version__
+from moeflow.errors import RequestError
+from moeflow.server.chat import ChatCompletions
+from moeflow.server.completions import Completions
+from moeflow.server.engine_client import EngineClient
+from moeflow.server.errors import APIError, from_moeflow_error, install_error_handlers
+from moeflow.server.inputs import chat_messages, check_model, check_token_ids
+from moeflow.server.logprobs import token_text
+from moeflow.server.metrics import CONTENT_TYPE
+from moeflow.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
+from moeflow.server.settings import ServerSettings
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+
+
+def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="moeflow", version=__version__, description="OpenAI-compatible API for an MoE model")
+    app.state.client, app.state.settings = client, settings
+    install_error_handlers(app)
+    tokenizer = client.tokenizer
+    completions, chat = Completions(client, settings), ChatCompletions(client, settings)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(settings.api_key))], responses=_ERRORS)
+
+    @v1.get("/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.served_model_name, root=settings.model_dir,
+                                         max_model_len=client.max_model_len,
+                                         vocab_size=min(client.vocab_size, tokenizer.vocab_size))])
+
+    @v1.post("/completions", response_model=CompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def create_completion(body: CompletionRequest, request: Request):
+        return await completions(body, request)
+
+    @v1.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        return await chat(body, request)
+
+    app.include_router(v1)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        if client.draining or not client.alive:
+            why = "shutting down" if client.draining else "the engine thread is not running"
+            return APIError(503, f"unhealthy: {why}", code="unhealthy").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        body = client.metrics.render() if client.metrics else b""
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        check_model(body.model, settings)
+        if isinstance(body, TokenizeChatRequest):
+            try:
+                text = tokenizer.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt)
+            except RequestError as exc:
+                raise from_moeflow_error(exc, "messages") from None
+        else:
+            text = body.prompt
+        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        strs = [token_text(tokenizer, t) for t in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=client.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(body.model, settings)
+        ids = check_token_ids(body.tokens, client, "tokens") if body.tokens else []
+        return DetokenizeResponse(prompt=tokenizer.decode(ids, skip_special_tokens=False))
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info() -> TokenizerInfo:
+        return TokenizerInfo(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                             chat_template=tokenizer.chat_template, model_max_length=client.max_model_len,
+                             vocab_size=tokenizer.vocab_size)
+
+    return app
+
+
+def _api_key_check(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    return check

@@ -1,0 +1,67 @@
+"""`moeflow serve`: load a model and serve it behind an OpenAI-compatible HTTP API.
+
+Ctrl-C or SIGTERM drains: new requests get 503 while running ones finish (for up to
+--drain-timeout seconds, after which they are stopped), then the server exits with status 0.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from moeflow.commands.common import add_engine_arguments, engine_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="model directory (default: the bundled tiny model)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    s.add_argument("--api-key", default=os.environ.get("MOEFLOW_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MOEFLOW_API_KEY, else none)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model directory's name)")
+    s.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences decoding together (the engine's --max-batch-size)")
+    s.add_argument("--max-queue", type=int, default=512,
+                   help="requests allowed to wait for a slot; beyond it new ones get 503 (default: %(default)s)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests may take to finish on shutdown (default: %(default)s)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from moeflow.assets import default_model_dir
+    from moeflow.llm import LLM
+    from moeflow.server.app import create_app
+    from moeflow.server.draining import DrainingServer
+    from moeflow.server.engine_client import EngineClient
+    from moeflow.server.metrics import ServerMetrics
+    from moeflow.server.settings import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    kwargs = engine_kwargs(args)
+    if args.max_num_seqs is not None:
+        kwargs["max_batch_size"] = args.max_num_seqs
+    settings = ServerSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
+                              model_dir=str(model_dir), api_key=args.api_key or None, max_queue=args.max_queue,
+                              drain_timeout_s=args.drain_timeout)
+    engine = LLM(str(model_dir), **kwargs).engine
+    client = EngineClient(engine, max_queue=settings.max_queue, metrics=ServerMetrics(settings.served_model_name))
+    client.start()
+    try:
+        config = uvicorn.Config(create_app(client, settings), host=args.host, port=args.port,
+                                log_level=args.log_level, timeout_graceful_shutdown=5)
+        DrainingServer(config, client, settings.drain_timeout_s).run()
+    finally:
+        client.stop()
+    return 0

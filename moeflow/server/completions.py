@@ -1,0 +1,141 @@
+"""POST /v1/completions: text, texts, token ids or token-id lists; n choices each; echo; logprobs; streaming.
+
+Choice `p * n + i` is choice i of prompt p, as OpenAI numbers them. `max_tokens=0` scores the
+prompt only (lm-evaluation-harness sends it with echo and logprobs): the engine needs at least
+one token, so it generates one and the answer drops it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request, Response
+
+from moeflow.outputs import RequestOutput
+from moeflow.server.engine_client import EngineClient, EngineRequest, Submission
+from moeflow.server.inputs import (
+    Prompt,
+    check_fan_out,
+    check_model,
+    completion_prompts,
+    max_tokens_for,
+    sampling_params,
+)
+from moeflow.server.logprobs import CompletionLogprobsBuilder
+from moeflow.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from moeflow.server.responses import EventStream, final_outputs, sse, unless_disconnected
+from moeflow.server.settings import ServerSettings
+
+
+class Completions:
+    def __init__(self, client: EngineClient, settings: ServerSettings):
+        self.client = client
+        self.settings = settings
+
+    async def __call__(self, body: CompletionRequest, request: Request) -> Response | CompletionResponse:
+        arrival = time.time()
+        check_model(body.model, self.settings)
+        prompts = completion_prompts(body.prompt, self.client)
+        check_fan_out(len(prompts) * body.n, self.settings)
+        score_only = body.max_tokens == 0
+        echo_logprobs = body.logprobs if body.echo else None
+        requests = []
+        for prompt in prompts:
+            max_tokens = max_tokens_for(prompt, body.max_tokens, self.client)
+            for i in range(body.n):
+                params = sampling_params(body, max_tokens=max(1, max_tokens), choice=i, logprobs=body.logprobs,
+                                         prompt_logprobs=echo_logprobs)
+                requests.append(EngineRequest(prompt.ids, params))
+        call = _Call(f"cmpl-{uuid.uuid4().hex}", self.settings.served_model_name, body, prompts, score_only,
+                     self.client)
+        sub = self.client.submit(requests, call.id, arrival)
+        if body.stream:
+            return EventStream(call.stream(sub), sub)
+        async with sub:
+            connected, finals = await unless_disconnected(final_outputs(sub), request)
+        if not connected:
+            return Response(status_code=499)
+        return call.response(finals)
+
+
+class _Call:
+    """One completions call: turns engine outputs into OpenAI choices, whole or as stream chunks."""
+
+    def __init__(self, call_id: str, model: str, body: CompletionRequest, prompts: list[Prompt], score_only: bool,
+                 client: EngineClient):
+        self.id, self.model, self.body, self.prompts, self.score_only = call_id, model, body, prompts, score_only
+        self.tokenizer = client.tokenizer
+
+    def _prompt(self, index: int) -> Prompt:
+        return self.prompts[index // self.body.n]
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.ids, skip_special_tokens=False)
+
+    def _generated(self, out: RequestOutput) -> int:
+        """Generated tokens the client sees (none when only scoring the prompt)."""
+        return 0 if self.score_only else len(out.outputs[0].token_ids)
+
+    def _finish(self, out: RequestOutput) -> tuple[str | None, int | str | None]:
+        c = out.outputs[0]
+        if not c.finished:
+            return None, None
+        return ("length", None) if self.score_only else (c.finish_reason, c.stop_reason)
+
+    def _usage(self, finals: list[RequestOutput | None]) -> UsageInfo:
+        prompt_tokens = sum(len(p.ids) for p in self.prompts)
+        completion = sum(self._generated(out) for out in finals if out is not None)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                         total_tokens=prompt_tokens + completion)
+
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for index, out in enumerate(finals):
+            prompt, c = self._prompt(index), out.outputs[0]
+            k = self._generated(out)
+            text = c.text if k else ""
+            logprobs = None
+            if self.body.logprobs is not None:
+                builder = CompletionLogprobsBuilder(self.tokenizer)
+                ids, entries = list(c.token_ids[:k]), list(c.logprobs[:k])
+                if self.body.echo:
+                    ids, entries = prompt.ids + ids, list(out.prompt_logprobs) + entries
+                logprobs = builder.build(ids, entries)
+            if self.body.echo:
+                text = self._prompt_text(prompt) + text
+            finish, stop_reason = self._finish(out)
+            choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
+                                            stop_reason=stop_reason))
+        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=self._usage(finals))
+
+    async def stream(self, sub: Submission) -> AsyncIterator[str]:
+        """One chunk per engine output (one per generated token), then the usage chunk if asked for."""
+        builders: dict[int, CompletionLogprobsBuilder] = {}
+        finals: list[RequestOutput | None] = [None] * len(sub.request_ids)
+        created = int(time.time())
+        async for index, out in sub:
+            c = out.outputs[0]
+            first = index not in builders
+            if first:
+                builders[index] = CompletionLogprobsBuilder(self.tokenizer)
+            k = self._generated(out)  # this output's new token is token k-1
+            text = c.new_text if k else ""
+            ids = c.token_ids[k - 1 : k] if k else []
+            entries = c.logprobs[k - 1 : k] if k and c.logprobs is not None else []
+            if first and self.body.echo:
+                prompt = self._prompt(index)
+                text = self._prompt_text(prompt) + text
+                if self.body.logprobs is not None:
+                    ids, entries = prompt.ids + ids, list(out.prompt_logprobs) + entries
+            logprobs = builders[index].build(ids, entries) if self.body.logprobs is not None else None
+            finish, stop_reason = self._finish(out)
+            if out.finished:
+                finals[index] = out
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
+                                      stop_reason=stop_reason)
+            yield sse(CompletionResponse(id=self.id, created=created, model=self.model, choices=[choice]))
+        if self.body.include_usage:
+            yield sse(CompletionResponse(id=self.id, created=created, model=self.model, choices=[],
+                                         usage=self._usage(finals)))

@@ -1,0 +1,286 @@
+"""EngineClient: one thread owns and steps the engine; coroutines submit, abort and read outputs.
+
+The engine is not thread-safe and `step()` blocks, so every call into it happens on the engine
+thread. Coroutines talk to that thread through a command queue that it drains between steps (so
+a new request joins the running batch at the next step); it sleeps on an event while it has no
+work. Each step's outputs go back to the event loop of the coroutine that submitted them, with
+one `call_soon_threadsafe` per loop per step.
+
+A Submission is the engine requests of one API call (prompts x n), read together as
+(index, RequestOutput) pairs. Leaving it (`async with`) aborts whatever has not finished: a
+client that hangs up frees its KV rows at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Self
+
+from moeflow.engine.engine import LLMEngine
+from moeflow.errors import MoeflowError
+from moeflow.outputs import RequestOutput
+from moeflow.sampling import SamplingParams
+from moeflow.server.metrics import ServerMetrics
+
+log = logging.getLogger("moeflow.server")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server was told to queue."""
+
+
+class Draining(Exception):
+    """The server is shutting down and admits nothing new."""
+
+
+class RequestAborted(Exception):
+    """The server ended a running request (a drain that ran out of time)."""
+
+
+class EngineStepError(Exception):
+    """An engine step failed while this request was in its batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class Submission:
+    """The engine requests of one API call. Iterate for (index, output); leave to abort the rest."""
+
+    def __init__(self, client: EngineClient, request_ids: list[str]):
+        self._client = client
+        self.request_ids = request_ids
+        self.loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
+        self._open = set(range(len(request_ids)))
+        self._queued = set(range(len(request_ids)))  # no output yet: these count against the queue bound
+
+    def __aiter__(self) -> Submission:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._open:
+            raise StopAsyncIteration
+        index, item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._open.discard(index)
+            raise item
+        if item.finished:
+            self._open.discard(index)
+        return index, item
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for index in self._open:
+            self._client.abort(self.request_ids[index])
+        self._open.clear()
+        self._left_queue(set(self._queued))
+
+    def _put(self, index: int, item: RequestOutput | BaseException) -> None:  # on self.loop
+        self._left_queue({index})
+        self._queue.put_nowait((index, item))
+
+    def _left_queue(self, indices: set[int]) -> None:
+        gone = indices & self._queued
+        if gone:
+            self._queued -= gone
+            self._client._dequeued(len(gone))
+
+
+class EngineClient:
+    def __init__(self, engine: LLMEngine, *, max_queue: int, metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.spec.vocab_size
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.draining = False
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards _queued: submissions of several event loops touch it
+        self._queued = 0  # engine requests submitted that have produced nothing yet
+        self._live: dict[str, tuple[Submission, int]] = {}  # engine thread only
+        self.num_live = 0  # len(_live), published by the engine thread for the drain to poll
+        self._thread: threading.Thread | None = None
+        if metrics is not None:
+            metrics.bind(engine)
+
+    # -- lifecycle (any thread) -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="moeflow-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the engine thread; requests still running get RequestAborted."""
+        if self._thread is None:
+            return
+        self._command("stop")
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def drain(self, timeout: float) -> bool:
+        """Admit nothing new and wait for the running requests; True if all finished in time."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.num_live or self._queued or not self._commands.empty():
+            if time.monotonic() >= deadline:
+                self._command("abort_all")
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # -- requests (on an event loop) -------------------------------------------------------------
+
+    def submit(self, requests: list[EngineRequest], request_id: str, arrival_time: float | None = None) -> Submission:
+        """Queue the requests of one API call; raise Draining or QueueFull instead of queueing past the bound."""
+        if self.draining or not self.alive:
+            if self.metrics:
+                self.metrics.rejected("draining")
+            raise Draining("the server is shutting down and admits no new requests")
+        with self._lock:
+            if self._queued + len(requests) > self.max_queue:
+                if self.metrics:
+                    self.metrics.rejected("queue_full")
+                raise QueueFull(f"the server is busy: {self._queued} requests are already waiting "
+                                f"(--max-queue {self.max_queue}); retry later")
+            self._queued += len(requests)
+        ids = [request_id] if len(requests) == 1 else [f"{request_id}-{i}" for i in range(len(requests))]
+        sub = Submission(self, ids)
+        arrival_time = arrival_time or time.time()
+        for index, (rid, req) in enumerate(zip(ids, requests)):
+            self._commands.put(("add", rid, req, sub, index, arrival_time))
+        self._wake.set()
+        return sub
+
+    def abort(self, request_id: str) -> None:
+        self._command("abort", request_id)
+
+    def _command(self, *cmd) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def _dequeued(self, n: int) -> None:
+        with self._lock:
+            self._queued -= n
+
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            if not engine.has_unfinished_requests() and self._commands.empty():
+                self._publish()
+                self._wake.wait()
+                self._wake.clear()
+            try:
+                if self._apply_commands():
+                    break
+                if engine.has_unfinished_requests():
+                    self._step()
+            except Exception:  # a bug in this loop must not end the server
+                log.exception("engine loop error")
+        self._fail(list(self._live), RequestAborted("the server shut down before this request finished"))
+
+    def _apply_commands(self) -> bool:
+        """Run the queued commands; True when told to stop."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return False
+            kind = cmd[0]
+            if kind == "add":
+                self._add(*cmd[1:])
+            elif kind == "abort":
+                self._abort(cmd[1], None)
+            elif kind == "abort_all":
+                self._fail(list(self._live), RequestAborted("the server is shutting down: this request ran past "
+                                                            "the drain timeout and was stopped"))
+            elif kind == "stop":
+                return True
+
+    def _add(self, rid: str, req: EngineRequest, sub: Submission, index: int, arrival_time: float) -> None:
+        try:
+            self.engine.add_request(rid, req.prompt_ids, req.params, arrival_time=arrival_time)
+        except MoeflowError as exc:  # the handler checks first, so this is a late safety net
+            self._deliver([(sub, index, exc)])
+            return
+        self._live[rid] = (sub, index)
+
+    def _abort(self, rid: str, error: BaseException | None) -> None:
+        owner = self._live.pop(rid, None)
+        if owner is None:
+            return  # finished (or failed) before the abort arrived
+        self.engine.abort_request(rid)
+        if self.metrics:
+            self.metrics.request_ended(rid, "abort" if error is None else "error")
+        if error is not None:
+            self._deliver([(*owner, error)])
+
+    def _fail(self, rids: list[str], error: BaseException) -> None:
+        for rid in rids:
+            self._abort(rid, error)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the requests in its batch")
+            # The batch is every running sequence (a prefill has admitted its new ones by now).
+            running = [s.request_id for s in self.engine.scheduler.running] or list(self._live)
+            self._fail(running, EngineStepError(f"the engine failed while running this request: "
+                                                f"{type(exc).__name__}: {exc}"))
+            return
+        deliveries = []
+        for out in outputs:
+            owner = self._live.get(out.request_id)
+            if owner is None:
+                continue
+            if out.finished:
+                del self._live[out.request_id]
+            deliveries.append((*owner, out))
+        self._deliver(deliveries)
+        if self.metrics:
+            self.metrics.step_done(self.engine, outputs)
+        self._publish()
+
+    def _publish(self) -> None:
+        self.num_live = len(self._live)
+        if self.metrics:
+            self.metrics.set_queue(self.engine.num_running, self.engine.num_waiting)
+
+    def _deliver(self, items: list[tuple[Submission, int, RequestOutput | BaseException]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for item in items:
+            by_loop[item[0].loop].append(item)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_dispatch, batch)
+            except RuntimeError:  # that loop has closed: nobody is reading these requests any more
+                for sub, index, _ in batch:
+                    self._abort(sub.request_ids[index], None)
+
+
+def _dispatch(batch: list[tuple[Submission, int, RequestOutput | BaseException]]) -> None:
+    for sub, index, item in batch:
+        sub._put(index, item)

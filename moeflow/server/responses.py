@@ -1,0 +1,78 @@
+"""How results travel back: Server-Sent Events, and waiting that notices a client hanging up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from moeflow.outputs import RequestOutput
+from moeflow.server.engine_client import Submission
+from moeflow.server.errors import as_api_error
+
+T = TypeVar("T")
+DONE = "data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.2
+
+
+def sse(event: BaseModel | dict) -> str:
+    data = event.model_dump_json() if isinstance(event, BaseModel) else json.dumps(event, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events that end with [DONE]; a failure mid-stream becomes an error event first.
+
+    When the client hangs up, Starlette cancels the response, possibly before `events` has
+    even started; closing the Submission here, whatever happened, frees the engine's rows.
+    """
+
+    def __init__(self, events: AsyncIterator[str], sub: Submission):
+        super().__init__(self._body(events), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.sub = sub
+
+    @staticmethod
+    async def _body(events: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:  # noqa: BLE001 - the headers are gone: the error can only travel as an event
+            yield sse(as_api_error(exc).body())
+        yield DONE
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sub.close()
+
+
+async def unless_disconnected(work: Awaitable[T], request: Request) -> tuple[bool, T | None]:
+    """(True, result) of `work`, or (False, None) once the client has gone (the work is cancelled)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return True, task.result()
+            if await request.is_disconnected():
+                return False, None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def final_outputs(sub: Submission) -> list[RequestOutput]:
+    """Each engine request's last output, by index."""
+    finals: list[RequestOutput | None] = [None] * len(sub.request_ids)
+    async for index, out in sub:
+        if out.finished:
+            finals[index] = out
+    return finals  # type: ignore[return-value]

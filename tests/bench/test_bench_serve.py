@@ -1,0 +1,86 @@
+"""`moeflow bench serve` against a live server on a tiny checkpoint: every figure is there and sane."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from datetime import datetime
+
+import pytest
+from server.live_server import MODEL_NAME, LiveServer
+
+from moeflow.bench.serve import sample_requests
+from moeflow.bench.serve_stats import METRICS, STATS
+from moeflow.cli import main as moeflow_main
+
+
+@pytest.fixture(scope="module")
+def live_server(checkpoint):
+    server = LiveServer(checkpoint("qwen3_moe", "per_expert"), expert_budget="25%", max_model_len=256,
+                        max_batch_size=8, device="cpu").start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_random_dataset_report(live_server, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    rc = moeflow_main(["bench", "serve", "--base-url", live_server.base_url, "--num-prompts", "20",
+                       "--request-rate", "40", "--max-concurrency", "4", "--input-len", "16", "--output-len", "8",
+                       "--seed", "3", "--result-file", str(out), "--disable-tqdm"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    for heading in ("Serving Benchmark Result", "Request throughput (req/s):", "Output token throughput (tok/s):",
+                    "Total token throughput (tok/s):", "Median TTFT (ms):", "P99 ITL (ms):", "Mean TPOT (ms):",
+                    "P90 E2EL (ms):"):
+        assert heading in table
+    r = json.loads(out.read_text())
+    assert r["completed"] == 20 and r["failed"] == 0
+    assert r["total_input_tokens"] == 20 * 16 and r["total_output_tokens"] == 20 * 8
+    assert r["server_model"]["id"] == MODEL_NAME and r["config"]["request_rate"] == 40.0
+    datetime.fromisoformat(r["date"])
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "duration_s"):
+        assert r[key] > 0
+    assert r["output_throughput"] == pytest.approx(r["total_output_tokens"] / r["duration_s"])
+    assert r["total_token_throughput"] == pytest.approx(3 * r["output_throughput"])
+    for key in METRICS:
+        s = r["metrics"][f"{key}_ms"]
+        assert set(s) == set(STATS) and all(math.isfinite(v) and v > 0 for v in s.values())
+        assert s["median"] <= s["p90"] <= s["p99"]
+        assert r[f"p99_{key}_ms"] == s["p99"]
+    m = r["metrics"]
+    assert m["ttft_ms"]["mean"] < m["e2el_ms"]["mean"]
+    assert m["e2el_ms"]["p99"] < r["duration_s"] * 1000
+    assert len(r["requests"]) == 20
+    for req in r["requests"]:
+        assert req["success"] and req["output_tokens"] == 8 and len(req["itl_s"]) == 7
+        assert req["ttft_s"] < req["latency_s"]
+    cache = r["server_expert_cache"]  # a 25% budget misses
+    assert cache["misses"] > 0 and 0 <= cache["hit_rate"] < 1 and cache["bytes_moved"] > 0
+    assert live_server.wait_idle()
+
+
+@pytest.mark.timeout(60)
+def test_jsonl_dataset(live_server, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "the quick brown fox", "output_len": 3}\n{"prompt": "hello world"}\n')
+    out = tmp_path / "result.json"
+    rc = moeflow_main(["bench", "serve", "--base-url", live_server.base_url, "--model", MODEL_NAME,
+                       "--dataset", "jsonl", "--jsonl", str(data), "--num-prompts", "4", "--output-len", "5",
+                       "--result-file", str(out), "--disable-tqdm"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert [q["output_tokens"] for q in r["requests"]] == [3, 5, 3, 5]
+    assert all(q["prompt_len"] > 0 for q in r["requests"])  # counted by the server
+
+
+def test_random_prompts_are_seeded():
+    args = argparse.Namespace(dataset="random", num_prompts=3, input_len=5, output_len=2, seed=11)
+    assert sample_requests(args, 300) == sample_requests(args, 300)
+    assert all(len(r.prompt) == 5 and all(0 <= t < 300 for t in r.prompt) for r in sample_requests(args, 300))
+
+
+def test_unreachable_server_is_a_clear_error(capsys):
+    rc = moeflow_main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--disable-tqdm"])
+    assert rc == 2 and "cannot reach the server" in capsys.readouterr().err
