@@ -6,6 +6,7 @@ token for every running sequence) and returns an output for every sequence it ad
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -105,10 +106,10 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RequestError("the expert cache can only be replaced while no request is running")
         num_slots = self._budget_slots(self.store.expert_bytes, cache_config.budget)
-        old = getattr(self, "cache", None)
-        self.cache = self.model.experts = None
-        del old  # free the old pool before the new one is allocated
+        # free the old pool before the new one is allocated: the captured graphs read it too
+        self.cache = self.model.experts = self.runner.graphs = None
         if self.device.type == "cuda":
+            gc.collect()  # graphs and caches may sit in reference cycles
             torch.cuda.empty_cache()
         policy = make_policy(cache_config.eviction, self.spec.num_moe_layers, self.spec.num_experts)
         self.cache = ExpertCache(self.store, num_slots, self.device, policy)
