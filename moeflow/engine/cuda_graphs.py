@@ -14,7 +14,8 @@ any output nor which experts a step needs.
 - ResidentDecodeGraphs: every expert is resident, so a whole step is one graph.
 - OffloadedDecodeGraphs: a step must stop at every router so the host can load the experts
   the router chose. Each stretch between two routers is one graph; the experts of a layer are
-  one more graph per round of the expert cache, reading the round's expert->slot table.
+  one more graph, replayed at once against the resident experts (while the host reads the
+  router's choice) and again after any loads the choice required.
 """
 
 from __future__ import annotations
@@ -162,9 +163,14 @@ class OffloadedDecodeGraphs:
             if k == len(moe_layers):
                 break
             self.router_done.record()
+            # Enqueue the experts against the slot table as it stands before learning what the
+            # router chose: when they are all resident (most layers at small batches) that is the
+            # layer's whole work, and the GPU computes while the host checks.
+            self.experts.cache.await_resident(moe_layers[k])
+            self._experts(b, k)
             self.router_done.synchronize()  # wait for this router's choice, not for the whole device
             needed = np.flatnonzero(self.used_np[k]).tolist()
-            self.experts.run_rounds(moe_layers[k], needed, lambda k=k: self._experts(b, k))
+            self.experts.run_rounds(moe_layers[k], needed, lambda k=k: self._experts(b, k), speculated=True)
         if pieces is None:
             self._pieces[b, c] = captured
         return self.logits[: len(ids)]

@@ -202,6 +202,17 @@ class ExpertCache:
         self.transfer.copy_many(loads, Priority.PREFETCH)
         return len(loads)
 
+    def all_resident(self, layer: int, experts: list[int]) -> bool:
+        return bool((self.slot_of[self._ordinal[layer], experts] >= 0).all())
+
+    def await_resident(self, layer: int) -> None:
+        """Make the compute stream wait until every resident expert of `layer` is filled.
+
+        For a compute enqueued before the host knows which of them it will read.
+        """
+        li = self._ordinal[layer]
+        self.transfer.wait_for([int(s) for s in self.slot_of[li][self.slot_of[li] >= 0]], tag=layer)
+
     def upload_slot_table(self) -> None:
         """Bring the device's slot table up to date with the host's (on the current stream), if it changed."""
         if not self._table_dirty:

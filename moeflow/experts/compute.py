@@ -49,17 +49,25 @@ class CachedExperts:
         self.run_rounds(layer, torch.unique(topk_ids).tolist(), compute)
         return combine_rows(rows, x.dtype)
 
-    def run_rounds(self, layer: int, needed: list[int], compute: Callable[[], None]) -> None:
+    def run_rounds(self, layer: int, needed: list[int], compute: Callable[[], None], speculated: bool = False) -> None:
         """Bring `needed` experts of `layer` in, in as many rounds as the pool allows.
 
         `compute()` runs once per round, after the round's experts are resident and the
         device's slot table says where; picks of experts not resident map to -1 and are
         skipped. (A pick whose expert stayed resident from an earlier round is computed again,
         to the same row: rounds only happen when the pool is smaller than a layer's needs.)
+
+        `speculated`: compute() was already enqueued against the slot table as it stands, before
+        the host knew what the router chose. If every needed expert was resident, that run was
+        the whole work; otherwise the rounds below complete it.
         """
         cache = self.cache
         if self.access_log is not None:
             self.access_log.append((layer, needed))
+        if speculated and cache.all_resident(layer, needed):
+            got = cache.acquire(layer, needed)  # counts the hits; nothing moves
+            cache.release(list(got.values()))
+            return
         while needed:
             got = cache.acquire(layer, needed)
             if not got:
