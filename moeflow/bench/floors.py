@@ -31,6 +31,38 @@ def pinned_h2d_bandwidth(nbytes: int, device: torch.device, reps: int = 10) -> f
     return nbytes / times[len(times) // 2]
 
 
+def expert_load_bandwidth(engine, reps: int = 5) -> float:
+    """Bytes per second the expert cache's own demand path moves.
+
+    Each rep starts the engine on an empty pool of one layer's worth of slots and `acquire`s every expert
+    of a layer: one copy per expert on the transfer engine's copy stream, with the cache's bookkeeping,
+    timed on the host from the call until the copy stream is idle. Median over `reps`. Read beside
+    `pinned_h2d_bandwidth` of the same bytes; the engine's cache is left empty at that size afterwards.
+    """
+    import time
+
+    from moeflow.config import CacheConfig, ExpertBudget
+
+    E, nbytes = engine.spec.num_experts, engine.store.expert_bytes
+    budget = ExpertBudget("bytes", E * nbytes)
+    times = []
+    for i in range(reps + 1):  # the first rep warms the allocator and the copy stream
+        engine.reset_expert_cache(CacheConfig(budget=budget))
+        cache = engine.cache
+        layer = cache.layers[i % len(cache.layers)]
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        t = time.perf_counter()
+        got = cache.acquire(layer, list(range(E)))
+        cache.transfer.synchronize()
+        times.append(time.perf_counter() - t)
+        if len(got) != E:
+            raise RuntimeError(f"expected {E} loads, got {len(got)}")
+        cache.release(list(got.values()))
+    times = sorted(times[1:])
+    return E * nbytes / times[len(times) // 2]
+
+
 def device_memory_bandwidth(device: torch.device, nbytes: int = 2**30, reps: int = 10) -> float:
     """Bytes per second a large device-to-device copy moves, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()

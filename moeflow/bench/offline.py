@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from moeflow.bench.floors import device_memory_bandwidth, pinned_h2d_bandwidth
+    from moeflow.bench.floors import device_memory_bandwidth, expert_load_bandwidth, pinned_h2d_bandwidth
     from moeflow.bench.report import write_report
     from moeflow.bench.runs import random_prompts, run_moeflow
     from moeflow.config import EngineConfig
@@ -77,7 +77,13 @@ def main(args: argparse.Namespace) -> int:
     engine.store.fill_all(progress=True)  # reading experts from disk is start-up, not a step's stall
     bandwidth = pinned_h2d_bandwidth(64 * engine.store.expert_bytes, device)
     memory_bandwidth = device_memory_bandwidth(device)
-    print(f"pinned host->device: {bandwidth / 1e9:.1f} GB/s; device memory: {memory_bandwidth / 1e12:.2f} TB/s")
+    # the copy engine against one plain pinned copy of the same bytes (one layer's experts)
+    layer_bytes = spec.num_experts * engine.store.expert_bytes
+    load_bandwidth = expert_load_bandwidth(engine)
+    plain_bandwidth = pinned_h2d_bandwidth(layer_bytes, device)
+    print(f"pinned host->device: {bandwidth / 1e9:.1f} GB/s; device memory: {memory_bandwidth / 1e12:.2f} TB/s; "
+          f"expert loads: {load_bandwidth / 1e9:.1f} GB/s, {load_bandwidth / plain_bandwidth:.1%} of a plain pinned "
+          f"copy of the same {layer_bytes / 1e6:.0f} MB")
 
     results = []
     # largest budget first: the resident run is every offloaded run's reference
@@ -117,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
                   "hidden": spec.hidden_size, "expert_width": spec.expert_width},
         "expert_bytes": expert_bytes, "dense_bytes": dense_bytes, "embedding_bytes": embedding_bytes,
         "pinned_h2d_bytes_per_s": bandwidth, "device_memory_bytes_per_s": memory_bandwidth, "dtype": args.dtype,
+        "expert_load_bytes_per_s": load_bandwidth, "plain_copy_same_bytes_per_s": plain_bandwidth,
         "num_moe_layers": spec.num_moe_layers,
     }
     write_report(out, meta, results, args.accelerate_budget)

@@ -67,7 +67,10 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
              f"- model: {meta['model']} ({meta['architecture']}; {meta['shape']}), {meta['dtype']}",
              f"- command: `{meta['command']}`",
              f"- measured pinned host->device bandwidth: {meta['pinned_h2d_bytes_per_s'] / 1e9:.1f} GB/s; "
-             f"device memory: {meta['device_memory_bytes_per_s'] / 1e12:.2f} TB/s", "",
+             f"device memory: {meta['device_memory_bytes_per_s'] / 1e12:.2f} TB/s",
+             f"- copy engine: expert loads through the cache moved {meta['expert_load_bytes_per_s'] / 1e9:.1f} GB/s, "
+             f"{meta['expert_load_bytes_per_s'] / meta['plain_copy_same_bytes_per_s']:.1%} of one plain pinned copy of "
+             f"the same bytes ({meta['plain_copy_same_bytes_per_s'] / 1e9:.1f} GB/s)", "",
              "| system | budget | batch | decode tok/s | TTFT ms | TPOT ms | peak GiB | hit rate | GB moved | stall s "
              "| measured/floor | measured/Belady floor | of weight-read floor |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

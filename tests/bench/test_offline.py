@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from moeflow.bench.floors import belady_misses, flatten, lru_misses
+from moeflow.bench.floors import belady_misses, expert_load_bandwidth, flatten, lru_misses
 from moeflow.bench.report import derive, markdown, plots, speedups
 from moeflow.bench.runs import RunResult, random_prompts, run_moeflow
 from moeflow.config import EngineConfig
@@ -49,7 +49,7 @@ def test_runs_floors_and_report(engine, tmp_path):
     meta = {"title": "t", "date": "d", "machine": "m", "model": "x", "architecture": "a", "shape": {}, "command": "c",
             "dtype": "float32", "pinned_h2d_bytes_per_s": 1e9, "device_memory_bytes_per_s": 1e11,
             "expert_bytes": engine.cache.expert_bytes, "dense_bytes": engine.model.dense_bytes(),
-            "embedding_bytes": 0}
+            "embedding_bytes": 0, "expert_load_bytes_per_s": 0.9e9, "plain_copy_same_bytes_per_s": 1e9}
     rows = derive(meta, [resident, offloaded, baseline])
     floor = offloaded.bytes_moved / 1e9 + resident.decode_s
     assert rows[1]["floor_s"] == pytest.approx(floor)
@@ -59,7 +59,15 @@ def test_runs_floors_and_report(engine, tmp_path):
     assert speed[0]["speedup"] == pytest.approx(resident.decode_tokens_per_s / baseline.decode_tokens_per_s)
     text = markdown(meta, rows, speed)
     assert "| moeflow | 25% | 4 |" in text and "speed-up" in text
+    assert "90.0% of one plain pinned copy" in text
     assert sorted(plots(tmp_path, rows)) == ["hit_rate.png", "tokens_per_s.png"]
     assert (tmp_path / "tokens_per_s.png").stat().st_size > 1000
     assert engine.model.experts.access_log is None
     assert flatten([(0, [1, 2]), (1, [3])]) == [(0, 1), (0, 2), (1, 3)]
+
+
+def test_expert_load_bandwidth_drives_the_cache_demand_path(engine):
+    assert expert_load_bandwidth(engine, reps=2) > 0
+    cache = engine.cache
+    assert cache.num_slots == engine.spec.num_experts and not cache.fully_resident
+    assert cache.stats.total().misses == engine.spec.num_experts, "the last rep loaded one layer from empty"
