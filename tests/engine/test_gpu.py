@@ -12,10 +12,12 @@ import torch
 
 from checkpoints import FAMILIES, LAYOUTS
 from helpers import LogitsRecorder, greedy, hf_greedy, relative_error
-from moeflow import LLM
+from moeflow import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 PROMPT = [0, 17, 201, 45, 99, 3, 150, 77, 12, 260, 31]
+# logits closer than this are a tie under bfloat16 rounding (their values are of order 10; bfloat16 keeps ~3 digits)
+BF16_TIE = 0.25
 
 
 @pytest.fixture(autouse=True)
@@ -51,20 +53,36 @@ def test_cuda_float32_matches_transformers(family, layout, budget, checkpoint):
 
 
 def test_cuda_bfloat16_tokens_match_transformers_on_the_trained_model():
-    """bfloat16 rounds differently in every implementation; a trained model's clear margins keep the tokens equal."""
+    """bfloat16 rounds differently in every implementation, so greedy paths may part where two tokens are
+    nearly tied. Tokens must be identical up to the first parting, that parting must be a near tie in
+    transformers' own logits (a wrong expert or weight moves logits by far more), and most tokens must agree."""
     from moeflow.assets import default_model_dir
+    import transformers as tf
 
     model_dir = default_model_dir()
     hf = hf_on_cuda(model_dir, torch.bfloat16)
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", expert_budget="25%", max_model_len=512)
-    for text in ["The history of the city", "def fibonacci(n):", "ROMEO. What light"]:
+    # both stop at the model's end-of-text token, as a user's greedy request would
+    eos = llm.tokenizer.eos_token_id
+    cfg = tf.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                              output_logits=True, return_dict_in_generate=True)
+    agreed = compared = 0
+    for text in ["The history of the city", "def fibonacci(n):", "ROMEO. What light", "La ville de Paris est"]:
         ids = llm.tokenizer.encode(text)
-        import transformers as tf
-
-        cfg = tf.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=None)
         t = torch.tensor([ids], device="cuda")
-        ref = hf.generate(t, attention_mask=torch.ones_like(t), generation_config=cfg)[0, len(ids):].tolist()
-        assert llm.generate([ids], greedy(32))[0].outputs[0].token_ids == ref, text
+        out = hf.generate(t, attention_mask=torch.ones_like(t), generation_config=cfg)
+        ref, ref_logits = out.sequences[0, len(ids):].tolist(), [l[0].float() for l in out.logits]
+        ours = llm.generate([ids], SamplingParams(max_tokens=32, temperature=0.0))[0].outputs[0].token_ids
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+        if same is None:
+            assert ours == ref, text
+            same = len(ref)
+        else:
+            gap = (ref_logits[same][ref[same]] - ref_logits[same][ours[same]]).item()
+            assert gap < BF16_TIE, f"{text!r}, step {same}: tokens {ours[same]} and {ref[same]} are {gap:.3f} apart"
+        agreed += same
+        compared += len(ref)
+    assert agreed >= compared // 2, f"only {agreed} of {compared} greedy tokens agree"
 
 
 def test_host_store_is_pinned_and_expert_copies_run_on_their_own_stream(checkpoint, tmp_path):
