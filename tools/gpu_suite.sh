@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The GPU work behind docs/benchmarks/, in stages that each fit one call of a short-lived GPU machine.
+#
+#   tools/gpu_suite.sh STAGE OUT_DIR
+#
+#   tests    pytest -m gpu (kernels, copy engine, engine exactness on CUDA)
+#   qwen3    moeflow bench offline on a random model of Qwen3-30B-A3B's expert shape (8 layers), with
+#            transformers and transformers+accelerate baselines on the same checkpoint
+#   tiny     train the bundled `tiny` model on the GPU (larger batches than on a CPU), with its model card
+#            (needs CORPUS_TGZ); the checkpoint is sharded so each file comes back from the GPU machine, and it
+#            replaces moeflow/assets/moeflow-tiny in this checkout so that a later `tests` stage uses it
+#   bench    train the `bench` reference model, write its model card, and bench it the same way
+#            (needs CORPUS_TGZ: a tarball holding corpus/ and tokenizer/ from `moeflow data build|tokenizer`)
+#   serve    moeflow serve on the bench model (left in $BENCH_MODEL by the bench stage on the same machine) at a
+#            25% expert budget, loaded by moeflow bench serve (needs fastapi, uvicorn, pydantic importable)
+#   mixtral  moeflow bench offline on a random model of Mixtral-8x7B's shape (about 94 GB in bfloat16)
+#
+# moeflow runs from this checkout (PYTHONPATH), on the machine's own torch and transformers. Each stage packs
+# its results into OUT_DIR/STAGE.tgz as soon as it ends, so a later stage that runs out of time loses only itself.
+set -uo pipefail
+stage=$1 out=$2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+moeflow() { python3 -m moeflow.cli "$@"; }
+work=$(mktemp -d)
+BENCH_MODEL=${BENCH_MODEL:-/tmp/moeflow-bench-model}
+
+pack() {  # pack DIR: results of this stage into OUT_DIR/STAGE.tgz
+    tar czf "$out/$stage.tgz" -C "$1" .
+}
+
+case "$stage" in
+tests)
+    mkdir -p "$work/r"
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/engine tests/experts 2>&1 | tee "$work/r/gpu_tests.log"
+    pack "$work/r"
+    ;;
+qwen3)
+    moeflow bench offline --synthetic qwen3-30b-a3b-8l --synthetic-dir "$work/model" \
+        --budgets 100%,50%,25%,10% --batch-sizes 1,8,16,32,64 --output-len 64 \
+        --baselines transformers,accelerate --accelerate-batch-sizes 1,16 --out "$work/r" 2>&1 | tee "$work/log"
+    cp "$work/log" "$work/r/log.txt"
+    pack "$work/r"
+    ;;
+tiny)
+    tar xzf "${CORPUS_TGZ:?set CORPUS_TGZ}" -C "$work"
+    moeflow train --preset tiny --data "$work/corpus" --tokenizer "$work/tokenizer" --out "$work/moeflow-tiny" \
+        --device cuda --max-minutes "${TINY_MINUTES:-4}" --override micro_batch=32 --override max_shard_size=12MB \
+        --card --no-progress 2>&1 | tee "$work/train_log.txt"
+    # shards one file each (a file coming back is at most 16 MiB), the rest in one archive
+    cp "$work/moeflow-tiny"/*.safetensors "$out/"
+    tar czf "$out/tiny-files.tgz" -C "$work" train_log.txt -C "$work/moeflow-tiny" --exclude='*.safetensors' .
+    # later stages of this call (the GPU tests) use the new model
+    rm -rf moeflow/assets/moeflow-tiny && cp -r "$work/moeflow-tiny" moeflow/assets/moeflow-tiny
+    ;;
+bench)
+    tar xzf "${CORPUS_TGZ:?set CORPUS_TGZ}" -C "$work"
+    mkdir -p "$work/r/model"
+    moeflow train --preset bench --data "$work/corpus" --tokenizer "$work/tokenizer" --out "$BENCH_MODEL" \
+        --device cuda --max-minutes "${TRAIN_MINUTES:-4}" --card --card-max-tokens 32768 --no-progress 2>&1 \
+        | tee "$work/r/train_log.txt"
+    cp "$BENCH_MODEL"/{README.md,routing_stats.json,expert_usage.png,training_log.json} "$work/r/model/"
+    moeflow bench offline --model "$BENCH_MODEL" --budgets 100%,50%,25%,10% --batch-sizes 1,8,32,64 \
+        --output-len 64 --baselines transformers,accelerate --accelerate-batch-sizes 1,16 --out "$work/r" 2>&1 \
+        | tee "$work/log"
+    cp "$work/log" "$work/r/log.txt"
+    pack "$work/r"
+    ;;
+serve)
+    mkdir -p "$work/r"
+    python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 32 --log-level warning &
+    server=$!
+    python3 - <<'PY'
+import time, urllib.request
+for _ in range(240):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8111/health", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.5)
+PY
+    moeflow bench serve --base-url http://127.0.0.1:8111 --num-prompts 256 --request-rate inf \
+        --max-concurrency 32 --input-len 128 --output-len 64 --disable-tqdm \
+        --result-file "$work/r/serve.json" 2>&1 | tee "$work/r/serve.txt"
+    kill -INT $server
+    wait $server
+    pack "$work/r"
+    ;;
+mixtral)
+    moeflow bench offline --synthetic mixtral-8x7b --budgets 100%,50%,25%,10% --batch-sizes 1,8 --output-len 16 \
+        --baselines "" --out "$work/r" 2>&1 | tee "$work/log"
+    cp "$work/log" "$work/r/log.txt"
+    pack "$work/r"
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
