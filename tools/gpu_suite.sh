@@ -11,8 +11,9 @@
 #            replaces moeflow/assets/moeflow-tiny in this checkout so that a later `tests` stage uses it
 #   bench    train the `bench` reference model, write its model card, and bench it the same way
 #            (needs CORPUS_TGZ: a tarball holding corpus/ and tokenizer/ from `moeflow data build|tokenizer`)
-#   serve    moeflow serve on the bench model (left in $BENCH_MODEL by the bench stage on the same machine) at a
-#            25% expert budget, loaded by moeflow bench serve (needs fastapi, uvicorn, pydantic importable)
+#   serve    moeflow serve on the bench model (left in $BENCH_MODEL by the bench stage on the same machine, else
+#            trained first, which needs CORPUS_TGZ) at a 25% expert budget, loaded by moeflow bench serve
+#            (needs fastapi, uvicorn, pydantic and opentelemetry-api importable)
 #   mixtral  moeflow bench offline on a random model of Mixtral-8x7B's shape (about 94 GB in bfloat16)
 #
 # moeflow runs from this checkout (PYTHONPATH), on the machine's own torch and transformers. Each stage packs
@@ -68,6 +69,11 @@ bench)
     ;;
 serve)
     mkdir -p "$work/r"
+    if [ ! -f "$BENCH_MODEL/config.json" ]; then  # a fresh machine: train the bench model first (no card)
+        tar xzf "${CORPUS_TGZ:?set CORPUS_TGZ}" -C "$work"
+        moeflow train --preset bench --data "$work/corpus" --tokenizer "$work/tokenizer" --out "$BENCH_MODEL" \
+            --device cuda --max-minutes "${TRAIN_MINUTES:-4}" --no-progress 2>&1 | tee "$work/r/train_log.txt"
+    fi
     python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 32 --log-level warning &
     server=$!
     python3 - <<'PY'
@@ -79,7 +85,7 @@ for _ in range(240):
     except OSError:
         time.sleep(0.5)
 PY
-    moeflow bench serve --base-url http://127.0.0.1:8111 --num-prompts 256 --request-rate inf \
+    moeflow bench serve --base-url http://127.0.0.1:8111 --num-prompts "${SERVE_PROMPTS:-256}" --request-rate inf \
         --max-concurrency 32 --input-len 128 --output-len 64 --disable-tqdm \
         --result-file "$work/r/serve.json" 2>&1 | tee "$work/r/serve.txt"
     kill -INT $server
