@@ -9,9 +9,9 @@ the parser, and keep their heavy imports (torch, transformers) inside `main`, so
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from moeflow.commands.common import add_subcommands
 from moeflow.errors import MoeflowError
 
 # subcommand -> (module, one-line help)
@@ -31,17 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moeflow",
         description="Run and serve Mixture-of-Experts models whose experts do not fit in GPU memory.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module_name.startswith(exc.name):
-                raise
-            continue  # a subcommand whose module is not part of this build
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_main=module.main)
+    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), COMMANDS, "_main")
     return parser
 
 

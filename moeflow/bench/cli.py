@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from moeflow.commands.common import add_subcommands
 
 BENCHMARKS = {
     "offline": ("moeflow.bench.offline", "one process, one model: engine configurations and baselines side by side"),
@@ -12,17 +13,7 @@ BENCHMARKS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module_name.startswith(exc.name):
-                raise
-            continue
-        q = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(q)
-        q.set_defaults(_bench_main=module.main)
+    add_subcommands(p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True), BENCHMARKS, "_bench_main")
 
 
 def main(args: argparse.Namespace) -> int:

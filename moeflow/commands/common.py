@@ -1,8 +1,27 @@
-"""Engine options shared by the commands that load a model."""
+"""What the commands share: subcommand tables, and the engine options of the commands that load a model."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+
+def add_subcommands(sub: argparse._SubParsersAction, table: dict[str, tuple[str, str]], main_attr: str) -> None:
+    """One subparser per `table` entry, name -> (module, one-line help).
+
+    Each module exposes `add_arguments(parser)` and `main(args) -> int`, the latter stored on the parsed
+    arguments as `main_attr`. A module that is not part of this build is left out.
+    """
+    for name, (module_name, help_text) in table.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not module_name.startswith(exc.name):
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(**{main_attr: module.main})
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
