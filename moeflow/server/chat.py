@@ -28,7 +28,7 @@ from moeflow.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from moeflow.server.responses import EventStream, final_outputs, sse, unless_disconnected
+from moeflow.server.responses import answer, sse
 from moeflow.server.settings import ServerSettings
 
 
@@ -53,14 +53,7 @@ class ChatCompletions:
                     for i in range(body.n)]
         call = _ChatCall(f"chatcmpl-{uuid.uuid4().hex}", self.settings.served_model_name, body, len(prompt.ids),
                          self.client)
-        sub = self.client.submit(requests, call.id, arrival)
-        if body.stream:
-            return EventStream(call.stream(sub), sub)
-        async with sub:
-            connected, finals = await unless_disconnected(final_outputs(sub), request)
-        if not connected:
-            return Response(status_code=499)
-        return call.response(finals)
+        return await answer(self.client, requests, call, body.stream, request, arrival)
 
 
 class _ChatCall:

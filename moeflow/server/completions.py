@@ -25,7 +25,7 @@ from moeflow.server.inputs import (
 )
 from moeflow.server.logprobs import CompletionLogprobsBuilder
 from moeflow.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from moeflow.server.responses import EventStream, final_outputs, sse, unless_disconnected
+from moeflow.server.responses import answer, sse
 from moeflow.server.settings import ServerSettings
 
 
@@ -50,14 +50,7 @@ class Completions:
                 requests.append(EngineRequest(prompt.ids, params))
         call = _Call(f"cmpl-{uuid.uuid4().hex}", self.settings.served_model_name, body, prompts, score_only,
                      self.client)
-        sub = self.client.submit(requests, call.id, arrival)
-        if body.stream:
-            return EventStream(call.stream(sub), sub)
-        async with sub:
-            connected, finals = await unless_disconnected(final_outputs(sub), request)
-        if not connected:
-            return Response(status_code=499)
-        return call.response(finals)
+        return await answer(self.client, requests, call, body.stream, request, arrival)
 
 
 class _Call:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from moeflow.outputs import RequestOutput
-from moeflow.server.engine_client import Submission
+from moeflow.server.engine_client import EngineClient, EngineRequest, Submission
 from moeflow.server.errors import as_api_error
 
 T = TypeVar("T")
@@ -76,3 +76,27 @@ async def final_outputs(sub: Submission) -> list[RequestOutput]:
         if out.finished:
             finals[index] = out
     return finals  # type: ignore[return-value]
+
+
+class Call(Protocol):
+    """One API call's view of its engine requests: an id, stream chunks, or one whole response."""
+
+    id: str
+
+    def stream(self, sub: Submission) -> AsyncIterator[str]: ...
+
+    def response(self, finals: list[RequestOutput]) -> BaseModel: ...
+
+
+async def answer(client: EngineClient, requests: list[EngineRequest], call: Call, stream: bool, request: Request,
+                 arrival: float) -> Response | BaseModel:
+    """Submit a call's requests, then stream its chunks, or wait for every final output and answer once
+    (499 if the client hung up meanwhile: the Submission aborts what is still running)."""
+    sub = client.submit(requests, call.id, arrival)
+    if stream:
+        return EventStream(call.stream(sub), sub)
+    async with sub:
+        connected, finals = await unless_disconnected(final_outputs(sub), request)
+    if not connected:
+        return Response(status_code=499)
+    return call.response(finals)
