@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import platform
 from pathlib import Path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from moeflow.bench.floors import belady_misses, expert_load_bandwidth, flatten, lru_misses
 from moeflow.bench.report import derive, markdown, plots, speedups
