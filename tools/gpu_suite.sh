@@ -12,7 +12,8 @@
 #   bench    train the `bench` reference model, write its model card, and bench it the same way
 #            (needs CORPUS_TGZ: a tarball holding corpus/ and tokenizer/ from `moeflow data build|tokenizer`)
 #   serve    moeflow serve on the bench model (left in $BENCH_MODEL by the bench stage on the same machine, else
-#            trained first, which needs CORPUS_TGZ) at a 25% expert budget, loaded by moeflow bench serve
+#            trained first, which needs CORPUS_TGZ) at each of $SERVE_BUDGETS (default 25% and 100%), loaded by
+#            moeflow bench serve with random prompts and with the committed held-out text
 #            (needs fastapi, uvicorn, pydantic and opentelemetry-api importable)
 #   mixtral  moeflow bench offline on a random model of Mixtral-8x7B's shape (about 94 GB in bfloat16)
 #
@@ -74,9 +75,21 @@ serve)
         moeflow train --preset bench --data "$work/corpus" --tokenizer "$work/tokenizer" --out "$BENCH_MODEL" \
             --device cuda --max-minutes "${TRAIN_MINUTES:-4}" --no-progress 2>&1 | tee "$work/r/train_log.txt"
     fi
-    python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 32 --log-level warning &
-    server=$!
-    python3 - <<'PY'
+    # real text as well as random token ids: the committed held-out documents, cut to about 150 tokens
+    python3 - "$work/r/heldout_prompts.jsonl" <<'PY'
+import json, pathlib, sys
+rows = [json.loads(line) for f in sorted(pathlib.Path("tests/data/heldout").glob("*.jsonl"))
+        for line in f.read_text().splitlines() if line.strip()]
+with open(sys.argv[1], "w") as out:
+    for row in rows:
+        out.write(json.dumps({"prompt": row["text"][:500]}) + "\n")
+PY
+    for budget in ${SERVE_BUDGETS:-25% 100%}; do
+        tag=${budget%\%}
+        python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget "$budget" --port 8111 --max-num-seqs 32 \
+            --log-level warning &
+        server=$!
+        python3 - <<'PY'
 import time, urllib.request
 for _ in range(240):
     try:
@@ -85,12 +98,19 @@ for _ in range(240):
     except OSError:
         time.sleep(0.5)
 PY
-    moeflow bench serve --base-url http://127.0.0.1:8111 --num-prompts "${SERVE_PROMPTS:-256}" --request-rate inf \
-        --max-concurrency 32 --input-len 128 --output-len 64 --disable-tqdm \
-        --result-file "$work/r/serve.json" 2>&1 | tee "$work/r/serve.txt"
-    kill -INT $server
-    wait $server
-    pack "$work/r"
+        for dataset in random heldout; do
+            if [ $dataset = random ]; then data=(--dataset random --input-len 128); else
+                data=(--dataset jsonl --jsonl "$work/r/heldout_prompts.jsonl"); fi
+            echo "== budget $budget, dataset $dataset" | tee -a "$work/r/serve.txt"
+            timeout "${SERVE_TIMEOUT:-150}" python3 -m moeflow.cli bench serve --base-url http://127.0.0.1:8111 \
+                --num-prompts "${SERVE_PROMPTS:-256}" --request-rate inf --max-concurrency 32 "${data[@]}" \
+                --output-len 64 --disable-tqdm --result-file "$work/r/serve-$tag-$dataset.json" 2>&1 \
+                | tee -a "$work/r/serve.txt"
+            pack "$work/r"
+        done
+        kill -INT $server
+        wait $server
+    done
     ;;
 mixtral)
     moeflow bench offline --synthetic mixtral-8x7b --budgets 100%,50%,25%,10% --batch-sizes 1,8 --output-len 16 \
