@@ -9,6 +9,9 @@
    but an eager engine sees a new context length every step.
 3. moeflow end to end on the bundled model (100% budget): one-token requests at new prompt lengths, then the
    same lengths again, with moeflow's prefill backends and with every backend torch has (its default order).
+4. Eager decode (as with a route observer or an approximate selector) on the bundled model, batch 8, 128
+   tokens from prompts of a length not used before: contexts padded to moeflow's buckets against one context
+   length per step; CUDA-graph decode beside them for reference.
 
 Every measurement set uses lengths no earlier one used, so no set profits from plans another one built.
 """
@@ -95,6 +98,23 @@ def engine(backends, lengths) -> dict:
     return summary(first, again)
 
 
+def eager_decode(warm_len: int, prompt_len: int, *, bucketed: bool, graphs: bool, device: str = "cuda") -> dict:
+    from moeflow import LLM, SamplingParams
+    from moeflow.engine import model_runner
+
+    llm = LLM("moeflow/assets/moeflow-tiny", device=device, enforce_eager=not graphs)
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    saved = model_runner.bucket
+    if not bucketed:
+        model_runner.bucket = lambda n, buckets: n
+    try:
+        llm.generate([[7] * warm_len] * 8, params)  # warm-up: kernels loaded (and graphs captured)
+        stats = llm.generate([[9] * prompt_len] * 8, params).stats
+    finally:
+        model_runner.bucket = saved
+    return {"decode_tokens_per_s": round(stats.decode_tokens_per_s, 1), "prompt_len": prompt_len}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
@@ -117,6 +137,12 @@ def main() -> None:
     for name in ("torch default (all backends)", "moeflow prefill (flash, efficient, math)"):
         result["engine"][name] = engine(SETS[name], [next(fresh) % 700 + 20 for _ in range(24)])
         print("engine", name, result["engine"][name], flush=True)
+    result["eager_decode"] = {
+        "eager, contexts padded to buckets (moeflow)": eager_decode(16, 300, bucketed=True, graphs=False),
+        "eager, one context length per step": eager_decode(16, 450, bucketed=False, graphs=False),
+        "CUDA graphs (same buckets warmed up)": eager_decode(600, 601, bucketed=True, graphs=True),
+    }
+    print("eager_decode", result["eager_decode"], flush=True)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

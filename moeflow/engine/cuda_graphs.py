@@ -39,12 +39,19 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def context_buckets(max_len: int) -> tuple[int, ...]:
+    """The context lengths decode attention is padded to: 256, 512, ... and max_len. Every decode step, graph
+    or eager, reads its keys and values at one of these lengths, so attention sees a few shapes, not one per
+    step (cuDNN's attention, torch's pick on Hopper, plans each new shape at tens of milliseconds)."""
+    return tuple(sorted({min(max_len, MIN_CONTEXT_BUCKET << i) for i in range(16)}))
+
+
 class _DecodeInputs:
     """Static input buffers, and the padded copy of one step's inputs into them."""
 
     def __init__(self, device: torch.device, max_batch: int, max_len: int):
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
-        self.context_buckets = tuple(sorted({min(max_len, MIN_CONTEXT_BUCKET << i) for i in range(16)}))
+        self.context_buckets = context_buckets(max_len)
         n = self.batch_buckets[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)

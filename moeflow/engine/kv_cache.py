@@ -18,6 +18,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(rows - 1, -1, -1))
         self.rows = rows
+        self.max_len = max_len
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs
+from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs, bucket, context_buckets
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.engine.sequence import Sequence
@@ -28,6 +28,7 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.graphs: ResidentDecodeGraphs | OffloadedDecodeGraphs | None = None  # set by the engine
+        self.context_buckets = context_buckets(kv.max_len)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -49,7 +50,7 @@ class ModelRunner:
             positions=self._tensor([c - 1 for c in context]), is_prefill=False,
             kv_rows=[s.kv_row for s in seqs], starts=[c - 1 for c in context], lengths=[1] * len(seqs),
             kv_rows_t=self._tensor([s.kv_row for s in seqs]), context_lens_t=self._tensor(context),
-            max_context=max(context),
+            max_context=bucket(max(context), self.context_buckets),
         )
 
     @torch.inference_mode()
