@@ -9,6 +9,7 @@ from moeflow.commands.common import add_subcommands
 BENCHMARKS = {
     "offline": ("moeflow.bench.offline", "one process, one model: engine configurations and baselines side by side"),
     "serve": ("moeflow.bench.serve", "load a running OpenAI-compatible server and report latency and throughput"),
+    "serve-compare": ("moeflow.bench.serve_compare", "set result files of `bench serve` side by side (table, plot)"),
 }
 
 
