@@ -66,6 +66,7 @@ class LLMEngine:
         """`checkpoint` replaces the directory `config.model` names (a synthetic model for benchmarks)."""
         self.config = config
         self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
+        self.cache: ExpertCache | None = None
         self.device = resolve_device(config.device)
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(config.model)
         self.spec = spec = self.checkpoint.spec
@@ -106,12 +107,20 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RequestError("the expert cache can only be replaced while no request is running")
         num_slots = self._budget_slots(self.store.expert_bytes, cache_config.budget)
+        policy = make_policy(cache_config.eviction, self.spec.num_moe_layers, self.spec.num_experts)
+        if self.cache is not None and self.cache.num_slots == num_slots:
+            # the same pool size: empty it in place (a resident pool stays as it is), keeping the CUDA
+            # graphs captured against it, so the next run does not capture them again
+            if self.cache.fully_resident:
+                self.cache.policy = policy
+            else:
+                self.cache.clear(policy)
+            return
         # free the old pool before the new one is allocated: the captured graphs read it too
         self.cache = self.model.experts = self.runner.graphs = None
         if self.device.type == "cuda":
             gc.collect()  # graphs and caches may sit in reference cycles
             torch.cuda.empty_cache()
-        policy = make_policy(cache_config.eviction, self.spec.num_moe_layers, self.spec.num_experts)
         self.cache = ExpertCache(self.store, num_slots, self.device, policy)
         self.model.experts = CachedExperts(self.cache)
         self._configure_graphs()

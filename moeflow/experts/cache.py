@@ -134,6 +134,28 @@ class ExpertCache:
 
     # -- on-demand pools -------------------------------------------------------------------
 
+    def clear(self, policy: EvictionPolicy) -> None:
+        """Empty an on-demand pool in place, as a new one would start: every slot free, the slot table all -1,
+        quotas equal, `policy` new, statistics zero. The pool's tensors keep their addresses, so CUDA graphs
+        captured against them stay valid."""
+        if self.fully_resident:
+            raise RuntimeError("expert cache: a fully resident pool has a fixed mapping and is never emptied")
+        if self._pins.any():
+            raise RuntimeError("expert cache: cannot empty the pool while a compute holds some of its slots")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy or compute still touches the pool
+        self.transfer.reset()
+        self.transfer.drain_stalls()  # stalls of the old contents are not the new cache's
+        self.policy = policy
+        self.slot_of.fill(-1)
+        self.owner = [None] * self.num_slots
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._held[:] = 0
+        self.quota = self.equal_quotas(self.num_slots, len(self.layers))
+        self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
+        self._table_dirty = True
+        self.upload_slot_table()
+
     def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
         """Make as many of `experts` resident as the pool allows and pin them.
 

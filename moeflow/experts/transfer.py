@@ -138,3 +138,10 @@ class TransferEngine:
     def synchronize(self) -> None:
         if self.is_cuda:
             self.stream.synchronize()
+
+    def reset(self) -> None:
+        """Forget every fill: wait for the issued ones, drop the queued prefetches. Read events are kept, so
+        a later fill still waits for any compute that reads its slot."""
+        self.synchronize()
+        self._queued.clear()
+        self._fill_done = [None] * len(self._fill_done)

@@ -119,3 +119,19 @@ def test_generate_returns_stats(model_dir):
     assert s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0
     assert s.cache.misses > 0 and s.cache.bytes_moved == s.cache.misses * llm.engine.cache.expert_bytes
     assert s.peak_device_memory_bytes >= llm.engine.cache.pool.numel() * 4
+
+
+def test_resetting_the_cache_at_its_size_empties_it_in_place(model_dir):
+    from moeflow.config import CacheConfig, ExpertBudget
+
+    llm = LLM(model_dir, device="cpu", dtype="float32", expert_budget="25%", max_model_len=128)
+    engine = llm.engine
+    first = llm.generate(PROMPTS, greedy(6))
+    cache = engine.cache
+    engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("25%")))
+    assert engine.cache is cache and (cache.slot_of == -1).all()
+    again = llm.generate(PROMPTS, greedy(6))
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in first]
+    assert (again.stats.cache.hits, again.stats.cache.misses) == (first.stats.cache.hits, first.stats.cache.misses)
+    engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("50%")))
+    assert engine.cache is not cache and engine.cache.num_slots > cache.num_slots

@@ -141,3 +141,18 @@ def test_cuda_graph_decode_equals_eager(family, budget, checkpoint):
             assert relative_error(a, b) < 1e-5
     for field in ("hits", "misses", "bytes_moved"):
         assert getattr(out.stats.cache, field) == getattr(runs[True][1].stats.cache, field), field
+
+
+def test_resetting_the_cache_at_its_size_keeps_the_captured_graphs(checkpoint):
+    from moeflow.config import CacheConfig, ExpertBudget
+
+    llm = LLM(str(checkpoint("qwen2_moe", "fused")), device="cuda", dtype="float32", max_model_len=128,
+              expert_budget="25%")
+    first = llm.generate([PROMPT, PROMPT[:5]], greedy(12))
+    graphs = llm.engine.runner.graphs
+    captured = graphs.num_graphs
+    llm.engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("25%")))
+    again = llm.generate([PROMPT, PROMPT[:5]], greedy(12))
+    assert llm.engine.runner.graphs is graphs and graphs.num_graphs == captured, "nothing was captured again"
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in first]
+    assert (again.stats.cache.hits, again.stats.cache.misses) == (first.stats.cache.hits, first.stats.cache.misses)

@@ -141,3 +141,28 @@ def test_prefetching_never_changes_the_tokens(budget, checkpoint):
     assert [o.outputs[0].token_ids for o in predicted] == [o.outputs[0].token_ids for o in plain]
     assert predicted.stats.cache.prefetches > 0
     assert llm.engine.predictor.observed == 16 * llm.engine.spec.num_moe_layers
+
+
+def test_clear_empties_the_pool_in_place_as_a_new_cache_would_start():
+    cache, _ = make_cache(slots=6)
+    pool, table = cache.pool, cache.slot_table
+    use(cache, 0, [0, 1])
+    use(cache, 1, [2, 3, 4])  # over its quota: takes the free slots
+    cache.clear(LRUPolicy(3, 6))
+    assert cache.pool is pool and cache.slot_table is table, "the tensors graphs captured stay"
+    assert (cache.slot_of == -1).all() and (table == -1).all() and cache.owner == [None] * 6
+    assert len(cache._free) == 6 and list(cache.quota) == [2, 2, 2]
+    assert cache.stats.total().hits == cache.stats.total().misses == 0
+    got = use(cache, 0, [5])
+    assert cache.stats.total().misses == 1 and cache.pool[got[5]][0].item() == 5.0
+    assert table[0, 5].item() == got[5]
+
+
+def test_clear_refuses_a_pool_in_use_and_a_resident_one():
+    cache, _ = make_cache(slots=6)
+    cache.acquire(0, [0])  # pinned, not released
+    with pytest.raises(RuntimeError, match="holds some of its slots"):
+        cache.clear(LRUPolicy(3, 6))
+    resident, _ = make_cache(slots=18)
+    with pytest.raises(RuntimeError, match="fixed mapping"):
+        resident.clear(LRUPolicy(3, 6))
