@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import platform
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
         checkpoint = SyntheticCheckpoint.preset(args.synthetic, seed=args.seed, dtype=dtype, device=device)
         if args.synthetic_dir:
             model_dir = str(write_checkpoint(checkpoint, Path(args.synthetic_dir)))
+            os.sync()  # the checkpoint's dirty pages are written back now, not during the timed runs
     max_batch = max(args.batch_sizes)
     config = EngineConfig(model=model_dir or "<synthetic>", device="cuda", dtype=args.dtype,
                           max_model_len=args.prompt_len + args.output_len + 8, max_batch_size=max_batch,
