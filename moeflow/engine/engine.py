@@ -103,7 +103,8 @@ class LLMEngine:
         return asked
 
     def reset_expert_cache(self, cache_config: CacheConfig) -> None:
-        """Start from an empty expert cache of a new budget and policy (the host store is kept)."""
+        """Start from an empty expert cache of a new budget and policy (a fully resident one starts full; the
+        host store is kept). A pool of the size it already has is emptied in place, and its CUDA graphs kept."""
         if self.has_unfinished_requests():
             raise RequestError("the expert cache can only be replaced while no request is running")
         num_slots = self._budget_slots(self.store.expert_bytes, cache_config.budget)
