@@ -45,9 +45,17 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def raw_prefill(backends, lengths) -> dict:
+def first_and_repeat(calls) -> dict:
+    """Each call timed once, then at its best of three more; the medians of both."""
     first, again = [], []
-    for n in lengths:
+    for call in calls:
+        first.append(timed(call))
+        again.append(min(timed(call) for _ in range(3)))
+    return summary(first, again)
+
+
+def raw_prefill(backends, lengths) -> dict:
+    def call_at(n):
         q = torch.randn(1, 16, n, 128, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(1, 4, n, 128, dtype=torch.bfloat16, device="cuda")
         v = torch.randn_like(k)
@@ -55,14 +63,12 @@ def raw_prefill(backends, lengths) -> dict:
         def call():
             with sdpa_kernel(backends):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        first.append(timed(call))
-        again.append(min(timed(call) for _ in range(3)))
-    return summary(first, again)
+        return call
+    return first_and_repeat(call_at(n) for n in lengths)
 
 
 def raw_decode(backends, contexts) -> dict:
-    first, again = [], []
-    for c in contexts:
+    def call_at(c):
         q = torch.randn(32, 16, 1, 128, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(32, 4, c, 128, dtype=torch.bfloat16, device="cuda")
         v = torch.randn_like(k)
@@ -71,9 +77,8 @@ def raw_decode(backends, contexts) -> dict:
         def call():
             with sdpa_kernel(backends):
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        first.append(timed(call))
-        again.append(min(timed(call) for _ in range(3)))
-    return summary(first, again)
+        return call
+    return first_and_repeat(call_at(c) for c in contexts)
 
 
 def summary(first: list[float], again: list[float]) -> dict:
