@@ -75,14 +75,16 @@ serve)
         moeflow train --preset bench --data "$work/corpus" --tokenizer "$work/tokenizer" --out "$BENCH_MODEL" \
             --device cuda --max-minutes "${TRAIN_MINUTES:-4}" --no-progress 2>&1 | tee "$work/r/train_log.txt"
     fi
-    # real text as well as random token ids: the committed held-out documents, cut to about 150 tokens
+    # real text as well as random token ids: the committed held-out documents, cut to about 150 tokens, one
+    # domain after another in turn
     python3 - "$work/r/heldout_prompts.jsonl" <<'PY'
-import json, pathlib, sys
-rows = [json.loads(line) for f in sorted(pathlib.Path("tests/data/heldout").glob("*.jsonl"))
-        for line in f.read_text().splitlines() if line.strip()]
+import itertools, json, pathlib, sys
+domains = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+           for f in sorted(pathlib.Path("tests/data/heldout").glob("*.jsonl"))]
 with open(sys.argv[1], "w") as out:
-    for row in rows:
-        out.write(json.dumps({"prompt": row["text"][:500]}) + "\n")
+    for row in itertools.chain.from_iterable(itertools.zip_longest(*domains)):
+        if row is not None:
+            out.write(json.dumps({"prompt": row["text"][:500]}) + "\n")
 PY
     for budget in ${SERVE_BUDGETS:-25% 100%}; do
         tag=${budget%\%}
