@@ -89,16 +89,16 @@ def summary(first: list[float], again: list[float]) -> dict:
 
 def engine(llm, backends, lengths) -> dict:
     from moeflow import SamplingParams
-    from moeflow.models import layers
+    from moeflow.models import model  # prefill attention reads the backend list from there
 
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    saved = layers.PREFILL_SDPA_BACKENDS
-    layers.PREFILL_SDPA_BACKENDS = backends
+    saved = model.PREFILL_SDPA_BACKENDS
+    model.PREFILL_SDPA_BACKENDS = backends
     try:
         first = [timed(lambda n=n: llm.generate([[5] * n], params)) for n in lengths]
         again = [timed(lambda n=n: llm.generate([[5] * n], params)) for n in lengths]
     finally:
-        layers.PREFILL_SDPA_BACKENDS = saved
+        model.PREFILL_SDPA_BACKENDS = saved
     return summary(first, again)
 
 

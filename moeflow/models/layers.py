@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
-# The attention backends a prefill may use. cuDNN's is left out: it builds an execution plan for every new
-# shape, which on Hopper costs far more than the attention itself, and prefill shapes change with every
+# The attention backends a prefill may use (callers run attend_prefill under sdpa_kernel of these, once per
+# layer: entering the context costs about 20 us). cuDNN's is left out: it builds an execution plan for every
+# new shape, which on Hopper costs far more than the attention itself, and prefill shapes change with every
 # prompt length. Decode keeps torch's own choice: its shapes are fixed per CUDA-graph bucket.
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -70,14 +71,13 @@ def attend_prefill(
     qh = q.transpose(0, 1)[None]  # [1, N, n, D]
     kh, vh = k[None], v[None]  # [1, G, C, D]
     gqa = num_heads != k.shape[0]
-    with sdpa_kernel(PREFILL_SDPA_BACKENDS):
-        if start == 0 and window is None:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            q_pos = torch.arange(start, start + n, device=q.device)
-            k_pos = torch.arange(k.shape[1], device=q.device)
-            mask = _window_mask(q_pos, k_pos, window)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if start == 0 and window is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        q_pos = torch.arange(start, start + n, device=q.device)
+        k_pos = torch.arange(k.shape[1], device=q.device)
+        mask = _window_mask(q_pos, k_pos, window)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1).reshape(n, -1)
 
 

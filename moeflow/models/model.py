@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
-from moeflow.models.layers import Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
+from moeflow.models.layers import PREFILL_SDPA_BACKENDS, Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
 from moeflow.models.spec import ModelSpec
 from moeflow.routing.router import Routing, route
 from moeflow.routing.selection import Selector
@@ -156,12 +157,13 @@ class MoEModel:
         window = s.sliding_window[layer]
         if batch.is_prefill:
             outs, offset = [], 0
-            for row, start, n in zip(batch.kv_rows, batch.starts, batch.lengths):
-                k_cache[row, :, start : start + n] = k[offset : offset + n].transpose(0, 1)
-                v_cache[row, :, start : start + n] = v[offset : offset + n].transpose(0, 1)
-                outs.append(attend_prefill(q[offset : offset + n], k_cache[row, :, : start + n],
-                                           v_cache[row, :, : start + n], start, self.scale, window))
-                offset += n
+            with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+                for row, start, n in zip(batch.kv_rows, batch.starts, batch.lengths):
+                    k_cache[row, :, start : start + n] = k[offset : offset + n].transpose(0, 1)
+                    v_cache[row, :, start : start + n] = v[offset : offset + n].transpose(0, 1)
+                    outs.append(attend_prefill(q[offset : offset + n], k_cache[row, :, : start + n],
+                                               v_cache[row, :, : start + n], start, self.scale, window))
+                    offset += n
             o = torch.cat(outs) if len(outs) > 1 else outs[0]
         else:
             rows, pos = batch.kv_rows_t, batch.positions
