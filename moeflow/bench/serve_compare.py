@@ -41,21 +41,22 @@ def load(specs: list[str]) -> list[tuple[str, dict]]:
     return runs
 
 
-def table(runs: list[tuple[str, dict]]) -> str:
+def comparison_table(runs: list[tuple[str, dict]]) -> str:
+    from moeflow.markdown import table
+
     head = ("run", "done", "req/s", "output tok/s", "TTFT median / p99 (ms)", "TPOT median / p99 (ms)",
             "E2E median (ms)", "expert hits", "GB moved")
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rows = []
     for label, r in runs:
         m = r["metrics"]
         cache = r.get("server_expert_cache")
-        hits = f"{cache['hit_rate']:.1%}" if cache else "-"
-        moved = f"{cache['bytes_moved'] / 1e9:,.0f}" if cache else "-"
-        lines.append(
-            f"| {label} | {r['completed']}/{r['completed'] + r['failed']} | {r['request_throughput']:.2f} | "
-            f"{r['output_throughput']:,.1f} | {m['ttft_ms']['median']:,.0f} / {m['ttft_ms']['p99']:,.0f} | "
-            f"{m['tpot_ms']['median']:,.1f} / {m['tpot_ms']['p99']:,.1f} | {m['e2el_ms']['median']:,.0f} | "
-            f"{hits} | {moved} |")
-    return "\n".join(lines) + "\n"
+        rows.append([
+            label, f"{r['completed']}/{r['completed'] + r['failed']}", f"{r['request_throughput']:.2f}",
+            f"{r['output_throughput']:,.1f}", f"{m['ttft_ms']['median']:,.0f} / {m['ttft_ms']['p99']:,.0f}",
+            f"{m['tpot_ms']['median']:,.1f} / {m['tpot_ms']['p99']:,.1f}", f"{m['e2el_ms']['median']:,.0f}",
+            f"{cache['hit_rate']:.1%}" if cache else "-", f"{cache['bytes_moved'] / 1e9:,.0f}" if cache else "-",
+        ])
+    return table(head, rows, right_from=1) + "\n"
 
 
 def plot(runs: list[tuple[str, dict]], path: Path) -> None:
@@ -95,7 +96,7 @@ def plot(runs: list[tuple[str, dict]], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     runs = load(args.results)
-    text = table(runs)
+    text = comparison_table(runs)
     print(text, end="")
     if args.markdown:
         args.markdown.write_text(text)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moeflow.data.corpus import DOMAINS, SPLITS, Document
+from moeflow.markdown import table
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -59,16 +60,10 @@ def summary_markdown(summary: dict) -> str:
     lines = ["# Corpus summary", ""]
     if has_tokens:
         lines += [f"Tokens counted without special tokens, tokenizer.json sha256 `{summary['tokenizer_sha256']}`.", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def row(domain: str, split: str, cell: dict) -> str:
-        return "| " + " | ".join([domain, split, *(f"{cell[f]:,}" for f in fields)]) + " |"
-
-    for domain in summary["domains"]:
-        for split in summary["splits"]:
-            lines.append(row(domain, split, summary["counts"][domain][split]))
-    for split in summary["splits"]:
-        lines.append(row("**all**", split, summary["totals"][split]))
+    rows = [(domain, split, summary["counts"][domain][split]) for domain in summary["domains"]
+            for split in summary["splits"]]
+    rows += [("**all**", split, summary["totals"][split]) for split in summary["splits"]]
+    lines.append(table(header, [[domain, split, *(f"{cell[f]:,}" for f in fields)] for domain, split, cell in rows]))
     lines += ["", "Dropped before splitting:", ""]
     for domain, dropped in summary["dropped"].items():
         lines.append(f"- {domain}: {dropped.get('short', 0)} too short, {dropped.get('duplicate', 0)} exact "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.data.corpus import read_split
+from moeflow.markdown import table
 from moeflow.train import data as train_data
 from moeflow.train import evaluate, routing_stats
 from moeflow.train.trainer import LOG_NAME
@@ -131,12 +132,6 @@ def _checkpoint_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render(config: dict, log: dict | None, stats: dict, layers: list[int], safetensors_bytes: int) -> str:
     """The model card's markdown."""
     r, r0 = stats["routing"], stats["routing_at_init"]
@@ -152,7 +147,7 @@ def render(config: dict, log: dict | None, stats: dict, layers: list[int], safet
             "corpus, so that expert caches, routing predictors and schedulers are tested on routing that was "
             "actually learned. It is a test fixture, not a useful language model.", ""]
 
-    out += ["## Architecture", "", _table(["field", "value"], [
+    out += ["## Architecture", "", table(["field", "value"], [
         ["architectures", ", ".join(config.get("architectures", []))],
         ["hidden size / layers", f"{H} / {L}"],
         ["attention", f"{config['num_attention_heads']} heads x {config['head_dim']}, "
@@ -180,14 +175,14 @@ def render(config: dict, log: dict | None, stats: dict, layers: list[int], safet
     out += ["## Data and licences", "",
             "moeflow's corpus (`moeflow data build`): six domains, split by a hash of each document id. "
             "Provenance with archive checksums: [DATA_SOURCES.md](DATA_SOURCES.md).", "",
-            _table(["domain", "source", "licence"], [list(row) for row in LICENCES]), "",
+            table(["domain", "source", "licence"], [list(row) for row in LICENCES]), "",
             "The weights are distributed with moeflow (Apache-2.0). Text the model produces may echo its "
             "training text, which keeps the licence above (CC BY-SA 4.0 requires attribution and share-alike).",
             ""]
 
     if log:
         p = log["preset"]
-        out += ["## Training", "", f"```\n{log['command']}\n```", "", _table(["", ""], [
+        out += ["## Training", "", f"```\n{log['command']}\n```", "", table(["", ""], [
             ["device", f"{log['device']} ({log['device_name']}, {log['threads']} threads)"],
             ["versions", ", ".join(f"{k} {v}" for k, v in log["versions"].items())],
             ["steps", f"{log['steps_done']} of {log['steps_planned']} planned"
@@ -217,7 +212,7 @@ def render(config: dict, log: dict | None, stats: dict, layers: list[int], safet
             f"At most {stats['max_tokens_per_domain']:,} tokens per domain, in {stats['seq_len']}-token windows. "
             "The unigram baseline is the train split's token distribution with add-one smoothing, scored on "
             "the same tokens.", "",
-            _table(["domain", "tokens", "model", "unigram", "model / unigram"],
+            table(["domain", "tokens", "model", "unigram", "model / unigram"],
                    [[d, f"{stats['scored_tokens'][d]:,}", f"{ppl[d]:.1f}", f"{uni[d]:.1f}", f"{ppl[d] / uni[d]:.3f}"]
                     for d in domains]
                    + [["all", f"{sum(stats['scored_tokens'].values()):,}", f"{ppl['all']:.1f}", f"{uni['all']:.1f}",
@@ -251,10 +246,10 @@ def render(config: dict, log: dict | None, stats: dict, layers: list[int], safet
             "l -> l+1: top-1 successor accuracy (chance 1/E = "
             f"{1 / E:.3f}) and top-{K} recall of the set predictor (chance {K / E:.3f}); \"freq.\" always "
             "predicts layer l+1's most frequent experts.", "",
-            _table(["layer", "entropy", "init", "domain JS", "init", "overlap", "indep.", "init",
+            table(["layer", "entropy", "init", "domain JS", "init", "overlap", "indep.", "init",
                     "top-1 next", "freq.", "init", f"top-{K} recall next", "freq.", "init"], rows), ""]
     out += ["Per-domain JS divergence to the mix (bits):", "",
-            _table(["domain"] + [str(l) for l in range(L)],
+            table(["domain"] + [str(l) for l in range(L)],
                    [[d] + [f"{v:.3f}" for v in r["domain_js_bits"][d]] for d in domains]), ""]
 
     out += ["## Reproduce the measurements", "",
