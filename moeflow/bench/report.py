@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from moeflow.bench.runs import RunResult
+from moeflow.markdown import table
 
 
 def derive(meta: dict, results: list[RunResult]) -> list[dict]:
@@ -70,22 +71,24 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
              f"device memory: {meta['device_memory_bytes_per_s'] / 1e12:.2f} TB/s",
              f"- copy engine: expert loads through the cache moved {meta['expert_load_bytes_per_s'] / 1e9:.1f} GB/s, "
              f"{meta['expert_load_bytes_per_s'] / meta['plain_copy_same_bytes_per_s']:.1%} of one plain pinned copy of "
-             f"the same bytes ({meta['plain_copy_same_bytes_per_s'] / 1e9:.1f} GB/s)", "",
-             "| system | budget | batch | decode tok/s | TTFT ms | TPOT ms | peak GiB | hit rate | GB moved | stall s "
-             "| measured/floor | measured/Belady floor | of weight-read floor |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"the same bytes ({meta['plain_copy_same_bytes_per_s'] / 1e9:.1f} GB/s)", ""]
+    header = ["system", "budget", "batch", "decode tok/s", "TTFT ms", "TPOT ms", "peak GiB", "hit rate", "GB moved",
+              "stall s", "measured/floor", "measured/Belady floor", "of weight-read floor"]
+    cells = []
     for r in rows:
         moeflow = r["system"] == "moeflow"
-        lines.append(
-            f"| {r['system']} | {r['budget']} | {r['batch']} | {r['decode_tokens_per_s']:.1f} | {r['ttft_s'] * 1e3:.1f} "
-            f"| {r['tpot_s'] * 1e3:.2f} | {r['peak_device_bytes'] / 2**30:.2f} "
-            f"| {_fmt(r['hit_rate'] if moeflow else None, '.1%')} | {_fmt(r['bytes_moved'] / 1e9 if moeflow else None, '.2f')} "
-            f"| {_fmt(r['stall_s'] if moeflow else None, '.3f')} | {_fmt(r.get('measured_over_floor'), '.2f')} "
-            f"| {_fmt(r.get('measured_over_belady_floor'), '.2f')} | {_fmt(r.get('fraction_of_weight_read_floor'), '.1%')} |")
+        cells.append([
+            r["system"], r["budget"], r["batch"], f"{r['decode_tokens_per_s']:.1f}", f"{r['ttft_s'] * 1e3:.1f}",
+            f"{r['tpot_s'] * 1e3:.2f}", f"{r['peak_device_bytes'] / 2**30:.2f}",
+            _fmt(r["hit_rate"] if moeflow else None, ".1%"), _fmt(r["bytes_moved"] / 1e9 if moeflow else None, ".2f"),
+            _fmt(r["stall_s"] if moeflow else None, ".3f"), _fmt(r.get("measured_over_floor"), ".2f"),
+            _fmt(r.get("measured_over_belady_floor"), ".2f"), _fmt(r.get("fraction_of_weight_read_floor"), ".1%"),
+        ])
+    lines.append(table(header, cells, right_from=2))
     if speed:
-        lines += ["", "| comparison | batch | moeflow tok/s | baseline tok/s | speed-up |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {s['comparison']} | {s['batch']} | {s['moeflow']:.1f} | {s['baseline']:.1f} | {s['speedup']:.1f}x |"
-                  for s in speed]
+        lines += ["", table(["comparison", "batch", "moeflow tok/s", "baseline tok/s", "speed-up"],
+                            [[s["comparison"], s["batch"], f"{s['moeflow']:.1f}", f"{s['baseline']:.1f}",
+                              f"{s['speedup']:.1f}x"] for s in speed], right_from=1)]
     lines += ["", "Floors: an offloaded run's floor is its decode-phase expert bytes over the measured pinned bandwidth "
               "plus the resident (100%) decode time at the same batch; the Belady floor uses the misses an optimal "
               "cache of the same slots takes on the same route trace. The weight-read floor of a resident run is the "
