@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-# The attention backends a prefill may use (callers run attend_prefill under sdpa_kernel of these, once per
-# layer: entering the context costs about 20 us). cuDNN's is left out: it builds an execution plan for every
+# The attention backends a prefill may use (callers run attend_prefill under sdpa_kernel of these, entered
+# once per layer rather than once per sequence: the context manager is Python and not free). cuDNN's is left out: it builds an execution plan for every
 # new shape, which on Hopper costs far more than the attention itself, and prefill shapes change with every
 # prompt length. Decode keeps torch's own choice: its shapes are fixed per CUDA-graph bucket.
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
