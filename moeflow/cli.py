@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("moeflow.commands.inspect", "describe a checkpoint and what an expert budget holds"),
     "serve": ("moeflow.server.cli", "serve a model behind an OpenAI-compatible HTTP API"),
     "bench": ("moeflow.bench.cli", "benchmarks: offline engine configurations, or a running server"),
-    "trace": ("moeflow.routing.trace_cli", "record the expert routes a model takes over a data split"),
+    "trace": ("moeflow.commands.trace", "record the expert routes a model takes over a data split"),
     "data": ("moeflow.data.cli", "build the public-text training corpus"),
     "train": ("moeflow.train.cli", "train a reference MoE model with transformers"),
 }

@@ -11,8 +11,9 @@ from tqdm import tqdm
 from moeflow.config import CacheConfig, EngineConfig, ExpertBudget
 from moeflow.engine.engine import LLMEngine
 from moeflow.errors import RequestError
-from moeflow.experts.cache import LayerStats
-from moeflow.outputs import GenerateOutputs, GenerateStats, RequestOutput
+from moeflow.engine.stats import GenerateStats
+from moeflow.experts.stats import LayerStats
+from moeflow.outputs import RequestOutput
 from moeflow.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -145,3 +146,11 @@ class LLM:
 
 def _copy(s: LayerStats) -> LayerStats:
     return LayerStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
+
+
+class GenerateOutputs(list):
+    """`LLM.generate`'s result: a list of RequestOutput, one per prompt, with `.stats` for the call."""
+
+    def __init__(self, outputs: list[RequestOutput], stats: GenerateStats):
+        super().__init__(outputs)
+        self.stats = stats

@@ -25,7 +25,7 @@ from moeflow.experts.compute import CachedExperts
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
-from moeflow.models.spec import ModelSpec
+from moeflow.architectures.spec import ModelSpec
 from moeflow.outputs import CompletionOutput, RequestOutput
 from moeflow.routing.predictors import NoPredictor, Predictor
 from moeflow.routing.selection import ExactSelector

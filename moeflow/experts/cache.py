@@ -14,40 +14,14 @@ mapping and the MoE layers read it through a device-side table with no host roun
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from moeflow.experts.policies import EvictionPolicy
+from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
 from moeflow.experts.transfer import Priority, TransferEngine
-
-
-@dataclass
-class LayerStats:
-    hits: int = 0  # distinct experts a step needed that were already resident
-    misses: int = 0  # distinct experts a step needed that had to be loaded on demand
-    bytes_moved: int = 0  # host->device bytes of demand loads
-    stall_s: float = 0.0  # time the compute waited for demand loads
-    prefetches: int = 0
-    prefetch_bytes: int = 0
-
-    def add(self, other: LayerStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-@dataclass
-class CacheStats:
-    per_layer: dict[int, LayerStats] = field(default_factory=dict)
-    preload_bytes: int = 0  # start-up fill of a fully resident pool, not counted as misses
-
-    def total(self) -> LayerStats:
-        out = LayerStats()
-        for s in self.per_layer.values():
-            out.add(s)
-        return out
 
 
 class ExpertCache:

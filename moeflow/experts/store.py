@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moeflow.models.spec import ModelSpec
+from moeflow.architectures.spec import ModelSpec
 
 
 class ExpertSource(Protocol):

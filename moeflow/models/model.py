@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from moeflow.models.layers import PREFILL_SDPA_BACKENDS, Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
-from moeflow.models.spec import ModelSpec
+from moeflow.architectures.spec import ModelSpec
 from moeflow.routing.router import Routing, route
 from moeflow.routing.selection import Selector
 from moeflow.weights.checkpoint import Checkpoint

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.models.spec import RouterSpec
+from moeflow.architectures.spec import RouterSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moeflow.errors import CheckpointError
-from moeflow.models.registry import spec_from_config
-from moeflow.models.spec import ModelSpec
+from moeflow.architectures.registry import spec_from_config
+from moeflow.architectures.spec import ModelSpec
 
 _PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moeflow.models.registry import spec_from_config
+from moeflow.architectures.registry import spec_from_config
 from moeflow.weights.checkpoint import ExpertLayout, dense_layer_shapes, dense_numel
 
 ROUTER_SCALE = 4.0  # router weights drawn wider than the rest, so top-k choices have clear margins

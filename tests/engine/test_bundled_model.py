@@ -17,7 +17,7 @@ from helpers import LogitsRecorder, greedy, hf_greedy, relative_error
 from moeflow import LLM, SamplingParams
 from moeflow.assets import default_model_dir
 from moeflow.data.corpus import DOMAINS, iter_jsonl
-from moeflow.models.registry import spec_from_config
+from moeflow.architectures.registry import spec_from_config
 from moeflow.train import data as train_data
 from moeflow.train import evaluate
 

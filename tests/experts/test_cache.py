@@ -9,7 +9,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.policies import LFUPolicy, LRUPolicy
 from moeflow.experts.store import ExpertStore
-from moeflow.models.spec import ModelSpec, RouterSpec
+from moeflow.architectures.spec import ModelSpec, RouterSpec
 
 
 class CountingSource:

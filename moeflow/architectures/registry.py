@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moeflow.errors import CheckpointError
-from moeflow.models.spec import ModelSpec, RouterSpec
+from moeflow.architectures.spec import ModelSpec, RouterSpec
 
 Config = dict[str, Any]
 
