@@ -119,10 +119,12 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings, capped at 4096
-    max_batch_size: int = 16  # sequences decoding together; also the number of KV-cache rows
+    max_num_seqs: int = 16  # sequences running at once: the rows of the KV cache
+    max_batch_size: int | None = None  # the most sequences one decode step takes; None: max_num_seqs
     max_num_batched_tokens: int = 4096  # prompt tokens per prefill step
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: str = "fcfs"
+    predictor: str | None = None  # a predictor's name ("previous", "frequency") or directory; None: on demand
     seed: int = 0
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
 
@@ -133,9 +135,16 @@ class EngineConfig:
             raise ConfigError(f"device {self.device!r} unknown; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_batch_size is not None and not 1 <= self.max_batch_size <= self.max_num_seqs:
+            raise ConfigError(f"max_batch_size must be between 1 and max_num_seqs={self.max_num_seqs}, "
+                              f"got {self.max_batch_size}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.scheduler not in SCHEDULER_POLICIES:
             raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
+
+    @property
+    def decode_batch_size(self) -> int:
+        return self.max_batch_size if self.max_batch_size is not None else self.max_num_seqs

@@ -11,9 +11,9 @@ from tqdm import tqdm
 from moeflow.config import CacheConfig, EngineConfig, ExpertBudget
 from moeflow.engine.engine import LLMEngine
 from moeflow.errors import RequestError
-from moeflow.engine.stats import GenerateStats
-from moeflow.experts.stats import LayerStats
+from moeflow.engine.stats import EngineSnapshot, GenerateStats
 from moeflow.outputs import RequestOutput
+from moeflow.routing.predictors import Predictor
 from moeflow.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -36,19 +36,27 @@ class LLM:
         device: str = "auto",
         dtype: str = "auto",
         max_model_len: int | None = None,
-        max_batch_size: int = 16,
+        max_num_seqs: int | None = None,
+        max_batch_size: int | None = None,
         max_num_batched_tokens: int = 4096,
+        predictor: str | Predictor | None = None,
+        scheduling: str = "fcfs",
         seed: int = 0,
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
     ):
+        """max_num_seqs: sequences running at once (KV-cache rows; default max_batch_size, else 16);
+        max_batch_size: the most sequences one decode step takes (default max_num_seqs).
+        predictor: None (load experts on demand), a built-in name ("previous", "frequency"), or a Predictor."""
+        rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
-            model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_batch_size=max_batch_size,
-            max_num_batched_tokens=max_num_batched_tokens,
-            cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), seed=seed,
-            enforce_eager=enforce_eager,
+            model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
+            max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
+            cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), scheduler=scheduling,
+            predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
         )
-        self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
+        self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,
+                                predictor=None if predictor is None or isinstance(predictor, str) else predictor)
         self._ids = itertools.count()
         self.last_stats: GenerateStats | None = None
 
@@ -84,8 +92,7 @@ class LLM:
 
     def _drive(self, prompts: list[Prompt], params: list[SamplingParams], ids: list[str]) -> Iterator[RequestOutput]:
         engine = self.engine
-        before = dict(engine.counters)
-        cache_before = {l: _copy(s) for l, s in engine.cache.stats.per_layer.items()}
+        before = EngineSnapshot.of(engine)
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
         ids.extend(str(next(self._ids)) for _ in prompts)
@@ -104,7 +111,7 @@ class LLM:
         finally:  # an error, or a caller that stopped iterating: leave no request behind
             for rid in added:
                 engine.abort_request(rid)
-        self.last_stats = self._stats(before, cache_before)
+        self.last_stats = self._stats(before)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         prompt = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -121,31 +128,13 @@ class LLM:
             return [prompts]  # one prompt given as token ids
         return prompts
 
-    def _stats(self, before: dict, cache_before: dict[int, LayerStats]) -> GenerateStats:
+    def _stats(self, before: EngineSnapshot) -> GenerateStats:
         engine = self.engine
-        c = engine.counters
-        per_layer = {}
-        total = LayerStats()
-        for layer, now in engine.cache.stats.per_layer.items():
-            d = LayerStats(**{k: getattr(now, k) - getattr(cache_before[layer], k) for k in now.__dataclass_fields__})
-            per_layer[layer] = d
-            total.add(d)
         if engine.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(engine.device)
         else:
             peak = engine.device_bytes
-        return GenerateStats(
-            prompt_tokens=c["prompt_tokens"] - before["prompt_tokens"],
-            generated_tokens=c["generated_tokens"] - before["generated_tokens"],
-            decode_tokens=c["decode_tokens"] - before["decode_tokens"],
-            prefill_s=c["prefill_s"] - before["prefill_s"],
-            decode_s=c["decode_s"] - before["decode_s"],
-            cache=total, per_layer=per_layer, peak_device_memory_bytes=peak,
-        )
-
-
-def _copy(s: LayerStats) -> LayerStats:
-    return LayerStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})
+        return GenerateStats.between(before, EngineSnapshot.of(engine), peak)
 
 
 class GenerateOutputs(list):

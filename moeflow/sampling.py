@@ -29,6 +29,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top-n logprobs per generated token (the sampled one always included)
     prompt_logprobs: int | None = None  # same for every prompt token after the first
+    # request hints and routing mode (placeholder fields until the batched sampler lands)
+    task: str | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    priority: int = 0
+    routing: str = "exact"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,10 +73,16 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None
 
 
 class Sampler:
-    """Samples one token per row of a [B, V] float32 logits tensor."""
+    """Samples one token per row of a [B, V] float32 logits tensor (placeholder for the batched sampler)."""
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> torch.Tensor:
+    def __init__(self, vocab_size: int, num_rows: int, device: torch.device):
+        self.device = device
+
+    def admit(self, row: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        return None
+
+    def sample(self, logits: torch.Tensor, rows: list[int], params: list[SamplingParams], seeds: list[int],
+               steps: list[int]) -> torch.Tensor:
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
@@ -78,8 +90,8 @@ class Sampler:
             out[idx] = logits[idx].argmax(dim=-1)
         for i, p in enumerate(params):
             if not p.greedy:
-                probs = self._probs(logits[i], p)
-                out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+                g = torch.Generator(logits.device).manual_seed((seeds[i] * 1_000_003 + steps[i]) % (2**63))
+                out[i] = torch.multinomial(self._probs(logits[i], p), 1, generator=g)[0]
         return out
 
     @staticmethod

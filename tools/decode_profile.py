@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.device("cuda")
     checkpoint = SyntheticCheckpoint.preset("qwen3-30b-a3b-8l", seed=0, dtype=torch.bfloat16, device=device)
     engine = LLMEngine(EngineConfig(model="<synthetic>", device="cuda", dtype="bfloat16",
-                                    max_model_len=64 + args.output_len + 8, max_batch_size=1,
+                                    max_model_len=64 + args.output_len + 8, max_num_seqs=1,
                                     max_num_batched_tokens=64),
                        skip_tokenizer_init=True, checkpoint=checkpoint)
     engine.store.fill_all(progress=False)

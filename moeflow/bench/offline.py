@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
             os.sync()  # the checkpoint's dirty pages are written back now, not during the timed runs
     max_batch = max(args.batch_sizes)
     config = EngineConfig(model=model_dir or "<synthetic>", device="cuda", dtype=args.dtype,
-                          max_model_len=args.prompt_len + args.output_len + 8, max_batch_size=max_batch,
+                          max_model_len=args.prompt_len + args.output_len + 8, max_num_seqs=max_batch,
                           max_num_batched_tokens=max_batch * args.prompt_len)
     engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint)
     spec = engine.spec

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from moeflow.bench.floors import belady_misses, flatten
@@ -75,7 +76,8 @@ def run_moeflow(engine: LLMEngine, budget: str, prompts: list[list[int]], output
         engine.reset_expert_cache(cache_config)  # offloaded runs start from an empty cache
     cache = engine.cache
     log: list | None = [] if not cache.fully_resident else None
-    engine.model.experts.access_log = log
+    remove = engine.add_route_listener(lambda step, routes: log.extend(
+        (layer, np.flatnonzero(used).tolist()) for layer, used in zip(cache.layers, routes.used))) if log is not None else None
     device = engine.device
     _sync(device)
     if device.type == "cuda":
@@ -105,7 +107,8 @@ def run_moeflow(engine: LLMEngine, budget: str, prompts: list[list[int]], output
     if log is not None:
         uses = flatten(log)
         result.extra["belady_decode_misses"] = belady_misses(uses, cache.num_slots, count_from=prefill_uses)
-    engine.model.experts.access_log = None
+    if remove is not None:
+        remove()
     return result
 
 

@@ -34,12 +34,19 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; 'auto': float32 on CPU, the checkpoint's half type on CUDA")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output) per sequence")
-    g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoding together")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences running at once, the KV cache's rows (default: --max-batch-size, else 16)")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help="the most sequences one decode step takes (default: --max-num-seqs)")
+    g.add_argument("--predictor", default=None,
+                   help="expert predictor that plans prefetches: 'previous' or 'frequency' (default: none, load on "
+                        "demand)")
+    g.add_argument("--scheduling", default="fcfs", choices=["fcfs"], help="scheduling policy (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     g.add_argument("--enforce-eager", action="store_true", help="never replay decode steps as CUDA graphs")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(expert_budget=args.expert_budget, eviction=args.eviction, device=args.device, dtype=args.dtype,
-                max_model_len=args.max_model_len, max_batch_size=args.max_batch_size, seed=args.seed,
-                enforce_eager=args.enforce_eager)
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
+                predictor=args.predictor, scheduling=args.scheduling, seed=args.seed, enforce_eager=args.enforce_eager)

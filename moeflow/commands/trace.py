@@ -24,8 +24,6 @@ def main(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import numpy as np
-    import torch
     from tqdm import tqdm
 
     import moeflow
@@ -49,12 +47,13 @@ def main(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint(model_dir)
     max_seq_len = min(args.max_seq_len, checkpoint.spec.max_position_embeddings - 1)
     engine = LLMEngine(EngineConfig(model=model_dir, device=args.device, dtype=args.dtype,
-                                    max_model_len=max_seq_len + 1, max_batch_size=args.batch_size,
+                                    max_model_len=max_seq_len + 1, max_num_seqs=args.batch_size,
                                     max_num_batched_tokens=args.batch_size * max_seq_len, enforce_eager=True),
                        checkpoint=checkpoint)
     spec = engine.spec
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    engine.model.route_observer = lambda layer, r: captured.__setitem__(layer, (r.ids, r.weights, r.logits))
+    engine.record.keep_full = True  # weights and router logits too (eager prefill steps)
+    steps: list = []
+    engine.add_route_listener(lambda step, routes: steps.append(routes))
     builder = TraceBuilder(spec.moe_layers, {
         "model": model_dir, "architecture": spec.architecture, "dtype": str(engine.dtype).removeprefix("torch."),
         "data": str(data), "split": args.split if data.is_dir() else None, "max_seq_len": max_seq_len,
@@ -68,17 +67,16 @@ def main(args: argparse.Namespace) -> int:
         for i, doc in enumerate(batch):
             engine.add_request(str(i), doc[1], params)
         while engine.has_unfinished_requests():
+            steps.clear()
             outs = engine.step()  # max_tokens=1: every step is one prefill
-            layers = [[t.float().cpu().numpy() for t in captured[l]] for l in spec.moe_layers]
-            offset = 0
-            for out in outs:
-                n = len(out.prompt_token_ids)
-                rows = slice(offset, offset + n)
-                stack = [np.stack([layer[j][rows] for layer in layers], axis=1) for j in range(3)]
+            routes = steps[0]
+            for i, out in enumerate(outs):
+                rows = routes.rows[i]
+                # [L, n, .] -> [n, L, .]
+                stack = [a[:, rows].swapaxes(0, 1) for a in (routes.router_ids, routes.weights, routes.logits)]
                 doc = batch[int(out.request_id)][0]
                 builder.add(doc.doc_id, doc.domain, out.prompt_token_ids, *stack)
-                offset += n
-                bar.update(n)
+                bar.update(rows.stop - rows.start)
         batch.clear()
 
     for doc in docs:

@@ -1,15 +1,20 @@
-"""CUDA graphs of decode steps.
+"""CUDA graphs of decode steps, captured once at start-up.
 
 A decode step launches a few hundred small kernels; replaying them as graphs removes the
-launch gaps that dominate at small batch sizes. Graphs are captured per (batch bucket,
-context bucket), lazily, into one shared memory pool. The first step of a bucket runs its
-pieces for real (that run is also the warm-up capture needs) and captures them; later steps
-replay.
+launch gaps that dominate at small batch sizes. Graphs are keyed by batch bucket alone:
+attention reads each sequence's context length from a device tensor (models/decode_attention.py),
+so no context length ever needs a graph of its own, and every graph a server will replay is
+captured before it serves its first request (`capture_all`), into one shared memory pool.
 
 Inputs live in static buffers sized for the largest bucket. A batch smaller than its bucket
 is padded by repeating its last sequence: the copy computes exactly what the original does
 (and writes the same keys and values to the same cache row), so the padding changes neither
-any output nor which experts a step needs.
+any output nor which experts a step needs. Selectors keep that true by depending on the batch
+only through its real rows (routing/selection.py), and the RouteRecord counts real rows only.
+
+Each bucket has a graph per routing variant: exact (the router's choice runs) and, where the
+engine has one, an approximate selector's; a step whose rows all asked for exact routing replays
+the exact graph and pays nothing for the selector.
 
 - ResidentDecodeGraphs: every expert is resident, so a whole step is one graph.
 - OffloadedDecodeGraphs: a step must stop at every router so the host can load the experts
@@ -20,16 +25,16 @@ any output nor which experts a step needs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from moeflow.engine.kv_cache import KVCache
-from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
 from moeflow.experts.kernels import combine_rows, fused_moe_rows
 from moeflow.models.model import ForwardBatch, MoEModel
+from moeflow.routing.selection import Selector
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_CONTEXT_BUCKET = 256
@@ -39,29 +44,33 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    return tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
+
+
 def context_buckets(max_len: int) -> tuple[int, ...]:
-    """The context lengths decode attention is padded to: 256, 512, ... and max_len. Every decode step, graph
-    or eager, reads its keys and values at one of these lengths, so attention sees a few shapes, not one per
-    step (cuDNN's attention, torch's pick on Hopper, plans each new shape at tens of milliseconds)."""
+    """The context lengths eager decode attention on the CPU is padded to: 256, 512, ... and max_len, so
+    attention sees a few shapes, not one per step."""
     return tuple(sorted({min(max_len, MIN_CONTEXT_BUCKET << i) for i in range(16)}))
 
 
 class _DecodeInputs:
     """Static input buffers, and the padded copy of one step's inputs into them."""
 
-    def __init__(self, device: torch.device, max_batch: int, max_len: int):
-        self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
-        self.context_buckets = context_buckets(max_len)
+    def __init__(self, model: MoEModel, device: torch.device, max_batch: int, max_len: int):
+        self.record = model.record
+        self.batch_buckets = batch_buckets(max_batch)
+        self.max_len = max_len
         n = self.batch_buckets[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.kv_rows = torch.zeros(n, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int64, device=device)
 
-    def load(self, ids: list[int], positions: list[int], rows: list[int]) -> tuple[int, int]:
-        """Copy a step's inputs in, padded; returns its (batch bucket, context bucket)."""
+    def load(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> int:
+        """Copy a step's inputs in, padded; returns its batch bucket. `exact`: per row, whether it must stay
+        exact (None: all of them)."""
         b = bucket(len(ids), self.batch_buckets)
-        c = bucket(max(positions) + 1, self.context_buckets)
         pad = b - len(ids)
         host = torch.tensor([ids + ids[-1:] * pad, positions + positions[-1:] * pad, rows + rows[-1:] * pad],
                             dtype=torch.int64, pin_memory=True)
@@ -69,21 +78,26 @@ class _DecodeInputs:
         self.positions[:b].copy_(host[1], non_blocking=True)
         self.kv_rows[:b].copy_(host[2], non_blocking=True)
         torch.add(self.positions[:b], 1, out=self.context_lens[:b])
-        return b, c
+        self.record.set_rows(len(ids), b, exact)
+        return b
 
-    def batch(self, b: int, c: int) -> ForwardBatch:
+    def batch(self, b: int, selector: Selector | None, slot_table: torch.Tensor | None) -> ForwardBatch:
         return ForwardBatch(input_ids=self.input_ids[:b], positions=self.positions[:b], is_prefill=False,
                             kv_rows=[], starts=[], lengths=[1] * b, kv_rows_t=self.kv_rows[:b],
-                            context_lens_t=self.context_lens[:b], max_context=c)
+                            context_lens_t=self.context_lens[:b], max_context=self.max_len, selector=selector,
+                            slot_table=slot_table)
 
 
 class _Capturer:
     def __init__(self, device: torch.device):
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        self.captures = 0
+        self.capture_s = 0.0
 
     def run_and_capture(self, fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
         """Run `fn` for real on a side stream (the warm-up capture needs), then capture it."""
+        t0 = time.perf_counter()
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
@@ -93,97 +107,125 @@ class _Capturer:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             fn()
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
         return graph
 
 
-class ResidentDecodeGraphs:
-    def __init__(self, model: MoEModel, kv: KVCache, cache: ExpertCache, device: torch.device, max_batch: int,
-                 max_len: int):
-        self.model, self.kv, self.cache = model, kv, cache
-        self.inputs = _DecodeInputs(device, max_batch, max_len)
+class _DecodeGraphs:
+    """What both kinds share: inputs, the capturer, the routing variants."""
+
+    def __init__(self, model: MoEModel, kv: KVCache, device: torch.device, max_batch: int, max_len: int,
+                 selector: Selector | None):
+        self.model, self.kv, self.device = model, kv, device
+        self.inputs = _DecodeInputs(model, device, max_batch, max_len)
         self.capturer = _Capturer(device)
+        self.selector = selector
+        self.variants: tuple[Selector | None, ...] = (None,) if selector is None else (None, selector)
         self.logits = torch.empty(self.inputs.batch_buckets[-1], model.spec.vocab_size, dtype=torch.float32,
                                   device=device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured since this object was made (all at start-up, when serving as designed)."""
+        return self.capturer.captures
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graphs now, largest first (smaller ones reuse the pool's memory)."""
+        for b in reversed(self.inputs.batch_buckets):
+            for variant in self.variants:
+                self.inputs.load([0] * b, [0] * b, [0] * b, None)
+                self._capture(b, variant)
+        torch.cuda.synchronize(self.device)
+
+    def _capture(self, b: int, selector: Selector | None) -> None:
+        raise NotImplementedError
+
+
+class ResidentDecodeGraphs(_DecodeGraphs):
+    def __init__(self, model: MoEModel, kv: KVCache, device: torch.device, max_batch: int, max_len: int,
+                 selector: Selector | None = None):
+        super().__init__(model, kv, device, max_batch, max_len, selector)
+        self._graphs: dict[tuple[int, Selector | None], torch.cuda.CUDAGraph] = {}
 
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def run(self, ids: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
-        """Logits [B, V] of one decode step for B sequences."""
-        b, c = self.inputs.load(ids, positions, rows)
-        if (b, c) in self._graphs:
-            self._graphs[b, c].replay()
-        else:
-            fb = self.inputs.batch(b, c)
+    def _capture(self, b: int, selector: Selector | None) -> None:
+        fb = self.inputs.batch(b, selector, None)
 
-            def step() -> None:
-                self.logits[:b].copy_(self.model.logits(self.model.forward(fb, (self.kv.k, self.kv.v))))
+        def step() -> None:
+            self.logits[:b].copy_(self.model.logits(self.model.forward(fb, (self.kv.k, self.kv.v))))
+            self.model.record.stage(b, selected=selector is not None)
 
-            # the capture records the device-side expert counters' updates; the run already made them
-            with self.cache.uncounted():
-                self._graphs[b, c] = self.capturer.run_and_capture(step)
-            self._graphs[b, c].replay()  # the step's real run, counted once
+        self._graphs[b, selector] = self.capturer.run_and_capture(step)
+
+    def run(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> torch.Tensor:
+        """Logits [B, V] of one decode step for B sequences; the step's routes are staged in the record.
+        `exact` None: every row exact (the exact graph runs); else per row, and the selector's graph runs."""
+        b = self.inputs.load(ids, positions, rows, exact)
+        self._graphs[b, None if exact is None else self.selector].replay()
         return self.logits[: len(ids)]
 
 
-class OffloadedDecodeGraphs:
+class OffloadedDecodeGraphs(_DecodeGraphs):
     def __init__(self, model: MoEModel, kv: KVCache, experts: CachedExperts, device: torch.device, max_batch: int,
-                 max_len: int):
+                 max_len: int, selector: Selector | None = None):
+        super().__init__(model, kv, device, max_batch, max_len, selector)
         spec = model.spec
-        self.model, self.kv, self.experts, self.device = model, kv, experts, device
-        self.inputs = _DecodeInputs(device, max_batch, max_len)
-        self.capturer = _Capturer(device)
-        n, H, K, E = self.inputs.batch_buckets[-1], spec.hidden_size, spec.router.top_k, spec.num_experts
+        self.experts = experts
+        n, H, K = self.inputs.batch_buckets[-1], spec.hidden_size, spec.router.top_k
         dtype = model.dtype
         self.h = torch.empty(n, H, dtype=dtype, device=device)  # residual stream between pieces
         self.r = torch.empty(n, H, dtype=dtype, device=device)  # the MoE block's input
-        self.ids = torch.zeros(n, K, dtype=torch.int64, device=device)
-        self.weights = torch.zeros(n, K, dtype=dtype if spec.router.weights_in_model_dtype else torch.float32,
-                                   device=device)
         self.rows = torch.empty(n, K, H, dtype=torch.float32, device=device)
-        self.logits = torch.empty(n, spec.vocab_size, dtype=torch.float32, device=device)
-        # which experts each MoE layer's router chose, copied to the host inside the graphs
-        self.used = torch.zeros(spec.num_moe_layers, E, dtype=torch.uint8, pin_memory=True)
-        self.used_np = self.used.numpy()
-        self.router_done = torch.cuda.Event()
-        self._pieces: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
-        self._expert_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch bucket, MoE layer)
+        self._pieces: dict[tuple[int, Selector | None], list[torch.cuda.CUDAGraph]] = {}
+        # (batch bucket, MoE layer ordinal, selected?) -> the layer's experts, reading the record's routes
+        self._expert_graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
 
     @property
     def num_graphs(self) -> int:
         return sum(map(len, self._pieces.values())) + len(self._expert_graphs)
 
-    def run(self, ids: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
-        """Logits [B, V] of one decode step for B sequences."""
-        b, c = self.inputs.load(ids, positions, rows)
-        fb = self.inputs.batch(b, c)
+    def _capture(self, b: int, selector: Selector | None) -> None:
+        fb = self.inputs.batch(b, selector, self.experts.cache.slot_table)
+        L = len(self.model.spec.moe_layers)
+        pieces = []
+        for k in range(L + 1):
+            pieces.append(self.capturer.run_and_capture(lambda k=k: self._piece(k, b, fb, selector is not None)))
+            if k < L:
+                key = (b, k, selector is not None)
+                if key not in self._expert_graphs:
+                    self._expert_graphs[key] = self.capturer.run_and_capture(
+                        lambda k=k: self._experts_body(b, k, selector is not None))
+        self._pieces[b, selector] = pieces
+
+    def run(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> torch.Tensor:
+        """Logits [B, V] of one decode step for B sequences (see ResidentDecodeGraphs.run)."""
+        b = self.inputs.load(ids, positions, rows, exact)
+        selected = exact is not None
+        pieces = self._pieces[b, self.selector if selected else None]
         moe_layers = self.model.spec.moe_layers
-        pieces = self._pieces.get((b, c))
-        captured = []
-        for k in range(len(moe_layers) + 1):
-            if pieces is None:
-                captured.append(self.capturer.run_and_capture(lambda k=k: self._piece(k, b, fb)))
-            else:
-                pieces[k].replay()
+        cache, record = self.experts.cache, self.model.record
+        for k, piece in enumerate(pieces):
+            piece.replay()
             if k == len(moe_layers):
                 break
-            self.router_done.record()
+            record.layer_published()
             # Enqueue the experts against the slot table as it stands before learning what the
             # router chose: when they are all resident (most layers at small batches) that is the
             # layer's whole work, and the GPU computes while the host checks.
-            self.experts.cache.await_resident(moe_layers[k])
-            self._experts(b, k)
-            self.router_done.synchronize()  # wait for this router's choice, not for the whole device
-            needed = np.flatnonzero(self.used_np[k]).tolist()
-            self.experts.run_rounds(moe_layers[k], needed, lambda k=k: self._experts(b, k), speculated=True)
-        if pieces is None:
-            self._pieces[b, c] = captured
+            cache.prepare_compute(moe_layers[k])
+            experts = self._expert_graphs[b, k, selected]
+            experts.replay()
+            needed = record.layer_experts(k)  # waits for this router's choice, not for the whole device
+            self.experts.run_rounds(moe_layers[k], needed, experts.replay, speculated=True)
         return self.logits[: len(ids)]
 
-    def _piece(self, k: int, b: int, fb: ForwardBatch) -> None:
-        """From MoE layer k-1's expert output (embedding for k = 0) to MoE layer k's router (logits at the end)."""
+    def _piece(self, k: int, b: int, fb: ForwardBatch, selected: bool) -> None:
+        """From MoE layer k-1's expert output (embedding for k = 0) to MoE layer k's router (logits and the
+        staged routes at the end)."""
         model, kv = self.model, (self.kv.k, self.kv.v)
         moe_layers = model.spec.moe_layers
         if k == 0:
@@ -195,27 +237,18 @@ class OffloadedDecodeGraphs:
         if k == len(moe_layers):
             h = model.dense_layers(done, model.spec.num_layers, h, fb, kv)
             self.logits[:b].copy_(model.logits(model.final_norm(h)))
+            model.record.stage(b, selected)
             return
         h = model.dense_layers(done, moe_layers[k], h, fb, kv)
         h, r, routing = model.attention_and_route(moe_layers[k], h, fb, kv)
         self.h[:b].copy_(h)
         self.r[:b].copy_(r)
-        self.ids[:b].copy_(routing.ids)
-        self.weights[:b].copy_(routing.weights)
-        used = torch.zeros(model.spec.num_experts, dtype=torch.uint8, device=self.device)
-        used.index_fill_(0, routing.ids.flatten(), 1)
-        self.used[k].copy_(used, non_blocking=True)
+        model.record.publish_layer(k, routing.ids)
 
-    def _experts(self, b: int, k: int) -> None:
+    def _experts_body(self, b: int, k: int, selected: bool) -> None:
         """One round of MoE layer k's experts, reading the device slot table as the cache left it."""
-        if (b, k) in self._expert_graphs:
-            self._expert_graphs[b, k].replay()
-            return
-        cache = self.experts.cache
-        table = cache.slot_table[k]
-
-        def experts() -> None:
-            fused_moe_rows(self.r[:b], table[self.ids[:b]], self.weights[:b], cache.w_gate_up, cache.w_down,
-                           self.rows[:b], backend=self.experts.backend)
-
-        self._expert_graphs[b, k] = self.capturer.run_and_capture(experts)
+        cache, record = self.experts.cache, self.model.record
+        ids = (record.selected_ids if selected else record.ids)[k, :b]
+        weights = (record.selected_weights if selected else record.weights)[k, :b]
+        fused_moe_rows(self.r[:b], cache.slot_table[k][ids], weights, cache.w_gate_up, cache.w_down, self.rows[:b],
+                       backend=self.experts.backend)

@@ -1,7 +1,12 @@
 """LLMEngine: the step loop. add_request / step / abort_request, with continuous batching.
 
 Each `step` runs one scheduled batch (a prefill of newly admitted sequences, or one decode
-token for every running sequence) and returns an output for every sequence it advanced.
+token for the running sequences the scheduling policy picked) and returns an output for
+every sequence it advanced. Around the model run, in order: the predictor forecasts the
+step's experts and the planner turns that into prefetches; the model runs (graphed or eager)
+and fills the RouteRecord; the sampler draws the tokens; after the step's one token sync the
+record is read and shown to the cache statistics, the predictor, the scheduling policy and
+any route listener.
 """
 
 from __future__ import annotations
@@ -9,26 +14,30 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from moeflow.architectures.spec import ModelSpec
 from moeflow.config import CacheConfig, EngineConfig, ExpertBudget, budget_text, format_bytes
-from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs
+from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs, batch_buckets
 from moeflow.engine.kv_cache import KVCache
-from moeflow.engine.model_runner import ModelRunner
-from moeflow.engine.scheduler import POLICIES as SCHEDULING_POLICIES
-from moeflow.engine.scheduler import ScheduledBatch, Scheduler
+from moeflow.engine.model_runner import ModelRunner, StepLogits
+from moeflow.engine.policies import POLICIES as SCHEDULING_POLICIES
+from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.errors import BudgetError, ConfigError, RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
+from moeflow.experts.planning import Planner, PrefetchTop
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
-from moeflow.architectures.spec import ModelSpec
 from moeflow.outputs import CompletionOutput, RequestOutput
-from moeflow.routing.predictors import NoPredictor, Predictor
-from moeflow.routing.selection import ExactSelector
+from moeflow.routing.predictors import Prediction, Predictor, RequestView, StepView, make_predictor
+from moeflow.routing.record import RouteRecord, StepRoutes
+from moeflow.routing.selection import Selector
 from moeflow.sampling import Sampler, SamplingParams, top_logprobs
 from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
 from moeflow.weights.checkpoint import Checkpoint
@@ -36,6 +45,7 @@ from moeflow.weights.synthetic import SyntheticCheckpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096
+RouteListener = Callable[[StepView, StepRoutes], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,8 +72,10 @@ def resolve_dtype(name: str, spec: ModelSpec, device: torch.device) -> torch.dty
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, skip_tokenizer_init: bool = False,
-                 checkpoint: Checkpoint | SyntheticCheckpoint | None = None):
-        """`checkpoint` replaces the directory `config.model` names (a synthetic model for benchmarks)."""
+                 checkpoint: Checkpoint | SyntheticCheckpoint | None = None, predictor: Predictor | None = None,
+                 scheduling: SchedulingPolicy | None = None):
+        """`checkpoint` replaces the directory `config.model` names (a synthetic model for benchmarks);
+        `predictor` and `scheduling` replace what config.predictor and config.scheduler name."""
         self.config = config
         self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
         self.cache: ExpertCache | None = None
@@ -72,24 +84,41 @@ class LLMEngine:
         self.spec = spec = self.checkpoint.spec
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
         self.max_model_len = self._resolve_max_model_len(config.max_model_len, spec)
+        self.max_batch_size = config.decode_batch_size
         self.tokenizer = None if skip_tokenizer_init else Tokenizer(config.model)
         self.eos_ids = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
         self.store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
-        self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len)
-        self.model.selector = ExactSelector()
-        self.kv = KVCache(spec.num_layers, config.max_batch_size, spec.num_kv_heads, self.max_model_len,
+        weight_dtype = self.dtype if spec.router.weights_in_model_dtype else torch.float32
+        capacity = max(config.max_num_batched_tokens, self.max_model_len, batch_buckets(self.max_batch_size)[-1])
+        self.record = RouteRecord(spec.num_moe_layers, spec.router.top_k, spec.num_experts, capacity, weight_dtype,
+                                  self.device)
+        self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len, self.record)
+        self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)
-        self.predictor: Predictor = NoPredictor()
+        self.predictor: Predictor | None = predictor if predictor is not None else self._named_predictor(config)
+        self.planner: Planner = PrefetchTop()
+        self.selector: Selector | None = None
+        self.graph_captures = 0  # decode graphs captured over the engine's life
+        self.graph_capture_s = 0.0
         self.reset_expert_cache(config.cache)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, SCHEDULING_POLICIES[config.scheduler]())
-        self.sampler = Sampler()
-        self._generator = torch.Generator(self.device).manual_seed(config.seed)
+        policy = scheduling if scheduling is not None else SCHEDULING_POLICIES[config.scheduler]()
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, self.max_batch_size, policy)
+        self.sampler = Sampler(spec.vocab_size, config.max_num_seqs, self.device)
+        self._seeds = np.random.default_rng(config.seed)  # a seed for every request that brings none
         self._seqs: dict[str, Sequence] = {}
-        self.counters = {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        self._listeners: list[RouteListener] = []
+        self._step_index = 0
+        self._prediction: Prediction | None = None
+        self._view: StepView | None = None
+        self._routed: list[list[int]] = []  # this step's distinct experts per MoE layer, as the host learns them
+        self.costs = MeasuredCosts(expert_bytes=self.store.expert_bytes)
+        self.counters = {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0,
+                         "decode_s": 0.0, "decode_steps": 0, "layer_steps": 0, "distinct_experts": 0,
+                         "picks": 0, "remapped_picks": 0}
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -101,6 +130,11 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings="
                               f"{spec.max_position_embeddings}")
         return asked
+
+    def _named_predictor(self, config: EngineConfig) -> Predictor | None:
+        if config.predictor is None:
+            return None
+        return make_predictor(config.predictor, self.spec)
 
     def reset_expert_cache(self, cache_config: CacheConfig) -> None:
         """Start from an empty expert cache of a new budget and policy (a fully resident one starts full; the
@@ -124,27 +158,50 @@ class LLMEngine:
             torch.cuda.empty_cache()
         self.cache = ExpertCache(self.store, num_slots, self.device, policy)
         self.model.experts = CachedExperts(self.cache)
-        self._configure_graphs()
+        self.model.experts.route_listener = self._on_layer_routed
+        self.runner.slot_table = None if self.cache.fully_resident else self.cache.slot_table
+        self._capture_graphs()
 
-    def set_predictor(self, predictor: Predictor) -> None:
-        """Install a predictor: it is asked before every step and shown every layer's real routes."""
+    def set_predictor(self, predictor: Predictor | None) -> None:
+        """Install a predictor (None: load on demand). Graphs stay as they are: a predictor runs on the host
+        around the step and never inside it."""
+        if self.has_unfinished_requests():
+            raise RequestError("the predictor can only be replaced while no request is running")
         self.predictor = predictor
-        self.model.route_observer = ((lambda layer, routing: predictor.observe(layer, routing.ids))
-                                     if predictor.observes_routes else None)
-        self._configure_graphs()
 
-    def _configure_graphs(self) -> None:
-        """Replay decode steps as CUDA graphs on CUDA, unless something must see every layer in Python."""
-        usable = (self.device.type == "cuda" and not self.config.enforce_eager and self.model.route_observer is None
-                  and self.model.selector.exact)
-        args = (self.model, self.kv)
-        sizes = (self.device, self.config.max_batch_size, self.max_model_len)
-        if not usable:
+    def set_selector(self, selector: Selector | None) -> None:
+        """Offer an approximate selector to requests that ask for it (SamplingParams.routing); decode graphs are
+        captured again with a variant that runs it."""
+        if self.has_unfinished_requests():
+            raise RequestError("the selector can only be replaced while no request is running")
+        self.selector = selector
+        self.runner.graphs = None
+        self._capture_graphs()
+
+    def add_route_listener(self, listener: RouteListener) -> Callable[[], None]:
+        """Call `listener(step, routes)` after every step; returns the call that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _capture_graphs(self) -> None:
+        """Capture every decode graph the engine will replay, now (on CUDA, unless eager is asked for)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
             self.runner.graphs = None
-        elif self.cache.fully_resident:
-            self.runner.graphs = ResidentDecodeGraphs(*args, self.cache, *sizes)
+            return
+        args = (self.model, self.kv)
+        sizes = (self.device, self.max_batch_size, self.max_model_len)
+        if self.cache.fully_resident:
+            graphs = ResidentDecodeGraphs(*args, *sizes, selector=self.selector)
         else:
-            self.runner.graphs = OffloadedDecodeGraphs(*args, self.model.experts, *sizes)
+            graphs = OffloadedDecodeGraphs(*args, self.model.experts, *sizes, selector=self.selector)
+        listener, self.model.experts.route_listener = self.model.experts.route_listener, None
+        try:
+            graphs.capture_all()
+        finally:
+            self.model.experts.route_listener = listener
+        self.graph_captures += graphs.captures
+        self.graph_capture_s += graphs.capturer.capture_s
+        self.runner.graphs = graphs
 
     def _budget_slots(self, expert_bytes: int, budget: ExpertBudget) -> int:
         spec = self.spec
@@ -174,6 +231,10 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.routing != "exact" and (self.selector is None or self.selector.name != params.routing):
+            offered = ["exact"] + ([self.selector.name] if self.selector is not None else [])
+            raise RequestError(f"routing {params.routing!r} is not offered by this engine; it offers "
+                               f"{', '.join(offered)}")
         text, ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
@@ -181,10 +242,8 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, text, ids, params, arrival_time or time.time(), detok, generator)
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63 - 1))
+        seq = Sequence(request_id, text, ids, params, arrival_time or time.time(), detok, seed)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -209,7 +268,7 @@ class LLMEngine:
         if seq is None:
             return False
         seq.finish_reason = "abort"
-        self.scheduler.finish(seq)
+        self._leave(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -226,46 +285,114 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self._scheduler_context())
         if batch is None:
             return []
         t0 = time.perf_counter()
-        for s in batch.seqs:
+        seqs = batch.seqs
+        wall = time.time()
+        view = self._view = self._step_view(batch)
+        for s in seqs:
             if s.metrics.first_scheduled_time is None:
-                s.metrics.first_scheduled_time = time.time()
-        self._prefetch(batch)
-        logits = self.runner.run(batch)
-        tokens = self.sampler.sample(logits.last, [s.params for s in batch.seqs],
-                                     [s.generator or self._generator for s in batch.seqs])
+                s.metrics.first_scheduled_time = wall
+            if batch.is_prefill:
+                self.sampler.admit(s.kv_row, s.prompt_ids, s.params)
+                if self.predictor is not None:
+                    self.predictor.admitted(RequestView(s.request_id, tuple(s.prompt_ids), s.hints))
+        self._prediction = self.predictor.predict(view) if self.predictor is not None else None
+        self._routed = []
+        if self._prediction is not None and not self.cache.fully_resident:
+            self.planner.plan(self.cache, self._prediction.scores)
+        exact = None
+        if self.selector is not None and any(s.params.routing != "exact" for s in seqs):
+            exact = [s.params.routing == "exact" for s in seqs]
+        logits = self.runner.run(batch, exact, self.selector)
+        tokens = self.sampler.sample(logits.last, [s.kv_row for s in seqs], [s.params for s in seqs],
+                                     [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
         token_list = tokens.tolist()  # the step's one unavoidable device->host sync
+        routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows)
         self._record_logprobs(batch, logits, tokens)
-        self.cache.collect_stats()
-        elapsed = time.perf_counter() - t0
-        if batch.is_prefill:
-            self.counters["prefill_s"] += elapsed
-            self.counters["prompt_tokens"] += batch.num_tokens
-        else:
-            self.counters["decode_s"] += elapsed
-            self.counters["decode_tokens"] += len(token_list)
-        self.counters["generated_tokens"] += len(token_list)
+        self._account(batch, routes, time.perf_counter() - t0)
+        for i, s in enumerate(seqs):
+            s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
+        if self.predictor is not None:
+            self.predictor.observe(view, routes)
+        self.scheduler.policy.update(view, routes)
+        for listener in self._listeners:
+            listener(view, routes)
+        self._step_index += 1
         now = time.time()
         outputs = []
-        for seq, token in zip(batch.seqs, token_list):
+        for seq, token in zip(seqs, token_list):
             self._append(seq, token, now)
             outputs.append(self._output(seq))
             if seq.finished:
                 self._seqs.pop(seq.request_id, None)
         return outputs
 
-    def _prefetch(self, batch: ScheduledBatch) -> None:
-        predictions = self.predictor.predict(batch)
-        if not predictions:
-            return
-        for layer, scores in predictions.items():
-            quota = int(self.cache.quota[self.cache.ordinal(layer)])
-            self.cache.prefetch(layer, torch.argsort(scores, descending=True)[:quota].tolist())
+    def _step_view(self, batch: ScheduledBatch) -> StepView:
+        seqs = batch.seqs
+        if batch.is_prefill:
+            inputs = tuple(tuple(s.prompt_ids) for s in seqs)
+            lens = tuple(len(s.prompt_ids) for s in seqs)
+        else:
+            inputs = tuple((s.last_token,) for s in seqs)
+            lens = tuple(s.num_tokens for s in seqs)
+        return StepView(self._step_index, batch.is_prefill, tuple(s.request_id for s in seqs), inputs, lens)
 
-    def _record_logprobs(self, batch: ScheduledBatch, logits, tokens: torch.Tensor) -> None:
+    def _scheduler_context(self) -> SchedulerContext:
+        running = self.scheduler.running
+        return SchedulerContext(
+            step=self._step_index, free_kv_rows=self.kv.num_free,
+            max_num_batched_tokens=self.config.max_num_batched_tokens, max_batch_size=self.max_batch_size,
+            residency=None if self.cache.fully_resident else self.cache.residency(),
+            signatures={s.request_id: s.last_routes for s in running if s.last_routes is not None},
+            predictions={}, costs=self.costs,
+        )
+
+    def _on_layer_routed(self, layer: int, used: list[int]) -> None:
+        """An offloaded layer's router has spoken (the host knows its experts): let the planner correct course."""
+        if self._prediction is None:
+            return
+        li = self.cache.ordinal(layer)
+        self._routed.append(used)
+        refine = getattr(self.predictor, "refine", None)
+        scores = None
+        if refine is not None:
+            refined = refine(self._view, li, self._routed)
+            scores = refined.scores if refined is not None else None
+        self.planner.refine(self.cache, li, used, scores)
+
+    def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:
+        c = self.counters
+        if self.cache.fully_resident:
+            self.cache.count_resident_step(routes.used)
+        self.cache.collect_stats()
+        if batch.is_prefill:
+            c["prefill_s"] += elapsed
+            c["prompt_tokens"] += batch.num_tokens
+            per_token = elapsed / batch.num_tokens
+            p = self.costs.prefill_s_per_token
+            self.costs.prefill_s_per_token = per_token if p is None else 0.8 * p + 0.2 * per_token
+        else:
+            B = len(batch.seqs)
+            c["decode_s"] += elapsed
+            c["decode_tokens"] += B
+            c["decode_steps"] += 1
+            c["layer_steps"] += routes.used.shape[0]
+            c["distinct_experts"] += int(routes.used.sum())
+            c["picks"] += routes.ids.size
+            c["remapped_picks"] += routes.num_remapped
+            d = self.costs.decode_step_s.get(B)
+            self.costs.decode_step_s[B] = elapsed if d is None else 0.8 * d + 0.2 * elapsed
+            for s in batch.seqs:
+                if s.last_step >= 0 and s.output_ids:
+                    s.decode_waits.append(self._step_index - s.last_step - 1)
+        for s in batch.seqs:
+            s.last_step = self._step_index
+        c["generated_tokens"] += len(batch.seqs)
+
+    def _record_logprobs(self, batch: ScheduledBatch, logits: StepLogits, tokens: torch.Tensor) -> None:
         for i, seq in enumerate(batch.seqs):
             if seq.params.logprobs is not None:
                 seq.logprobs.extend(top_logprobs(logits.last[i : i + 1], tokens[i : i + 1], seq.params.logprobs))
@@ -304,7 +431,12 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.metrics.finished_time = time.time()
+        self._leave(seq)
+
+    def _leave(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if self.predictor is not None:
+            self.predictor.finished(seq.request_id)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # While running, hold back a tail that could still grow into a stop string.

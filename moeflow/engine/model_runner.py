@@ -1,6 +1,10 @@
 """ModelRunner: turns a scheduled batch into device tensors, runs the model, returns logits.
 
 Shapes: T tokens in the step, B sequences, V vocabulary.
+
+Decode steps replay CUDA graphs where the engine captured them; everything else runs eagerly.
+Either way the step's routes end up staged in the model's RouteRecord, for the engine to read
+after the step's token sync.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.engine.sequence import Sequence
 from moeflow.models.model import ForwardBatch, MoEModel
+from moeflow.routing.selection import Selector
 
 
 @dataclass
 class StepLogits:
     last: torch.Tensor  # [B, V] float32: the logits that choose each sequence's next token
     prompt: dict[int, torch.Tensor]  # batch index -> [n, V] for sequences that asked for prompt logprobs
+    num_tokens: int  # T: rows of the step in the RouteRecord
+    selected: bool  # whether a selector rewrote the routing (the record holds both choices)
+    rows: list[slice]  # per sequence, its tokens' rows in the RouteRecord
 
 
 class ModelRunner:
@@ -29,6 +37,7 @@ class ModelRunner:
         self.device = device
         self.graphs: ResidentDecodeGraphs | OffloadedDecodeGraphs | None = None  # set by the engine
         self.context_buckets = context_buckets(kv.max_len)
+        self.slot_table: torch.Tensor | None = None  # the expert cache's device table; None when all resident
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -41,6 +50,7 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=self._tensor(ids), positions=self._tensor(positions), is_prefill=True,
             kv_rows=[s.kv_row for s in seqs], starts=[0] * len(seqs), lengths=[len(s.prompt_ids) for s in seqs],
+            slot_table=self.slot_table,
         )
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
@@ -50,25 +60,35 @@ class ModelRunner:
             positions=self._tensor([c - 1 for c in context]), is_prefill=False,
             kv_rows=[s.kv_row for s in seqs], starts=[c - 1 for c in context], lengths=[1] * len(seqs),
             kv_rows_t=self._tensor([s.kv_row for s in seqs]), context_lens_t=self._tensor(context),
-            max_context=bucket(max(context), self.context_buckets),
+            max_context=bucket(max(context), self.context_buckets), slot_table=self.slot_table,
         )
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepLogits:
+    def run(self, batch: ScheduledBatch, exact: list[bool] | None = None,
+            selector: Selector | None = None) -> StepLogits:
+        """`exact`: per sequence, whether its routing must stay exact; None (or no selector): every row is, and
+        no selector runs."""
+        seqs = batch.seqs
+        if selector is None:
+            exact = None
+        selected = exact is not None
         if self.graphs is not None and not batch.is_prefill:
-            seqs = batch.seqs
             logits = self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                     [s.kv_row for s in seqs])
-            return StepLogits(logits, {})
-        fb = self.prepare_prefill(batch.seqs) if batch.is_prefill else self.prepare_decode(batch.seqs)
+                                     [s.kv_row for s in seqs], exact)
+            return StepLogits(logits, {}, len(seqs), selected, [slice(i, i + 1) for i in range(len(seqs))])
+        fb = self.prepare_prefill(seqs) if batch.is_prefill else self.prepare_decode(seqs)
+        T = sum(fb.lengths)
+        self.model.record.set_rows(T, T, None if exact is None else
+                                   [e for e, n in zip(exact, fb.lengths) for _ in range(n)])
+        fb.selector = selector if selected else None
         hidden = self.model.forward(fb, (self.kv.k, self.kv.v))
-        ends = torch.tensor(fb.lengths).cumsum(0) - 1
-        last = self.model.logits(hidden[ends.to(self.device)])
+        self.model.record.stage(T, selected)
+        ends = torch.tensor(fb.lengths).cumsum(0)
+        last = self.model.logits(hidden[(ends - 1).to(self.device)])
+        rows = [slice(int(e) - n, int(e)) for e, n in zip(ends, fb.lengths)]
         prompt: dict[int, torch.Tensor] = {}
         if batch.is_prefill:
-            offset = 0
-            for i, (s, n) in enumerate(zip(batch.seqs, fb.lengths)):
+            for i, (s, r) in enumerate(zip(seqs, rows)):
                 if s.params.prompt_logprobs is not None:
-                    prompt[i] = self.model.logits(hidden[offset : offset + n])
-                offset += n
-        return StepLogits(last, prompt)
+                    prompt[i] = self.model.logits(hidden[r])
+        return StepLogits(last, prompt, T, selected, rows)

@@ -1,20 +1,27 @@
-"""Scheduler: picks each step's batch from the waiting and running sequences.
+"""Scheduler: asks its policy for each step's batch, checks the answer, and applies it.
 
 A step is either a prefill (new sequences join: their whole prompts run at once) or a
-decode (every running sequence advances one token). Waiting sequences are admitted as
-soon as a KV row and the step's token budget allow, so new requests join while others
-decode, and finished ones leave at once. Which waiting sequences go first is the policy's
-call; the scheduler never touches the expert cache.
+decode (running sequences advance one token each). The policy plans every step: which
+waiting sequences are admitted now, or which running ones decode (all of them, or a subset
+of at most `max_batch_size`). It sees the engine's state through a SchedulerContext (free KV
+rows, what the expert cache holds, each request's last routes and predicted next routes,
+request hints on the sequences, measured costs), and after each step `update` shows it the
+step's routes. The scheduler owns the KV rows and the waiting/running lists; a policy only
+chooses.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.sequence import Sequence, Status
+from moeflow.routing.predictors.base import StepView
+from moeflow.routing.record import StepRoutes
 
 
 @dataclass
@@ -27,23 +34,56 @@ class ScheduledBatch:
         return sum(len(s.prompt_ids) for s in self.seqs) if self.is_prefill else len(self.seqs)
 
 
+@dataclass
+class MeasuredCosts:
+    """What the engine has measured so far (None: not yet)."""
+
+    prefill_s_per_token: float | None = None
+    decode_step_s: dict[int, float] = field(default_factory=dict)  # by batch size
+    expert_bytes: int = 0
+    load_bytes_per_s: float | None = None  # host->device bandwidth the expert copies achieved
+
+
+@dataclass
+class SchedulerContext:
+    """One step's view for the policy. L MoE layers, E experts, K top-k.
+
+    residency [L, E] bool: experts on the device or on their way (None: every expert is resident).
+    signatures: request id -> [L, K] the experts its latest token ran, per layer (absent before its first step).
+    predictions: request id -> [L, E] a predictor's scores for its next token (absent without a predictor).
+    """
+
+    step: int
+    free_kv_rows: int
+    max_num_batched_tokens: int
+    max_batch_size: int
+    residency: np.ndarray | None
+    signatures: dict[str, np.ndarray]
+    predictions: dict[str, np.ndarray]
+    costs: MeasuredCosts
+
+
+@dataclass
+class StepPlan:
+    admit: list[Sequence] = field(default_factory=list)  # waiting sequences to prefill now
+    decode: list[Sequence] = field(default_factory=list)  # running sequences to decode (when none is admitted)
+
+
 class SchedulingPolicy(Protocol):
-    def order_waiting(self, waiting: deque[Sequence]) -> list[Sequence]:
-        """Waiting sequences in the order they should be admitted."""
+    name: str
 
+    def plan(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan:
+        """The next step: sequences to admit (a prefill), or else the running ones to decode."""
 
-class FCFSPolicy:
-    def order_waiting(self, waiting: deque[Sequence]) -> list[Sequence]:
-        return list(waiting)
-
-
-POLICIES = {"fcfs": FCFSPolicy}
+    def update(self, step: StepView, routes: StepRoutes) -> None:
+        """The step that ran, and its routes."""
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_batched_tokens: int, policy: SchedulingPolicy):
+    def __init__(self, kv: KVCache, max_num_batched_tokens: int, max_batch_size: int, policy: SchedulingPolicy):
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_batch_size = max_batch_size
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -54,24 +94,47 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch | None:
-        admitted, tokens = [], 0
-        for seq in self.policy.order_waiting(self.waiting):
-            n = len(seq.prompt_ids)
-            if not self.kv.can_allocate() or (admitted and tokens + n > self.max_num_batched_tokens):
-                break
-            seq.kv_row = self.kv.allocate()
-            seq.status = Status.RUNNING
-            admitted.append(seq)
-            tokens += n
-        if admitted:
-            for seq in admitted:
+    def schedule(self, ctx: SchedulerContext) -> ScheduledBatch | None:
+        if not self.has_unfinished():
+            return None
+        plan = self.policy.plan(list(self.waiting), list(self.running), ctx)
+        self._check(plan)
+        if plan.admit:
+            for seq in plan.admit:
+                seq.kv_row = self.kv.allocate()
+                seq.status = Status.RUNNING
                 self.waiting.remove(seq)
-            self.running.extend(admitted)
-            return ScheduledBatch(admitted, is_prefill=True)
-        if self.running:
-            return ScheduledBatch(list(self.running), is_prefill=False)
-        return None
+            self.running.extend(plan.admit)
+            return ScheduledBatch(list(plan.admit), is_prefill=True)
+        return ScheduledBatch(list(plan.decode), is_prefill=False)
+
+    def _check(self, plan: StepPlan) -> None:
+        """A policy's plan must be one the engine can run, and must make progress."""
+        name = self.policy.name
+        if plan.admit:
+            if plan.decode:
+                raise RuntimeError(f"scheduling policy {name!r} planned a prefill and a decode in one step")
+            if len(plan.admit) > self.kv.num_free:
+                raise RuntimeError(f"scheduling policy {name!r} admitted {len(plan.admit)} sequences with "
+                                   f"{self.kv.num_free} KV rows free")
+            if len({id(s) for s in plan.admit}) != len(plan.admit) or any(s.status is not Status.WAITING
+                                                                          for s in plan.admit):
+                raise RuntimeError(f"scheduling policy {name!r} admitted a sequence that is not waiting")
+            tokens = sum(len(s.prompt_ids) for s in plan.admit)
+            if len(plan.admit) > 1 and tokens > self.max_num_batched_tokens:
+                raise RuntimeError(f"scheduling policy {name!r} admitted {tokens} prompt tokens, over "
+                                   f"max_num_batched_tokens={self.max_num_batched_tokens}")
+            return
+        if not plan.decode:
+            if self.running or self.kv.num_free:
+                raise RuntimeError(f"scheduling policy {name!r} planned an empty step with work to do")
+            raise RuntimeError("every KV row is taken and nothing is running")
+        if len(plan.decode) > self.max_batch_size:
+            raise RuntimeError(f"scheduling policy {name!r} decodes {len(plan.decode)} sequences in one step, "
+                               f"over max_batch_size={self.max_batch_size}")
+        running = {id(s) for s in self.running}
+        if len({id(s) for s in plan.decode}) != len(plan.decode) or any(id(s) not in running for s in plan.decode):
+            raise RuntimeError(f"scheduling policy {name!r} decodes a sequence that is not running")
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out of the schedule and give its KV row back."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 
-import torch
+import numpy as np
 
 from moeflow.outputs import RequestMetrics
+from moeflow.routing.predictors.base import RequestHints
 from moeflow.sampling import SamplingParams
 from moeflow.tokenizer import IncrementalDetokenizer
 
@@ -19,8 +20,7 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 arrival_time: float, detokenizer: IncrementalDetokenizer | None,
-                 generator: torch.Generator | None):
+                 arrival_time: float, detokenizer: IncrementalDetokenizer | None, seed: int):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
@@ -30,7 +30,11 @@ class Sequence:
         self.kv_row: int | None = None
         self.num_cached = 0  # tokens whose keys and values are in the KV cache
         self.detokenizer = detokenizer
-        self.generator = generator
+        self.seed = seed  # the sampler's noise for this request is a function of (seed, token index) alone
+        self.hints = RequestHints(params.task, params.ttft_slo_ms, params.tpot_slo_ms, params.priority)
+        self.last_step = -1  # the engine step that last advanced it
+        self.decode_waits: list[int] = []  # per decode step it took: steps it sat out since its previous token
+        self.last_routes: np.ndarray | None = None  # [L, K] the experts its latest token ran, per MoE layer
         self.text = ""  # generated text, stop string excluded
         self.emitted_chars = 0  # how much of `text` earlier outputs have streamed
         self.finish_reason: str | None = None

@@ -3,17 +3,23 @@
 Shapes: L MoE layers, E experts per layer, S slots, each slot one expert (3*I*H elements).
 
 The pool maps (layer, expert) -> slot. Every layer has a quota of slots (equal shares by
-default; a predictor may rebalance them by demand). A layer under its quota takes a slot
-from the layer most over its quota; a layer at its quota evicts one of its own experts,
-chosen by the eviction policy. Slots a compute still reads are pinned and never evicted.
+default; a planner may rebalance them by predicted demand each step). A layer under its quota
+takes a slot from the layer most over its quota; a layer at its quota evicts one of its own
+experts, chosen by the eviction policy, sparing the experts a planner protects. Slots a compute
+still reads are pinned and never evicted.
+
+Where an expert lives has one authority, the host's `slot_of`, and the device's `slot_table` is
+its image for the kernels. A slot whose prefetch is still queued (its copy not yet issued) is
+assigned on the host but not shown on the device, so a compute enqueued against the table never
+reads a slot before its fill is ordered ahead of it. `prepare_compute(layer)` brings the device
+table up to date and makes the compute stream wait for the layer's filling slots; `computable`
+says which experts a compute enqueued after it covers.
 
 When the budget holds every expert, the pool is filled once at start-up with a fixed
-mapping and the MoE layers read it through a device-side table with no host round trip.
+mapping and the MoE layers read it through the device-side table with no host round trip.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,6 +28,8 @@ from moeflow.experts.policies import EvictionPolicy
 from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
 from moeflow.experts.transfer import Priority, TransferEngine
+
+FREE, QUEUED, LIVE = 0, 1, 2  # a slot's state: empty, prefetch assigned but not issued, filled or filling
 
 
 class ExpertCache:
@@ -45,25 +53,32 @@ class ExpertCache:
         self.w_gate_up = self.pool[:, : 2 * IH].view(num_slots, 2 * store.width, store.hidden)
         self.w_down = self.pool[:, 2 * IH :].view(num_slots, store.hidden, store.width)
         self.transfer = TransferEngine(device, num_slots)
-        self.slot_of = np.full((L, E), -1, dtype=np.int64)
-        self.owner: list[tuple[int, int] | None] = [None] * num_slots  # (layer, expert) per slot
-        self._pins = np.zeros(num_slots, dtype=np.int64)
-        self._free = list(range(num_slots - 1, -1, -1))
-        self._held = np.zeros(L, dtype=np.int64)
-        self.quota = self.equal_quotas(num_slots, L)
-        self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         self.fully_resident = num_slots >= L * E
-        # slot_of mirrored on the device, so kernels map (layer, expert) -> slot without the host;
-        # uploaded after every change, through a ring of pinned staging buffers
+        # the device's image of slot_of, so kernels map (layer, expert) -> slot without the host;
+        # uploaded before a compute reads it, through a ring of pinned staging buffers
         self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
-        self._staging = [torch.empty(L, E, dtype=torch.int32, pin_memory=pin) for _ in range(4 if pin else 1)]
+        self._staging = [torch.empty(L, E, dtype=torch.int32, pin_memory=pin) for _ in range(8 if pin else 1)]
         self._staging_done = [torch.cuda.Event() if pin else None for _ in self._staging]
         self._next_staging = 0
-        self._table_dirty = False
-        self._resident_hits: torch.Tensor | None = None
+        self._empty(policy)
         if self.fully_resident:
             self._preload()
+
+    def _empty(self, policy: EvictionPolicy) -> None:
+        L, E, S = len(self.layers), self.num_experts, self.num_slots
+        self.policy = policy
+        self.slot_of = np.full((L, E), -1, dtype=np.int64)
+        self.owner: list[tuple[int, int] | None] = [None] * S  # (layer, expert) per slot
+        self._state = np.zeros(S, dtype=np.int8)
+        self._pins = np.zeros(S, dtype=np.int64)
+        self._unused_prefetch = np.zeros(S, dtype=bool)  # filled by a prefetch and not used since
+        self._free = list(range(S - 1, -1, -1))
+        self._held = np.zeros(L, dtype=np.int64)
+        self._protected = np.zeros((L, E), dtype=bool)
+        self.quota = self.equal_quotas(S, L)
+        self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
+        self._table_dirty = True
 
     @staticmethod
     def equal_quotas(num_slots: int, num_layers: int) -> np.ndarray:
@@ -83,28 +98,17 @@ class ExpertCache:
                 slot = li * self.num_experts + e
                 self.pool[slot].copy_(self.store.get(layer, e), non_blocking=True)
                 self._assign(slot, layer, e)
+                self._state[slot] = LIVE
         self._free.clear()
         self.stats.preload_bytes = len(self.layers) * self.num_experts * self.expert_bytes
         self.upload_slot_table()
-        self._resident_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=self.device)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def count_resident_hits(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Count a fully resident layer's distinct experts on the device, without a host sync."""
-        used = torch.zeros(self.num_experts, dtype=torch.int64, device=self.device)
-        used.index_fill_(0, topk_ids.flatten(), 1)
-        self._resident_hits[self._ordinal[layer]] += used.sum()
-
-    @contextmanager
-    def uncounted(self):
-        """Work done inside (a CUDA graph's warm-up run) leaves the device-side counters as they were."""
-        saved = self._resident_hits.clone() if self._resident_hits is not None else None
-        try:
-            yield
-        finally:
-            if saved is not None:
-                self._resident_hits.copy_(saved)
+    def count_resident_step(self, used: np.ndarray) -> None:
+        """A fully resident pool's hits, from a step's RouteRecord: used [L, E], each layer's distinct experts."""
+        for layer, n in zip(self.layers, used.sum(axis=1).tolist()):
+            self.stats.per_layer[layer].hits += n
 
     # -- on-demand pools -------------------------------------------------------------------
 
@@ -120,14 +124,7 @@ class ExpertCache:
             torch.cuda.synchronize(self.device)  # no copy or compute still touches the pool
         self.transfer.reset()
         self.transfer.drain_stalls()  # stalls of the old contents are not the new cache's
-        self.policy = policy
-        self.slot_of.fill(-1)
-        self.owner = [None] * self.num_slots
-        self._free = list(range(self.num_slots - 1, -1, -1))
-        self._held[:] = 0
-        self.quota = self.equal_quotas(self.num_slots, len(self.layers))
-        self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
-        self._table_dirty = True
+        self._empty(policy)
         self.upload_slot_table()
 
     def acquire(self, layer: int, experts: list[int]) -> dict[int, int]:
@@ -135,7 +132,8 @@ class ExpertCache:
 
         Returns {expert: slot} for those acquired (all already-resident ones first, then
         loads in the given order). The caller computes with them, calls `release`, and asks
-        again for the rest. The compute stream is made to wait for the loads it needs.
+        again for the rest. The compute stream is made to wait for the loads it needs, and
+        the device slot table shows them.
         """
         li = self._ordinal[layer]
         stats = self.stats.per_layer[layer]
@@ -147,6 +145,9 @@ class ExpertCache:
                 got[e] = slot
                 self._pins[slot] += 1
                 self.policy.touch(li, e)
+                if self._unused_prefetch[slot]:
+                    self._unused_prefetch[slot] = False
+                    stats.prefetch_hits += 1
             else:
                 missing.append(e)
         stats.hits += len(got)
@@ -156,6 +157,7 @@ class ExpertCache:
             if slot is None:
                 break
             self._assign(slot, layer, e)
+            self._state[slot] = LIVE
             got[e] = slot
             self._pins[slot] += 1
             self.policy.touch(li, e)
@@ -163,23 +165,60 @@ class ExpertCache:
         stats.misses += len(loads)
         stats.bytes_moved += len(loads) * self.expert_bytes
         self.transfer.copy_many(loads, Priority.DEMAND, tag=layer)
-        self.transfer.wait_for(list(got.values()), tag=layer)
-        self.transfer.issue_prefetches(limit=self.PREFETCHES_PER_LAYER)
+        self._went_live(self.transfer.wait_for(list(got.values()), tag=layer))
+        self._went_live(self.transfer.issue_prefetches(limit=self.PREFETCHES_PER_LAYER))
         self.upload_slot_table()
         return got
 
-    def prefetch(self, layer: int, experts: list[int]) -> int:
-        """Queue loads, at prefetch priority, of predicted experts of `layer` (best first).
+    def release(self, slots: list[int]) -> None:
+        self.transfer.mark_read(slots)
+        for s in slots:
+            self._pins[s] -= 1
 
-        Takes free slots, else evicts this layer's own unpinned, unpredicted experts, and
-        never grows the layer past its quota; returns how many loads were queued.
+    def prepare_compute(self, layer: int) -> None:
+        """Before a compute that reads `layer`'s experts through the device table, enqueued before the host
+        knows which it will read: bring the table up to date, and make the compute stream wait for the
+        fills of every slot the table shows for the layer."""
+        self.upload_slot_table()
+        li = self._ordinal[layer]
+        slots = self.slot_of[li]
+        live = slots[(slots >= 0)]
+        self.transfer.wait_for([int(s) for s in live if self._state[s] == LIVE], tag=layer)
+
+    def computable(self, layer: int, experts: list[int]) -> bool:
+        """Whether a compute enqueued after `prepare_compute(layer)` (and no cache change since) covered `experts`."""
+        slots = self.slot_of[self._ordinal[layer], experts]
+        return bool((slots >= 0).all() and (self._state[slots] == LIVE).all())
+
+    # -- planning: what a predictor's scores turn into ---------------------------------------
+
+    def set_quotas(self, quotas: np.ndarray) -> None:
+        """Per-layer slot targets for the coming steps (by MoE layer ordinal). They steer which layer gives up a
+        slot; a layer is never emptied below them by another layer's miss."""
+        q = np.asarray(quotas, dtype=np.int64)
+        if q.shape != (len(self.layers),) or (q < 0).any() or q.sum() > self.num_slots:
+            raise ValueError(f"quotas must be {len(self.layers)} non-negative counts summing to at most "
+                             f"{self.num_slots} slots, got {q.tolist()}")
+        self.quota = q
+
+    def protect(self, mask: np.ndarray | None) -> None:
+        """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing."""
+        self._protected = np.zeros_like(self._protected) if mask is None else np.asarray(mask, dtype=bool)
+
+    def enqueue_prefetch(self, layer: int, experts: list[int], deadline: int = 0,
+                         scores: list[float] | None = None) -> int:
+        """Queue loads of predicted experts of `layer` (best first), to be issued before those of later deadlines.
+
+        `deadline`: the MoE layer ordinal that will need them (the copy stream takes earlier deadlines first);
+        `scores`: one per expert, higher first within a deadline. Takes free slots while the layer is under
+        its quota, else evicts the layer's own unpinned experts that are neither predicted nor protected;
+        returns how many loads were queued.
         """
         li = self._ordinal[layer]
-        stats = self.stats.per_layer[layer]
-        keep = np.zeros(self.num_experts, dtype=bool)
+        keep = self._protected[li].copy()
         keep[experts] = True
-        loads = []
-        for e in experts:
+        loads, load_scores = [], []
+        for i, e in enumerate(experts):
             if self.slot_of[li, e] >= 0:
                 continue
             if self._free and self._held[li] < self.quota[li]:
@@ -191,26 +230,40 @@ class ExpertCache:
                 slot = int(self.slot_of[li, self.policy.victim(li, candidates)])
                 self._evict(slot)
             self._assign(slot, layer, e)
+            self._state[slot] = QUEUED
+            self._unused_prefetch[slot] = True
             self.policy.touch(li, e)
             loads.append((slot, self.pool[slot], self.store.get(layer, e)))
-        stats.prefetches += len(loads)
-        stats.prefetch_bytes += len(loads) * self.expert_bytes
-        self.transfer.copy_many(loads, Priority.PREFETCH)
+            load_scores.append(scores[i] if scores is not None else 0.0)
+        self.transfer.copy_many(loads, Priority.PREFETCH, deadline=deadline, scores=load_scores)
         return len(loads)
 
-    def all_resident(self, layer: int, experts: list[int]) -> bool:
-        return bool((self.slot_of[self._ordinal[layer], experts] >= 0).all())
+    def issue_prefetches(self, limit: int | None = None) -> int:
+        """Start up to `limit` queued prefetches now (earliest deadline first); returns how many."""
+        issued = self.transfer.issue_prefetches(limit)
+        self._went_live(issued)
+        return len(issued)
 
-    def await_resident(self, layer: int) -> None:
-        """Make the compute stream wait until every resident expert of `layer` is filled.
+    def drop_prefetches(self, layer: int | None = None) -> int:
+        """Cancel the queued (not yet issued) prefetches of `layer`, or of every layer: their slots go free."""
+        dropped = 0
+        for slot in self.transfer.queued_slots():
+            owner = self.owner[slot]
+            if owner is not None and (layer is None or owner[0] == layer):
+                self._evict(slot)
+                self._free.append(slot)
+                dropped += 1
+        return dropped
 
-        For a compute enqueued before the host knows which of them it will read.
-        """
-        li = self._ordinal[layer]
-        self.transfer.wait_for([int(s) for s in self.slot_of[li][self.slot_of[li] >= 0]], tag=layer)
+    def residency(self) -> np.ndarray:
+        """[L, E] bool: experts resident or on their way (a queued prefetch counts)."""
+        return self.slot_of >= 0
+
+    # -- the slot table ----------------------------------------------------------------------
 
     def upload_slot_table(self) -> None:
-        """Bring the device's slot table up to date with the host's (on the current stream), if it changed."""
+        """Bring the device's slot table up to date (on the current stream), if it changed. Slots whose
+        prefetch is still queued show -1: nothing has ordered their fill ahead of a compute yet."""
         if not self._table_dirty:
             return
         i = self._next_staging
@@ -218,16 +271,25 @@ class ExpertCache:
         done = self._staging_done[i]
         if done is not None:
             done.synchronize()  # the copy that last read this staging buffer has run
-        np.copyto(self._staging[i].numpy(), self.slot_of, casting="unsafe")
+        live = np.where(self.slot_of >= 0, self._state[np.maximum(self.slot_of, 0)] == LIVE, False)
+        np.copyto(self._staging[i].numpy(), np.where(live, self.slot_of, -1), casting="unsafe")
         self.slot_table.copy_(self._staging[i], non_blocking=done is not None)
         if done is not None:
             done.record()
         self._table_dirty = False
 
-    def release(self, slots: list[int]) -> None:
-        self.transfer.mark_read(slots)
+    def _went_live(self, slots: list[int]) -> None:
+        """Queued prefetches into `slots` were issued: the device table may show them from now on."""
         for s in slots:
-            self._pins[s] -= 1
+            self._state[s] = LIVE
+            layer = self.owner[s][0]
+            st = self.stats.per_layer[layer]
+            st.prefetches += 1
+            st.prefetch_bytes += self.expert_bytes
+        if slots:
+            self._table_dirty = True
+
+    # -- slots -------------------------------------------------------------------------------
 
     def _assign(self, slot: int, layer: int, expert: int) -> None:
         li = self._ordinal[layer]
@@ -239,8 +301,12 @@ class ExpertCache:
     def _evict(self, slot: int) -> None:
         layer, expert = self.owner[slot]
         li = self._ordinal[layer]
+        if self._unused_prefetch[slot] and self._state[slot] == LIVE:
+            self.stats.per_layer[layer].wasted_prefetches += 1
         self.owner[slot] = None
         self.slot_of[li, expert] = -1
+        self._state[slot] = FREE
+        self._unused_prefetch[slot] = False
         self._held[li] -= 1
         self._table_dirty = True
         self.policy.forget(li, expert)
@@ -250,6 +316,14 @@ class ExpertCache:
         """Bool mask over layer li's experts: resident and not pinned by a compute in flight."""
         slots = self.slot_of[li]
         return (slots >= 0) & (self._pins[np.maximum(slots, 0)] == 0)
+
+    def _victim(self, li: int) -> int | None:
+        """The slot layer li gives up: an unprotected evictable expert if it has one, else any evictable one."""
+        candidates = self._evictable(li)
+        if not candidates.any():
+            return None
+        spare = candidates & ~self._protected[li]
+        return int(self.slot_of[li, self.policy.victim(li, spare if spare.any() else candidates)])
 
     def _take_slot(self, li: int) -> int | None:
         """A free slot, or one freed by evicting an unpinned expert; None if every slot is pinned.
@@ -263,9 +337,8 @@ class ExpertCache:
         by_excess = sorted(range(len(self.layers)), key=lambda j: -over[j])
         preferred = [li] if over[li] >= 0 else [j for j in by_excess if over[j] > 0] + [li]
         for j in preferred + by_excess:
-            candidates = self._evictable(j)
-            if candidates.any():
-                slot = int(self.slot_of[j, self.policy.victim(j, candidates)])
+            slot = self._victim(j)
+            if slot is not None:
                 self._evict(slot)
                 return slot
         return None
@@ -273,14 +346,9 @@ class ExpertCache:
     # -- accounting ------------------------------------------------------------------------
 
     def collect_stats(self) -> CacheStats:
-        """Fold device-side counters into the stats; call after the compute stream is synchronised."""
+        """Fold the copy stream's timed waits into the stats; call after the compute stream is synchronised."""
         for layer, secs in self.transfer.drain_stalls().items():
             self.stats.per_layer[layer].stall_s += secs
-        if self._resident_hits is not None:
-            counts = self._resident_hits.tolist()
-            self._resident_hits.zero_()
-            for layer, n in zip(self.layers, counts):
-                self.stats.per_layer[layer].hits += int(n)
         return self.stats
 
     def resident_count(self, layer: int) -> int:

@@ -17,25 +17,27 @@ import torch
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.kernels import combine_rows, fused_moe, fused_moe_rows
 
+RouteListener = Callable[[int, list[int]], None]
+
 
 class CachedExperts:
     """Runs a layer's routed experts through the expert cache.
 
     `backend` picks the kernel (moeflow.experts.kernels): "auto" is the fused Triton kernel on
-    CUDA and the plain-torch reference elsewhere.
+    CUDA and the plain-torch reference elsewhere. `route_listener(layer, experts)`, when set, hears
+    each offloaded layer's distinct experts once the host knows them and their loads are ordered (where
+    a planner corrects its prefetches for the layers still to come); it never changes what runs.
     """
 
     def __init__(self, cache: ExpertCache, backend: str = "auto"):
         self.cache = cache
         self.backend = backend
-        # (layer, experts) per MoE layer call, in order, when a benchmark asks for the route trace
-        self.access_log: list[tuple[int, list[int]]] | None = None
+        self.route_listener: RouteListener | None = None
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         if cache.fully_resident:  # no host round trip: the slot of every expert is fixed
             slot_ids = cache.slot_table[cache.ordinal(layer)][topk_ids]
-            cache.count_resident_hits(layer, topk_ids)
             return fused_moe(x, slot_ids, topk_weights, cache.w_gate_up, cache.w_down, backend=self.backend)
         T, K = topk_ids.shape
         rows = torch.zeros(T, K, x.shape[-1], dtype=torch.float32, device=x.device)
@@ -57,21 +59,24 @@ class CachedExperts:
         skipped. (A pick whose expert stayed resident from an earlier round is computed again,
         to the same row: rounds only happen when the pool is smaller than a layer's needs.)
 
-        `speculated`: compute() was already enqueued against the slot table as it stands, before
-        the host knew what the router chose. If every needed expert was resident, that run was
-        the whole work; otherwise the rounds below complete it.
+        `speculated`: compute() was already enqueued after `cache.prepare_compute(layer)`, before
+        the host knew what the router chose. If it covered every needed expert, that run was the
+        whole work; otherwise the rounds below complete it.
         """
         cache = self.cache
-        if self.access_log is not None:
-            self.access_log.append((layer, needed))
-        if speculated and cache.all_resident(layer, needed):
+        if speculated and cache.computable(layer, needed):
             got = cache.acquire(layer, needed)  # counts the hits; nothing moves
             cache.release(list(got.values()))
-            return
-        while needed:
-            got = cache.acquire(layer, needed)
-            if not got:
-                raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
-            compute()
-            cache.release(list(got.values()))
-            needed = [e for e in needed if e not in got]
+        else:
+            todo = needed
+            while todo:
+                got = cache.acquire(layer, todo)
+                if not got:
+                    raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
+                compute()
+                cache.release(list(got.values()))
+                todo = [e for e in todo if e not in got]
+        # heard once the layer's own loads are ordered, so what the listener plans for later layers
+        # neither delays nor disturbs them
+        if self.route_listener is not None:
+            self.route_listener(layer, needed)

@@ -10,9 +10,11 @@ class LayerStats:
     hits: int = 0  # distinct experts a step needed that were already resident
     misses: int = 0  # distinct experts a step needed that had to be loaded on demand
     bytes_moved: int = 0  # host->device bytes of demand loads
-    stall_s: float = 0.0  # time the compute waited for demand loads
-    prefetches: int = 0
+    stall_s: float = 0.0  # time the compute stream waited for expert copies (demand and late prefetches)
+    prefetches: int = 0  # loads queued by a prediction
     prefetch_bytes: int = 0
+    prefetch_hits: int = 0  # prefetched experts a step then used (counted among the hits too)
+    wasted_prefetches: int = 0  # prefetched experts that left the cache, or were dropped, before any use
 
     def add(self, other: LayerStats) -> None:
         for name in self.__dataclass_fields__:

@@ -6,17 +6,19 @@ it is about to read, so a layer whose experts are resident never waits, and no d
 synchronisation happens per expert.
 A slot is refilled only after the compute that last read it has finished (its read event).
 
-Demand misses are issued at once; prefetches queue in software and are issued in order
-behind them, so a demand miss never waits behind more than the prefetches already issued.
-A queued prefetch whose prediction went stale can be cancelled before it is issued.
+Demand misses are issued at once; prefetches queue in software, ordered by deadline (the MoE
+layer that will need them, earliest first) and then by score (most likely first), and are issued
+a few at a time behind them, so a demand miss never waits behind more than the prefetches
+already issued. A queued prefetch whose prediction went stale can be cancelled before it is issued.
 
 On the CPU the same calls copy synchronously and the wait is the copy itself.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
-from collections import OrderedDict
 from enum import IntEnum
 
 import torch
@@ -34,20 +36,25 @@ class TransferEngine:
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._fill_done: list[torch.cuda.Event | None] = [None] * num_slots
         self._read_done: list[torch.cuda.Event | None] = [None] * num_slots
-        self._queued: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # slot -> (dst, src)
+        self._queued: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (ticket, dst, src)
+        self._order: list[tuple[int, float, int, int]] = []  # heap of (deadline, -score, ticket, slot)
+        self._tickets = itertools.count()
         self._stall_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_cpu: dict[int, float] = {}
 
     def copy_many(self, loads: list[tuple[int, torch.Tensor, torch.Tensor]], priority: Priority,
-                  tag: int = -1) -> None:
+                  tag: int = -1, deadline: int = 0, scores: list[float] | None = None) -> None:
         """Fill slots from host buffers: `loads` is [(slot, device view, host buffer)].
 
-        Each host buffer is a row of the ExpertStore, which lives as long as the engine, so it
-        outlives the asynchronous copy without a reference being held here.
+        Demand loads are issued now. Prefetches queue, ordered by `deadline` and then `scores` (one per
+        load, higher first). Each host buffer is a row of the ExpertStore, which lives as long as the
+        engine, so it outlives the asynchronous copy without a reference being held here.
         """
         if priority == Priority.PREFETCH:
-            for slot, dst, src in loads:
-                self._queued[slot] = (dst, src)
+            for i, (slot, dst, src) in enumerate(loads):
+                ticket = next(self._tickets)
+                self._queued[slot] = (ticket, dst, src)
+                heapq.heappush(self._order, (deadline, -(scores[i] if scores else 0.0), ticket, slot))
             return
         for slot, _, _ in loads:
             self._queued.pop(slot, None)
@@ -76,31 +83,46 @@ class TransferEngine:
         for slot, _, _ in loads:
             self._fill_done[slot] = done
 
-    def issue_prefetches(self, limit: int | None = None) -> int:
-        """Issue up to `limit` queued prefetches (all if None); returns how many were issued."""
+    def issue_prefetches(self, limit: int | None = None) -> list[int]:
+        """Issue up to `limit` queued prefetches (all if None), earliest deadline first; returns their slots."""
         batch = []
-        while self._queued and (limit is None or len(batch) < limit):
-            slot, (dst, src) = self._queued.popitem(last=False)
-            batch.append((slot, dst, src))
+        while self._order and (limit is None or len(batch) < limit):
+            _, _, ticket, slot = heapq.heappop(self._order)
+            entry = self._queued.get(slot)
+            if entry is None or entry[0] != ticket:  # cancelled, or queued again since
+                continue
+            del self._queued[slot]
+            batch.append((slot, entry[1], entry[2]))
         self._issue(batch, tag=-1)
-        return len(batch)
+        return [slot for slot, _, _ in batch]
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queued)
+
+    def queued_slots(self) -> list[int]:
+        return list(self._queued)
 
     def cancel(self, slot: int) -> bool:
         """Drop a queued, not yet issued, prefetch into `slot`."""
-        return self._queued.pop(slot, None) is not None
+        dropped = self._queued.pop(slot, None) is not None
+        if not self._queued:
+            self._order.clear()  # only cancelled entries were left
+        return dropped
 
     def is_queued(self, slot: int) -> bool:
         return slot in self._queued
 
-    def wait_for(self, slots: list[int], tag: int) -> None:
-        """Make the current (compute) stream wait until `slots` are filled."""
-        # a prefetch not yet issued is needed now: promote it
-        self._issue([(s, *self._queued.pop(s)) for s in slots if s in self._queued], tag)
+    def wait_for(self, slots: list[int], tag: int) -> list[int]:
+        """Make the current (compute) stream wait until `slots` are filled. Returns the slots whose queued
+        prefetch had to be issued now (promoted to demand)."""
+        promoted = [s for s in slots if s in self._queued]
+        self._issue([(s, *self._queued.pop(s)[1:]) for s in promoted], tag)
         if not self.is_cuda:
-            return
+            return promoted
         pending = [s for s in slots if self._fill_done[s] is not None]
         if not pending:
-            return
+            return promoted
         compute = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(compute)
@@ -113,6 +135,7 @@ class TransferEngine:
             self._fill_done[s] = None
         end.record(compute)
         self._stall_events.append((tag, start, end))
+        return promoted
 
     def mark_read(self, slots: list[int]) -> None:
         """Record that the compute just enqueued reads `slots`; a refill must wait for it."""
@@ -144,4 +167,5 @@ class TransferEngine:
         a later fill still waits for any compute that reads its slot."""
         self.synchronize()
         self._queued.clear()
+        self._order.clear()
         self._fill_done = [None] * len(self._fill_done)

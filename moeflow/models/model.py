@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from moeflow.models.layers import PREFILL_SDPA_BACKENDS, Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
 from moeflow.architectures.spec import ModelSpec
+from moeflow.models.decode_attention import decode_attention
+from moeflow.models.layers import PREFILL_SDPA_BACKENDS, Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
+from moeflow.routing.record import RouteRecord
 from moeflow.routing.router import Routing, route
-from moeflow.routing.selection import Selector
+from moeflow.routing.selection import SelectionContext, Selector
 from moeflow.weights.checkpoint import Checkpoint
 
 ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-RouteObserver = Callable[[int, Routing], None]
 
 
 @dataclass
@@ -40,11 +41,13 @@ class ForwardBatch:
     kv_rows_t: torch.Tensor | None = None  # decode: [B] on the device
     context_lens_t: torch.Tensor | None = None  # decode: [B] on the device (past + 1)
     max_context: int = 0  # decode: longest context in the batch
+    selector: Selector | None = None  # rewrites this step's routing; None: the router's choice runs (exact)
+    slot_table: torch.Tensor | None = None  # [L, E] the expert cache's device table (None: all resident)
 
 
 class MoEModel:
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                 max_model_len: int):
+                 max_model_len: int, record: RouteRecord):
         self.spec = spec
         self.dtype, self.device = dtype, device
         self.scale = spec.head_dim ** -0.5
@@ -53,9 +56,9 @@ class MoEModel:
                   for name in self._dense_names(checkpoint)}
         self.lm_head = self.w["model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"]
         self.moe_prefix = {l: checkpoint.layouts[l].prefix for l in spec.moe_layers}
+        self.moe_ordinal = {l: i for i, l in enumerate(spec.moe_layers)}
         self.experts: ExpertsFn | None = None
-        self.selector: Selector | None = None
-        self.route_observer: RouteObserver | None = None
+        self.record = record  # every router writes its choice here (routing/record.py)
 
     @staticmethod
     def _dense_names(checkpoint: Checkpoint) -> list[str]:
@@ -104,11 +107,15 @@ class MoEModel:
                             kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         """MoE layer `layer` up to its router: (residual stream, the MoE block's input, the routing)."""
         h, r = self._attention_block(layer, h, batch, kv)
-        routing = route(F.linear(r, self.w[f"{self.moe_prefix[layer]}.gate.weight"]), self.spec.router)
-        if self.route_observer is not None:
-            self.route_observer(layer, routing)
-        if self.selector is not None:
-            routing = self.selector.select(layer, routing)
+        li, T, record = self.moe_ordinal[layer], r.shape[0], self.record
+        logits = F.linear(r, self.w[f"{self.moe_prefix[layer]}.gate.weight"])
+        record.keep_logits(li, logits)
+        routing = route(logits, self.spec.router, out=record.router_out(li, T))
+        if batch.selector is not None:
+            table = batch.slot_table[li] if batch.slot_table is not None else None
+            chosen = batch.selector.select(layer, routing, SelectionContext(batch.is_prefill, record.real[:T],
+                                                                            record.exact[:T], table))
+            routing = Routing(*record.write_selected(li, chosen.ids, chosen.weights), logits)
         return h, r, routing
 
     def add_moe_output(self, layer: int, h: torch.Tensor, r: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -169,8 +176,12 @@ class MoEModel:
             rows, pos = batch.kv_rows_t, batch.positions
             k_cache[rows, :, pos] = k
             v_cache[rows, :, pos] = v
-            C = batch.max_context
-            o = attend_decode(q, k_cache[rows, :, :C], v_cache[rows, :, :C], batch.context_lens_t, self.scale, window)
+            if self.device.type == "cuda":  # reads each sequence's length on the device: one graph per batch size
+                o = decode_attention(q, k_cache, v_cache, rows, batch.context_lens_t, self.scale, window)
+            else:
+                C = batch.max_context
+                o = attend_decode(q, k_cache[rows, :, :C], v_cache[rows, :, :C], batch.context_lens_t, self.scale,
+                                  window)
         return self._linear(o, f"{p}.o_proj", s.o_bias)
 
     def _dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MOEFLOW_API_KEY, else none)")
     s.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the model directory's name)")
-    s.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences decoding together (the engine's --max-batch-size)")
     s.add_argument("--max-queue", type=int, default=512,
                    help="requests allowed to wait for a slot; beyond it new ones get 503 (default: %(default)s)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
@@ -50,8 +48,6 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model_dir = Path(args.model) if args.model else default_model_dir()
     kwargs = engine_kwargs(args)
-    if args.max_num_seqs is not None:
-        kwargs["max_batch_size"] = args.max_num_seqs
     settings = ServerSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
                               model_dir=str(model_dir), api_key=args.api_key or None, max_queue=args.max_queue,
                               drain_timeout_s=args.drain_timeout)

@@ -19,8 +19,8 @@ class LogitsRecorder:
         runner = llm.engine.runner
         original = runner.run
 
-        def run(batch):
-            out = original(batch)
+        def run(batch, *args, **kwargs):
+            out = original(batch, *args, **kwargs)
             for i, seq in enumerate(batch.seqs):
                 self.by_request.setdefault(seq.request_id, []).append(out.last[i].detach().cpu().clone())
             return out

@@ -23,7 +23,7 @@ def alone(model_dir, prompt, params):
 
 
 def test_sequences_join_while_others_decode_and_leave_when_done(model_dir):
-    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_model_len=128, max_batch_size=3))
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_model_len=128, max_num_seqs=3))
     lengths = [10, 4, 7, 6]
     engine.add_request("a", PROMPTS[0], greedy(lengths[0]))
     engine.add_request("b", PROMPTS[1], greedy(lengths[1]))
@@ -40,7 +40,7 @@ def test_sequences_join_while_others_decode_and_leave_when_done(model_dir):
         if not engine.has_unfinished_requests() and step > 3:
             break
     assert set(done) == {"a", "b", "c", "d"}
-    assert max(running_sizes) == 3, "the batch never exceeds max_batch_size"
+    assert max(running_sizes) == 3, "never more sequences than KV rows (max_num_seqs)"
     for rid, prompt, n in zip("abcd", PROMPTS, lengths):
         assert done[rid].token_ids == alone(model_dir, prompt, greedy(n)).token_ids
         assert done[rid].finish_reason == "length"
@@ -48,7 +48,7 @@ def test_sequences_join_while_others_decode_and_leave_when_done(model_dir):
 
 
 def test_abort_frees_the_sequence(model_dir):
-    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_model_len=128, max_batch_size=2))
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_model_len=128, max_num_seqs=2))
     engine.add_request("x", PROMPTS[0], greedy(50))
     engine.add_request("y", PROMPTS[1], greedy(3))
     engine.step()

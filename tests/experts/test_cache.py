@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from moeflow import LLM, SamplingParams
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.policies import LFUPolicy, LRUPolicy
 from moeflow.experts.store import ExpertStore
+from moeflow.routing.predictors import Prediction, PredictorBase
 from moeflow.architectures.spec import ModelSpec, RouterSpec
 
 
@@ -106,26 +108,26 @@ def test_prefetch_queues_within_quota_and_demand_promotes_it():
     cache, _ = make_cache(slots=6)
     use(cache, 0, [0, 1])
     use(cache, 1, [0, 1])
-    assert cache.prefetch(2, [5, 4, 3]) == 2, "a layer prefetches no more than its quota"
+    assert cache.enqueue_prefetch(2, [5, 4, 3]) == 2, "a layer prefetches no more than its quota"
     assert cache.transfer.is_queued(int(cache.slot_of[2, 5]))
     got = use(cache, 2, [5])
     assert not cache.transfer.is_queued(got[5]) and cache.pool[got[5]][0].item() == 205.0
-    assert cache.stats.per_layer[2].hits == 1 and cache.stats.per_layer[2].prefetches == 2
+    s = cache.stats.per_layer[2]
+    assert (s.hits, s.prefetch_hits) == (1, 1)
+    assert s.prefetches == 2 and cache.transfer.num_queued == 0, "one promoted, the other issued behind the demand"
 
 
-class ScriptedPredictor:
+class ScriptedPredictor(PredictorBase):
     """Predicts a fixed, partly wrong set of experts for every layer."""
-
-    observes_routes = True
 
     def __init__(self, spec):
         self.spec, self.observed = spec, 0
 
-    def predict(self, batch):
-        g = torch.Generator().manual_seed(len(batch.seqs))
-        return {l: torch.rand(self.spec.num_experts, generator=g) for l in self.spec.moe_layers}
+    def predict(self, step):
+        g = np.random.default_rng(step.batch_size)
+        return Prediction(g.random((self.spec.num_moe_layers, self.spec.num_experts)))
 
-    def observe(self, layer, topk_ids):
+    def observe(self, step, routes):
         self.observed += 1
 
 
@@ -140,7 +142,7 @@ def test_prefetching_never_changes_the_tokens(budget, checkpoint):
     predicted = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in predicted] == [o.outputs[0].token_ids for o in plain]
     assert predicted.stats.cache.prefetches > 0
-    assert llm.engine.predictor.observed == 16 * llm.engine.spec.num_moe_layers
+    assert llm.engine.predictor.observed == 16, "every step, prefill included"
 
 
 def test_clear_empties_the_pool_in_place_as_a_new_cache_would_start():

@@ -38,19 +38,6 @@ def test_trace_round_trips(tmp_path):
         Trace.load(tmp_path / "bad.npz")
 
 
-class RouteRecorder:
-    observes_routes = True
-
-    def __init__(self):
-        self.routes = {}
-
-    def predict(self, batch):
-        return None
-
-    def observe(self, layer, topk_ids):
-        self.routes.setdefault(layer, []).append(topk_ids.cpu().numpy())
-
-
 def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
     model = checkpoint("olmoe", "fused")
     corpus = tmp_path / "corpus"
@@ -66,12 +53,13 @@ def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
     assert trace.topk_ids.shape[1:] == (4, 2) and trace.router_logits.shape[1:] == (4, 8)
     # the routes of one document, taken alone through the engine, are the trace's
     llm = LLM(str(model), device="cpu", max_model_len=128)
-    rec = RouteRecorder()
-    llm.engine.set_predictor(rec)
+    seen = []
+    llm.engine.add_route_listener(lambda step, routes: seen.append(routes.ids.copy()))
     doc_id, _, rows = list(trace.sequences())[1]
     llm.generate([trace.token_ids[rows].tolist()], SamplingParams(max_tokens=1, temperature=0))
-    for li, layer in enumerate(trace.moe_layers):
-        assert np.array_equal(rec.routes[int(layer)][0], trace.topk_ids[rows, li])
+    assert len(seen) == 1, "one prefill step"
+    for li in range(len(trace.moe_layers)):
+        assert np.array_equal(seen[0][li], trace.topk_ids[rows, li])
     # every trace row's experts are its router logits' top k (up to float16 rounding of the stored logits)
     logits = trace.router_logits.astype(np.float32)
     chosen = np.take_along_axis(logits, trace.topk_ids.astype(np.int64), axis=-1)

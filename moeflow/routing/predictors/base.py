@@ -1,38 +1,105 @@
-"""The predictor interface the engine calls around every step.
+"""The predictor interface: what the engine asks before a step and shows after it.
 
-`predict` runs before the step and returns, per MoE layer, a score per expert (higher =
-more likely needed); the expert cache may prefetch the best-scored experts and rebalance
-its per-layer quotas by them. `observe` runs after each MoE layer with the routes the
-router actually chose, so a predictor can correct itself.
+Shapes: L MoE layers, E experts per layer, B sequences in the step, K top-k.
+
+A predictor sees plain views of requests and steps, never the engine. Before each step the engine
+asks `predict(step)` for per-layer expert scores; the expert cache plans with them (what to prefetch,
+what to protect, how many slots each layer gets). After the step, `observe(step, routes)` shows it
+what every layer actually chose (read from the RouteRecord, on the host). Where an offloaded step
+already waits for a router on the host, `refine(step, layer, routes_so_far)` may sharpen the scores
+of the layers still to come. Predictions decide what is resident when, never which experts run: in
+exact mode the tokens are the same with any predictor or none.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-import torch
+import numpy as np
 
-if TYPE_CHECKING:
-    from moeflow.engine.scheduler import ScheduledBatch
+from moeflow.routing.record import StepRoutes
 
 
+@dataclass(frozen=True)
+class RequestHints:
+    """What a request says about itself (stored for schedulers and profiles; none of it changes the tokens)."""
+
+    task: str | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class RequestView:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    hints: RequestHints = field(default_factory=RequestHints)
+
+
+@dataclass(frozen=True)
+class StepView:
+    """One step as a predictor or scheduler sees it: which requests, which tokens go in."""
+
+    index: int  # the engine's step counter
+    is_prefill: bool
+    request_ids: tuple[str, ...]
+    input_ids: tuple[tuple[int, ...], ...]  # per request: its prompt (prefill) or its one new token (decode)
+    context_lens: tuple[int, ...]  # per request: tokens in its context once this step has run
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass
+class Prediction:
+    """scores [L, E]: how much the step is expected to use each expert (higher: more likely; e.g. the
+    expected number of the step's tokens routed to it). per_request [B, L, E] (optional): the same per
+    sequence, for schedulers. confidence [L] in [0, 1] (optional): how far the scores can be trusted."""
+
+    scores: np.ndarray
+    per_request: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+
+
+@runtime_checkable
 class Predictor(Protocol):
-    observes_routes: bool  # False: `observe` is never called (and resident decode steps can run as CUDA graphs)
+    name: str
 
-    def predict(self, batch: ScheduledBatch) -> dict[int, torch.Tensor] | None:
-        """Per MoE layer, expert scores [E] for the step about to run; None: no prediction."""
+    def admitted(self, request: RequestView) -> None:
+        """A request joined the running batch."""
 
-    def observe(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """The experts layer `layer` actually routed to in this step, [T, K]."""
+    def finished(self, request_id: str) -> None:
+        """A request left (finished or aborted)."""
+
+    def predict(self, step: StepView) -> Prediction | None:
+        """Scores for the step about to run; None: no prediction (the cache loads on demand)."""
+
+    def observe(self, step: StepView, routes: StepRoutes) -> None:
+        """The step's real routes."""
 
 
-class NoPredictor:
-    """On-demand loading only: the cache learns what a step needs when the router says so."""
+class RefiningPredictor(Predictor, Protocol):
+    def refine(self, step: StepView, layer: int, routes_so_far: list[list[int]]) -> Prediction | None:
+        """MoE layer ordinal `layer` has routed; routes_so_far[l] lists the distinct experts layer l used, for
+        l <= layer. Returns scores for the whole step (the cache re-plans only layers after `layer`)."""
 
-    observes_routes = False
 
-    def predict(self, batch: ScheduledBatch) -> dict[int, torch.Tensor] | None:
+class PredictorBase:
+    """Default no-ops for the calls a simple predictor does not need."""
+
+    name = "base"
+
+    def admitted(self, request: RequestView) -> None:
         return None
 
-    def observe(self, layer: int, topk_ids: torch.Tensor) -> None:
+    def finished(self, request_id: str) -> None:
+        return None
+
+    def predict(self, step: StepView) -> Prediction | None:
+        return None
+
+    def observe(self, step: StepView, routes: StepRoutes) -> None:
         return None

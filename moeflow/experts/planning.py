@@ -1,0 +1,56 @@
+"""Planners: how a step's predicted expert scores become prefetches, quotas and protection in the cache.
+
+Shapes: L MoE layers, E experts per layer.
+
+A planner runs on the host before a step (`plan`) and, in offloaded decode, after each router as the
+host learns the real route (`refine`, with the predictor's sharpened scores when it has any). It only
+moves experts in and out; the router still decides every token's experts, so any planner leaves the
+tokens exact.
+
+`PrefetchTop` is the plain one: each layer prefetches its best-scored experts up to its quota, the
+earliest layers first.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from moeflow.experts.cache import ExpertCache
+
+
+class Planner(Protocol):
+    name: str
+
+    def plan(self, cache: ExpertCache, scores: np.ndarray) -> None:
+        """Before the step: scores [L, E], higher = more likely used by the step."""
+
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | None) -> None:
+        """MoE layer ordinal `layer` just routed to `used`; scores: the predictor's refined [L, E], if any."""
+
+
+def top_experts(scores: np.ndarray, n: int) -> tuple[list[int], list[float]]:
+    """The n best-scored experts with a positive score, best first, and their scores."""
+    if n <= 0:
+        return [], []
+    order = np.argsort(-scores, kind="stable")[:n]
+    order = order[scores[order] > 0]
+    return order.tolist(), scores[order].tolist()
+
+
+class PrefetchTop:
+    name = "prefetch-top"
+
+    def __init__(self, issue_now: int = 2):
+        self.issue_now = issue_now  # prefetches started at once, before the first layer runs
+
+    def plan(self, cache: ExpertCache, scores: np.ndarray) -> None:
+        cache.drop_prefetches()  # the last step's unissued guesses are stale
+        for li, layer in enumerate(cache.layers):
+            experts, s = top_experts(scores[li], int(cache.quota[li]))
+            cache.enqueue_prefetch(layer, experts, deadline=li, scores=s)
+        cache.issue_prefetches(self.issue_now)
+
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | None) -> None:
+        return None

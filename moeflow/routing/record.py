@@ -1,0 +1,173 @@
+"""RouteRecord: the one place a step's routes are recorded.
+
+Shapes: L MoE layers, N rows (the most tokens one step carries), T tokens in this step, K top-k,
+E experts per layer.
+
+Every step, prefill or decode, graphed or eager, writes each MoE layer's routes into static device
+buffers: the router writes its top-k straight into them (no copy of its own), and a non-exact selector
+writes its rewritten choice beside them. At the end of the step one device-side gather packs what the
+host reads (both choices as int16, and each layer's distinct experts) into a staging buffer, and one
+copy moves it to pinned host memory on the compute stream. The engine reads it after the step's token
+sync, which has already waited for that copy: reading costs no synchronisation of its own.
+
+Offloaded steps need a layer's distinct experts on the host before the step ends (the cache must load
+them): `publish_layer` computes them on the device, copies them to the host and records an event that
+the host waits on, for that layer alone.
+
+Rows a CUDA graph pads its batch with (copies of the last real row) are never counted: `real` marks the
+rows that are, and padding rows map to a sink column of the `used` table.
+
+Predictors, schedulers, the cache statistics, traces and benchmarks all read routes here, as a
+`StepRoutes` (host numpy arrays); nothing else taps the MoE layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepRoutes:
+    """One step's routes on the host, for the T tokens it carried (numpy views valid until the next step).
+
+    ids [L, T, K]: the experts that ran (the selector's choice); router_ids [L, T, K]: the router's own
+    (the same array when no selector rewrote them); used [L, E]: each layer's distinct experts over the real
+    rows; rows: for each sequence of the step, the slice of the token axis it owns (decode: one token each).
+    """
+
+    ids: np.ndarray
+    router_ids: np.ndarray
+    used: np.ndarray
+    rows: list[slice]
+    weights: np.ndarray | None = None  # [L, T, K] float32, only when the record was asked to keep them
+    logits: np.ndarray | None = None  # [L, T, E] float32, likewise
+
+    @property
+    def num_remapped(self) -> int:
+        """(token, pick) pairs whose expert the selector changed."""
+        if self.ids is self.router_ids:
+            return 0
+        return int((np.sort(self.ids, axis=-1) != np.sort(self.router_ids, axis=-1)).sum())
+
+    def of_sequence(self, i: int) -> np.ndarray:
+        """The experts sequence i's tokens ran, [L, t, K]."""
+        return self.ids[:, self.rows[i]]
+
+
+class RouteRecord:
+    def __init__(self, num_layers: int, top_k: int, num_experts: int, capacity: int, weight_dtype: torch.dtype,
+                 device: torch.device):
+        L, N, K, E = num_layers, capacity, top_k, num_experts
+        self.num_layers, self.capacity, self.top_k, self.num_experts = L, N, K, E
+        self.device = device
+        self.ids = torch.zeros(L, N, K, dtype=torch.int64, device=device)
+        self.weights = torch.zeros(L, N, K, dtype=weight_dtype, device=device)
+        self.selected_ids = torch.zeros(L, N, K, dtype=torch.int64, device=device)
+        self.selected_weights = torch.zeros(L, N, K, dtype=weight_dtype, device=device)
+        # topk writes float32 values; where the family keeps weights in the model dtype they are cast after
+        self._scratch = torch.zeros(N, K, dtype=torch.float32, device=device)
+        # row masks the step's selector reads: real rows (False: graph padding) and rows that must stay exact
+        self.real = torch.ones(N, dtype=torch.bool, device=device)
+        self.exact = torch.ones(N, dtype=torch.bool, device=device)
+        self.used = torch.zeros(L, E + 1, dtype=torch.int16, device=device)  # column E: the padding sink
+        pin = device.type == "cuda"
+        self._stage = torch.zeros(2 * L * N * K + L * (E + 1), dtype=torch.int16, device=device)
+        self._host = torch.zeros(self._stage.numel(), dtype=torch.int16, pin_memory=pin)
+        self._host_np = self._host.numpy()
+        self._layer_used = torch.zeros(L, E + 1, dtype=torch.int16, pin_memory=pin)
+        self._layer_used_np = self._layer_used.numpy()
+        self._layer_done = torch.cuda.Event() if pin else None
+        self._masks_host = torch.zeros(2, N, dtype=torch.bool, pin_memory=pin)
+        self.keep_full = False  # also keep weights and router logits (eager steps only: the trace command)
+        self._logits: list[torch.Tensor | None] = [None] * L
+
+    # -- written by the model, inside the step --------------------------------------------------
+
+    def router_out(self, li: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [T, K] int64, weights [T, K], float32 scratch [T, K]) the router of layer li writes into."""
+        return self.ids[li, :T], self.weights[li, :T], self._scratch[:T]
+
+    def keep_logits(self, li: int, logits: torch.Tensor) -> None:
+        if self.keep_full:
+            self._logits[li] = logits
+
+    def write_selected(self, li: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record a selector's rewritten choice for layer li; returns the record's copies (static addresses)."""
+        T = ids.shape[0]
+        self.selected_ids[li, :T].copy_(ids)
+        self.selected_weights[li, :T].copy_(weights)
+        return self.selected_ids[li, :T], self.selected_weights[li, :T]
+
+    def _used_rows(self, ids: torch.Tensor, T: int) -> torch.Tensor:
+        """ids [..., T, K] with the picks of padding rows sent to the sink column E."""
+        return torch.where(self.real[:T, None], ids, self.num_experts)
+
+    def publish_layer(self, li: int, ids: torch.Tensor) -> None:
+        """Start copying layer li's distinct experts (over the real rows of `ids` [T, K]) to the host
+        (graph-capturable); then `layer_published()` on the host, outside any capture, and `layer_experts(li)`."""
+        T = ids.shape[0]
+        used = self.used[li]
+        used.zero_()
+        used.scatter_(0, self._used_rows(ids, T).flatten(), 1)
+        self._layer_used[li].copy_(used, non_blocking=True)
+
+    def layer_published(self) -> None:
+        """Mark (on the current stream) the point after the latest `publish_layer`; an event recorded inside a
+        graph capture would not fire when the graph replays, so this runs after the replay."""
+        if self._layer_done is not None:
+            self._layer_done.record()
+
+    def layer_experts(self, li: int) -> list[int]:
+        """The distinct experts `publish_layer` found for layer li, once its copy has landed (waits for it alone)."""
+        if self._layer_done is not None:
+            self._layer_done.synchronize()
+        return np.flatnonzero(self._layer_used_np[li, : self.num_experts]).tolist()
+
+    # -- the end of the step ----------------------------------------------------------------------
+
+    def stage(self, T: int, selected: bool) -> None:
+        """Pack the step's routes for the host and start their copy (on the current stream; graph-capturable)."""
+        L, K, E = self.num_layers, self.top_k, self.num_experts
+        ids = self.selected_ids if selected else self.ids
+        self.used.zero_()
+        self.used.scatter_(1, self._used_rows(ids[:, :T], T).reshape(L, T * K), 1)
+        n = L * T * K
+        self._stage[:n].view(L, T, K).copy_(ids[:, :T])
+        m = n
+        if selected:
+            self._stage[n : 2 * n].view(L, T, K).copy_(self.ids[:, :T])
+            m = 2 * n
+        self._stage[m : m + L * (E + 1)].view(L, E + 1).copy_(self.used)
+        self._host[: m + L * (E + 1)].copy_(self._stage[: m + L * (E + 1)], non_blocking=True)
+
+    def read(self, T: int, selected: bool, rows: list[slice]) -> StepRoutes:
+        """The routes `stage(T, selected)` copied; call after the stream that staged them has been synchronised."""
+        L, K, E = self.num_layers, self.top_k, self.num_experts
+        n = L * T * K
+        h = self._host_np
+        ids = h[:n].reshape(L, T, K)
+        router_ids = h[n : 2 * n].reshape(L, T, K) if selected else ids
+        m = 2 * n if selected else n
+        used = h[m : m + L * (E + 1)].reshape(L, E + 1)[:, :E] > 0
+        weights = logits = None
+        if self.keep_full:
+            src = self.selected_weights if selected else self.weights
+            weights = src[:, :T].float().cpu().numpy()
+            logits = np.stack([l.float().cpu().numpy() for l in self._logits])
+        return StepRoutes(ids, router_ids, used, rows, weights, logits)
+
+    # -- row masks ----------------------------------------------------------------------------------
+
+    def set_rows(self, real: int, padded: int, exact: list[bool] | None) -> None:
+        """Rows 0..real-1 are real tokens, real..padded-1 padding; `exact` per real row (None: all exact)."""
+        masks = self._masks_host
+        masks[0, :padded] = False
+        masks[0, :real] = True
+        masks[1, :padded] = True
+        if exact is not None:
+            masks[1, :real] = torch.tensor(exact, dtype=torch.bool)
+        self.real[:padded].copy_(masks[0, :padded], non_blocking=True)
+        self.exact[:padded].copy_(masks[1, :padded], non_blocking=True)
