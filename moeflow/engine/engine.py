@@ -226,7 +226,10 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, forced_output: list[int] | None = None) -> None:
+        """`forced_output`: teacher forcing. The request's output tokens are these, one per step, instead of
+        sampled ones (its logprobs, when asked for, are those of the forced tokens); it runs exactly as a
+        request that sampled them would, so a scorer sees real decode batches."""
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -244,6 +247,16 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63 - 1))
         seq = Sequence(request_id, text, ids, params, arrival_time or time.time(), detok, seed)
+        if forced_output is not None:
+            forced = list(forced_output)
+            if not forced or len(forced) > params.max_tokens or any(
+                    isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.spec.vocab_size for t in forced):
+                raise RequestError(f"forced_output must be 1 to max_tokens={params.max_tokens} token ids in "
+                                   f"[0, {self.spec.vocab_size})")
+            if len(ids) + len(forced) > self.max_model_len:
+                raise RequestError(f"prompt and forced output hold {len(ids) + len(forced)} tokens, over "
+                                   f"max_model_len={self.max_model_len}")
+            seq.forced = forced
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -309,6 +322,10 @@ class LLMEngine:
         logits = self.runner.run(batch, exact, self.selector)
         tokens = self.sampler.sample(logits.last, [s.kv_row for s in seqs], [s.params for s in seqs],
                                      [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
+        forced = [(i, s.forced[len(s.output_ids)]) for i, s in enumerate(seqs) if s.forced is not None]
+        if forced:
+            at, values = zip(*forced)
+            tokens[list(at)] = torch.tensor(values, device=tokens.device)
         token_list = tokens.tolist()  # the step's one unavoidable device->host sync
         routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows)
         self._record_logprobs(batch, logits, tokens)
@@ -416,7 +433,8 @@ class LLMEngine:
             self._finish(seq, "stop", None)
         elif p.stop and self._hit_stop_string(seq):
             pass
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+              or (seq.forced is not None and len(seq.output_ids) == len(seq.forced))):
             self._finish(seq, "length", None)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:

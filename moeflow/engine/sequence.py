@@ -35,6 +35,7 @@ class Sequence:
         self.last_step = -1  # the engine step that last advanced it
         self.decode_waits: list[int] = []  # per decode step it took: steps it sat out since its previous token
         self.last_routes: np.ndarray | None = None  # [L, K] the experts its latest token ran, per MoE layer
+        self.forced: list[int] | None = None  # teacher forcing: the output tokens it must take
         self.text = ""  # generated text, stop string excluded
         self.emitted_chars = 0  # how much of `text` earlier outputs have streamed
         self.finish_reason: str | None = None

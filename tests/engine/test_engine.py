@@ -8,6 +8,7 @@ from helpers import greedy
 from moeflow import LLM, SamplingParams
 from moeflow.config import EngineConfig
 from moeflow.engine.engine import LLMEngine
+from moeflow.errors import RequestError
 
 PROMPTS = [[0, 17, 201, 45, 99, 3], [0, 8, 9], [0, 100, 101, 102, 103, 104, 105, 106, 107], [0, 60]]
 
@@ -135,3 +136,24 @@ def test_resetting_the_cache_at_its_size_empties_it_in_place(model_dir):
     assert (again.stats.cache.hits, again.stats.cache.misses) == (first.stats.cache.hits, first.stats.cache.misses)
     engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("50%")))
     assert engine.cache is not cache and engine.cache.num_slots > cache.num_slots
+
+
+def test_forced_output_decodes_the_given_tokens_and_scores_them(model_dir):
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", dtype="float32", max_model_len=128, max_num_seqs=2))
+    free = alone(model_dir, PROMPTS[0], greedy(6, logprobs=0))
+    forced = [5, 9, 11, 3, 7]
+    engine.add_request("f", PROMPTS[0], greedy(8, logprobs=0), forced_output=forced)
+    engine.add_request("g", PROMPTS[1], greedy(4))
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0]
+    out = done["f"]
+    assert out.token_ids == forced and out.finish_reason == "length"
+    assert [list(d) for d in out.logprobs] == [[t] for t in forced], "each step scores the forced token"
+    # the first forced token is scored from the prompt alone: the same logits a free run starts from
+    first = free.logprobs[0][free.token_ids[0]]
+    assert out.logprobs[0][forced[0]] <= first + 1e-6
+    with pytest.raises(RequestError, match="forced_output"):
+        engine.add_request("h", PROMPTS[0], greedy(2), forced_output=[1, 2, 3])
