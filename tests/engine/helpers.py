@@ -44,3 +44,56 @@ def hf_greedy(model, prompt_ids: list[int], steps: int) -> tuple[list[int], list
                               output_logits=True, return_dict_in_generate=True)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
     return out.sequences[0, len(prompt_ids):].tolist(), [l[0] for l in out.logits]
+
+
+class RandomPrefetcher:
+    """A blind predictor: random scores every step, and it never looks at a route."""
+
+    name = "random"
+
+    def __init__(self, num_layers: int, num_experts: int, seed: int = 0):
+        import numpy as np
+
+        self.rng, self.shape = np.random.default_rng(seed), (num_layers, num_experts)
+
+    def admitted(self, request):
+        pass
+
+    def finished(self, request_id):
+        pass
+
+    def predict(self, step):
+        from moeflow.routing.predictors import Prediction
+
+        return Prediction(self.rng.random(self.shape).astype("float32"))
+
+    def observe(self, step, routes):
+        pass
+
+
+def grid_predictors(spec):
+    """The predictors the exactness grid runs: none, the two built-ins, and a blind one."""
+    from moeflow.routing.predictors import make_predictor
+
+    return {"none": lambda: None, "previous": lambda: make_predictor("previous", spec),
+            "frequency": lambda: make_predictor("frequency", spec),
+            "random": lambda: RandomPrefetcher(spec.num_moe_layers, spec.num_experts)}
+
+
+def heldout_prompts(tokenizer, n: int, lengths=(5, 9, 14, 7, 11, 6, 16, 8)) -> list[list[int]]:
+    """n prompts of real text (the committed held-out documents, domains in turn), of varied lengths."""
+    import itertools
+    import json
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "data" / "heldout").glob("*.jsonl"))
+    docs = [[json.loads(l)["text"] for l in f.read_text().splitlines() if l.strip()] for f in files]
+    texts = [t for t in itertools.chain.from_iterable(zip(*docs))][:n]
+    return [tokenizer.encode(t)[: lengths[i % len(lengths)]] for i, t in enumerate(texts)]
+
+
+def run_grid_cell(llm, prompts, steps: int):
+    """Greedy tokens and each token's logprob, per prompt."""
+    out = llm.generate(prompts, greedy(steps, logprobs=0))
+    return [(o.outputs[0].token_ids, [d[t] for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in out], out.stats
