@@ -32,10 +32,14 @@ from moeflow.models.decode_attention import check_inputs, num_splits
 _LOG2E = 1.4426950408889634
 
 
-def block_n(D: int, dtype: torch.dtype) -> int:
-    """Keys per block: 64 keeps a [64, D<=128] K and V tile in registers at 2 bytes an element; float32
-    elements (and wider heads) take twice the registers, so half the keys."""
-    return 32 if dtype == torch.float32 or triton.next_power_of_2(D) > 128 else 64
+def launch_config(D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BN keys per block, warps) of the split kernel. 64 keys of D <= 128 at 2 bytes an element take ~105
+    registers a thread with 4 warps (ptxas, sm_90): four programs fit an SM. float32 (whose ieee products run
+    on FMA units and need far more registers) and wider heads take half the keys and 8 warps; with 4 they spill.
+    """
+    if dtype == torch.float32 or triton.next_power_of_2(D) > 128:
+        return 32, 8
+    return 64, 4
 
 
 @triton.jit
@@ -155,9 +159,9 @@ def decode_attention_triton(
     QG = N // G
     qg_pad = max(16, triton.next_power_of_2(QG))
     d_pad = max(16, triton.next_power_of_2(D))
-    bn = block_n(D, q.dtype)
+    bn, warps = launch_config(D, q.dtype)
     common = dict(QG=QG, D=D, QG_PAD=qg_pad, D_PAD=d_pad, BLOCK_N=bn, HAS_WINDOW=window is not None,
-                  IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+                  IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=2)
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         out = torch.empty(B, N * D, dtype=q.dtype, device=q.device)
         if poison:
