@@ -234,16 +234,19 @@ def test_dispatch_on_cpu():
 
 def _compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
     """Compile a @triton.jit kernel for sm_90 ahead of time (no GPU needed: triton ships ptxas). args maps
-    each runtime argument to a type string ("*bf16", "fp32") or an example int, as the JIT would see it."""
+    each runtime argument to a type string ("*bf16", "fp32") or an example int, as the JIT would see it (ints
+    below 2**31 only)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
     signature, attrs = {}, {}
+    constexprs = dict(constexprs)
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        v = constexprs.get(name, args.get(name))
+        if name in constexprs or v == 1:  # the JIT turns an int equal to 1 (a unit stride) into a constant
             signature[name] = "constexpr"
+            constexprs[name] = v
             continue
-        v = args[name]
         signature[name] = v if isinstance(v, str) else "i32"
         if (isinstance(v, str) and v.startswith("*")) or (isinstance(v, int) and v % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for aligned pointers and ints
@@ -251,13 +254,29 @@ def _compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: 
     return compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _spilled_bytes(kernel, tmp_path) -> int:
+    """Bytes of register spill stores ptxas reports for a compiled kernel's PTX (triton ships ptxas)."""
+    import re
+    import subprocess
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name,N,G,D,window,S", [
-    ("bf16", 16, 4, 128, None, 32), ("fp16", 32, 4, 128, 4096, 1), ("fp32", 4, 4, 40, None, 8),
-    ("bf16", 64, 4, 256, 100, 4),
+    ("bf16", 16, 4, 128, None, 32), ("bf16", 32, 4, 128, None, 8), ("fp16", 32, 4, 128, 4000, 1),
+    ("fp32", 4, 4, 40, None, 8), ("fp32", 16, 4, 128, 7, 8), ("bf16", 8, 8, 40, 100, 4), ("bf16", 64, 4, 256, 100, 4),
+    ("bf16", 128, 4, 128, None, 2), ("bf16", 16, 4, 256, None, 64),
 ])
-def test_triton_kernels_compile_for_sm90(dtype_name, N, G, D, window, S):
-    """Catches compile errors (and register or shared-memory overuse) in the GPU kernels on a CPU-only machine."""
+def test_triton_kernels_compile_for_sm90(dtype_name, N, G, D, window, S, tmp_path):
+    """Catches compile errors, shared-memory overuse and register spills in the GPU kernels on a CPU-only
+    machine."""
     pytest.importorskip("triton")
     if INTERPRET:
         pytest.skip("kernels are interpreted, not compiled, under TRITON_INTERPRET=1")
@@ -267,6 +286,7 @@ def test_triton_kernels_compile_for_sm90(dtype_name, N, G, D, window, S):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     M, QG = 4096, N // G
+    block_n, warps = da.launch_config(D, dtype)
     d_pad = max(16, triton.next_power_of_2(D))
     ty = f"*{dtype_name}"
     o_ty = ty if S == 1 else "*fp32"
@@ -277,18 +297,20 @@ def test_triton_kernels_compile_for_sm90(dtype_name, N, G, D, window, S):
              M=M, window=window or 0, qk_scale="fp32", S=S, stride_qb=N * D, stride_qh=D, stride_qd=1,
              **strides_k, **{k.replace("_k", "_v"): v for k, v in strides_k.items()},
              stride_ob=N * S * D, stride_oh=S * D, stride_os=D, stride_od=1, stride_lb=N * S, stride_lh=S),
-        dict(QG=QG, D=D, QG_PAD=max(16, triton.next_power_of_2(QG)), D_PAD=d_pad, BLOCK_N=da.block_n(D, dtype),
+        dict(QG=QG, D=D, QG_PAD=max(16, triton.next_power_of_2(QG)), D_PAD=d_pad, BLOCK_N=block_n,
              HAS_WINDOW=window is not None, DIRECT=S == 1, IEEE=dtype == torch.float32),
-        4, 2,
+        warps, 2,
     )
     assert split.metadata.shared <= 227 * 1024
+    assert _spilled_bytes(split, tmp_path) == 0
     if S > 1:
-        _compile_sm90(
+        combine = _compile_sm90(
             da._combine_kernel,
             dict(o_ptr="*fp32", lse_ptr="*fp32", out_ptr=ty, S=S, stride_ob=N * S * D, stride_oh=S * D,
                  stride_os=D, stride_od=1, stride_lb=N * S, stride_lh=S, stride_outb=N * D, stride_outh=D),
             dict(D=D, S_PAD=max(2, triton.next_power_of_2(S)), D_PAD=d_pad), 4, 2,
         )
+        assert _spilled_bytes(combine, tmp_path) == 0
 
 
 # ---------------------------------------------------------------------------------------------- interpreter
