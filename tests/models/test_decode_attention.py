@@ -486,3 +486,17 @@ def test_gpu_cuda_graph_replay_with_new_lengths_and_rows(name, B, N, G, D, windo
         assert not out.isnan().any()
         assert torch.equal(out, eager), f"replay {seed} differs from the eager call"
         assert row_rel_err(out, ref) < _TOL[name], f"replay {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("B", [1, 64, 256])  # many splits, a few, and S = 1
+def test_gpu_eager_call_never_syncs_the_host(B):
+    q, k, v, rows, lens = make_case(B, 32, 4, 128, 4096, dtype=torch.bfloat16, device="cuda", seed=B)
+    decode_attention(q, k, v, rows, lens, 0.1, 100)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decode_attention(q, k, v, rows, lens, 0.1, 100)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
