@@ -100,7 +100,7 @@ def budget_text(n: float) -> str:
 
 EVICTION_POLICIES = ("lru", "lfu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULER_POLICIES = ("fcfs",)
+SCHEDULER_POLICIES = ("fcfs", "route-aware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +125,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: str = "fcfs"
     predictor: str | None = None  # a predictor's name ("previous", "frequency") or directory; None: on demand
+    max_decode_wait: int = 4  # route-aware scheduling: steps a sequence may wait beyond its round-robin share
     seed: int = 0
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
 
@@ -142,6 +143,8 @@ class EngineConfig:
                               f"got {self.max_batch_size}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_decode_wait < 0:
+            raise ConfigError(f"max_decode_wait must be >= 0, got {self.max_decode_wait}")
         if self.scheduler not in SCHEDULER_POLICIES:
             raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
 

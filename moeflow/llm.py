@@ -60,6 +60,13 @@ class LLM:
         self._ids = itertools.count()
         self.last_stats: GenerateStats | None = None
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """The facade over an engine built directly (a synthetic checkpoint, a custom predictor or policy)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm._ids, llm.last_stats = engine, itertools.count(), None
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -105,7 +105,7 @@ class LLMEngine:
         self.graph_captures = 0  # decode graphs captured over the engine's life
         self.graph_capture_s = 0.0
         self.reset_expert_cache(config.cache)
-        policy = scheduling if scheduling is not None else SCHEDULING_POLICIES[config.scheduler]()
+        policy = scheduling if scheduling is not None else self._named_policy(config)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, self.max_batch_size, policy)
         self.sampler = Sampler(spec.vocab_size, config.max_num_seqs, self.device)
         self._seeds = np.random.default_rng(config.seed)  # a seed for every request that brings none
@@ -130,6 +130,12 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings="
                               f"{spec.max_position_embeddings}")
         return asked
+
+    @staticmethod
+    def _named_policy(config: EngineConfig) -> SchedulingPolicy:
+        if config.scheduler == "route-aware":
+            return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait)
+        return SCHEDULING_POLICIES[config.scheduler]()
 
     def _named_predictor(self, config: EngineConfig) -> Predictor | None:
         if config.predictor is None:
@@ -359,12 +365,22 @@ class LLMEngine:
 
     def _scheduler_context(self) -> SchedulerContext:
         running = self.scheduler.running
+        predictions = {}
+        if (getattr(self.scheduler.policy, "wants_predictions", False) and self.predictor is not None
+                and len(running) > self.max_batch_size):
+            # what each running sequence is expected to route next, as if they all decoded now (predict
+            # looks, it does not learn: observe does that)
+            view = StepView(self._step_index, False, tuple(s.request_id for s in running),
+                            tuple((s.last_token,) for s in running), tuple(s.num_tokens for s in running))
+            guess = self.predictor.predict(view)
+            if guess is not None and guess.per_request is not None:
+                predictions = {s.request_id: guess.per_request[i] for i, s in enumerate(running)}
         return SchedulerContext(
             step=self._step_index, free_kv_rows=self.kv.num_free,
             max_num_batched_tokens=self.config.max_num_batched_tokens, max_batch_size=self.max_batch_size,
             residency=None if self.cache.fully_resident else self.cache.residency(),
             signatures={s.request_id: s.last_routes for s in running if s.last_routes is not None},
-            predictions={}, costs=self.costs,
+            predictions=predictions, costs=self.costs,
         )
 
     def _on_layer_routed(self, layer: int, used: list[int]) -> None:

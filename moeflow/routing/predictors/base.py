@@ -75,7 +75,8 @@ class Predictor(Protocol):
         """A request left (finished or aborted)."""
 
     def predict(self, step: StepView) -> Prediction | None:
-        """Scores for the step about to run; None: no prediction (the cache loads on demand)."""
+        """Scores for the step about to run; None: no prediction (the cache loads on demand). It only looks:
+        a scheduler may ask about sequences that then do not run (learning belongs in observe)."""
 
     def observe(self, step: StepView, routes: StepRoutes) -> None:
         """The step's real routes."""

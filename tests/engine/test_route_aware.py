@@ -1,0 +1,81 @@
+"""Route-aware decode batching: fair, exact, and it moves fewer expert bytes than fcfs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import greedy, heldout_prompts
+from moeflow import LLM
+from moeflow.assets import default_model_dir
+from moeflow.engine.policies.route_aware import RouteAwarePolicy
+from moeflow.engine.scheduler import MeasuredCosts, SchedulerContext
+
+
+class FakeSeq:
+    def __init__(self, i, routes):
+        self.request_id, self.last_routes, self.last_step, self.prompt_ids, self.last_token = str(i), routes, -1, [0], 0
+
+
+def ctx(step, batch, residency):
+    return SchedulerContext(step=step, free_kv_rows=0, max_num_batched_tokens=64, max_batch_size=batch,
+                            residency=residency, signatures={}, predictions={}, costs=MeasuredCosts())
+
+
+@pytest.mark.parametrize("max_wait", [0, 2, 4])
+def test_no_sequence_waits_past_its_bound_under_adversarial_routes(max_wait):
+    """Half the sequences share one cheap route that is always resident; the other half each route to experts
+    nothing else uses. Cost alone would starve the second half; the bound must not let it."""
+    rng = np.random.default_rng(0)
+    L, E, K, N, M = 3, 16, 2, 24, 4
+    residency = np.zeros((L, E), dtype=bool)
+    residency[:, :2] = True
+    seqs = [FakeSeq(i, np.tile([0, 1], (L, 1)) if i % 2 == 0 else rng.choice(np.arange(2, E), (L, K), replace=False))
+            for i in range(N)]
+    policy = RouteAwarePolicy(max_decode_wait=max_wait)
+    bound = policy.wait_bound(N, M)
+    assert bound == N // M - 1 + max_wait
+    worst, taken = 0, np.zeros(N, dtype=int)
+    for step in range(200):
+        plan = policy.plan([], seqs, ctx(step, M, residency))
+        assert len(plan.decode) == M and not plan.admit
+        for s in plan.decode:
+            if s.last_step >= 0:
+                worst = max(worst, step - s.last_step - 1)
+            s.last_step = step
+            taken[int(s.request_id)] += 1
+    assert worst <= bound
+    assert taken.min() > 0
+    cheap, costly = taken[0::2].sum(), taken[1::2].sum()
+    if max_wait > 0:
+        assert cheap > costly, "within the bound it prefers the sequences that cost no loads"
+
+
+def test_fewer_running_than_a_step_takes_decodes_them_all():
+    seqs = [FakeSeq(i, np.zeros((2, 2), dtype=int)) for i in range(3)]
+    assert len(RouteAwarePolicy().plan([], seqs, ctx(0, 4, None)).decode) == 3
+
+
+def decode_bytes(policy, prompts, steps, budget="25%"):
+    """Tokens, and expert bytes moved after the one prefill step that admits every prompt."""
+    llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=len(prompts),
+              max_batch_size=16, expert_budget=budget, scheduling=policy)
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, greedy(steps))
+    done = {o.request_id: o for o in engine.step()}
+    assert engine.num_waiting == 0
+    before = engine.cache.stats.total().bytes_moved
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step()})
+    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))], engine.cache.stats.total().bytes_moved - before
+
+
+def test_route_aware_is_exact_and_moves_fewer_bytes_than_fcfs():
+    """64 prompts of real text, 64 running, 16 per decode step, a 25% budget: the same tokens as fcfs, and fewer
+    expert bytes moved in decode (measured: 0.80 of fcfs's; the issue asks for at least 20% fewer)."""
+    prompts = heldout_prompts(LLM(str(default_model_dir()), device="cpu").tokenizer, 64)
+    fcfs_tokens, fcfs = decode_bytes("fcfs", prompts, 12)
+    tokens, aware = decode_bytes("route-aware", prompts, 12)
+    assert tokens == fcfs_tokens
+    assert aware <= 0.8 * fcfs, (aware, fcfs, aware / fcfs)
