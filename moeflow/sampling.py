@@ -136,18 +136,18 @@ def _stream_keys(seeds: list[int], steps: list[int]) -> np.ndarray:
     return _mix64_np(_mix64_np(seed) + (step + np.uint64(1)) * np.uint64(_GAMMA)).view(np.int64)
 
 
-def _logical_shift(z: torch.Tensor, s: int) -> torch.Tensor:
-    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
-
-
 def _token_bits(keys: torch.Tensor, token_offsets: torch.Tensor) -> torch.Tensor:
-    """[S, V] int64: mix64(key + token * GAMMA), given keys [S] and token_offsets = token * GAMMA ([V] or [S, V])."""
+    """[S, V] int64: mix64(key + token * GAMMA), given keys [S] and token_offsets = token * GAMMA ([V] or [S, V]).
+
+    In place on two buffers: on the CPU, every fresh [S, V] tensor costs more in page faults than an op on it.
+    """
     z = keys[:, None] + token_offsets
-    z ^= _logical_shift(z, 30)
-    z *= _signed(_MIX1)
-    z ^= _logical_shift(z, 27)
-    z *= _signed(_MIX2)
-    z ^= _logical_shift(z, 31)
+    shifted = torch.empty_like(z)
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1)  # a logical shift
+        z.bitwise_xor_(shifted)
+        if multiplier is not None:
+            z.mul_(_signed(multiplier))
     return z
 
 
@@ -157,9 +157,10 @@ def _exponential_noise(bits: torch.Tensor) -> torch.Tensor:
     53 bits, not 24, so that a variate near 0 (the one that wins a race whatever its token's probability) is
     resolved finely; float32 then keeps 24 significant bits of it. u rounds to 1 only in its top 2**-25 tail,
     which gives an infinite variate: that token cannot win this draw (Exp(1) is rarely above 17 anyway).
+    Overwrites bits.
     """
-    u = _logical_shift(bits, 11).to(torch.float32).add_(0.5).mul_(2.0**-53)
-    return torch.log1p(u.neg_()).neg_()
+    top = bits.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
+    return top.to(torch.float32).add_(0.5).mul_(-(2.0**-53)).log1p_().neg_()
 
 
 # -- the sampler ----------------------------------------------------------------------------------
@@ -233,10 +234,13 @@ class Sampler:
         if not sampled and not penalised:
             return logits.argmax(dim=-1)
 
-        sp = [params[i] for i in sampled]
-        pp = [params[i] for i in penalised]
-        top_k = [p.top_k if 0 < p.top_k < V else 0 for p in sp]  # 0: no limit
-        ints = {"pidx": penalised, "prow": [rows[i] for i in penalised], "sidx": sampled, "top_k": top_k,
+        # sampled rows that need a sort (top-p, or a top-k too large for topk) go first, so each group is a slice
+        top_k = {i: params[i].top_k if 0 < params[i].top_k < V else 0 for i in sampled}  # 0: no limit
+        sorts = {i: params[i].top_p < 1.0 or top_k[i] > _TOP_K_WITHOUT_SORT for i in sampled}
+        sampled = sorted(sampled, key=lambda i: not sorts[i])
+        sp, pp = [params[i] for i in sampled], [params[i] for i in penalised]
+        ints = {"pidx": penalised, "prow": [rows[i] for i in penalised], "sidx": sampled,
+                "top_k": [top_k[i] for i in sampled],
                 "keys": _stream_keys([seeds[i] for i in sampled], [steps[i] for i in sampled])}
         floats = {"rep": [p.repetition_penalty for p in pp], "pres": [p.presence_penalty for p in pp],
                   "freq": [p.frequency_penalty for p in pp], "temp": [p.temperature for p in sp],
@@ -249,11 +253,16 @@ class Sampler:
         if not sampled:
             tokens = x.argmax(dim=-1)
         else:
-            all_sampled = len(sampled) == B
-            drawn = self._draw(x if all_sampled else x[t["sidx"]], t, max(top_k), any(p.top_p < 1.0 for p in sp),
-                               any(p.min_p > 0.0 for p in sp))
-            tokens = drawn if all_sampled else x.argmax(dim=-1).index_copy_(0, t["sidx"], drawn)
-        if penalised:
+            every_row = sampled == list(range(B))
+            xs = (x if every_row else x[t["sidx"]]) / t["temp"][:, None]
+            n_sorted = sum(sorts.values())
+            drawn = [self._draw(xs[lo:hi], {k: t[k][lo:hi] for k in ("keys", "top_k", "top_p", "min_p")}, sort=sort,
+                                max_k=max(ints["top_k"][lo:hi]), any_top_p=any(p.top_p < 1.0 for p in sp[lo:hi]),
+                                any_min_p=any(p.min_p > 0.0 for p in sp[lo:hi]))
+                     for lo, hi, sort in ((0, n_sorted, True), (n_sorted, len(sampled), False)) if lo < hi]
+            drawn = drawn[0] if len(drawn) == 1 else torch.cat(drawn)
+            tokens = drawn if every_row else x.argmax(dim=-1).index_copy_(0, t["sidx"], drawn)
+        if penalised:  # one scatter: the penalised rows' tokens join their output counts
             self._output_counts.index_put_((t["prow"], tokens[t["pidx"]]), self._one, accumulate=True)
         return tokens
 
@@ -267,12 +276,12 @@ class Sampler:
         x = x - freq[:, None] * counts
         return x - pres[:, None] * seen
 
-    def _draw(self, x: torch.Tensor, t: dict[str, torch.Tensor], max_k: int, any_top_p: bool,
+    def _draw(self, x: torch.Tensor, t: dict[str, torch.Tensor], *, sort: bool, max_k: int, any_top_p: bool,
               any_min_p: bool) -> torch.Tensor:
-        """x [S, V] penalised logits of the sampled rows -> one token each, drawn by an exponential race."""
-        x = x / t["temp"][:, None]
-        order = None  # [S, V] token ids in descending logit order, when the rows were sorted
-        if any_top_p or max_k > _TOP_K_WITHOUT_SORT:
+        """x [n, V] temperature-scaled logits -> one token per row, by an exponential race over what the row's
+        top-k, top-p and min-p keep. sort: the rows are sorted (needed for top-p); else top-k uses topk."""
+        order = None  # [n, V] token ids in descending logit order, when the rows are sorted
+        if sort:
             x, order = x.sort(dim=-1, descending=True, stable=True)  # stable: ties in token order on every device
             if max_k:
                 x = _mask_below_kth(x, x, t["top_k"])
@@ -280,7 +289,7 @@ class Sampler:
             if any_top_p:
                 probs = w / w.sum(dim=-1, keepdim=True)
                 # keep the token that crosses top_p (rows without top-p have top_p = inf)
-                w.masked_fill_(probs.cumsum(dim=-1) - probs >= t["top_p"][:, None], 0.0)
+                w.masked_fill_(probs.cumsum(dim=-1).sub_(probs) >= t["top_p"][:, None], 0.0)
         else:
             if max_k:
                 x = _mask_below_kth(x, x.topk(max_k, dim=-1).values, t["top_k"])
