@@ -155,10 +155,11 @@ def test_each_parameter_alone_samples_the_target_distribution(vocab, name, vary)
     assert chi_square_p(tokens, reference_probs(logits, SINGLE[name])) > ALPHA
 
 
-@pytest.mark.parametrize("sort_free_top_k", [True, False])
-def test_mixed_parameters_in_one_batch_each_sample_their_own_distribution(monkeypatch, sort_free_top_k):
+@pytest.mark.parametrize("sort_free_top_k, split", [(True, True), (False, True), (True, False)])
+def test_mixed_parameters_in_one_batch_each_sample_their_own_distribution(monkeypatch, sort_free_top_k, split):
     """Rows of different params and logits interleaved in one batch, with top-p rows present or not (so the sorted
-    path and the topk path both run), and top-k found by a sort when sort_free_top_k is off."""
+    path and the topk path both run), top-k found by a sort when sort_free_top_k is off, and rows that need no sort
+    drawn apart (split, the CPU's way) or sorted with the rest (the GPU's way)."""
     if not sort_free_top_k:
         monkeypatch.setattr(sampling, "_TOP_K_WITHOUT_SORT", 0)
     vocab, n = 50, N_DRAWS
@@ -168,6 +169,7 @@ def test_mixed_parameters_in_one_batch_each_sample_their_own_distribution(monkey
         logits = torch.stack([fixed_logits(vocab, seed=i) for i in range(len(mix))])
         rows = torch.arange(n * len(mix)) % len(mix)  # row r has params mix[r % len(mix)]
         sampler = Sampler(vocab, 1, CPU)
+        sampler.split_sorted_rows = split
         tokens = sampler.sample(logits[rows], [0] * len(rows), [mix[r] for r in rows.tolist()],
                                 list(range(len(rows))), [7] * len(rows))
         for j, p in enumerate(mix):
@@ -205,10 +207,12 @@ def test_sampled_tokens_are_the_exponential_race_of_the_reference():
                SamplingParams(min_p=0.1, temperature=1.3), SamplingParams(top_k=20, top_p=0.9, min_p=0.02)]
     params = [choices[i % len(choices)] for i in range(n)]
     seeds, steps = [1000 + i for i in range(n)], [i % 7 for i in range(n)]
-    got = Sampler(vocab, 1, CPU).sample(logits, [0] * n, params, seeds, steps).tolist()
     want = [int(np.argmax(reference_probs(logits[i], params[i]).numpy() / reference_noise(seeds[i], steps[i], vocab)))
             for i in range(n)]
-    assert got == want
+    for split in (True, False):
+        sampler = Sampler(vocab, 1, CPU)
+        sampler.split_sorted_rows = split
+        assert sampler.sample(logits, [0] * n, params, seeds, steps).tolist() == want
 
 
 def test_a_seeded_row_samples_the_same_tokens_alone_and_in_any_batch():
