@@ -113,8 +113,9 @@ def _check_number(name: str, value: object, lo: float | None = None, hi: float |
 # request samples the same tokens whatever shares its batch and whichever row it has. The bits come from
 # splitmix64: key(seed, step) is computed on the host with numpy's uint64 (wrapping is defined there), and each
 # token's word is mix64(key + token * GAMMA) computed on the device in int64. Torch has no uint64 shifts, so
-# the shifts are arithmetic ones masked to be logical; int64 multiplication wraps modulo 2**64 on the CPU
-# (scalar and vector kernels) and on CUDA alike, which tests/test_sampling.py checks bit for bit against numpy.
+# the shifts are arithmetic ones masked to be logical. int64 multiplication wraps modulo 2**64 on the CPU
+# (scalar and vector kernels) and on CUDA alike: tests/test_sampling.py checks the CPU's words against plain Python
+# integers, and CUDA's against the CPU's (bit-identical on an H200 with torch 2.11).
 
 _GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -172,9 +173,11 @@ _TOP_K_WITHOUT_SORT = 1024  # below this largest k, a batch without top-p finds 
 class Sampler:
     """Samples one token per row of a [B, V] float32 logits tensor, every row in one pass whatever its params.
 
-    Order, as in vLLM: penalties, then greedy rows take the argmax; sampled rows: temperature, top-k, top-p,
-    min-p, then one exponential race per row, argmax(p / E) with E ~ Exp(1) per token, which draws exactly
-    from p (the same as the Gumbel-max trick).
+    Order: penalties (repetition, frequency, presence, as vLLM applies them), then greedy rows take the argmax;
+    sampled rows: temperature, top-k, top-p (computed on the top-k survivors), min-p (relative to the most likely
+    token, which top-k and top-p always keep), then one exponential race per row: argmax(p / E) with E ~ Exp(1)
+    per token, which draws exactly from p (the Gumbel-max trick in another form). vLLM V1 applies min-p before
+    top-k/top-p; the two orders differ only for rows that combine min-p with top-p.
 
     Reproducibility: a token depends only on the row's (seed, step), its penalised logits and its params. Its
     noise words are integers, bit-identical on every device. The float work around them (exp, log1p, the
