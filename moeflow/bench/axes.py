@@ -7,7 +7,7 @@ to wire a new predictor, selector or scheduling policy into the benchmark:
 
     load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR (not yet)
     load_selector_arg(text, engine)    exact | lynx (not yet)
-    load_scheduling_arg(text, engine)  fcfs | route-aware (not yet)
+    load_scheduling_arg(text, spec)    fcfs | route-aware (not yet)
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ def load_selector_arg(text: str, engine):
     raise ConfigError(f"--routing {text!r} unknown; choose exact (or lynx, once it exists)")
 
 
-def load_scheduling_arg(text: str, engine):
-    """A scheduling policy for `--scheduling` value `text`."""
+def load_scheduling_arg(text: str, spec):
+    """A scheduling policy for `--scheduling` value `text`, for a model of `spec` (before any engine exists:
+    the engine is built with the first configuration's policy)."""
     from moeflow.engine.policies import POLICIES
 
     if text in POLICIES:
@@ -91,7 +92,7 @@ def check(configurations: list[Configuration], engine) -> None:
         load_selector_arg(text, engine)
     names = list(dict.fromkeys(c.scheduling for c in configurations))
     for text in names:
-        load_scheduling_arg(text, engine)
+        load_scheduling_arg(text, engine.spec)
     if names != [engine.scheduler.policy.name] and not hasattr(engine, "set_scheduling"):
         raise ConfigError(f"--scheduling {','.join(names)}: this engine cannot change its scheduling policy "
                           f"between runs (it runs {engine.scheduler.policy.name}); LLMEngine.set_scheduling is "
@@ -107,4 +108,4 @@ def apply(configuration: Configuration, engine) -> None:
     if current != configuration.routing:
         engine.set_selector(load_selector_arg(configuration.routing, engine))
     if engine.scheduler.policy.name != configuration.scheduling:
-        engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine))
+        engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))

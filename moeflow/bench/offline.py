@@ -154,9 +154,10 @@ def main(args: argparse.Namespace) -> int:
     from moeflow.bench import axes
     from moeflow.bench.floors import device_memory_bandwidth, expert_load_bandwidth, pinned_h2d_bandwidth
     from moeflow.bench.report import summary_table, write_report
-    from moeflow.config import EngineConfig
+    from moeflow.config import CacheConfig, EngineConfig, ExpertBudget
     from moeflow.engine.engine import LLMEngine
     from moeflow.errors import ConfigError
+    from moeflow.weights.checkpoint import Checkpoint
     from moeflow.weights.synthetic import SyntheticCheckpoint, write_checkpoint
 
     kind = _check(args)
@@ -175,15 +176,24 @@ def main(args: argparse.Namespace) -> int:
         if args.synthetic_dir:
             model_dir = str(write_checkpoint(checkpoint, Path(args.synthetic_dir)))
             os.sync()  # the checkpoint's dirty pages are written back now, not during the timed runs
+    if checkpoint is None:
+        checkpoint = Checkpoint(model_dir)
     prompt_len = args.max_prompt_len if kind == "text" else args.prompt_len
     rows = args.max_num_seqs or max(args.batch_sizes)
+    # the engine starts on a small pool that reads no expert (each run sets its own budget) and with the first
+    # configuration's scheduling policy; every axis value is loaded once before the experts are read, so that
+    # a bad one fails in seconds
+    start_budget = ExpertBudget("per_layer", checkpoint.spec.router.top_k)
     config = EngineConfig(model=model_dir or "<synthetic>", device=args.device, dtype=args.dtype,
                           max_model_len=prompt_len + args.output_len + 8, max_num_seqs=rows,
-                          max_batch_size=args.max_batch_size, max_num_batched_tokens=rows * prompt_len)
-    engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint)
+                          max_batch_size=args.max_batch_size, max_num_batched_tokens=rows * prompt_len,
+                          cache=CacheConfig(budget=start_budget))
+    policy = axes.load_scheduling_arg(configurations[0].scheduling, checkpoint.spec)
+    engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint, scheduling=policy)
     spec = engine.spec
-    workload = build_workload(kind, args, model_dir, spec.vocab_size)
+    axes.check(configurations, engine)
     _check_budgets(engine, args.budgets + [args.accelerate_budget])
+    workload = build_workload(kind, args, model_dir, spec.vocab_size)
     engine.store.fill_all(progress=True)  # reading experts from disk is start-up, not a step's stall
     bandwidths = {"pinned_h2d_bytes_per_s": None, "device_memory_bytes_per_s": None,
                   "expert_load_bytes_per_s": None, "plain_copy_same_bytes_per_s": None}

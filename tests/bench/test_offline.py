@@ -149,11 +149,16 @@ def test_text_workload_end_to_end_on_cpu(tmp_path, capsys):
     assert (out / "summary.md").is_file() and (out / "bytes_per_token.png").is_file()
 
 
-def test_offline_refuses_what_it_cannot_measure(capsys):
+def test_offline_refuses_what_it_cannot_measure(tmp_path, capsys):
     rc = moeflow_main(["bench", "offline", "--model", str(default_model_dir()), "--out", "/nonexistent"])
     assert rc == 2 and "--workload text needs --data" in capsys.readouterr().err
     rc = moeflow_main(["bench", "offline", "--synthetic", "qwen3-30b-a3b-8l", "--workload", "text", "--out", "x"])
     assert rc == 2 and "needs a trained --model" in capsys.readouterr().err
+    # an axis value that cannot run fails before any expert is read or any cell runs
+    rc = moeflow_main(["bench", "offline", "--model", str(default_model_dir()), "--device", "cpu", "--dtype",
+                       "float32", "--data", str(HELDOUT), "--routing", "exact,lynx", "--out", str(tmp_path)])
+    assert rc == 2 and "lynx is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_axes_grid_and_hooks(tmp_path):
@@ -172,9 +177,9 @@ def test_axes_grid_and_hooks(tmp_path):
     assert axes.load_selector_arg("exact", engine) is None
     with pytest.raises(ConfigError, match="lynx is not supported yet"):
         axes.load_selector_arg("lynx", engine)
-    assert axes.load_scheduling_arg("fcfs", engine).name == "fcfs"
+    assert axes.load_scheduling_arg("fcfs", engine.spec).name == "fcfs"
     with pytest.raises(ConfigError, match="route-aware is not supported yet"):
-        axes.load_scheduling_arg("route-aware", engine)
+        axes.load_scheduling_arg("route-aware", engine.spec)
     axes.check(grid, engine)
     with pytest.raises(ConfigError, match="route-aware"):
         axes.check(axes.grid(["none"], ["exact"], ["fcfs", "route-aware"]), engine)
