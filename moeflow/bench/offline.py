@@ -241,7 +241,7 @@ def main(args: argparse.Namespace) -> int:
         "workload": workload.describe(), "workload_note": workload.note, "batches_per_cell": args.batches_per_cell,
         "configurations": [c.as_dict() for c in configurations],
         "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
-                   "graph_captures_at_set_up": captures, "graph_capture_s": capture_s},
+                   "graph_captures_total": captures, "graph_capture_s": capture_s},
     }
     write_report(out, meta, results, args.accelerate_budget)
     print(summary_table(meta, results))

@@ -141,6 +141,10 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
              f"- timing: warm (a warm-up batch of other prompts per configuration and batch size; decode graphs "
              f"captured at set-up), decode phase only, {meta['batches_per_cell']} batches of different prompts per "
              "cell with their figures summed, the expert cache emptied in place before every offloaded batch"]
+    if meta.get("engine"):
+        e = meta["engine"]
+        lines.append(f"- engine: {e['max_num_seqs']} sequences at once, at most {e['max_batch_size']} per decode step, "
+                     f"{e['eviction']} eviction; batch = requests per timed batch")
     if meta.get("workload_note"):
         lines.append(f"- **{meta['workload_note']}**")
     if len(meta.get("configurations", [])) > 1:

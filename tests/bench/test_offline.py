@@ -146,6 +146,7 @@ def test_text_workload_end_to_end_on_cpu(tmp_path, capsys):
     text = (out / "results.md").read_text()
     assert "- workload: text: documents of" in text and "temperature 0.8, top_p 0.95" in text
     assert "| tokens as base |" in text and "validation loss" in text and "--predictors none,previous" in text
+    assert "- engine: 2 sequences at once, at most 2 per decode step, lru eviction" in text
     assert (out / "summary.md").is_file() and (out / "bytes_per_token.png").is_file()
 
 
@@ -190,3 +191,15 @@ def test_expert_load_bandwidth_drives_the_cache_demand_path(engine):
     cache = engine.cache
     assert cache.num_slots == engine.spec.num_experts and not cache.fully_resident
     assert cache.stats.total().misses == engine.spec.num_experts, "the last rep loaded one layer from empty"
+
+
+def test_a_cell_larger_than_a_decode_step_and_than_the_kv_rows(checkpoint):
+    """The scheduling axis' shape: 6 requests on 4 KV rows, 2 per decode step; a prefill comes mid-decode."""
+    cfg = EngineConfig(model=str(checkpoint("qwen3_moe", "fused")), device="cpu", dtype="float32", max_model_len=32,
+                       max_num_seqs=4, max_batch_size=2)
+    engine = LLMEngine(cfg, skip_tokenizer_init=True)
+    workload = SyntheticWorkload(engine.spec.vocab_size, prompt_len=6, output_len=4, seed=2)
+    [r] = measure_grid(engine, workload, ["25%"], [6], axes.grid(["none"], ["exact"], ["fcfs"]), 1, log=print)
+    assert r.decode_tokens == 6 * 3 and len(r.distinct_tokens) == 6 and r.prompt_tokens == 6 * 6
+    assert r.decode_steps >= 9, "two sequences per decode step at most"
+    assert 0 < r.belady_misses <= r.misses and r.graph_captures == 0
