@@ -329,7 +329,12 @@ def _validation_loss(model_dir: str | None) -> float | None:
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
+    """The command's arguments as given or defaulted, less those its workload does not read."""
     skip = {"command", "benchmark", "_main", "_bench_main"}
+    if (args.workload or ("synthetic" if args.synthetic else "text")) == "text":
+        skip |= {"prompt_len"}
+    else:
+        skip |= {"data", "min_prompt_len", "max_prompt_len", "temperature", "top_p"}
     parts = []
     for k, v in vars(args).items():
         if k in skip or v is None or v is False or (k == "device" and v == "cuda"):

@@ -124,9 +124,9 @@ def run_moeflow(engine: LLMEngine, budget: str, batches: list[list[Request]], wa
         _drive(engine, [replace(r, params=replace(r.params, max_tokens=min(WARMUP_TOKENS, r.params.max_tokens)))
                         for r in warmup], "warmup")
     result = RunResult(system="moeflow", budget=budget, batch=len(batches[0]),
-                       output_len=batches[0][0].params.max_tokens, batches=len(batches), configuration=dict(configuration or {}),
-                       expert_bytes=engine.cache.expert_bytes, num_slots=engine.cache.num_slots,
-                       fully_resident=engine.cache.fully_resident)
+                       output_len=batches[0][0].params.max_tokens, batches=len(batches),
+                       configuration=dict(configuration or {}), expert_bytes=engine.cache.expert_bytes,
+                       num_slots=engine.cache.num_slots, fully_resident=engine.cache.fully_resident)
     captures = engine.graph_captures
     ttfts, tpots = [], []
     for j, batch in enumerate(batches):

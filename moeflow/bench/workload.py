@@ -30,9 +30,9 @@ from moeflow.sampling import SamplingParams
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_CHARS_PER_TOKEN = 16  # a document is cut to this many characters per wanted token before tokenising
-DEGENERATE_NOTE = ("synthetic workload: random token ids decoded greedily. Its routing is degenerate (a random-"
-                   "weight model falls into a loop of a few tokens, see distinct output tokens per request, so "
-                   "every step hits the same experts): these figures measure kernel speed, not caching, "
+DEGENERATE_NOTE = ("synthetic workload: random token ids decoded greedily. On a random-weight model its routing is "
+                   "degenerate: decoding falls into a loop of a few tokens (see distinct output tokens per request), "
+                   "so every step hits the same experts. These figures measure kernel speed, not caching, "
                    "prediction or scheduling.")
 
 
