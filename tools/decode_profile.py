@@ -7,7 +7,8 @@ Model: a random-weight model of Qwen3-30B-A3B's shapes with 8 layers (as `moeflo
 qwen3-30b-a3b-8l`), bfloat16, 64-token prompts, 64 greedy tokens. For each budget:
 
 - "new pool": the pool is allocated for the run, so its CUDA graphs are captured during the timed decode
-  (what `moeflow bench offline` measured before the cache could be emptied in place);
+  (what `moeflow bench offline` measured before the cache could be emptied in place; since the engine
+  captures a pool's graphs when it makes the pool, this run no longer captures them while timed);
 - "emptied in place": the same pool emptied, its graphs kept from the warm-up (what it measures now);
 - a cProfile of one more emptied-in-place run: the host functions by own time.
 """
@@ -25,7 +26,10 @@ import torch
 
 
 def main() -> None:
-    from moeflow.bench.runs import random_prompts, run_moeflow
+    from dataclasses import replace
+
+    from moeflow.bench.runs import run_moeflow
+    from moeflow.bench.workload import SyntheticWorkload
     from moeflow.config import EngineConfig
     from moeflow.engine.engine import LLMEngine
     from moeflow.weights.synthetic import SyntheticCheckpoint
@@ -43,16 +47,17 @@ def main() -> None:
                                     max_num_batched_tokens=64),
                        skip_tokenizer_init=True, checkpoint=checkpoint)
     engine.store.fill_all(progress=False)
-    prompts = random_prompts(1, 64, engine.spec.vocab_size, seed=1)
+    batch = SyntheticWorkload(engine.spec.vocab_size, prompt_len=64, output_len=args.output_len, seed=1).requests(0, 1)
+    short = [replace(r, params=replace(r.params, max_tokens=3)) for r in batch]
     rows = []
     for budget in args.budgets.split(","):
         other = "10%" if budget != "10%" else "25%"
-        run_moeflow(engine, other, prompts, 3)  # a pool of another size, so the next run allocates anew
-        new = run_moeflow(engine, budget, prompts, args.output_len, warmup=False)
-        kept = run_moeflow(engine, budget, prompts, args.output_len)
+        run_moeflow(engine, other, [short], warmup=short)  # a pool of another size, so the next run allocates anew
+        new = run_moeflow(engine, budget, [batch])
+        kept = run_moeflow(engine, budget, [batch], warmup=batch)
         prof = cProfile.Profile()
         prof.enable()
-        profiled = run_moeflow(engine, budget, prompts, args.output_len)
+        profiled = run_moeflow(engine, budget, [batch], warmup=batch)
         prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)

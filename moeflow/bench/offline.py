@@ -1,10 +1,14 @@
 """`moeflow bench offline`: one process, one model, the same prompts, every configuration side by side.
 
-moeflow at each expert budget (LRU, on demand), transformers' generate with the whole model
-on the GPU, and transformers with accelerate offloading held to the GPU memory of a moeflow
-budget. For every offloaded moeflow run the report gives its floor (bytes moved over the
-measured pinned bandwidth plus the resident decode time) and the same for an optimal
-(Belady) cache, and measured/floor.
+The grid is budget x batch size x configuration (predictor x routing x scheduling, axes.py), on a
+workload (workload.py): by default the text workload, documents of the corpus test split on a trained
+model with sampling; `--workload synthetic` (random ids, greedy) is for kernel speed and shapes no trained
+model has, and its report says its routing is degenerate. Beside moeflow, on the same model and prompts:
+transformers' generate with the whole model on the GPU, and transformers with accelerate offloading held
+to the GPU memory of a moeflow budget. Every cell reports decode tokens/s, TTFT, TPOT, hit rate, bytes
+moved per output token beside an optimal (Belady) cache's on the same uses, exposed copy stall, distinct
+experts per layer-step and distinct output tokens per request; offloaded cells also their bandwidth
+floors, and every non-baseline configuration its ratios to the baseline of the same cell.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import os
 import platform
+import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -23,45 +30,145 @@ def _csv(kind):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model directory")
-    src.add_argument("--synthetic", help="a random-weight model of a real shape: qwen3-30b-a3b-8l or mixtral-8x7b")
+    src.add_argument("--model", help="model directory (for --workload text: a trained model, with its tokenizer)")
+    src.add_argument("--synthetic", help="a random-weight model of a real shape: qwen3-30b-a3b-8l or mixtral-8x7b "
+                                         "(implies --workload synthetic)")
     p.add_argument("--synthetic-dir", default=None,
                    help="write the synthetic model here first, so transformers baselines can load it")
-    p.add_argument("--budgets", type=_csv(str), default=["100%", "50%", "25%", "10%"])
-    p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32, 64])
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--baselines", type=_csv(str), default=["transformers", "accelerate"],
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", choices=["text", "synthetic"], default=None,
+                   help="text (default): corpus test-split prompts, sampling; synthetic: random ids, greedy "
+                        "(degenerate routing: kernel speed only)")
+    w.add_argument("--data", default=None, help="text workload: a corpus directory (its test split), a directory "
+                                                "of jsonl files or one jsonl file")
+    w.add_argument("--min-prompt-len", type=int, default=64, help="text workload (default: %(default)s)")
+    w.add_argument("--max-prompt-len", type=int, default=256, help="text workload (default: %(default)s)")
+    w.add_argument("--prompt-len", type=int, default=64, help="synthetic workload (default: %(default)s)")
+    w.add_argument("--output-len", type=int, default=64)
+    w.add_argument("--temperature", type=float, default=0.8, help="text workload (default: %(default)s)")
+    w.add_argument("--top-p", type=float, default=0.95, help="text workload (default: %(default)s)")
+    w.add_argument("--batches-per-cell", type=int, default=3,
+                   help="batches of different prompts each cell runs, timings summed (default: %(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the per-request sampling seeds")
+    g = p.add_argument_group("grid")
+    g.add_argument("--budgets", type=_csv(str), default=["100%", "50%", "25%", "10%"])
+    g.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32])
+    g.add_argument("--predictors", type=_csv(str), default=["none"],
+                   help="comma list: none, previous, frequency (a trained predictor's directory: to come); "
+                        "the first is the baseline")
+    g.add_argument("--routing", type=_csv(str), default=["exact"], help="comma list: exact (lynx: to come)")
+    g.add_argument("--scheduling", type=_csv(str), default=["fcfs"], help="comma list: fcfs (route-aware: to come)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences running at once (default: the largest batch size)")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help="the most sequences one decode step takes (default: --max-num-seqs)")
+    g.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
+    b = p.add_argument_group("baselines")
+    b.add_argument("--baselines", type=_csv(str), default=["transformers", "accelerate"],
                    help="comma list of: transformers, accelerate (or empty)")
-    p.add_argument("--baseline-batch-sizes", type=_csv(int), default=None,
+    b.add_argument("--baseline-batch-sizes", type=_csv(int), default=None,
                    help="batch sizes for transformers (default: --batch-sizes)")
-    p.add_argument("--accelerate-budget", default="25%", help="moeflow budget whose GPU memory accelerate is held to")
-    p.add_argument("--accelerate-batch-sizes", type=_csv(int), default=[1, 16])
-    p.add_argument("--accelerate-output-len", type=int, default=8)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
-    p.add_argument("--seed", type=int, default=0)
+    b.add_argument("--accelerate-budget", default="25%", help="moeflow budget whose GPU memory accelerate is held to")
+    b.add_argument("--accelerate-batch-sizes", type=_csv(int), default=[1, 8])
+    b.add_argument("--accelerate-output-len", type=int, default=8)
+    b.add_argument("--accelerate-batches", type=int, default=1, help="batches per accelerate cell (it is slow)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run, no floors
     p.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
     p.add_argument("--title", default=None)
+
+
+def _check(args: argparse.Namespace) -> str:
+    """The workload to run, once the arguments are known to make sense together."""
+    from moeflow.config import ExpertBudget
+    from moeflow.errors import ConfigError
+
+    workload = args.workload or ("synthetic" if args.synthetic else "text")
+    if workload == "text" and args.synthetic:
+        raise ConfigError("--workload text needs a trained --model: a random-weight model's routing is degenerate")
+    if workload == "text" and not args.data:
+        raise ConfigError("--workload text needs --data CORPUS_DIR (`moeflow data build DIR` makes one; a directory "
+                          "or file of jsonl documents also works)")
+    if args.batches_per_cell < 1 or args.accelerate_batches < 1:
+        raise ConfigError("--batches-per-cell and --accelerate-batches must be at least 1")
+    if not args.budgets or not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise ConfigError("--budgets and --batch-sizes need at least one value each, batch sizes >= 1")
+    for budget in args.budgets:
+        ExpertBudget.parse(budget)
+    return workload
+
+
+def build_workload(kind: str, args: argparse.Namespace, model_dir: str | None, vocab_size: int):
+    from moeflow.bench.workload import SyntheticWorkload, TextWorkload, load_documents
+    from moeflow.tokenizer import Tokenizer
+
+    if kind == "synthetic":
+        return SyntheticWorkload(vocab_size, prompt_len=args.prompt_len, output_len=args.output_len, seed=args.seed)
+    tokenizer = Tokenizer(model_dir)
+    return TextWorkload(load_documents(args.data), tokenizer.encode, min_len=args.min_prompt_len,
+                        max_len=args.max_prompt_len, output_len=args.output_len, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, source=str(args.data))
+
+
+def measure_grid(engine, workload, budgets: list[str], batch_sizes: list[int], configurations: list,
+                 batches_per_cell: int, eviction: str = "lru", log: Callable[[str], None] = print) -> list:
+    """Every budget (largest first: the resident run is every offloaded run's reference) x configuration x
+    batch size. Timed batch j of batch size B takes requests j*B .. (j+1)*B-1 of the workload's stream, the
+    same in every configuration; warm-ups take requests past every timed one. Configurations change inside
+    a budget, so a selector's graphs are captured once per budget and configuration, not per cell."""
+    from moeflow.bench import axes
+    from moeflow.bench.runs import run_moeflow
+
+    axes.check(configurations, engine)
+    warm_at = batches_per_cell * max(batch_sizes)
+    results = []
+    for budget in sorted(dict.fromkeys(budgets), key=lambda b: -_budget_device_bytes(engine, b)):
+        for conf in configurations:
+            for batch in batch_sizes:
+                axes.apply(conf, engine)  # every cell's predictor starts with no history
+                timed = [[r.with_routing(conf.routing) for r in workload.requests(j * batch, batch)]
+                         for j in range(batches_per_cell)]
+                warm = [r.with_routing(conf.routing) for r in workload.requests(warm_at, batch)]
+                r = run_moeflow(engine, budget, timed, warm, eviction=eviction, configuration=conf.as_dict())
+                results.append(r)
+                log(_line(r, conf.label))
+    engine.set_predictor(None)
+    return results
+
+
+def _line(r, label: str) -> str:
+    belady = r.belady_bytes_per_token
+    traffic = (f"{r.bytes_per_token / 1e6:8.1f} MB/tok (Belady {belady / 1e6:.1f})" if belady is not None
+               else " " * 8 + "resident")
+    graphs = f", {r.graph_captures} GRAPHS CAPTURED" if r.graph_captures else ""
+    tokens = r.as_dict()
+    return (f"moeflow {r.budget:>6} {label} batch {r.batch:>3}: {r.decode_tokens_per_s:9.1f} tok/s, TTFT "
+            f"{r.ttft_s * 1e3:7.1f} ms, hit rate {r.hit_rate:6.1%}, {traffic}, stall {r.stall_share:5.1%}, "
+            f"distinct tokens/request {tokens['distinct_tokens_mean']:.1f} (min {tokens['distinct_tokens_min']})"
+            f"{graphs}")
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from moeflow.bench import axes
     from moeflow.bench.floors import device_memory_bandwidth, expert_load_bandwidth, pinned_h2d_bandwidth
-    from moeflow.bench.report import write_report
-    from moeflow.bench.runs import random_prompts, run_moeflow
-    from moeflow.config import EngineConfig
+    from moeflow.bench.report import summary_table, write_report
+    from moeflow.config import CacheConfig, EngineConfig, ExpertBudget
     from moeflow.engine.engine import LLMEngine
     from moeflow.errors import ConfigError
+    from moeflow.weights.checkpoint import Checkpoint
     from moeflow.weights.synthetic import SyntheticCheckpoint, write_checkpoint
 
-    if not torch.cuda.is_available():
+    kind = _check(args)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         raise ConfigError("moeflow bench offline measures GPU configurations and needs a CUDA device")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    configurations = axes.grid(args.predictors, args.routing, args.scheduling)
 
     checkpoint, model_dir = None, args.model
     if args.synthetic:
@@ -69,66 +176,135 @@ def main(args: argparse.Namespace) -> int:
         if args.synthetic_dir:
             model_dir = str(write_checkpoint(checkpoint, Path(args.synthetic_dir)))
             os.sync()  # the checkpoint's dirty pages are written back now, not during the timed runs
-    max_batch = max(args.batch_sizes)
-    config = EngineConfig(model=model_dir or "<synthetic>", device="cuda", dtype=args.dtype,
-                          max_model_len=args.prompt_len + args.output_len + 8, max_num_seqs=max_batch,
-                          max_num_batched_tokens=max_batch * args.prompt_len)
-    engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint)
+    if checkpoint is None:
+        checkpoint = Checkpoint(model_dir)
+    prompt_len = args.max_prompt_len if kind == "text" else args.prompt_len
+    rows = args.max_num_seqs or max(args.batch_sizes)
+    # the engine starts on a small pool that reads no expert (each run sets its own budget) and with the first
+    # configuration's scheduling policy; every axis value is loaded once before the experts are read, so that
+    # a bad one fails in seconds
+    start_budget = ExpertBudget("per_layer", checkpoint.spec.router.top_k)
+    config = EngineConfig(model=model_dir or "<synthetic>", device=args.device, dtype=args.dtype,
+                          max_model_len=prompt_len + args.output_len + 8, max_num_seqs=rows,
+                          max_batch_size=args.max_batch_size, max_num_batched_tokens=rows * prompt_len,
+                          cache=CacheConfig(budget=start_budget))
+    policy = axes.load_scheduling_arg(configurations[0].scheduling, checkpoint.spec)
+    engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint, scheduling=policy)
     spec = engine.spec
+    axes.check(configurations, engine)
+    _check_budgets(engine, args.budgets + [args.accelerate_budget])
+    workload = build_workload(kind, args, model_dir, spec.vocab_size)
     engine.store.fill_all(progress=True)  # reading experts from disk is start-up, not a step's stall
-    bandwidth = pinned_h2d_bandwidth(64 * engine.store.expert_bytes, device)
-    memory_bandwidth = device_memory_bandwidth(device)
-    # the copy engine against one plain pinned copy of the same bytes (one layer's experts)
-    layer_bytes = spec.num_experts * engine.store.expert_bytes
-    load_bandwidth = expert_load_bandwidth(engine)
-    plain_bandwidth = pinned_h2d_bandwidth(layer_bytes, device)
-    print(f"pinned host->device: {bandwidth / 1e9:.1f} GB/s; device memory: {memory_bandwidth / 1e12:.2f} TB/s; "
-          f"expert loads: {load_bandwidth / 1e9:.1f} GB/s, {load_bandwidth / plain_bandwidth:.1%} of a plain pinned "
-          f"copy of the same {layer_bytes / 1e6:.0f} MB")
+    bandwidths = {"pinned_h2d_bytes_per_s": None, "device_memory_bytes_per_s": None,
+                  "expert_load_bytes_per_s": None, "plain_copy_same_bytes_per_s": None}
+    if cuda:
+        layer_bytes = spec.num_experts * engine.store.expert_bytes
+        bandwidths = {"pinned_h2d_bytes_per_s": pinned_h2d_bandwidth(64 * engine.store.expert_bytes, device),
+                      "device_memory_bytes_per_s": device_memory_bandwidth(device),
+                      # the copy engine against one plain pinned copy of the same bytes (one layer's experts)
+                      "expert_load_bytes_per_s": expert_load_bandwidth(engine),
+                      "plain_copy_same_bytes_per_s": pinned_h2d_bandwidth(layer_bytes, device)}
+        bw, load, plain = (bandwidths[k] for k in ("pinned_h2d_bytes_per_s", "expert_load_bytes_per_s",
+                                                   "plain_copy_same_bytes_per_s"))
+        print(f"pinned host->device: {bw / 1e9:.1f} GB/s; device memory: "
+              f"{bandwidths['device_memory_bytes_per_s'] / 1e12:.2f} TB/s; expert loads: {load / 1e9:.1f} GB/s, "
+              f"{load / plain:.1%} of a plain pinned copy of the same {layer_bytes / 1e6:.0f} MB")
+    if workload.note:
+        print(workload.note)
 
-    results = []
-    # largest budget first: the resident run is every offloaded run's reference
-    budgets = sorted(set(args.budgets), key=lambda b: -_budget_device_bytes(engine, b))
-    for budget in budgets:
-        for batch in args.batch_sizes:
-            prompts = random_prompts(batch, args.prompt_len, spec.vocab_size, args.seed + batch)
-            r = run_moeflow(engine, budget, prompts, args.output_len, eviction=args.eviction)
-            results.append(r)
-            print(f"moeflow {budget:>6} batch {batch:>3}: {r.decode_tokens_per_s:9.1f} tok/s, "
-                  f"TTFT {r.ttft_s * 1e3:8.1f} ms, hit rate {r.hit_rate:6.1%}, peak {r.peak_device_bytes / 2**30:.2f} GiB",
-                  flush=True)
+    results = measure_grid(engine, workload, args.budgets, args.batch_sizes, configurations, args.batches_per_cell,
+                           eviction=args.eviction)
     accelerate_gpu_bytes = _budget_device_bytes(engine, args.accelerate_budget)
-    dense_bytes = engine.model.dense_bytes()
-    embedding_bytes = engine.model.w["model.embed_tokens.weight"].numel() * engine.model.w["model.embed_tokens.weight"].element_size()
-    expert_bytes = engine.store.expert_bytes
-    del engine
+    embedding = engine.model.w["model.embed_tokens.weight"]
+    sizes = {"expert_bytes": engine.store.expert_bytes, "dense_bytes": engine.model.dense_bytes(),
+             "embedding_bytes": embedding.numel() * embedding.element_size()}
+    captures, capture_s = engine.graph_captures, engine.graph_capture_s
+    del engine, embedding
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
-    if model_dir and "transformers" in args.baselines:
-        results += _baseline(model_dir, dtype, "transformers", "all on GPU", args.baseline_batch_sizes or args.batch_sizes,
-                             args, spec.vocab_size, device_map="cuda")
-    if model_dir and "accelerate" in args.baselines:
-        gib = accelerate_gpu_bytes / 2**30
-        results += _baseline(model_dir, dtype, "transformers+accelerate", f"{gib:.2f} GiB GPU",
-                             args.accelerate_batch_sizes, args, spec.vocab_size, device_map="auto",
-                             max_memory={0: f"{gib:.2f}GiB", "cpu": "200GiB"}, output_len=args.accelerate_output_len)
+    if model_dir:
+        results += run_baselines(model_dir, dtype, device, workload, args, accelerate_gpu_bytes)
 
     meta = {
-        "title": args.title or f"moeflow bench offline: {args.synthetic or Path(args.model).name}",
+        "title": args.title or f"moeflow bench offline: {args.synthetic or Path(args.model).name}, {kind} workload",
         "date": datetime.date.today().isoformat(),
         "command": "moeflow bench offline " + " ".join(_argv(args)),
-        "machine": f"{torch.cuda.get_device_name(device)}, {platform.machine()}, torch {torch.__version__}",
+        "machine": (f"{torch.cuda.get_device_name(device)}, " if cuda else "CPU only (no floors), ")
+                   + f"{platform.machine()}, torch {torch.__version__}",
         "model": args.synthetic or args.model, "architecture": spec.architecture,
+        "model_validation_loss": _validation_loss(args.model),
         "shape": {"layers": spec.num_layers, "experts": spec.num_experts, "top_k": spec.router.top_k,
                   "hidden": spec.hidden_size, "expert_width": spec.expert_width},
-        "expert_bytes": expert_bytes, "dense_bytes": dense_bytes, "embedding_bytes": embedding_bytes,
-        "pinned_h2d_bytes_per_s": bandwidth, "device_memory_bytes_per_s": memory_bandwidth, "dtype": args.dtype,
-        "expert_load_bytes_per_s": load_bandwidth, "plain_copy_same_bytes_per_s": plain_bandwidth,
-        "num_moe_layers": spec.num_moe_layers,
+        **sizes, **bandwidths, "dtype": args.dtype, "num_moe_layers": spec.num_moe_layers,
+        "workload": workload.describe(), "workload_note": workload.note, "batches_per_cell": args.batches_per_cell,
+        "configurations": [c.as_dict() for c in configurations],
+        "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
+                   "graph_captures_total": captures, "graph_capture_s": capture_s},
     }
     write_report(out, meta, results, args.accelerate_budget)
+    print(summary_table(meta, results))
     return 0
+
+
+def run_baselines(model_dir: str, dtype, device, workload, args: argparse.Namespace, accelerate_gpu_bytes: int,
+                  log: Callable[[str], None] = print) -> list:
+    """transformers on the GPU, and transformers + accelerate held to `accelerate_gpu_bytes`, on the same
+    requests as moeflow's cells of the same batch size."""
+    results = []
+    batch_sizes = args.baseline_batch_sizes or args.batch_sizes
+    if "transformers" in args.baselines:
+        results += _baseline(model_dir, dtype, "transformers", f"all on {device.type.upper()}", batch_sizes,
+                             workload, args.batches_per_cell, args.output_len, log, device_map=str(device))
+    if "accelerate" in args.baselines:
+        if device.type != "cuda":
+            log("transformers+accelerate: skipped, it offloads from a GPU")
+        else:
+            gib = accelerate_gpu_bytes / 2**30
+            results += _baseline(model_dir, dtype, "transformers+accelerate", f"{gib:.2f} GiB GPU",
+                                 args.accelerate_batch_sizes, workload, args.accelerate_batches,
+                                 args.accelerate_output_len, log, device_map="auto",
+                                 max_memory={0: f"{gib:.2f}GiB", "cpu": "200GiB"})
+    return results
+
+
+def _baseline(model_dir, dtype, system, budget, batch_sizes, workload, batches, output_len, log, **load_kwargs):
+    import torch
+    import transformers as tf
+
+    from moeflow.bench.runs import run_transformers
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **load_kwargs).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    out = []
+    for batch in batch_sizes:
+        timed = [workload.requests(j * batch, batch) for j in range(batches)]
+        r = run_transformers(model, system, budget, timed, output_len, pad_token_id=pad)
+        out.append(r)
+        d = r.as_dict()
+        log(f"{system} batch {batch:>3}: {r.decode_tokens_per_s:9.1f} tok/s, TTFT {r.ttft_s * 1e3:8.1f} ms, "
+            f"peak {r.peak_device_bytes / 2**30:.2f} GiB, distinct tokens/request {d['distinct_tokens_mean']:.1f} "
+            f"(min {d['distinct_tokens_min']})")
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def _check_budgets(engine, budgets: list[str]) -> None:
+    """Refuse, before any run, a budget too small for one layer's top-k."""
+    from moeflow.config import ExpertBudget
+    from moeflow.errors import ConfigError
+
+    spec = engine.spec
+    for budget in budgets:
+        slots = ExpertBudget.parse(budget).num_slots(expert_bytes=engine.store.expert_bytes,
+                                                     num_moe_layers=spec.num_moe_layers, num_experts=spec.num_experts)
+        if slots < spec.router.top_k:
+            raise ConfigError(f"budget {budget} buys {slots} expert slots; one layer's top-{spec.router.top_k} "
+                              "needs more")
 
 
 def _budget_device_bytes(engine, budget: str) -> int:
@@ -141,36 +317,33 @@ def _budget_device_bytes(engine, budget: str) -> int:
     return slots * engine.store.expert_bytes + engine.model.dense_bytes()
 
 
-def _baseline(model_dir, dtype, system, budget, batch_sizes, args, vocab, output_len=None, **load_kwargs):
-    import torch
-    import transformers as tf
-
-    from moeflow.bench.runs import random_prompts, run_transformers
-
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **load_kwargs).eval()
-    out = []
-    for batch in batch_sizes:
-        prompts = random_prompts(batch, args.prompt_len, vocab, args.seed + batch)
-        r = run_transformers(model, system, budget, prompts, output_len or args.output_len)
-        out.append(r)
-        print(f"{system} batch {batch:>3}: {r.decode_tokens_per_s:9.1f} tok/s, TTFT {r.ttft_s * 1e3:8.1f} ms, "
-              f"peak {r.peak_device_bytes / 2**30:.2f} GiB", flush=True)
-    del model
-    torch.cuda.empty_cache()
-    return out
+def _validation_loss(model_dir: str | None) -> float | None:
+    """The validation loss `moeflow train` recorded beside a model, if it did."""
+    path = Path(model_dir) / "training_log.json" if model_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["final"]["validation_loss"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
+    """The command's arguments as given or defaulted, less those its workload does not read."""
     skip = {"command", "benchmark", "_main", "_bench_main"}
+    if (args.workload or ("synthetic" if args.synthetic else "text")) == "text":
+        skip |= {"prompt_len"}
+    else:
+        skip |= {"data", "min_prompt_len", "max_prompt_len", "temperature", "top_p"}
     parts = []
     for k, v in vars(args).items():
-        if k in skip or v is None or v is False:
+        if k in skip or v is None or v is False or (k == "device" and v == "cuda"):
             continue
         flag = "--" + k.replace("_", "-")
         if v is True:
             parts.append(flag)
         elif isinstance(v, list):
-            parts += [flag, ",".join(map(str, v))]
+            parts += [flag, shlex.quote(",".join(map(str, v)))]
         else:
-            parts += [flag, str(v)]
+            parts += [flag, shlex.quote(str(v))]
     return parts

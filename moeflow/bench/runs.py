@@ -1,62 +1,108 @@
-"""One measured configuration: a moeflow engine at a budget, or a transformers baseline.
+"""One measured cell: a moeflow engine at a budget in one configuration, or a transformers baseline.
 
-Every run decodes `output_len` tokens greedily for `batch` random prompts of `prompt_len`
-tokens, with EOS ignored, so every configuration does the same work. Time to first token
-is the prefill step; decode figures cover the remaining output_len - 1 steps.
+A cell runs several batches of different requests from a workload (workload.py), each to its full
+output length with EOS ignored, so every configuration of a cell does the same work on the same prompts.
+Timing is warm: a warm-up batch of other prompts runs first (kernels compiled; CUDA graphs were captured
+when the pool was made), and every timed batch of an offloaded cell starts from an expert cache emptied
+in place. Figures are the decode phase's, summed over the cell's batches: a step counts as decode when the
+engine ran it as one, and its wall time (scheduling included) and expert traffic count with it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
-from moeflow.bench.floors import belady_misses, flatten
+from moeflow.bench.floors import belady_misses
+from moeflow.bench.workload import Request
 from moeflow.config import CacheConfig, ExpertBudget
 from moeflow.engine.engine import LLMEngine
-from moeflow.sampling import SamplingParams
+from moeflow.experts.stats import LayerStats
+
+WARMUP_TOKENS = 3  # a prefill and two decode steps at the batch's size
 
 
 @dataclass
 class RunResult:
     system: str  # "moeflow", "transformers", "transformers+accelerate"
     budget: str  # expert budget, or the GPU memory a baseline was held to
-    batch: int
-    prompt_len: int
+    batch: int  # requests per batch
     output_len: int
-    ttft_s: float
-    decode_s: float  # the output_len - 1 decode steps
-    peak_device_bytes: int
+    batches: int = 1  # batches of different prompts the cell ran
+    configuration: dict = field(default_factory=dict)  # predictor, routing, scheduling (moeflow)
+    prompt_tokens: int = 0  # over all batches
+    decode_tokens: int = 0  # tokens made by decode steps (each request's first comes from its prefill)
+    decode_steps: int = 0
+    ttft_s: float = 0.0  # mean over requests
+    decode_s: float = 0.0  # summed over batches
+    tpot_s: float = 0.0  # mean over requests: (last token - first token) / (tokens - 1)
+    peak_device_bytes: int = 0
+    # decode phase expert traffic (moeflow)
     hits: int = 0
     misses: int = 0
-    bytes_moved: int = 0  # during decode
-    stall_s: float = 0.0  # during decode
+    demand_bytes: int = 0
+    prefetches: int = 0
+    prefetch_bytes: int = 0
+    prefetch_hits: int = 0
+    wasted_prefetches: int = 0
+    stall_s: float = 0.0  # exposed copy stall of the compute stream
+    fully_resident: bool = False
+    belady_misses: int | None = None  # an optimal cache of the same slots on the same uses (None: resident)
+    expert_bytes: int = 0
     num_slots: int = 0
+    layer_steps: int = 0
+    distinct_experts: int = 0  # summed over (MoE layer, decode step)
+    picks: int = 0
+    remapped_picks: int = 0
+    graph_captures: int = 0  # decode graphs captured during the timed batches (should be 0)
+    distinct_tokens: list[int] = field(default_factory=list)  # distinct output tokens, per request
+    outputs: list[list[int]] = field(default_factory=list)  # per request, in stream order (not in results.json)
     extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.batch * (self.output_len - 1) / self.decode_s
-
-    @property
-    def tpot_s(self) -> float:
-        return self.decode_s / (self.output_len - 1)
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 1.0
 
+    @property
+    def bytes_moved(self) -> int:
+        return self.demand_bytes + self.prefetch_bytes
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_moved / self.decode_tokens if self.decode_tokens else 0.0
+
+    @property
+    def belady_bytes_per_token(self) -> float | None:
+        if self.belady_misses is None or not self.decode_tokens:
+            return None
+        return self.belady_misses * self.expert_bytes / self.decode_tokens
+
+    @property
+    def stall_share(self) -> float:
+        return self.stall_s / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def distinct_experts_per_layer_step(self) -> float | None:
+        return self.distinct_experts / self.layer_steps if self.layer_steps else None
+
     def as_dict(self) -> dict:
-        return asdict(self) | {"decode_tokens_per_s": self.decode_tokens_per_s, "tpot_s": self.tpot_s,
-                               "hit_rate": self.hit_rate}
-
-
-def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (batch, prompt_len), generator=g).tolist()
+        d = asdict(self)
+        del d["outputs"]
+        tokens = self.distinct_tokens
+        return d | {"decode_tokens_per_s": self.decode_tokens_per_s, "hit_rate": self.hit_rate,
+                    "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
+                    "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
+                    "distinct_experts_per_layer_step": self.distinct_experts_per_layer_step,
+                    "distinct_tokens_mean": float(np.mean(tokens)) if tokens else None,
+                    "distinct_tokens_min": min(tokens) if tokens else None}
 
 
 def _sync(device: torch.device) -> None:
@@ -64,83 +110,180 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_moeflow(engine: LLMEngine, budget: str, prompts: list[list[int]], output_len: int, eviction: str = "lru",
-                warmup: bool = True) -> RunResult:
-    """Decode `prompts` together from an empty cache of `budget`; records the decode phase's expert traffic."""
+def _minus(a: LayerStats, b: LayerStats) -> LayerStats:
+    return LayerStats(**{k: getattr(a, k) - getattr(b, k) for k in a.__dataclass_fields__})
+
+
+def run_moeflow(engine: LLMEngine, budget: str, batches: list[list[Request]], warmup: list[Request] | None = None,
+                eviction: str = "lru", configuration: dict | None = None) -> RunResult:
+    """Run `batches` one after another at `budget`, each from an empty cache; the engine is already set up
+    for the configuration (axes.apply). `warmup` runs first, untimed, WARMUP_TOKENS tokens per request."""
     cache_config = CacheConfig(budget=ExpertBudget.parse(budget), eviction=eviction)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    if warmup:  # compile kernels and capture graphs for these shapes, outside the timed run
-        engine.reset_expert_cache(cache_config)
-        _drive(engine, prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "warmup")
-    if not engine.cache.fully_resident or not warmup:
-        engine.reset_expert_cache(cache_config)  # offloaded runs start from an empty cache
+    engine.reset_expert_cache(cache_config)  # a new pool size captures its graphs here, before any timing
+    if warmup:
+        _drive(engine, [replace(r, params=replace(r.params, max_tokens=min(WARMUP_TOKENS, r.params.max_tokens)))
+                        for r in warmup], "warmup")
+    result = RunResult(system="moeflow", budget=budget, batch=len(batches[0]),
+                       output_len=batches[0][0].params.max_tokens, batches=len(batches),
+                       configuration=dict(configuration or {}), expert_bytes=engine.cache.expert_bytes,
+                       num_slots=engine.cache.num_slots, fully_resident=engine.cache.fully_resident)
+    captures = engine.graph_captures
+    ttfts, tpots = [], []
+    for j, batch in enumerate(batches):
+        if not engine.cache.fully_resident:
+            engine.reset_expert_cache(cache_config)  # the same size: emptied in place, graphs kept
+        _timed_batch(engine, batch, f"b{j}", result, ttfts, tpots)
+    result.graph_captures = engine.graph_captures - captures
+    result.ttft_s = float(np.mean(ttfts))
+    result.tpot_s = float(np.mean(tpots)) if tpots else 0.0
+    return result
+
+
+def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunResult, ttfts: list[float],
+                 tpots: list[float]) -> None:
     cache = engine.cache
-    log: list | None = [] if not cache.fully_resident else None
-    remove = engine.add_route_listener(lambda step, routes: log.extend(
-        (layer, np.flatnonzero(used).tolist()) for layer, used in zip(cache.layers, routes.used))) if log is not None else None
+    steps: list[tuple[bool, np.ndarray]] = []  # per step: prefill?, used [L, E]
+    remove = engine.add_route_listener(lambda view, routes: steps.append((view.is_prefill, routes.used.copy())))
     device = engine.device
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"run-{i}", p, params)
-    t0 = time.perf_counter()
-    engine.step()  # every prompt is admitted in one prefill step (the engine is sized for it)
-    ttft = time.perf_counter() - t0
-    if engine.num_waiting:
-        raise RuntimeError("benchmark batch did not fit one prefill step: raise max_num_batched_tokens")
-    before = cache.stats.total()
-    prefill_uses = len(flatten(log)) if log is not None else 0
-    t1 = time.perf_counter()
+    try:
+        ids = [f"{tag}-{i}" for i in range(len(batch))]
+        for rid, r in zip(ids, batch):
+            engine.add_request(rid, r.prompt, r.params)
+        finished = {}
+        first_decode, start_residency = None, None
+        decode = LayerStats()
+        counters = dict(engine.counters)
+        while engine.has_unfinished_requests():
+            residency = cache.residency().copy() if first_decode is None and not cache.fully_resident else None
+            was_steps, was_stats = engine.counters["decode_steps"], cache.stats.total()
+            t = time.perf_counter()
+            outputs = engine.step()
+            dt = time.perf_counter() - t
+            if engine.counters["decode_steps"] > was_steps:
+                if first_decode is None:
+                    first_decode, start_residency = len(steps) - 1, residency
+                result.decode_s += dt
+                decode.add(_minus(cache.stats.total(), was_stats))
+            for o in outputs:
+                if o.finished:
+                    finished[o.request_id] = o
+    finally:
+        remove()
+    c0, c1 = counters, engine.counters
+    result.prompt_tokens += c1["prompt_tokens"] - c0["prompt_tokens"]
+    result.decode_tokens += c1["decode_tokens"] - c0["decode_tokens"]
+    result.decode_steps += c1["decode_steps"] - c0["decode_steps"]
+    result.layer_steps += c1["layer_steps"] - c0["layer_steps"]
+    result.distinct_experts += c1["distinct_experts"] - c0["distinct_experts"]
+    result.picks += c1["picks"] - c0["picks"]
+    result.remapped_picks += c1["remapped_picks"] - c0["remapped_picks"]
+    result.hits += decode.hits
+    result.misses += decode.misses
+    result.demand_bytes += decode.bytes_moved
+    result.prefetches += decode.prefetches
+    result.prefetch_bytes += decode.prefetch_bytes
+    result.prefetch_hits += decode.prefetch_hits
+    result.wasted_prefetches += decode.wasted_prefetches
+    result.stall_s += decode.stall_s
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else engine.device_bytes
+    result.peak_device_bytes = max(result.peak_device_bytes, peak)
+    if not cache.fully_resident and first_decode is not None:
+        misses = _belady_decode(steps[first_decode:], start_residency, cache.num_slots)
+        result.belady_misses = (result.belady_misses or 0) + misses
+    for rid in ids:
+        o = finished[rid]
+        tokens = o.outputs[0].token_ids
+        result.outputs.append(list(tokens))
+        result.distinct_tokens.append(len(set(tokens)))
+        m = o.metrics
+        ttfts.append(m.first_token_time - m.arrival_time)
+        if len(tokens) > 1:
+            tpots.append((m.last_token_time - m.first_token_time) / (len(tokens) - 1))
+
+
+def _belady_decode(steps: list[tuple[bool, np.ndarray]], residency: np.ndarray | None, num_slots: int) -> int:
+    """An optimal cache's misses over the decode phase: from what the live cache held when decoding began,
+    over every (layer, expert) use from then on, counting the misses of decode steps (a prefill that comes
+    later, of requests that waited for KV rows, shapes the cache but its misses are not the decode phase's)."""
+    uses: list[tuple[int, int]] = []
+    counted: list[bool] = []
+    for is_prefill, used in steps:
+        layers, experts = np.nonzero(used)
+        uses.extend(zip(layers.tolist(), experts.tolist()))
+        counted.extend([not is_prefill] * len(layers))
+    initial = [] if residency is None else list(zip(*(a.tolist() for a in np.nonzero(residency))))
+    return belady_misses(uses, num_slots, initial=initial, counted=counted)
+
+
+def _drive(engine: LLMEngine, requests: list[Request], tag: str) -> None:
+    for i, r in enumerate(requests):
+        engine.add_request(f"{tag}-{i}", r.prompt, r.params)
     while engine.has_unfinished_requests():
         engine.step()
-    decode_s = time.perf_counter() - t1
-    after = cache.stats.total()
-    result = RunResult(
-        system="moeflow", budget=budget, batch=len(prompts), prompt_len=len(prompts[0]), output_len=output_len,
-        ttft_s=ttft, decode_s=decode_s,
-        peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else engine.device_bytes,
-        hits=after.hits - before.hits, misses=after.misses - before.misses,
-        bytes_moved=after.bytes_moved - before.bytes_moved, stall_s=after.stall_s - before.stall_s,
-        num_slots=cache.num_slots, extra={"graphs": engine.runner.graphs is not None},
-    )
-    if log is not None:
-        uses = flatten(log)
-        result.extra["belady_decode_misses"] = belady_misses(uses, cache.num_slots, count_from=prefill_uses)
-    if remove is not None:
-        remove()
+
+
+def run_transformers(model, system: str, budget: str, batches: list[list[Request]], output_len: int,
+                     pad_token_id: int = 0) -> RunResult:
+    """transformers' own generate on the same requests: prompts left-padded with an attention mask, sampling
+    with the requests' temperature and top_p (greedy where they are), EOS ignored. Decode time = the full
+    run - a one-token run of the same batch; one warm-up generate first. Its sampler's random stream is not
+    moeflow's: seeds cannot match token for token."""
+    import transformers as tf
+
+    devices = [p.device for p in model.parameters()]
+    device = next((d for d in devices if d.type == "cuda"), devices[0])
+    params = batches[0][0].params
+
+    def generate(ids, mask, n: int, seed: int) -> tuple[float, torch.Tensor]:
+        sample = not params.greedy
+        cfg = tf.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=sample, eos_token_id=None,
+                                  pad_token_id=pad_token_id,
+                                  **({"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+                                     if sample else {}))
+        torch.manual_seed(seed)
+        _sync(device)
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, generation_config=cfg)
+        _sync(device)
+        return time.perf_counter() - t, out[:, ids.shape[1]:]
+
+    result = RunResult(system=system, budget=budget, batch=len(batches[0]), output_len=output_len,
+                       batches=len(batches))
+    first = _left_padded(batches[0], pad_token_id, device)
+    generate(*first, 2, 0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ttfts, tpots = [], []
+    for batch in batches:
+        ids, mask = _left_padded(batch, pad_token_id, device)
+        seed = batch[0].params.seed or 0
+        ttft, _ = generate(ids, mask, 1, seed)
+        total, out = generate(ids, mask, output_len, seed)
+        decode_s = max(total - ttft, 1e-9)
+        result.decode_s += decode_s
+        result.decode_tokens += len(batch) * (output_len - 1)
+        result.decode_steps += output_len - 1
+        result.prompt_tokens += int(mask.sum())
+        ttfts.append(ttft)
+        tpots.append(decode_s / (output_len - 1))
+        for row in out.tolist():
+            result.outputs.append(row)
+            result.distinct_tokens.append(len(set(row)))
+    result.ttft_s, result.tpot_s = float(np.mean(ttfts)), float(np.mean(tpots))
+    result.peak_device_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    result.extra["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
     return result
 
 
-def _drive(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, tag: str) -> None:
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", p, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-
-
-def run_transformers(model, system: str, budget: str, prompts: list[list[int]], output_len: int) -> RunResult:
-    """transformers' own generate, greedy, EOS ignored; decode time = full run - one-token run."""
-    import transformers as tf
-
-    device = next(p.device for p in model.parameters() if p.device.type == "cuda")
-    ids = torch.tensor(prompts, device=device)
-    mask = torch.ones_like(ids)
-
-    def generate(n: int) -> float:
-        cfg = tf.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
-        _sync(device)
-        t = time.perf_counter()
-        model.generate(ids, attention_mask=mask, generation_config=cfg)
-        _sync(device)
-        return time.perf_counter() - t
-
-    generate(2)  # warm-up
-    torch.cuda.reset_peak_memory_stats(device)
-    ttft = generate(1)
-    total = generate(output_len)
-    return RunResult(system=system, budget=budget, batch=len(prompts), prompt_len=len(prompts[0]),
-                     output_len=output_len, ttft_s=ttft, decode_s=max(total - ttft, 1e-9),
-                     peak_device_bytes=torch.cuda.max_memory_allocated(device),
-                     extra={"experts_implementation": getattr(model.config, "_experts_implementation", None)})
+def _left_padded(batch: list[Request], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, longest] prompt ids padded on the left, and the attention mask that hides the padding."""
+    width = max(len(r.prompt) for r in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+        mask[i, width - len(r.prompt):] = 1
+    return ids.to(device), mask.to(device)

@@ -9,7 +9,10 @@ of the run.
 
 Datasets: `random` sends --input-len random token ids from the server's vocabulary and asks
 for exactly --output-len tokens (ignore_eos); `jsonl` reads {"prompt": text, "output_len": n}
-lines (output_len optional).
+lines (output_len optional); `text` is the text workload of `moeflow bench offline` (workload.py):
+documents of the corpus test split at --data, the domains in turn, tokenised (by --tokenizer, else
+by the server's /tokenize) and cut to lengths spread over --min-input-len..--max-input-len, sent as
+token ids with temperature 0.8, top_p 0.95 and a seed per request, unless told otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -33,15 +37,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="mean requests per second, Poisson arrivals; 'inf' sends all at once (default)")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
-    p.add_argument("--dataset", choices=["random", "jsonl"], default="random")
+    p.add_argument("--dataset", choices=["random", "jsonl", "text"], default="random")
     p.add_argument("--input-len", type=int, default=32, help="random dataset: prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=32,
                    help="tokens to generate per request (jsonl: unless the line says) (default: %(default)s)")
     p.add_argument("--jsonl", type=Path, default=None, help="jsonl dataset file")
+    p.add_argument("--data", type=Path, default=None,
+                   help="text dataset: a corpus directory (its test split), a directory of jsonl files or one file")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="text dataset: a directory with the model's tokenizer.json (default: the server's /tokenize)")
+    p.add_argument("--min-input-len", type=int, default=64, help="text dataset (default: %(default)s)")
+    p.add_argument("--max-input-len", type=int, default=256, help="text dataset (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="random dataset: token ids are drawn from [0, N) (default: the server's /v1/models vocab_size)")
-    p.add_argument("--seed", type=int, default=0, help="seeds prompts and arrival times (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds prompts, arrival times and the text dataset's per-request seeds (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0.8 for the text dataset, else greedy)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling (default: 0.95 for the text dataset, else the server's)")
     p.add_argument("--result-file", type=Path, default=None, help="write the results here as JSON")
     p.add_argument("--disable-tqdm", action="store_true")
 
@@ -49,8 +63,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True, slots=True)
 class BenchRequest:
     prompt: str | list[int]
-    prompt_len: int  # tokens when known (random dataset), else 0 until the server says
+    prompt_len: int  # tokens when known (random and text datasets), else 0 until the server says
     output_len: int
+    temperature: float = 0.0
+    top_p: float | None = None  # None: the server's default
+    seed: int | None = None  # None: the server picks one
+
+    def body(self, model: str) -> dict:
+        """The /v1/completions request, streamed, EOS ignored."""
+        body = {"model": model, "prompt": self.prompt, "max_tokens": self.output_len, "temperature": self.temperature,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if self.top_p is not None:
+            body["top_p"] = self.top_p
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -66,29 +93,72 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--input-len and --output-len must be at least 1")
     if args.dataset == "jsonl" and args.jsonl is None:
         raise ConfigError("--dataset jsonl needs --jsonl PATH")
+    if args.dataset == "text" and args.data is None:
+        raise ConfigError("--dataset text needs --data CORPUS_DIR (or a directory or file of jsonl documents)")
 
 
-def sample_requests(args: argparse.Namespace, vocab_size: int | None) -> list[BenchRequest]:
+def _sampling(args: argparse.Namespace) -> tuple[float, float | None]:
+    text = args.dataset == "text"
+    temperature = args.temperature if args.temperature is not None else (0.8 if text else 0.0)
+    top_p = args.top_p if args.top_p is not None else (0.95 if text else None)
+    return temperature, top_p
+
+
+def sample_requests(args: argparse.Namespace, vocab_size: int | None,
+                    tokenize: Callable[[str], list[int]] | None = None) -> list[BenchRequest]:
+    """The run's requests. `tokenize`: the text dataset's tokenizer (text -> token ids)."""
     import random
 
     from moeflow.errors import ConfigError
 
     rng = random.Random(args.seed)
+    temperature, top_p = _sampling(args)
     if args.dataset == "random":
         if not vocab_size:
             raise ConfigError("the server's /v1/models gives no vocab_size: pass --vocab-size")
         return [BenchRequest([rng.randrange(vocab_size) for _ in range(args.input_len)], args.input_len,
-                             args.output_len) for _ in range(args.num_prompts)]
+                             args.output_len, temperature, top_p) for _ in range(args.num_prompts)]
+    if args.dataset == "text":
+        from moeflow.bench.workload import TextWorkload, load_documents
+
+        if tokenize is None:
+            raise ConfigError("--dataset text needs a tokenizer: pass --tokenizer DIR")
+        workload = TextWorkload(load_documents(args.data), tokenize, min_len=args.min_input_len,
+                                max_len=args.max_input_len, output_len=args.output_len, temperature=temperature,
+                                top_p=top_p if top_p is not None else 1.0, seed=args.seed, source=str(args.data))
+        return [BenchRequest(r.prompt, len(r.prompt), args.output_len, temperature, top_p, r.params.seed)
+                for r in workload.requests(0, args.num_prompts)]
     rows = []
     for n, line in enumerate(args.jsonl.read_text().splitlines(), 1):
         if line.strip():
             row = json.loads(line)
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ConfigError(f"{args.jsonl}:{n}: each line must be an object with a string 'prompt'")
-            rows.append(BenchRequest(row["prompt"], 0, int(row.get("output_len", args.output_len))))
+            rows.append(BenchRequest(row["prompt"], 0, int(row.get("output_len", args.output_len)), temperature,
+                                     top_p))
     if not rows:
         raise ConfigError(f"{args.jsonl} holds no prompts")
     return [rows[i % len(rows)] for i in range(args.num_prompts)]
+
+
+def _server_tokenizer(base: str, headers: dict, model: str) -> Callable[[str], list[int]]:
+    """text -> token ids by the server's /tokenize (blocking: call it off the event loop)."""
+    import urllib.error
+    import urllib.request
+
+    from moeflow.errors import MoeflowError
+
+    def tokenize(text: str) -> list[int]:
+        data = json.dumps({"model": model, "prompt": text, "add_special_tokens": True}).encode()
+        req = urllib.request.Request(f"{base}/tokenize", data=data,
+                                     headers={**headers, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["tokens"]
+        except (urllib.error.URLError, KeyError, ValueError) as exc:
+            raise MoeflowError(f"{base}/tokenize failed ({exc}); pass --tokenizer DIR to tokenise locally") from None
+
+    return tokenize
 
 
 def main(args: argparse.Namespace) -> int:
@@ -137,7 +207,15 @@ async def _run(args: argparse.Namespace) -> dict:
         card = next((c for c in cards if c["id"] == args.model), None) if args.model else (cards or [None])[0]
         if card is None:
             raise MoeflowError(f"the server does not serve model {args.model!r}; it has {[c['id'] for c in cards]}")
-        requests = sample_requests(args, args.vocab_size or card.get("vocab_size"))
+        tokenize = None
+        if args.dataset == "text":
+            if args.tokenizer is not None:
+                from moeflow.tokenizer import Tokenizer
+
+                tokenize = Tokenizer(args.tokenizer).encode
+            else:
+                tokenize = _server_tokenizer(base, headers, card["id"])
+        requests = await asyncio.to_thread(sample_requests, args, args.vocab_size or card.get("vocab_size"), tokenize)
         before = await _expert_cache(session, base)
 
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
@@ -147,10 +225,10 @@ async def _run(args: argparse.Namespace) -> dict:
 
         async def one(req: BenchRequest):
             if gate is None:
-                record = await _send(session, base, card["id"], req, args.temperature, start)
+                record = await _send(session, base, card["id"], req, start)
             else:
                 async with gate:
-                    record = await _send(session, base, card["id"], req, args.temperature, start)
+                    record = await _send(session, base, card["id"], req, start)
             bar.update(1)
             return record
 
@@ -187,15 +265,14 @@ def _jsonable(value):
     return value
 
 
-async def _send(session, base: str, model: str, req: BenchRequest, temperature: float, t0: float):
+async def _send(session, base: str, model: str, req: BenchRequest, t0: float):
     import time
 
     import aiohttp
 
     from moeflow.bench.serve_stats import RequestRecord
 
-    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": temperature,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = req.body(model)
     record = RequestRecord(prompt_len=req.prompt_len, max_tokens=req.output_len)
     sent = time.perf_counter()
     record.start_s = sent - t0

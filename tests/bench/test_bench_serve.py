@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from server.live_server import MODEL_NAME, LiveServer
@@ -13,6 +14,8 @@ from server.live_server import MODEL_NAME, LiveServer
 from moeflow.bench.serve import sample_requests
 from moeflow.bench.serve_stats import METRICS, STATS
 from moeflow.cli import main as moeflow_main
+
+HELDOUT = Path(__file__).parents[1] / "data" / "heldout"
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +79,51 @@ def test_jsonl_dataset(live_server, tmp_path, capsys):
 
 
 def test_random_prompts_are_seeded():
-    args = argparse.Namespace(dataset="random", num_prompts=3, input_len=5, output_len=2, seed=11)
+    args = argparse.Namespace(dataset="random", num_prompts=3, input_len=5, output_len=2, seed=11, temperature=None,
+                              top_p=None)
     assert sample_requests(args, 300) == sample_requests(args, 300)
-    assert all(len(r.prompt) == 5 and all(0 <= t < 300 for t in r.prompt) for r in sample_requests(args, 300))
+    reqs = sample_requests(args, 300)
+    assert all(len(r.prompt) == 5 and all(0 <= t < 300 for t in r.prompt) for r in reqs)
+    body = reqs[0].body("m")
+    assert body["temperature"] == 0.0 and "seed" not in body and "top_p" not in body, "greedy unless asked"
+
+
+def test_text_dataset_requests_sample_with_a_seed_each():
+    from moeflow.assets import default_model_dir
+    from moeflow.data.corpus import DOMAINS
+    from moeflow.tokenizer import Tokenizer
+
+    args = argparse.Namespace(dataset="text", num_prompts=12, output_len=64, seed=5, temperature=None, top_p=None,
+                              data=HELDOUT, min_input_len=64, max_input_len=256)
+    tokenize = Tokenizer(default_model_dir()).encode
+    reqs = sample_requests(args, None, tokenize)
+    assert reqs == sample_requests(args, None, tokenize)
+    lengths = [len(r.prompt) for r in reqs]
+    assert all(64 <= n <= 256 for n in lengths) and len(set(lengths)) == 12
+    assert [r.prompt_len for r in reqs] == lengths
+    assert len({r.seed for r in reqs}) == 12 and all(r.temperature == 0.8 and r.top_p == 0.95 for r in reqs)
+    body = reqs[0].body("m")
+    assert (body["temperature"], body["top_p"], body["seed"], body["ignore_eos"]) == (0.8, 0.95, reqs[0].seed, True)
+    assert body["prompt"] == reqs[0].prompt and body["max_tokens"] == 64
+    # the same prompts as `bench offline`'s text workload on the same documents and seed
+    from moeflow.bench.workload import TextWorkload, load_documents
+
+    offline = TextWorkload(load_documents(HELDOUT), tokenize, seed=5).requests(0, 12)
+    assert [r.prompt for r in offline] == [r.prompt for r in reqs]
+    assert [r.domain for r in offline[:6]] == list(DOMAINS)
+
+
+@pytest.mark.timeout(60)
+def test_text_dataset_against_the_server(live_server, tmp_path):
+    out = tmp_path / "result.json"
+    rc = moeflow_main(["bench", "serve", "--base-url", live_server.base_url, "--dataset", "text", "--data",
+                       str(HELDOUT), "--num-prompts", "4", "--min-input-len", "8", "--max-input-len", "24",
+                       "--output-len", "4", "--max-concurrency", "2", "--result-file", str(out), "--disable-tqdm"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["completed"] == 4 and r["config"]["dataset"] == "text" and r["config"]["temperature"] is None
+    assert all(8 <= q["prompt_len"] <= 24 and q["output_tokens"] == 4 for q in r["requests"])
+    assert live_server.wait_idle()
 
 
 def test_unreachable_server_is_a_clear_error(capsys):

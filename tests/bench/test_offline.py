@@ -1,16 +1,27 @@
-"""The offline benchmark's parts that need no GPU: runs on the CPU engine, floors, the report."""
+"""The offline benchmark's parts that need no GPU: cells on the CPU engine, Belady, the axes, the report, the CLI."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from moeflow.assets import default_model_dir
+from moeflow.bench import axes
 from moeflow.bench.floors import belady_misses, expert_load_bandwidth, flatten, lru_misses
+from moeflow.bench.offline import measure_grid
 from moeflow.bench.report import derive, markdown, plots, speedups
-from moeflow.bench.runs import RunResult, random_prompts, run_moeflow
+from moeflow.bench.runs import RunResult
+from moeflow.bench.workload import DEGENERATE_NOTE, SyntheticWorkload
+from moeflow.cli import main as moeflow_main
 from moeflow.config import EngineConfig
 from moeflow.engine.engine import LLMEngine
+from moeflow.errors import ConfigError
+
+HELDOUT = Path(__file__).parents[1] / "data" / "heldout"
 
 
 def test_belady_on_a_known_sequence():
@@ -20,6 +31,18 @@ def test_belady_on_a_known_sequence():
     assert belady_misses(uses, 3) == 5
     assert belady_misses(uses, 4) == 4
     assert belady_misses(uses, 3, count_from=6) == 1
+    assert flatten([(0, [1, 2]), (1, [3])]) == [(0, 1), (0, 2), (1, 3)]
+
+
+def test_belady_from_what_a_cache_held_and_over_chosen_uses():
+    a, b, c = (0, 1), (0, 2), (1, 1)
+    uses = [a, b, c, a]
+    assert belady_misses(uses, 2) == 3  # a, b, c miss (c evicts b, never used again); a hits
+    assert belady_misses(uses, 2, initial=[a, c]) == 2  # b misses and evicts one of them, which misses later
+    assert belady_misses(uses, 3, initial=[a, c]) == 1
+    assert belady_misses(uses, 2, counted=[False, False, True, True]) == 1  # only c's miss is counted
+    with pytest.raises(ValueError):
+        belady_misses(uses, 1, initial=[a, c])
 
 
 def test_belady_never_misses_more_than_lru():
@@ -36,33 +59,131 @@ def engine(checkpoint):
     return LLMEngine(cfg, skip_tokenizer_init=True)
 
 
-def test_runs_floors_and_report(engine, tmp_path):
-    prompts = random_prompts(4, 8, engine.spec.vocab_size, seed=0)
-    resident = run_moeflow(engine, "100%", prompts, 6)
-    offloaded = run_moeflow(engine, "25%", prompts, 6)
-    assert resident.misses == 0 and resident.hits > 0 and resident.decode_tokens_per_s > 0
-    assert offloaded.misses > 0 and offloaded.bytes_moved == offloaded.misses * engine.cache.expert_bytes
-    assert resident.hits == offloaded.hits + offloaded.misses, "same prompts, same routes, whatever the budget"
-    assert 0 < offloaded.extra["belady_decode_misses"] <= offloaded.misses
-    baseline = RunResult("transformers", "all on GPU", 4, 8, 6, ttft_s=0.1, decode_s=1.0, peak_device_bytes=1)
-    meta = {"title": "t", "date": "d", "machine": "m", "model": "x", "architecture": "a", "shape": {}, "command": "c",
+def _meta(engine, workload, configurations) -> dict:
+    return {"title": "t", "date": "d", "machine": "m", "model": "x", "architecture": "a", "shape": {}, "command": "c",
             "dtype": "float32", "pinned_h2d_bytes_per_s": 1e9, "device_memory_bytes_per_s": 1e11,
             "expert_bytes": engine.cache.expert_bytes, "dense_bytes": engine.model.dense_bytes(),
-            "embedding_bytes": 0, "expert_load_bytes_per_s": 0.9e9, "plain_copy_same_bytes_per_s": 1e9}
-    rows = derive(meta, [resident, offloaded, baseline])
+            "embedding_bytes": 0, "expert_load_bytes_per_s": 0.9e9, "plain_copy_same_bytes_per_s": 1e9,
+            "workload": workload.describe(), "workload_note": workload.note, "batches_per_cell": 2,
+            "configurations": [c.as_dict() for c in configurations]}
+
+
+def test_synthetic_cells_their_traffic_and_the_report(engine, tmp_path):
+    workload = SyntheticWorkload(engine.spec.vocab_size, prompt_len=8, output_len=6, seed=0)
+    configurations = axes.grid(["none"], ["exact"], ["fcfs"])
+    lines = []
+    results = measure_grid(engine, workload, ["25%", "100%"], [4], configurations, 2, log=lines.append)
+    resident, offloaded = results
+    assert resident.budget == "100%" and resident.fully_resident, "the resident run goes first"
+    assert len(lines) == 2 and "distinct tokens/request" in lines[1]
+    for r in results:
+        assert r.batches == 2 and r.decode_tokens == 2 * 4 * 5 and r.decode_steps == 2 * 5
+        assert len(r.distinct_tokens) == 8 and all(1 <= n <= 6 for n in r.distinct_tokens)
+        assert r.graph_captures == 0 and r.ttft_s > 0 and r.tpot_s > 0 and r.decode_tokens_per_s > 0
+        assert r.layer_steps == 2 * 5 * engine.spec.num_moe_layers
+        assert 1 <= r.distinct_experts_per_layer_step <= engine.spec.num_experts
+    assert resident.misses == 0 and resident.hits > 0 and resident.belady_misses is None
+    assert offloaded.misses > 0 and offloaded.demand_bytes == offloaded.misses * engine.cache.expert_bytes
+    assert offloaded.prefetch_bytes == 0 and offloaded.bytes_moved == offloaded.demand_bytes
+    assert resident.hits == offloaded.hits + offloaded.misses, "same prompts, same routes, whatever the budget"
+    assert offloaded.outputs == resident.outputs
+    assert 0 < offloaded.belady_misses <= offloaded.misses
+    assert offloaded.belady_bytes_per_token <= offloaded.bytes_per_token
+    assert engine._listeners == [], "the runs' route listeners are gone"
+
+    baseline = RunResult("transformers", "all on GPU", 4, 6, decode_tokens=20, decode_s=1.0, ttft_s=0.1,
+                         peak_device_bytes=1, distinct_tokens=[2, 3, 2, 2])
+    meta = _meta(engine, workload, configurations)
+    rows = derive(meta, [*results, baseline])
     floor = offloaded.bytes_moved / 1e9 + resident.decode_s
     assert rows[1]["floor_s"] == pytest.approx(floor)
     assert rows[1]["measured_over_belady_floor"] >= rows[1]["measured_over_floor"]
-    assert 0 < rows[0]["fraction_of_weight_read_floor"]
+    assert rows[1]["moved_over_belady"] >= 1 and 0 < rows[0]["fraction_of_weight_read_floor"]
     speed = speedups(rows, "25%")
     assert speed[0]["speedup"] == pytest.approx(resident.decode_tokens_per_s / baseline.decode_tokens_per_s)
     text = markdown(meta, rows, speed)
-    assert "| moeflow | 25% | 4 |" in text and "speed-up" in text
-    assert "90.0% of one plain pinned copy" in text
-    assert sorted(plots(tmp_path, rows)) == ["hit_rate.png", "tokens_per_s.png"]
-    assert (tmp_path / "tokens_per_s.png").stat().st_size > 1000
-    assert engine._listeners == [], "the run's route listener is gone"
-    assert flatten([(0, [1, 2]), (1, [3])]) == [(0, 1), (0, 2), (1, 3)]
+    assert DEGENERATE_NOTE in text and "synthetic: random token ids, 8-token prompts, greedy" in text
+    for column in ("MB/tok", "Belady MB/tok", "moved/Belady", "stall share", "experts/layer-step",
+                   "distinct tok/req (min)", "graphs"):
+        assert f"| {column} |" in text
+    assert "| moeflow | none/exact/fcfs | 25% | 4 |" in text and "speed-up" in text and "vs base" not in text
+    assert "| transformers |  | all on GPU | 20.0 |" in text, "the summary: one column per batch size"
+    assert "90.0% of one plain pinned copy" in text and "2.2 (2)" in text
+    assert sorted(plots(tmp_path, rows)) == ["bytes_per_token.png", "hit_rate.png", "tokens_per_s.png"]
+    assert (tmp_path / "bytes_per_token.png").stat().st_size > 1000
+
+
+def test_text_workload_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = moeflow_main(["bench", "offline", "--model", str(default_model_dir()), "--device", "cpu", "--dtype",
+                       "float32", "--data", str(HELDOUT), "--min-prompt-len", "8", "--max-prompt-len", "16",
+                       "--budgets", "100%,25%", "--batch-sizes", "2", "--batches-per-cell", "2", "--output-len", "3",
+                       "--predictors", "none,previous", "--baselines", "transformers", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("| transformers |"), "the short summary comes last"
+    report = json.loads((out / "results.json").read_text())
+    meta, runs = report["meta"], report["runs"]
+    assert meta["workload"]["workload"] == "text" and meta["workload"]["prompt_len"] == [8, 16]
+    assert meta["workload_note"] is None and meta["model_validation_loss"] is not None
+    assert [c["predictor"] for c in meta["configurations"]] == ["none", "previous"]
+    moeflow = {(r["config"], r["budget"]): r for r in runs if r["system"] == "moeflow"}
+    assert sorted(moeflow) == [("none/exact/fcfs", "100%"), ("none/exact/fcfs", "25%"),
+                               ("previous/exact/fcfs", "100%"), ("previous/exact/fcfs", "25%")]
+    for r in moeflow.values():
+        assert r["decode_tokens"] == 2 * 2 * 2 and r["graph_captures"] == 0
+        assert r["distinct_tokens_mean"] > 1 and len(r["distinct_tokens"]) == 4
+        assert r["configuration"]["routing"] == "exact"
+    for conf in ("none/exact/fcfs", "previous/exact/fcfs"):
+        low, full = moeflow[conf, "25%"], moeflow[conf, "100%"]
+        assert 0 < low["belady_bytes_per_token"] <= low["bytes_per_token"] and low["moved_over_belady"] >= 1
+        assert full["hits"] == low["hits"] + low["misses"], "sampled with the same seeds: the same routes"
+    prev = moeflow["previous/exact/fcfs", "25%"]
+    assert prev["vs_base_tokens_per_s"] > 0 and prev["vs_base_same_tokens"] == 1.0, "a predictor changes no token"
+    hf = next(r for r in runs if r["system"] == "transformers")
+    assert hf["prompt_tokens"] == moeflow["none/exact/fcfs", "100%"]["prompt_tokens"], "the same prompts"
+    assert hf["decode_tokens"] == 8 and len(hf["distinct_tokens"]) == 4
+    text = (out / "results.md").read_text()
+    assert "- workload: text: documents of" in text and "temperature 0.8, top_p 0.95" in text
+    assert "| tokens as base |" in text and "validation loss" in text and "--predictors none,previous" in text
+    assert "- engine: 2 sequences at once, at most 2 per decode step, lru eviction" in text
+    assert (out / "summary.md").is_file() and (out / "bytes_per_token.png").is_file()
+
+
+def test_offline_refuses_what_it_cannot_measure(tmp_path, capsys):
+    rc = moeflow_main(["bench", "offline", "--model", str(default_model_dir()), "--out", "/nonexistent"])
+    assert rc == 2 and "--workload text needs --data" in capsys.readouterr().err
+    rc = moeflow_main(["bench", "offline", "--synthetic", "qwen3-30b-a3b-8l", "--workload", "text", "--out", "x"])
+    assert rc == 2 and "needs a trained --model" in capsys.readouterr().err
+    # an axis value that cannot run fails before any expert is read or any cell runs
+    rc = moeflow_main(["bench", "offline", "--model", str(default_model_dir()), "--device", "cpu", "--dtype",
+                       "float32", "--data", str(HELDOUT), "--routing", "exact,lynx", "--out", str(tmp_path)])
+    assert rc == 2 and "lynx is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_axes_grid_and_hooks(tmp_path):
+    grid = axes.grid(["none", "frequency"], ["exact"], ["fcfs"])
+    assert [c.label for c in grid] == ["none/exact/fcfs", "frequency/exact/fcfs"], "the baseline first"
+    with pytest.raises(ConfigError, match="twice"):
+        axes.grid(["none", "none"], ["exact"], ["fcfs"])
+    engine = SimpleNamespace(spec=SimpleNamespace(num_moe_layers=2, num_experts=8),
+                             scheduler=SimpleNamespace(policy=SimpleNamespace(name="fcfs")))
+    assert axes.load_predictor_arg("none", engine) is None
+    assert axes.load_predictor_arg("frequency", engine).name == "frequency"
+    with pytest.raises(ConfigError, match="not supported yet"):
+        axes.load_predictor_arg(str(tmp_path), engine)
+    with pytest.raises(ConfigError, match="not a built-in predictor"):
+        axes.load_predictor_arg("oracle", engine)
+    assert axes.load_selector_arg("exact", engine) is None
+    with pytest.raises(ConfigError, match="lynx is not supported yet"):
+        axes.load_selector_arg("lynx", engine)
+    assert axes.load_scheduling_arg("fcfs", engine.spec).name == "fcfs"
+    with pytest.raises(ConfigError, match="route-aware is not supported yet"):
+        axes.load_scheduling_arg("route-aware", engine.spec)
+    axes.check(grid, engine)
+    with pytest.raises(ConfigError, match="route-aware"):
+        axes.check(axes.grid(["none"], ["exact"], ["fcfs", "route-aware"]), engine)
 
 
 def test_expert_load_bandwidth_drives_the_cache_demand_path(engine):
@@ -70,3 +191,15 @@ def test_expert_load_bandwidth_drives_the_cache_demand_path(engine):
     cache = engine.cache
     assert cache.num_slots == engine.spec.num_experts and not cache.fully_resident
     assert cache.stats.total().misses == engine.spec.num_experts, "the last rep loaded one layer from empty"
+
+
+def test_a_cell_larger_than_a_decode_step_and_than_the_kv_rows(checkpoint):
+    """The scheduling axis' shape: 6 requests on 4 KV rows, 2 per decode step; a prefill comes mid-decode."""
+    cfg = EngineConfig(model=str(checkpoint("qwen3_moe", "fused")), device="cpu", dtype="float32", max_model_len=32,
+                       max_num_seqs=4, max_batch_size=2)
+    engine = LLMEngine(cfg, skip_tokenizer_init=True)
+    workload = SyntheticWorkload(engine.spec.vocab_size, prompt_len=6, output_len=4, seed=2)
+    [r] = measure_grid(engine, workload, ["25%"], [6], axes.grid(["none"], ["exact"], ["fcfs"]), 1, log=print)
+    assert r.decode_tokens == 6 * 3 and len(r.distinct_tokens) == 6 and r.prompt_tokens == 6 * 6
+    assert r.decode_steps >= 9, "two sequences per decode step at most"
+    assert 0 < r.belady_misses <= r.misses and r.graph_captures == 0
