@@ -184,6 +184,12 @@ class LLMEngine:
         self.runner.graphs = None
         self._capture_graphs()
 
+    def set_scheduling(self, policy: SchedulingPolicy) -> None:
+        """Replace the scheduling policy (only while no request is running)."""
+        if self.has_unfinished_requests():
+            raise RequestError("the scheduling policy can only be replaced while no request is running")
+        self.scheduler.policy = policy
+
     def add_route_listener(self, listener: RouteListener) -> Callable[[], None]:
         """Call `listener(step, routes)` after every step; returns the call that removes it."""
         self._listeners.append(listener)
