@@ -77,10 +77,6 @@ def load_scheduling_arg(text: str, spec):
 
     if text in POLICIES:
         return POLICIES[text]()
-    if text == "route-aware":
-        # issue 14: the route-aware (ExpertFlow) policy is wired here once it exists
-        raise ConfigError("--scheduling route-aware is not supported yet: moeflow.engine.policies has "
-                          f"{', '.join(POLICIES)} (wire it in moeflow.bench.axes.load_scheduling_arg)")
     raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)}")
 
 

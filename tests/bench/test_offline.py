@@ -179,10 +179,11 @@ def test_axes_grid_and_hooks(tmp_path):
     with pytest.raises(ConfigError, match="lynx is not supported yet"):
         axes.load_selector_arg("lynx", engine)
     assert axes.load_scheduling_arg("fcfs", engine.spec).name == "fcfs"
-    with pytest.raises(ConfigError, match="route-aware is not supported yet"):
-        axes.load_scheduling_arg("route-aware", engine.spec)
+    assert axes.load_scheduling_arg("route-aware", engine.spec).name == "route-aware"
+    with pytest.raises(ConfigError, match="unknown"):
+        axes.load_scheduling_arg("shortest-first", engine.spec)
     axes.check(grid, engine)
-    with pytest.raises(ConfigError, match="route-aware"):
+    with pytest.raises(ConfigError, match="cannot change its scheduling policy"):
         axes.check(axes.grid(["none"], ["exact"], ["fcfs", "route-aware"]), engine)
 
 
