@@ -30,7 +30,7 @@ case "$part" in
         --max-minutes "${TRAIN_MINUTES:-3.2}" --no-progress > "$out/train_log.txt" 2>&1; echo "train rc $?" >> "$out/train_log.txt") &
     trainer=$!
     timeout "${TESTS_TIMEOUT:-280}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=20 \
-        tests/engine tests/experts tests/models tests/routing tests/test_sampling.py > "$out/gpu_tests.log" 2>&1
+        tests/models tests/experts tests/test_sampling.py tests/routing tests/engine > "$out/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$out/gpu_tests.log"
     tail -5 "$out/gpu_tests.log"
     wait $trainer
