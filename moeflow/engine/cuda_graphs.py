@@ -124,6 +124,7 @@ class _DecodeGraphs:
         self.variants: tuple[Selector | None, ...] = (None,) if selector is None else (None, selector)
         self.logits = torch.empty(self.inputs.batch_buckets[-1], model.spec.vocab_size, dtype=torch.float32,
                                   device=device)
+        self.staged_rows = 0  # rows the last step staged in the RouteRecord: its padded bucket
 
     @property
     def captures(self) -> int:
@@ -164,7 +165,7 @@ class ResidentDecodeGraphs(_DecodeGraphs):
     def run(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> torch.Tensor:
         """Logits [B, V] of one decode step for B sequences; the step's routes are staged in the record.
         `exact` None: every row exact (the exact graph runs); else per row, and the selector's graph runs."""
-        b = self.inputs.load(ids, positions, rows, exact)
+        b = self.staged_rows = self.inputs.load(ids, positions, rows, exact)
         self._graphs[b, None if exact is None else self.selector].replay()
         return self.logits[: len(ids)]
 
@@ -203,7 +204,7 @@ class OffloadedDecodeGraphs(_DecodeGraphs):
 
     def run(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> torch.Tensor:
         """Logits [B, V] of one decode step for B sequences (see ResidentDecodeGraphs.run)."""
-        b = self.inputs.load(ids, positions, rows, exact)
+        b = self.staged_rows = self.inputs.load(ids, positions, rows, exact)
         selected = exact is not None
         pieces = self._pieces[b, self.selector if selected else None]
         moe_layers = self.model.spec.moe_layers

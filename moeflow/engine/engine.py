@@ -339,7 +339,7 @@ class LLMEngine:
             at, values = zip(*forced)
             tokens[list(at)] = torch.tensor(values, device=tokens.device)
         token_list = tokens.tolist()  # the step's one unavoidable device->host sync
-        routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows)
+        routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop)
         self._record_logprobs(batch, logits, tokens)
         self._account(batch, routes, time.perf_counter() - t0)
         for i, s in enumerate(seqs):

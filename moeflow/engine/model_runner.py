@@ -25,7 +25,7 @@ from moeflow.routing.selection import Selector
 class StepLogits:
     last: torch.Tensor  # [B, V] float32: the logits that choose each sequence's next token
     prompt: dict[int, torch.Tensor]  # batch index -> [n, V] for sequences that asked for prompt logprobs
-    num_tokens: int  # T: rows of the step in the RouteRecord
+    num_tokens: int  # T: rows of the step in the RouteRecord (a graph's padded bucket included)
     selected: bool  # whether a selector rewrote the routing (the record holds both choices)
     rows: list[slice]  # per sequence, its tokens' rows in the RouteRecord
 
@@ -75,7 +75,8 @@ class ModelRunner:
         if self.graphs is not None and not batch.is_prefill:
             logits = self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
                                      [s.kv_row for s in seqs], exact)
-            return StepLogits(logits, {}, len(seqs), selected, [slice(i, i + 1) for i in range(len(seqs))])
+            return StepLogits(logits, {}, self.graphs.staged_rows, selected,
+                              [slice(i, i + 1) for i in range(len(seqs))])
         fb = self.prepare_prefill(seqs) if batch.is_prefill else self.prepare_decode(seqs)
         T = sum(fb.lengths)
         self.model.record.set_rows(T, T, None if exact is None else

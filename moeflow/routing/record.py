@@ -72,6 +72,9 @@ class RouteRecord:
         # row masks the step's selector reads: real rows (False: graph padding) and rows that must stay exact
         self.real = torch.ones(N, dtype=torch.bool, device=device)
         self.exact = torch.ones(N, dtype=torch.bool, device=device)
+        # the row each row copies: itself when real, the last real row for padding
+        self.source = torch.arange(N, dtype=torch.int64, device=device)
+        self._source_host = torch.arange(N, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.used = torch.zeros(L, E + 1, dtype=torch.int16, device=device)  # column E: the padding sink
         pin = device.type == "cuda"
         self._stage = torch.zeros(2 * L * N * K + L * (E + 1), dtype=torch.int16, device=device)
@@ -95,10 +98,14 @@ class RouteRecord:
             self._logits[li] = logits
 
     def write_selected(self, li: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Record a selector's rewritten choice for layer li; returns the record's copies (static addresses)."""
+        """Record a selector's rewritten choice for layer li; returns the record's copies (static addresses).
+
+        Padding rows take their source row's choice whatever the selector gave them: they write the same keys
+        and values to the same KV-cache row as that row, so they must compute exactly what it computes."""
         T = ids.shape[0]
-        self.selected_ids[li, :T].copy_(ids)
-        self.selected_weights[li, :T].copy_(weights)
+        src = self.source[:T]
+        torch.index_select(ids, 0, src, out=self.selected_ids[li, :T])
+        torch.index_select(weights, 0, src, out=self.selected_weights[li, :T])
         return self.selected_ids[li, :T], self.selected_weights[li, :T]
 
     def _used_rows(self, ids: torch.Tensor, T: int) -> torch.Tensor:
@@ -143,20 +150,22 @@ class RouteRecord:
         self._stage[m : m + L * (E + 1)].view(L, E + 1).copy_(self.used)
         self._host[: m + L * (E + 1)].copy_(self._stage[: m + L * (E + 1)], non_blocking=True)
 
-    def read(self, T: int, selected: bool, rows: list[slice]) -> StepRoutes:
-        """The routes `stage(T, selected)` copied; call after the stream that staged them has been synchronised."""
+    def read(self, T: int, selected: bool, rows: list[slice], real: int | None = None) -> StepRoutes:
+        """The routes `stage(T, selected)` copied, for the first `real` rows (default all T; a CUDA graph stages
+        its whole padded bucket); call after the stream that staged them has been synchronised."""
         L, K, E = self.num_layers, self.top_k, self.num_experts
+        real = T if real is None else real
         n = L * T * K
         h = self._host_np
-        ids = h[:n].reshape(L, T, K)
-        router_ids = h[n : 2 * n].reshape(L, T, K) if selected else ids
+        ids = h[:n].reshape(L, T, K)[:, :real]
+        router_ids = h[n : 2 * n].reshape(L, T, K)[:, :real] if selected else ids
         m = 2 * n if selected else n
         used = h[m : m + L * (E + 1)].reshape(L, E + 1)[:, :E] > 0
         weights = logits = None
         if self.keep_full:
             src = self.selected_weights if selected else self.weights
-            weights = src[:, :T].float().cpu().numpy()
-            logits = np.stack([l.float().cpu().numpy() for l in self._logits])
+            weights = src[:, :real].float().cpu().numpy()
+            logits = np.stack([l[:real].float().cpu().numpy() for l in self._logits])
         return StepRoutes(ids, router_ids, used, rows, weights, logits)
 
     # -- row masks ----------------------------------------------------------------------------------
@@ -169,5 +178,9 @@ class RouteRecord:
         masks[1, :padded] = True
         if exact is not None:
             masks[1, :real] = torch.tensor(exact, dtype=torch.bool)
+        source = self._source_host
+        source[:real] = torch.arange(real)
+        source[real:padded] = real - 1
+        self.source[:padded].copy_(source[:padded], non_blocking=True)
         self.real[:padded].copy_(masks[0, :padded], non_blocking=True)
         self.exact[:padded].copy_(masks[1, :padded], non_blocking=True)

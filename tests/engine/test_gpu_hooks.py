@@ -82,7 +82,7 @@ def test_a_toy_selector_under_graphs_equals_eager_and_leaves_exact_rows(budget):
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(STEPS))]
     llm.engine.set_selector(RowSpy())
     assert llm.engine.runner.graphs is not None
-    params = [greedy(STEPS), greedy(STEPS, routing="toy"), greedy(STEPS, routing="toy")]
+    params = [greedy(STEPS), greedy(STEPS, routing="lynx"), greedy(STEPS, routing="lynx")]
     graphed = llm.generate(prompts, params)
     with eager(llm.engine):
         reference = llm.generate(prompts, params)
