@@ -50,13 +50,14 @@ class OldFrequency(OldPrevious):
 
 
 def predictor(name, engine):
-    if name == "none":
-        return None
     try:
         from moeflow.routing.predictors import make_predictor
-    except ImportError:  # the older tree
-        return {"previous": OldPrevious, "frequency": OldFrequency}[name](engine.spec)
-    return make_predictor(name, engine.spec)
+    except ImportError:  # the older tree: its set_predictor takes its own NoPredictor, not None
+        from moeflow.routing.predictors import NoPredictor
+
+        return {"none": NoPredictor, "previous": OldPrevious, "frequency": OldFrequency}[name](
+            *(() if name == "none" else (engine.spec,)))
+    return None if name == "none" else make_predictor(name, engine.spec)
 
 
 def main() -> None:
@@ -72,9 +73,15 @@ def main() -> None:
     args = p.parse_args()
     llm = LLM(args.model, expert_budget="100%", max_model_len=160, max_batch_size=32, dtype="bfloat16")
     engine = llm.engine
-    docs = [d for d in iter_split(args.corpus, "test", None)][:64]
-    prompts = [llm.tokenizer.encode(d.text)[:64] for d in docs]
-    prompts = [p for p in prompts if len(p) == 64]
+    prompts = []
+    for doc in iter_split(args.corpus, "test", None):
+        ids = llm.tokenizer.encode(doc.text)
+        if len(ids) >= 64:
+            prompts.append(ids[:64])
+        if len(prompts) == 64:
+            break
+    if len(prompts) < 64:
+        raise SystemExit(f"the test split has only {len(prompts)} documents of 64 tokens or more")
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     rows = []
     for budget in ("100%", "25%"):
