@@ -19,7 +19,7 @@ from moeflow.engine.scheduler import StepPlan
 from moeflow.routing.router import Routing
 from moeflow.routing.selection import SelectionContext
 
-STEPS = 10
+STEPS = 6
 BATCHES = (1, 2, 4, 8)
 
 
