@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ch.add_argument("--items", type=int, default=200, help="items built (default: %(default)s)")
     ch.add_argument("--passage-tokens", type=int, default=32, help="passage length, BOS included (default: %(default)s)")
     ch.add_argument("--continuation-tokens", type=int, default=16, help="tokens per choice (default: %(default)s)")
-    ch.add_argument("--seed", type=int, default=0, help="draws the distractors and the answers' places")
+    ch.add_argument("--seed", type=int, default=0,
+                    help="draws the distractors, the answers' places and the order the choices run in")
     ch.set_defaults(_task=_choice)
 
 
@@ -152,7 +153,7 @@ def _choice(args: argparse.Namespace) -> int:
         raise ConfigError("--items must be at least 1")
     model_dir, engine, selector, docs = _setup(args, routings, args.passage_tokens + args.continuation_tokens)
     items = build_items(engine.tokenizer, docs, args.passage_tokens, args.continuation_tokens, args.items, args.seed)
-    runs = evaluate_choice(engine, items, routings, show_progress=not args.no_progress)
+    runs = evaluate_choice(engine, items, routings, show_progress=not args.no_progress, seed=args.seed)
     out = {"accuracy": {m: r.accuracy for m, r in runs.items()}, "items": len(items),
            "runs": {m: r.as_dict() for m, r in runs.items()}} | _described(args, model_dir, engine, selector)
     if args.json:

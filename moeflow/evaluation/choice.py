@@ -91,11 +91,14 @@ def item_sequences(items: list[ChoiceItem]) -> list[Forced]:
 
 
 def evaluate_choice(engine, items: list[ChoiceItem], routings: Iterable[str] = ("exact",),
-                    show_progress: bool = False) -> dict[str, ChoiceRun]:
-    """Accuracy per routing mode over the same items; exact runs first (and always: it is the reference)."""
+                    show_progress: bool = False, seed: int = 0) -> dict[str, ChoiceRun]:
+    """Accuracy per routing mode over the same items; exact runs first (and always: it is the reference).
+    The choices run in a seeded shuffled order, so that a decode batch mixes items as a server's would,
+    rather than holding an item's four copies of one passage side by side."""
     modes = check_routings(routings)
     modes = ["exact"] + [m for m in modes if m != "exact"]
     seqs = item_sequences(items)
+    seqs = [seqs[i] for i in np.random.default_rng(seed).permutation(len(seqs))]
     total = sum(len(s.forced) - 1 for s in seqs)
     runs: dict[str, ChoiceRun] = {}
     for mode in modes:

@@ -59,7 +59,7 @@ KEY_BITS = 62  # the ranking keys are int64
 # moeflow's own trained models, recognised by shape (ModelSpec carries nothing else from config.json):
 # (family, hidden, layers, experts, top-k) -> (alpha, beta), measured on held-out text at batch 32.
 MOEFLOW_MODEL_DEFAULTS: dict[tuple[str, int, int, int, int], tuple[float, int]] = {
-    ("qwen3_moe", 160, 8, 32, 4): (3.0, 2),  # moeflow-tiny (placeholder until measured)
+    ("qwen3_moe", 160, 8, 32, 4): (2.5, 2),  # moeflow-tiny: docs/lynx/README.md
 }
 
 
