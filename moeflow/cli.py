@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("moeflow.commands.trace", "record the expert routes a model takes over a data split"),
     "data": ("moeflow.data.cli", "build the public-text training corpus"),
     "train": ("moeflow.train.cli", "train a reference MoE model with transformers"),
+    "eval": ("moeflow.commands.eval", "accuracy of approximate routing: perplexity, agreement, multiple choice"),
 }
 
 

@@ -1,0 +1,154 @@
+"""LYNX's AffinityBinning (specs/lynx.md): remap a decode batch's low-affinity picks onto experts the rest
+of the batch already uses, so each MoE layer runs fewer distinct experts. Every token still runs K.
+
+Shapes: T rows of the step (padding included), E experts, K top-k; B the number of real rows.
+
+The rule, per layer and decode step, for the rows that asked for it:
+  q[b,e] = max(ceil(alpha * (L[b,e] - max_e L[b,e])), -beta)       bins: 0 near the row's best, -beta the tail
+  S[e]   = sum over real rows of B ** q[b,e]                          popularity, bin first
+  z[b,e] = q[b,e] + (S[e] - B ** q[b,e]) / B                          the rest of the batch reorders inside a bin
+  C_b    = the K largest z[b,:];  kept = union of C_b over real LYNX rows, plus every exact row's own picks
+  then each row's top-K logits among the kept experts, weighted as the family weights them.
+
+How it is computed here (the same order, exactly, with no rounding to break ties at random):
+- z's second term is below 1, so ranking by z is ranking by (q, S - h). S - h counts the other real rows'
+  votes bin by bin; each count is below B, so as a base-B number its order is the order of its digit
+  vector (votes in bin 0, then bin -1, ...): the same order in any base larger than a count. The code
+  uses base T (static), so popularity is an exact int64, with no dependence on B's value at all.
+- Ties in z break towards the row's own stronger expert (higher logit), then the lower expert index.
+  With one real row, or alpha -> 0 (one bin, uniform popularity), this makes LYNX the exact routing.
+- A row whose router picks are all kept keeps them bit for bit (ids and weights): the rule would pick
+  the same experts with the same weights, recomputed.
+- Changed rows: weights are the softmax of the chosen K logits (float32), times m[b] (the row's original
+  top-K probability mass) for families that do not renormalise; then the router's weight dtype.
+- Cache-aware (`resident_weight` w, an integer >= 0): each expert resident on the device (slot_table >= 0)
+  counts as w extra votes in bin 0, i.e. S'[e] = S[e] + w, and z = q + (S' - h) / (B + w) so that the
+  term stays below 1: residency reorders experts inside a row's bin, as popularity does, and never lifts
+  an expert over a bin. w = 0 is plain LYNX; w = 1 is worth one other row's near-best vote; a w larger
+  than the batch puts resident experts first in every bin. No effect when every expert is resident.
+
+Graph-safe: static shapes, no host synchronisation. Blind to padding: popularity and the kept set count
+real rows only, and a padding row (a copy of the last real row before it) takes exactly what that row
+takes, since its own logits and the batch's statistics are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moeflow.architectures.spec import ModelSpec, RouterSpec
+from moeflow.errors import ConfigError
+from moeflow.routing.router import Routing
+from moeflow.routing.selection import SelectionContext
+
+# (alpha, beta) published with LYNX (specs/lynx.md), by the family moeflow's registry names
+PUBLISHED_DEFAULTS: dict[str, tuple[float, int]] = {
+    "qwen3_moe": (3.0, 2),  # Qwen3-30B-A3B
+    "qwen2_moe": (3.0, 4),  # Qwen2-57B-A14B
+    "mixtral": (0.7, 1),  # Mixtral-8x7B; 8x22B below
+}
+MIXTRAL_8X22B_DEFAULTS = (1.0, 1)
+# Not published: OLMoE (64 experts, top-8, softmax without renormalisation) is a fine-grained router like
+# Qwen3-30B-A3B's (128 experts, top-8), so it takes Qwen3's values until measured.
+OLMOE_DEFAULTS = (3.0, 2)
+KEY_BITS = 62  # the ranking keys are int64
+# moeflow's own trained models, recognised by shape (ModelSpec carries nothing else from config.json):
+# (family, hidden, layers, experts, top-k) -> (alpha, beta), measured on held-out text at batch 32.
+MOEFLOW_MODEL_DEFAULTS: dict[tuple[str, int, int, int, int], tuple[float, int]] = {
+    ("qwen3_moe", 160, 8, 32, 4): (2.5, 2),  # moeflow-tiny: docs/lynx/README.md
+}
+
+
+def lynx_defaults(spec: ModelSpec) -> tuple[float, int]:
+    """The (alpha, beta) LYNX uses for a model: measured for moeflow's own models, published by family."""
+    shape = (spec.family, spec.hidden_size, spec.num_layers, spec.num_experts, spec.router.top_k)
+    if shape in MOEFLOW_MODEL_DEFAULTS:
+        return MOEFLOW_MODEL_DEFAULTS[shape]
+    if spec.family == "mixtral" and spec.hidden_size >= 6144:  # 8x22B (6144 wide, 56 layers); 8x7B is 4096
+        return MIXTRAL_8X22B_DEFAULTS
+    if spec.family == "olmoe":
+        return OLMOE_DEFAULTS
+    if spec.family in PUBLISHED_DEFAULTS:
+        return PUBLISHED_DEFAULTS[spec.family]
+    raise ConfigError(f"no LYNX defaults for family {spec.family!r}; give alpha and beta")
+
+
+@dataclass(frozen=True)
+class AffinityBinning:
+    """The LYNX selector. alpha > 0: bin width 1/alpha in logits; beta >= 1 (an integer): low bins;
+    resident_weight >= 0 (an integer): bin-0 votes an expert resident on the device earns."""
+
+    name: ClassVar[str] = "lynx"
+    alpha: float
+    beta: int
+    router: RouterSpec
+    resident_weight: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"LYNX alpha must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1:
+            raise ConfigError(f"LYNX beta must be an integer >= 1, got {self.beta!r}")
+        w = self.resident_weight
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"LYNX resident_weight must be an integer >= 0 (bin-0 votes), got {w!r}")
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, alpha: float | None = None, beta: int | None = None,
+                 resident_weight: int = 0) -> AffinityBinning:
+        """The selector for a model, at its defaults (`lynx_defaults`) unless alpha or beta is given."""
+        a, b = lynx_defaults(spec) if alpha is None or beta is None else (alpha, beta)
+        return cls(float(alpha if alpha is not None else a), beta if beta is not None else b, spec.router,
+                   resident_weight)
+
+    def _key_scale(self, T: int, E: int) -> tuple[int, int]:
+        """(T ** beta, M): a vote in bin 0 is worth T ** beta, and M exceeds every popularity score."""
+        top = T ** self.beta
+        scale = (T + self.resident_weight) * top
+        if ((self.beta + 1) * scale * E).bit_length() > KEY_BITS:
+            raise ConfigError(f"LYNX beta={self.beta} at {T} rows x {E} experts needs integer keys over 62 bits; "
+                              f"use a smaller beta (the published values are 1 to 4)")
+        return top, scale
+
+    def select(self, layer: int, routing: Routing, ctx: SelectionContext) -> Routing:
+        if ctx.is_prefill:
+            return routing
+        logits, router_ids = routing.logits, routing.ids
+        T, E = logits.shape
+        K = router_ids.shape[1]
+        top, scale = self._key_scale(T, E)
+        dev = logits.device
+        experts = torch.arange(E, device=dev)
+        L = logits.float() + 0.0  # + 0.0 turns -0.0 into 0.0: sorts then see one zero
+        # each expert's place in its row by logit (0: the best), ties to the lower index
+        order = torch.argsort(L, dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, experts.expand(T, E))
+        q = torch.ceil((L - L.amax(dim=-1, keepdim=True)) * self.alpha).clamp_(min=-self.beta).long()
+        # one row's vote for e, as an integer: T ** (beta + q); S - vote: the other real rows' votes
+        votes = torch.pow(T, q + self.beta)
+        popularity = (votes * ctx.real[:, None]).sum(dim=0) - votes
+        if self.resident_weight and ctx.slot_table is not None:
+            popularity = popularity + (self.resident_weight * top) * (ctx.slot_table >= 0).long()
+        key = ((q + self.beta) * scale + popularity) * E + (E - 1 - rank)  # unique in a row: no ties left
+        candidates = torch.topk(key, K, dim=-1).indices
+
+        real, exact = ctx.real, ctx.exact
+        marked = torch.zeros(T, E, dtype=torch.bool, device=dev)
+        picked = marked.scatter(1, router_ids, True)
+        proposed = marked.scatter(1, candidates, True)
+        kept = ((proposed & (real & ~exact)[:, None]) | (picked & (real & exact)[:, None])).any(dim=0)
+
+        # padding rows copy the last real row before them, and take what it takes
+        source = torch.where(real, torch.arange(T, device=dev), -1).cummax(dim=0).values
+        keep_router = exact[source.clamp(min=0)] | kept[router_ids].all(dim=-1)
+        ids = torch.topk(torch.where(kept, E - rank, 0), K, dim=-1).indices  # kept experts, best logit first
+        weights = torch.softmax(L.gather(1, ids), dim=-1)
+        if not self.router.normalize:  # keep the row's original top-K probability mass
+            weights = weights * torch.softmax(L, dim=-1).gather(1, router_ids).sum(dim=-1, keepdim=True)
+        weights = weights.to(routing.weights.dtype)
+        keep = keep_router[:, None]
+        return Routing(torch.where(keep, router_ids, ids), torch.where(keep, routing.weights, weights), logits)
