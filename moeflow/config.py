@@ -101,6 +101,7 @@ def budget_text(n: float) -> str:
 EVICTION_POLICIES = ("lru", "lfu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULER_POLICIES = ("fcfs", "route-aware")
+ROUTING_MODES = ("exact", "lynx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,10 @@ class EngineConfig:
     scheduler: str = "fcfs"
     predictor: str | None = None  # a predictor's name ("previous", "frequency") or directory; None: on demand
     max_decode_wait: int = 4  # route-aware scheduling: steps a sequence may wait beyond its round-robin share
+    routing_modes: tuple[str, ...] = ("exact", "lynx")  # what requests may ask for; lynx's graphs cost start-up
+    lynx_alpha: float | None = None  # None: the model's default (architectures/lynx.py)
+    lynx_beta: int | None = None
+    lynx_resident_weight: int = 0  # bin-0 votes a resident expert earns in LYNX's binning (0: plain LYNX)
     seed: int = 0
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
 
@@ -143,6 +148,17 @@ class EngineConfig:
                               f"got {self.max_batch_size}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if "exact" not in self.routing_modes or not set(self.routing_modes) <= set(ROUTING_MODES):
+            raise ConfigError(f"routing_modes {self.routing_modes!r}: 'exact' and any of "
+                              f"{', '.join(ROUTING_MODES[1:])}")
+        if self.lynx_alpha is not None and not (math.isfinite(self.lynx_alpha) and self.lynx_alpha > 0):
+            raise ConfigError(f"lynx_alpha must be a finite number > 0, got {self.lynx_alpha}")
+        if self.lynx_beta is not None and (isinstance(self.lynx_beta, bool) or not isinstance(self.lynx_beta, int)
+                                           or self.lynx_beta < 1):
+            raise ConfigError(f"lynx_beta must be an integer >= 1, got {self.lynx_beta!r}")
+        if isinstance(self.lynx_resident_weight, bool) or not isinstance(self.lynx_resident_weight, int) \
+                or self.lynx_resident_weight < 0:
+            raise ConfigError(f"lynx_resident_weight must be an integer >= 0, got {self.lynx_resident_weight!r}")
         if self.max_decode_wait < 0:
             raise ConfigError(f"max_decode_wait must be >= 0, got {self.max_decode_wait}")
         if self.scheduler not in SCHEDULER_POLICIES:

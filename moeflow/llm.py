@@ -41,18 +41,22 @@ class LLM:
         max_num_batched_tokens: int = 4096,
         predictor: str | Predictor | None = None,
         scheduling: str = "fcfs",
+        routing_modes: tuple[str, ...] = ("exact", "lynx"),
         seed: int = 0,
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
     ):
         """max_num_seqs: sequences running at once (KV-cache rows; default max_batch_size, else 16);
         max_batch_size: the most sequences one decode step takes (default max_num_seqs).
-        predictor: None (load experts on demand), a built-in name ("previous", "frequency"), or a Predictor."""
+        predictor: None (load experts on demand), a built-in name ("previous", "frequency"), or a Predictor.
+        routing_modes: what requests may ask for with SamplingParams.routing ("lynx": batch-aware expert reduction,
+        approximate; its decode graphs are captured at start-up too)."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
             max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
             cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), scheduler=scheduling,
+            routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,

@@ -64,10 +64,10 @@ def load_selector_arg(text: str, engine):
     if text == "exact":
         return None
     if text == "lynx":
-        # issue 13: the LYNX selector (batch-aware expert reduction) is wired here once it exists
-        raise ConfigError("--routing lynx is not supported yet: the LYNX selector is not in moeflow.routing "
-                          "(wire it in moeflow.bench.axes.load_selector_arg)")
-    raise ConfigError(f"--routing {text!r} unknown; choose exact (or lynx, once it exists)")
+        from moeflow.routing.lynx import AffinityBinning
+
+        return AffinityBinning.for_spec(engine.spec)
+    raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx")
 
 
 def load_scheduling_arg(text: str, spec):
@@ -100,8 +100,8 @@ def apply(configuration: Configuration, engine) -> None:
     history; the selector and the scheduling policy only when they change, since a new selector captures the
     decode graphs again."""
     engine.set_predictor(load_predictor_arg(configuration.predictor, engine))
-    current = engine.selector.name if engine.selector is not None else "exact"
-    if current != configuration.routing:
+    # exact requests run the exact graphs whatever selector the engine offers, so only a missing one is set
+    if configuration.routing != "exact" and (engine.selector is None or engine.selector.name != configuration.routing):
         engine.set_selector(load_selector_arg(configuration.routing, engine))
     if engine.scheduler.policy.name != configuration.scheduling:
         engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))

@@ -1,6 +1,6 @@
 """What `moeflow bench` feeds a model: the text workload (the yardstick) and the synthetic one.
 
-Text (specs/workload.md): documents of the corpus test split, the six domains taken in turn, tokenised with
+Text: documents of the corpus test split, the six domains taken in turn, tokenised with
 the model's tokenizer and cut to lengths spread over [min_len, max_len]. A document shorter than its length
 is continued by the next documents of its domain, joined by a blank line (skipping short documents would
 leave out a whole domain: fortunes are a few dozen tokens each). Decoding samples at temperature 0.8 and

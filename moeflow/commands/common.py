@@ -41,7 +41,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--predictor", default=None,
                    help="expert predictor that plans prefetches: 'previous' or 'frequency' (default: none, load on "
                         "demand)")
-    g.add_argument("--scheduling", default="fcfs", choices=["fcfs"], help="scheduling policy (default: %(default)s)")
+    g.add_argument("--scheduling", default="fcfs", choices=["fcfs", "route-aware"],
+                   help="scheduling policy (default: %(default)s); route-aware picks decode batches by route")
+    g.add_argument("--routing-modes", default="exact,lynx",
+                   help="routing requests may ask for: exact, and lynx (approximate batch-aware expert reduction); "
+                        "default: %(default)s")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     g.add_argument("--enforce-eager", action="store_true", help="never replay decode steps as CUDA graphs")
 
@@ -49,4 +53,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(expert_budget=args.expert_budget, eviction=args.eviction, device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
-                predictor=args.predictor, scheduling=args.scheduling, seed=args.seed, enforce_eager=args.enforce_eager)
+                predictor=args.predictor, scheduling=args.scheduling,
+                routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
+                enforce_eager=args.enforce_eager)

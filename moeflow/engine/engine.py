@@ -35,6 +35,7 @@ from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
 from moeflow.outputs import CompletionOutput, RequestOutput
+from moeflow.routing.lynx import AffinityBinning
 from moeflow.routing.predictors import Prediction, Predictor, RequestView, StepView, make_predictor
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
@@ -102,6 +103,9 @@ class LLMEngine:
         self.predictor: Predictor | None = predictor if predictor is not None else self._named_predictor(config)
         self.planner: Planner = PrefetchTop()
         self.selector: Selector | None = None
+        if "lynx" in config.routing_modes:
+            self.selector = AffinityBinning.for_spec(spec, config.lynx_alpha, config.lynx_beta,
+                                                     config.lynx_resident_weight)
         self.graph_captures = 0  # decode graphs captured over the engine's life
         self.graph_capture_s = 0.0
         self.reset_expert_cache(config.cache)

@@ -1,4 +1,4 @@
-"""LYNX's AffinityBinning (specs/lynx.md): remap a decode batch's low-affinity picks onto experts the rest
+"""LYNX's AffinityBinning (arXiv 2411.08982): remap a decode batch's low-affinity picks onto experts the rest
 of the batch already uses, so each MoE layer runs fewer distinct experts. Every token still runs K.
 
 Shapes: T rows of the step (padding included), E experts, K top-k; B the number of real rows.
@@ -40,41 +40,13 @@ from typing import ClassVar
 
 import torch
 
+from moeflow.architectures.lynx import lynx_defaults
 from moeflow.architectures.spec import ModelSpec, RouterSpec
 from moeflow.errors import ConfigError
 from moeflow.routing.router import Routing
 from moeflow.routing.selection import SelectionContext
 
-# (alpha, beta) published with LYNX (specs/lynx.md), by the family moeflow's registry names
-PUBLISHED_DEFAULTS: dict[str, tuple[float, int]] = {
-    "qwen3_moe": (3.0, 2),  # Qwen3-30B-A3B
-    "qwen2_moe": (3.0, 4),  # Qwen2-57B-A14B
-    "mixtral": (0.7, 1),  # Mixtral-8x7B; 8x22B below
-}
-MIXTRAL_8X22B_DEFAULTS = (1.0, 1)
-# Not published: OLMoE (64 experts, top-8, softmax without renormalisation) is a fine-grained router like
-# Qwen3-30B-A3B's (128 experts, top-8), so it takes Qwen3's values until measured.
-OLMOE_DEFAULTS = (3.0, 2)
 KEY_BITS = 62  # the ranking keys are int64
-# moeflow's own trained models, recognised by shape (ModelSpec carries nothing else from config.json):
-# (family, hidden, layers, experts, top-k) -> (alpha, beta), measured on held-out text at batch 32.
-MOEFLOW_MODEL_DEFAULTS: dict[tuple[str, int, int, int, int], tuple[float, int]] = {
-    ("qwen3_moe", 160, 8, 32, 4): (2.5, 2),  # moeflow-tiny: docs/lynx/README.md
-}
-
-
-def lynx_defaults(spec: ModelSpec) -> tuple[float, int]:
-    """The (alpha, beta) LYNX uses for a model: measured for moeflow's own models, published by family."""
-    shape = (spec.family, spec.hidden_size, spec.num_layers, spec.num_experts, spec.router.top_k)
-    if shape in MOEFLOW_MODEL_DEFAULTS:
-        return MOEFLOW_MODEL_DEFAULTS[shape]
-    if spec.family == "mixtral" and spec.hidden_size >= 6144:  # 8x22B (6144 wide, 56 layers); 8x7B is 4096
-        return MIXTRAL_8X22B_DEFAULTS
-    if spec.family == "olmoe":
-        return OLMOE_DEFAULTS
-    if spec.family in PUBLISHED_DEFAULTS:
-        return PUBLISHED_DEFAULTS[spec.family]
-    raise ConfigError(f"no LYNX defaults for family {spec.family!r}; give alpha and beta")
 
 
 @dataclass(frozen=True)

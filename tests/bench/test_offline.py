@@ -157,8 +157,8 @@ def test_offline_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert rc == 2 and "needs a trained --model" in capsys.readouterr().err
     # an axis value that cannot run fails before any expert is read or any cell runs
     rc = moeflow_main(["bench", "offline", "--model", str(default_model_dir()), "--device", "cpu", "--dtype",
-                       "float32", "--data", str(HELDOUT), "--routing", "exact,lynx", "--out", str(tmp_path)])
-    assert rc == 2 and "lynx is not supported yet" in capsys.readouterr().err
+                       "float32", "--data", str(HELDOUT), "--routing", "exact,oracle", "--out", str(tmp_path)])
+    assert rc == 2 and "--routing 'oracle' unknown" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
 
 
@@ -176,8 +176,6 @@ def test_axes_grid_and_hooks(tmp_path):
     with pytest.raises(ConfigError, match="not a built-in predictor"):
         axes.load_predictor_arg("oracle", engine)
     assert axes.load_selector_arg("exact", engine) is None
-    with pytest.raises(ConfigError, match="lynx is not supported yet"):
-        axes.load_selector_arg("lynx", engine)
     assert axes.load_scheduling_arg("fcfs", engine.spec).name == "fcfs"
     assert axes.load_scheduling_arg("route-aware", engine.spec).name == "route-aware"
     with pytest.raises(ConfigError, match="unknown"):

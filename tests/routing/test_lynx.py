@@ -1,4 +1,4 @@
-"""LYNX's AffinityBinning against a plain reference of the rule (specs/lynx.md), written from the spec with
+"""LYNX's AffinityBinning against a plain reference of the rule (LYNX, arXiv 2411.08982), written from the rule with
 loops and exact fractions, and the properties the engine relies on: K experts per token, exact rows and
 prefill untouched, padding ignored, the limits where the rule gives the exact routing, cache-awareness."""
 
