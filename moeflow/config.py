@@ -125,6 +125,7 @@ class EngineConfig:
     scheduler: str = "fcfs"
     seed: int = 0
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
+    allow_nonfinite_weights: bool = False  # True: load weights holding NaN or Inf instead of refusing them
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -41,12 +41,13 @@ class LLM:
         seed: int = 0,
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
+        allow_nonfinite_weights: bool = False,
     ):
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_batch_size=max_batch_size,
             max_num_batched_tokens=max_num_batched_tokens,
             cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), seed=seed,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
         self._ids = itertools.count()

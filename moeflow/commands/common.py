@@ -37,9 +37,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoding together")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     g.add_argument("--enforce-eager", action="store_true", help="never replay decode steps as CUDA graphs")
+    g.add_argument("--allow-nonfinite-weights", action="store_true",
+                   help="load weights holding NaN or Inf instead of refusing the checkpoint")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(expert_budget=args.expert_budget, eviction=args.eviction, device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, max_batch_size=args.max_batch_size, seed=args.seed,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, allow_nonfinite_weights=args.allow_nonfinite_weights)
