@@ -3,7 +3,11 @@
 Prompts are tokenized here (the engine gets token ids), so every check the engine would make
 (empty prompt, token ids outside the vocabulary, a prompt longer than the context, a
 max_tokens that runs past it) becomes a 400 naming the field, and a call whose second prompt
-is bad never starts its first.
+is bad never starts its first. So is a call that would make the server write back more
+logprobs than one response should hold.
+
+Tokenizing is CPU work: `prompt_weight` says how much, so that handlers run the large ones in
+the CPU pool (offload.py) instead of on the event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from moeflow.errors import ConfigError, RequestError
 from moeflow.sampling import SamplingParams
 from moeflow.server.engine_client import EngineClient
 from moeflow.server.errors import APIError, bad_request, from_moeflow_error
+from moeflow.server.fields import MAX_LOGPROB_ENTRIES
 from moeflow.server.protocol import ChatMessage, SamplingRequest
 from moeflow.server.settings import ServerSettings
 
@@ -32,8 +37,21 @@ class Prompt:
 
 def check_model(model: str | None, settings: ServerSettings) -> None:
     if model is not None and model != settings.served_model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.served_model_name}`.",
+        shown = model if len(model) <= 100 else f"{model[:100]}... ({len(model)} characters)"
+        raise APIError(404, f"The model `{shown}` does not exist; this server serves `{settings.served_model_name}`.",
                        param="model", code="model_not_found")
+
+
+def prompt_weight(prompt: str | list) -> int:
+    """About how much tokenizing and checking `prompt` costs: characters of text, or token ids."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
+
+
+def messages_weight(messages: list[ChatMessage]) -> int:
+    return sum((len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or []))
+               + 64 for m in messages)
 
 
 def completion_prompts(prompt: str | list, client: EngineClient) -> list[Prompt]:
@@ -114,10 +132,18 @@ def max_tokens_for(prompt: Prompt, asked: int | None, client: EngineClient, *, p
     return asked
 
 
-def check_fan_out(num_requests: int, settings: ServerSettings) -> None:
-    if num_requests > settings.max_queue:
-        raise bad_request(f"this call asks for {num_requests} sequences (prompts x n), more than the server "
-                          f"queues at once (--max-queue {settings.max_queue})", "n")
+def check_fan_out(num_requests: int, settings: ServerSettings, client: EngineClient) -> None:
+    if num_requests > settings.max_queue + client.rows:
+        raise bad_request(f"this call asks for {num_requests} sequences (prompts x n), more than the server can "
+                          f"run ({client.rows}) and queue (--max-queue {settings.max_queue}) at once", "n")
+
+
+def check_logprob_volume(entries: int, param: str) -> None:
+    """`entries`: token positions the response describes, times the logprobs given at each."""
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise bad_request(f"this call asks for {entries} logprob entries (choices x echoed and generated tokens x "
+                          f"(logprobs + 1)), more than one response holds ({MAX_LOGPROB_ENTRIES}); send fewer or "
+                          f"shorter prompts, fewer choices, fewer tokens or fewer logprobs", param)
 
 
 def sampling_params(body: SamplingRequest, *, max_tokens: int, choice: int, logprobs: int | None = None,
