@@ -27,6 +27,14 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
+class TextTooLong(RequestError):
+    """A text of more tokens than the caller's limit (found without building its list of ids)."""
+
+    def __init__(self, num_tokens: int, limit: int):
+        super().__init__(f"text has {num_tokens} tokens, more than {limit}")
+        self.num_tokens, self.limit = num_tokens, limit
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # {"content": "<s>", ...}, the AddedToken form
         return value.get("content")
@@ -70,13 +78,20 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *, limit: int | None = None) -> list[int]:
+        """Token ids of `text`. With `limit`, a text of more tokens raises TextTooLong instead: the list of ids
+        of a text of megabytes is built in one call that holds the GIL, and a caller that would refuse it
+        anyway need not wait for that."""
         if (at := lone_surrogate(text)) is not None:
             raise RequestError(f"text holds a lone surrogate (U+{ord(text[at]):04X}) at character {at}: it is not "
                                f"valid Unicode and cannot be tokenized")
         if self._encode_fast is not None:
-            return self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            encoding = self._encode_fast([text], add_special_tokens=add_special_tokens)[0]
+        else:
+            encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        if limit is not None and len(encoding) > limit:
+            raise TextTooLong(len(encoding), limit)
+        return encoding.ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -21,6 +21,7 @@ from moeflow.server.errors import APIError, bad_request, from_moeflow_error
 from moeflow.server.fields import MAX_LOGPROB_ENTRIES
 from moeflow.server.protocol import ChatMessage, SamplingRequest
 from moeflow.server.settings import ServerSettings
+from moeflow.tokenizer import TextTooLong
 
 
 # Any top_p below the top token's probability (at least 1/vocab) keeps just that token: raising a
@@ -69,7 +70,7 @@ def completion_prompts(prompt: str | list, client: EngineClient) -> list[Prompt]
         if isinstance(item, str):
             if not item:
                 raise bad_request("prompt is empty", "prompt")
-            ids = client.tokenizer.encode(item)
+            ids = _encode(client, item, "prompt")
             if not ids:
                 raise bad_request("prompt tokenizes to no tokens", "prompt")
             out.append(Prompt(ids, item))
@@ -107,10 +108,24 @@ def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool, client
         text = client.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt)
     except RequestError as exc:
         raise from_moeflow_error(exc, "messages") from None
-    ids = client.tokenizer.encode(text, add_special_tokens=False)  # the template writes its own BOS
+    ids = _encode(client, text, "messages", add_special_tokens=False)  # the template writes its own BOS
     if not ids:
         raise bad_request("the chat template turned these messages into an empty prompt", "messages")
     return Prompt(ids, text)
+
+
+def _encode(client: EngineClient, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    try:
+        return client.tokenizer.encode(text, add_special_tokens, limit=client.max_model_len - 1)
+    except TextTooLong as exc:
+        raise _longer_than_the_context(exc.num_tokens, client, param) from None
+
+
+def _longer_than_the_context(n: int, client: EngineClient, prompt_param: str) -> APIError:
+    return bad_request(
+        f"This model's maximum context length is {client.max_model_len} tokens (max_model_len), but the "
+        f"{prompt_param} has {n} tokens and at least one must be left to generate. Please shorten the "
+        f"{prompt_param}.", prompt_param)
 
 
 def max_tokens_for(prompt: Prompt, asked: int | None, client: EngineClient, *, prompt_param: str = "prompt",
@@ -119,9 +134,7 @@ def max_tokens_for(prompt: Prompt, asked: int | None, client: EngineClient, *, p
     limit = client.max_model_len
     n = len(prompt.ids)
     if n >= limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens (max_model_len), but the {prompt_param} has "
-            f"{n} tokens and at least one must be left to generate. Please shorten the {prompt_param}.", prompt_param)
+        raise _longer_than_the_context(n, client, prompt_param)
     if asked is None:
         return limit - n
     if n + asked > limit:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from moeflow.errors import ConfigError
 
-DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+DEFAULT_MAX_REQUEST_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True, slots=True)

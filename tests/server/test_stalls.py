@@ -9,11 +9,24 @@ import time
 
 import httpx
 import pytest
+from live_server import MODEL_NAME, AppServer
+
+from moeflow.server.app import create_app
+from moeflow.server.settings import ServerSettings
 
 pytestmark = pytest.mark.timeout(180)
 
 MiB = 2**20
 TEXT = "the quick brown fox jumps over the lazy dog. "
+
+
+@pytest.fixture(scope="module")
+def roomy_server(live_server, model_dir):
+    """The live server's engine behind an app that takes bodies up to 8 MiB (the default limit is 2 MiB)."""
+    settings = ServerSettings(served_model_name=MODEL_NAME, model_dir=str(model_dir), max_request_bytes=8 * MiB)
+    server = AppServer(create_app(live_server.client, settings), settings).start()
+    yield server
+    server.stop()
 
 
 async def _stream_gaps(http: httpx.AsyncClient, started: asyncio.Event, max_tokens: int) -> list[float]:
@@ -59,20 +72,20 @@ def _while_streaming(base_url: str, hostile) -> tuple[list[float], list[float], 
     ("/v1/completions", {"prompt": TEXT * (3 * MiB // len(TEXT)), "max_tokens": 1}),  # tokenized, then too long
     ("/tokenize", {"prompt": TEXT * (MiB // len(TEXT)), "return_token_strs": True}),
 ])
-def test_a_large_request_does_not_stall_a_stream(live_server, path, body):
+def test_a_large_request_does_not_stall_a_stream(roomy_server, path, body):
     payload = json.dumps(body).encode()
 
     async def hostile(http):
         return await http.post(path, content=payload, headers={"content-type": "application/json"})
 
-    gaps, health, r = _while_streaming(live_server.base_url, hostile)
+    gaps, health, r = _while_streaming(roomy_server.base_url, hostile)
     assert r.status_code == (200 if path == "/tokenize" else 400), r.text[:200]
     print(f"{path} {len(payload) / MiB:.1f} MiB: longest gap {max(gaps):.3f} s, slowest /health {max(health):.3f} s")
     assert max(gaps) < 1.0
     assert max(health) < 1.0
 
 
-def test_an_echo_logprobs_response_is_built_off_the_loop(live_server, offline_llm):
+def test_an_echo_logprobs_response_is_built_off_the_loop(roomy_server, offline_llm):
     """Just inside the volume bound: a response of ~20 MB, built and encoded off the event loop.
 
     The stream's gaps are not asserted here: its tokens wait for the engine's prefill steps of these
@@ -84,7 +97,7 @@ def test_an_echo_logprobs_response_is_built_off_the_loop(live_server, offline_ll
     async def hostile(http):
         return await http.post("/v1/completions", json=payload)
 
-    gaps, health, r = _while_streaming(live_server.base_url, hostile)
+    gaps, health, r = _while_streaming(roomy_server.base_url, hostile)
     assert r.status_code == 200 and len(r.json()["choices"]) == 60
     print(f"echo+logprobs response {len(r.content) / MiB:.1f} MiB: longest stream gap {max(gaps):.3f} s, "
           f"slowest /health {max(health):.3f} s")
@@ -92,7 +105,7 @@ def test_an_echo_logprobs_response_is_built_off_the_loop(live_server, offline_ll
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(live_server):
-    payload = json.dumps({"prompt": TEXT * (10 * MiB // len(TEXT))}).encode()  # 10 MiB, over the 4 MiB default
+    payload = json.dumps({"prompt": TEXT * (10 * MiB // len(TEXT))}).encode()  # 10 MiB, over the 2 MiB default
     for path in ("/v1/completions", "/tokenize"):
         started = time.monotonic()
         r = httpx.post(f"{live_server.base_url}{path}", content=payload, headers={"content-type": "application/json"},
