@@ -54,7 +54,7 @@ def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
     cpu = CpuPool()
     app.state.client, app.state.settings, app.state.cpu = client, settings, cpu
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_request_bytes,
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, request_done=cpu.request_done)
     install_error_handlers(app)
     tokenizer = client.tokenizer
     completions, chat = Completions(client, settings, cpu), ChatCompletions(client, settings, cpu)
@@ -107,7 +107,9 @@ def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
             param = "prompt" if isinstance(body, TokenizeCompletionRequest) else "messages"
             raise from_moeflow_error(exc, param) from None
         strs = [token_text(tokenizer, t) for t in ids] if body.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=client.max_model_len, tokens=ids, token_strs=strs)
+        # made without validating what the tokenizer made: a million ids would hold the GIL for it
+        return TokenizeResponse.model_construct(count=len(ids), max_model_len=client.max_model_len, tokens=ids,
+                                                token_strs=strs)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, dependencies=keyed)
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:

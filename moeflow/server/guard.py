@@ -10,6 +10,8 @@ the body before the app sees it, with two bounds:
 
 Headers that never finish are the HTTP protocol's to time out (http.py). The body is then handed
 to the app whole; later `receive` calls go to the server, so the app still notices a disconnect.
+Once the app is done with a request (its response sent), `request_done(body size)` is called:
+the CPU pool trims the heap after large ones.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 
 from moeflow.server.errors import APIError
 
@@ -25,9 +28,11 @@ Message = dict
 
 
 class RequestGuard:
-    def __init__(self, app, *, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app, *, max_body_bytes: int, body_timeout_s: float,
+                 request_done: Callable[[int], None] | None = None):
         self.app = app
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+        self.request_done = request_done
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -58,7 +63,13 @@ class RequestGuard:
             return
         if body is None:  # the client left while sending
             return
-        await self.app(scope, _replay(body, receive), send_with_id)
+        size = len(body)
+        try:
+            await self.app(scope, _replay(body, receive), send_with_id)
+        finally:
+            del body
+            if self.request_done is not None:
+                self.request_done(size)
 
     async def _read_body(self, receive) -> bytes | None:
         chunks, size = [], 0

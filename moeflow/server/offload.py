@@ -7,8 +7,9 @@ work gives it back every few milliseconds, so the loop (and the engine thread) k
 Fewer workers than cores, and a bounded number at a time: large requests wait for each other,
 not for the streams. Small work runs inline, where a thread hop would cost more than the work.
 
-After large work the C heap is trimmed (glibc only): the tokenizer's and JSON's many small
-allocations otherwise stay in the process after the request that needed them is gone.
+After a large request the C heap is trimmed (glibc only): the tokenizer's and JSON's many small
+allocations, and the large buffers glibc keeps on its heap once it has raised its mmap threshold,
+otherwise stay in the process after the request that needed them is gone.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 INLINE_BELOW = 16 * 1024  # weight (about bytes of text, or items) below which work runs on the loop
-TRIM_ABOVE = 8 * 2**20  # weight after which the heap is trimmed
+TRIM_ABOVE = 8 * 2**20  # work (or a request body, in bytes) past which the heap is trimmed after the request
 
 
 def default_workers() -> int:
@@ -41,6 +42,7 @@ class CpuPool:
         self._executor: ThreadPoolExecutor | None = None  # threads start with the first large job
         self._lock = threading.Lock()
         self._trim = _malloc_trim()
+        self._large_work = False  # a large job ran since the heap was last trimmed
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -52,12 +54,15 @@ class CpuPool:
         """fn(*args): on the loop if `weight` is small, else on a worker once one is free."""
         if weight < inline_below:
             return fn(*args)
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool(), fn, *args)
-        finally:
-            if weight >= TRIM_ABOVE and self._trim is not None:
-                self._pool().submit(self._trim, 0)
+        if weight >= TRIM_ABOVE:
+            self._large_work = True
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
+
+    def request_done(self, body_bytes: int) -> None:
+        """After each request, once its objects are freed: trim the heap (on a worker) if it was a large one."""
+        if self._trim is not None and (self._large_work or body_bytes >= TRIM_ABOVE):
+            self._large_work = False
+            self._pool().submit(self._trim, 0)
 
     def close(self) -> None:
         if self._executor is not None:

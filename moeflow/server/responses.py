@@ -8,13 +8,14 @@ and encode it again on the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from moeflow.outputs import RequestOutput
 from moeflow.server.engine_client import EngineClient, EngineRequest, Submission
@@ -111,5 +112,14 @@ async def answer(client: EngineClient, requests: list[EngineRequest], call: Call
 
 async def json_response(cpu: CpuPool, build: Callable[[], BaseModel], weight: int) -> Response:
     """build() as a JSON response, built and encoded off the loop when `weight` says it is large."""
-    body = await cpu.run(lambda: build().model_dump_json().encode(), weight=weight, inline_below=2048)
+    body = await cpu.run(lambda: _json_bytes(build()), weight=weight, inline_below=2048)
     return Response(body, media_type="application/json")
+
+
+def _json_bytes(model: BaseModel) -> bytes:
+    return _adapter(type(model)).dump_json(model)  # bytes at once, not a str of megabytes to encode again
+
+
+@functools.cache
+def _adapter(cls: type[BaseModel]) -> TypeAdapter:
+    return TypeAdapter(cls)

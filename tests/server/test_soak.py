@@ -104,6 +104,7 @@ def test_soak(soak_server, tmp_path):
     assert hostile.stdout.readline().strip() == "ready"
     gaps: list[tuple[float, float]] = []
     figures: dict = {}
+    rss_trace: list = []
 
     async def run() -> int:
         stop = asyncio.Event()
@@ -131,6 +132,7 @@ def test_soak(soak_server, tmp_path):
         waiting = asyncio.create_task(hostile_done())
         while not waiting.done():
             peak = max(peak, _rss(proc.pid))
+            rss_trace.append((time.monotonic(), _rss(proc.pid)))
             await asyncio.sleep(0.1)
         figures["hostile_s"] = round(time.monotonic() - started, 1)
         await asyncio.sleep(3)  # normal traffic only
@@ -163,6 +165,10 @@ def test_soak(soak_server, tmp_path):
     for g, at in sorted(gaps, reverse=True)[:4]:
         during = [f"{c} {p} ({a - at:+.2f}..{b - at:+.2f})" for c, p, a, b in result["timeline"] if a - 1 <= at <= b + 1]
         print(f"gap {g:.3f} s ending at {at - started:.1f} s, during: {during}")
+    if os.environ.get("MOEFLOW_SOAK_TRACE"):
+        for c, p, a, b in result["timeline"]:
+            at_end = min(rss_trace, key=lambda r: abs(r[0] - b - 0.3))[1] if rss_trace else 0
+            print(f"{a - started:7.1f} {b - started:7.1f} {c:15s} {p:22s} rss after {at_end / MiB:7.1f} MiB")
     if report := os.environ.get("MOEFLOW_SOAK_REPORT"):
         Path(report).write_text(json.dumps(figures, indent=1) + "\n")
     log = log_path.read_text()
