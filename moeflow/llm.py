@@ -45,6 +45,7 @@ class LLM:
         seed: int = 0,
         enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
+        allow_nonfinite_weights: bool = False,
     ):
         """max_num_seqs: sequences running at once (KV-cache rows; default max_batch_size, else 16);
         max_batch_size: the most sequences one decode step takes (default max_num_seqs).
@@ -58,6 +59,7 @@ class LLM:
             cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), scheduler=scheduling,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
+            allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,
                                 predictor=None if predictor is None or isinstance(predictor, str) else predictor)

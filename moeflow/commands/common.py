@@ -48,6 +48,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     g.add_argument("--enforce-eager", action="store_true", help="never replay decode steps as CUDA graphs")
+    g.add_argument("--allow-nonfinite-weights", action="store_true",
+                   help="load weights holding NaN or Inf instead of refusing the checkpoint")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -55,4 +57,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
                 predictor=args.predictor, scheduling=args.scheduling,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, allow_nonfinite_weights=args.allow_nonfinite_weights)

@@ -28,6 +28,8 @@ def main(args: argparse.Namespace) -> int:
     from moeflow.llm import LLM
     from moeflow.sampling import SamplingParams
 
+    _check_utf8(args.prompt)
+
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
     llm = LLM(str(args.model or default_model_dir()), **engine_kwargs(args))
@@ -43,3 +45,17 @@ def main(args: argparse.Namespace) -> int:
     c = out.outputs[0]
     print(f"[{c.finish_reason}] {len(c.token_ids)} tokens | {stats.summary()}", file=sys.stderr)
     return 0
+
+
+def _check_utf8(prompt: str) -> None:
+    """argv bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer can encode."""
+    import os
+
+    from moeflow.errors import RequestError
+    from moeflow.tokenizer import lone_surrogate
+
+    if (at := lone_surrogate(prompt)) is not None:
+        raw = os.fsencode(prompt)
+        byte = os.fsencode(prompt[at])
+        raise RequestError(f"--prompt is not valid UTF-8 text: byte 0x{byte[0]:02x} at character {at} of "
+                           f"{len(raw)} bytes; pass the prompt in UTF-8")

@@ -81,7 +81,8 @@ class LLMEngine:
         self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
         self.cache: ExpertCache | None = None
         self.device = resolve_device(config.device)
-        self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(config.model)
+        self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(
+            config.model, allow_nonfinite=config.allow_nonfinite_weights)
         self.spec = spec = self.checkpoint.spec
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
         self.max_model_len = self._resolve_max_model_len(config.max_model_len, spec)
@@ -91,7 +92,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        self.store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda")
+        self.store = ExpertStore(self.checkpoint, spec, self.dtype, pin=self.device.type == "cuda", read_all=True,
+                                 allow_nonfinite=config.allow_nonfinite_weights)
         weight_dtype = self.dtype if spec.router.weights_in_model_dtype else torch.float32
         capacity = max(config.max_num_batched_tokens, self.max_model_len, batch_buckets(self.max_batch_size)[-1])
         self.record = RouteRecord(spec.num_moe_layers, spec.router.top_k, spec.num_experts, capacity, weight_dtype,

@@ -1,5 +1,8 @@
-"""The FastAPI app: OpenAI routes under /v1 (behind the API key when one is set), and the
-open routes beside them: /health, /metrics, and vLLM's /tokenize, /detokenize, /tokenizer_info.
+"""The FastAPI app: OpenAI routes under /v1 and vLLM's /tokenize, /detokenize, /tokenizer_info,
+behind the API key when one is set; /health and /metrics open beside them.
+
+Every request first passes the RequestGuard (guard.py: request id, body size and time limits);
+every route is a GuardedRoute (routes.py: JSON parsed off the loop, exceptions answered once).
 
 The app never starts or stops the engine thread: whoever made the EngineClient owns it (the
 `serve` command, or a test), so one engine can sit behind several apps.
@@ -18,9 +21,11 @@ from moeflow.server.chat import ChatCompletions
 from moeflow.server.completions import Completions
 from moeflow.server.engine_client import EngineClient
 from moeflow.server.errors import APIError, from_moeflow_error, install_error_handlers
-from moeflow.server.inputs import chat_messages, check_model, check_token_ids
+from moeflow.server.guard import RequestGuard
+from moeflow.server.inputs import chat_messages, check_model, check_token_ids, messages_weight
 from moeflow.server.logprobs import token_text
 from moeflow.server.metrics import CONTENT_TYPE
+from moeflow.server.offload import CpuPool
 from moeflow.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -36,6 +41,8 @@ from moeflow.server.protocol import (
     TokenizeResponse,
     TokenizerInfo,
 )
+from moeflow.server.responses import json_response
+from moeflow.server.routes import GuardedRoute
 from moeflow.server.settings import ServerSettings
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
@@ -43,16 +50,22 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 5
 
 def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="moeflow", version=__version__, description="OpenAI-compatible API for an MoE model")
-    app.state.client, app.state.settings = client, settings
+    app.router.route_class = GuardedRoute
+    cpu = CpuPool()
+    app.state.client, app.state.settings, app.state.cpu = client, settings, cpu
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_request_bytes,
+                       body_timeout_s=settings.body_timeout_s, request_done=cpu.request_done)
     install_error_handlers(app)
     tokenizer = client.tokenizer
-    completions, chat = Completions(client, settings), ChatCompletions(client, settings)
+    completions, chat = Completions(client, settings, cpu), ChatCompletions(client, settings, cpu)
+    keyed = [Depends(_api_key_check(settings.api_key))]
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(settings.api_key))], responses=_ERRORS)
+    v1 = APIRouter(prefix="/v1", dependencies=keyed, responses=_ERRORS, route_class=GuardedRoute)
 
     @v1.get("/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=settings.served_model_name, root=settings.model_dir,
+        # root: the name, not the directory: a path says more about the host than a client needs
+        return ModelList(data=[ModelCard(id=settings.served_model_name, root=settings.served_model_name,
                                          max_model_len=client.max_model_len,
                                          vocab_size=min(client.vocab_size, tokenizer.vocab_size))])
 
@@ -80,9 +93,7 @@ def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
         body = client.metrics.render() if client.metrics else b""
         return Response(body, media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
-    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
-        check_model(body.model, settings)
+    def tokenized(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         if isinstance(body, TokenizeChatRequest):
             try:
                 text = tokenizer.apply_chat_template(chat_messages(body.messages), body.add_generation_prompt)
@@ -90,17 +101,33 @@ def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
                 raise from_moeflow_error(exc, "messages") from None
         else:
             text = body.prompt
-        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        except RequestError as exc:
+            param = "prompt" if isinstance(body, TokenizeCompletionRequest) else "messages"
+            raise from_moeflow_error(exc, param) from None
         strs = [token_text(tokenizer, t) for t in ids] if body.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=client.max_model_len, tokens=ids, token_strs=strs)
+        # made without validating what the tokenizer made: a million ids would hold the GIL for it
+        return TokenizeResponse.model_construct(count=len(ids), max_model_len=client.max_model_len, tokens=ids,
+                                                token_strs=strs)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, dependencies=keyed)
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
         check_model(body.model, settings)
-        ids = check_token_ids(body.tokens, client, "tokens") if body.tokens else []
-        return DetokenizeResponse(prompt=tokenizer.decode(ids, skip_special_tokens=False))
+        weight = len(body.prompt) if isinstance(body, TokenizeCompletionRequest) else messages_weight(body.messages)
+        return await json_response(cpu, lambda: tokenized(body), weight * (8 if body.return_token_strs else 1))
 
-    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, dependencies=keyed)
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        check_model(body.model, settings)
+
+        def detokenized() -> DetokenizeResponse:
+            ids = check_token_ids(body.tokens, client, "tokens") if body.tokens else []
+            return DetokenizeResponse(prompt=tokenizer.decode(ids, skip_special_tokens=False))
+
+        return await json_response(cpu, detokenized, len(body.tokens) * 4)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, dependencies=keyed)
     async def tokenizer_info() -> TokenizerInfo:
         return TokenizerInfo(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
                              chat_template=tokenizer.chat_template, model_max_length=client.max_model_len,

@@ -7,16 +7,24 @@ run to the end of the context, as in vLLM.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
 from moeflow.outputs import RequestOutput
 from moeflow.server.engine_client import EngineClient, EngineRequest, Submission
-from moeflow.server.errors import bad_request
-from moeflow.server.inputs import chat_prompt, check_fan_out, check_model, max_tokens_for, sampling_params
+from moeflow.server.errors import bad_request, request_id
+from moeflow.server.inputs import (
+    chat_prompt,
+    check_fan_out,
+    check_logprob_volume,
+    check_model,
+    max_tokens_for,
+    messages_weight,
+    sampling_params,
+)
 from moeflow.server.logprobs import chat_logprobs
+from moeflow.server.offload import CpuPool
 from moeflow.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -33,27 +41,29 @@ from moeflow.server.settings import ServerSettings
 
 
 class ChatCompletions:
-    def __init__(self, client: EngineClient, settings: ServerSettings):
-        self.client = client
-        self.settings = settings
+    def __init__(self, client: EngineClient, settings: ServerSettings, cpu: CpuPool):
+        self.client, self.settings, self.cpu = client, settings, cpu
 
     async def __call__(self, body: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
         arrival = time.time()
         check_model(body.model, self.settings)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        check_fan_out(body.n, self.settings)
-        prompt = chat_prompt(body.messages, body.add_generation_prompt, self.client)
+        check_fan_out(body.n, self.settings, self.client)
+        prompt = await self.cpu.run(chat_prompt, body.messages, body.add_generation_prompt, self.client,
+                                    weight=messages_weight(body.messages))
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = max_tokens_for(prompt, asked, self.client, prompt_param="messages", tokens_param=param)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        volume = body.n * max_tokens * (num_logprobs + 1) if num_logprobs is not None else 0
+        check_logprob_volume(volume, "top_logprobs")
         requests = [EngineRequest(prompt.ids, sampling_params(body, max_tokens=max_tokens, choice=i,
                                                               logprobs=num_logprobs))
                     for i in range(body.n)]
-        call = _ChatCall(f"chatcmpl-{uuid.uuid4().hex}", self.settings.served_model_name, body, len(prompt.ids),
+        call = _ChatCall(f"chatcmpl-{request_id(request)}", self.settings.served_model_name, body, len(prompt.ids),
                          self.client)
-        return await answer(self.client, requests, call, body.stream, request, arrival)
+        return await answer(self.client, requests, call, body.stream, request, arrival, self.cpu, weight=volume)
 
 
 class _ChatCall:

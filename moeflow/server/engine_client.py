@@ -9,6 +9,10 @@ one `call_soon_threadsafe` per loop per step.
 A Submission is the engine requests of one API call (prompts x n), read together as
 (index, RequestOutput) pairs. Leaving it (`async with`) aborts whatever has not finished: a
 client that hangs up frees its KV rows at the next step.
+
+The queue bound (--max-queue) is on requests that would wait for a KV row: those submitted but
+not yet handed to the engine, plus those the engine holds waiting, less the rows free at the
+last step. A request in the running batch never counts, whether or not it has a token yet.
 """
 
 from __future__ import annotations
@@ -62,7 +66,6 @@ class Submission:
         self.loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self._open = set(range(len(request_ids)))
-        self._queued = set(range(len(request_ids)))  # no output yet: these count against the queue bound
 
     def __aiter__(self) -> Submission:
         return self
@@ -88,17 +91,9 @@ class Submission:
         for index in self._open:
             self._client.abort(self.request_ids[index])
         self._open.clear()
-        self._left_queue(set(self._queued))
 
     def _put(self, index: int, item: RequestOutput | BaseException) -> None:  # on self.loop
-        self._left_queue({index})
         self._queue.put_nowait((index, item))
-
-    def _left_queue(self, indices: set[int]) -> None:
-        gone = indices & self._queued
-        if gone:
-            self._queued -= gone
-            self._client._dequeued(len(gone))
 
 
 class EngineClient:
@@ -107,13 +102,18 @@ class EngineClient:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.spec.vocab_size
+        self.rows = engine.kv.rows  # sequences that can run at once
         self.max_queue = max_queue
         self.metrics = metrics
         self.draining = False
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._lock = threading.Lock()  # guards _queued: submissions of several event loops touch it
-        self._queued = 0  # engine requests submitted that have produced nothing yet
+        # The queue bound's figures, guarded by _lock: submissions of several event loops and the engine
+        # thread touch them. Rows and waiting are as the engine left them after its latest step.
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted, not yet handed to the engine
+        self._waiting = 0  # handed to the engine, waiting for a KV row
+        self._free_rows = engine.kv.num_free
         self._live: dict[str, tuple[Submission, int]] = {}  # engine thread only
         self.num_live = 0  # len(_live), published by the engine thread for the drain to poll
         self._thread: threading.Thread | None = None
@@ -138,15 +138,33 @@ class EngineClient:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def queued(self) -> int:
+        """Engine requests that would wait for a KV row if the engine stepped now."""
+        with self._lock:
+            return max(0, self._pending + self._waiting - self._free_rows)
+
     async def drain(self, timeout: float) -> bool:
-        """Admit nothing new and wait for the running requests; True if all finished in time."""
+        """Admit nothing new and wait for the running requests; True if all finished in time (else they are
+        stopped with RequestAborted)."""
         self.draining = True
+        if await self.wait_idle(timeout):
+            return True
+        self.abort_all("the server is shutting down: this request ran past the drain timeout and was stopped")
+        return False
+
+    def abort_all(self, reason: str) -> None:
+        """End every request now, each with RequestAborted(reason); admit nothing new."""
+        self.draining = True
+        self._command("abort_all", reason)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is queued or running; True if that happened within `timeout`."""
         deadline = time.monotonic() + timeout
-        while self.num_live or self._queued or not self._commands.empty():
+        while self.num_live or self._pending or not self._commands.empty():
             if time.monotonic() >= deadline:
-                self._command("abort_all")
                 return False
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         return True
 
     # -- requests (on an event loop) -------------------------------------------------------------
@@ -158,12 +176,13 @@ class EngineClient:
                 self.metrics.rejected("draining")
             raise Draining("the server is shutting down and admits no new requests")
         with self._lock:
-            if self._queued + len(requests) > self.max_queue:
+            waiting = max(0, self._pending + self._waiting - self._free_rows)
+            if max(0, self._pending + self._waiting + len(requests) - self._free_rows) > self.max_queue:
                 if self.metrics:
                     self.metrics.rejected("queue_full")
-                raise QueueFull(f"the server is busy: {self._queued} requests are already waiting "
+                raise QueueFull(f"the server is busy: {waiting} requests are already waiting for a slot "
                                 f"(--max-queue {self.max_queue}); retry later")
-            self._queued += len(requests)
+            self._pending += len(requests)
         ids = [request_id] if len(requests) == 1 else [f"{request_id}-{i}" for i in range(len(requests))]
         sub = Submission(self, ids)
         arrival_time = arrival_time or time.time()
@@ -178,10 +197,6 @@ class EngineClient:
     def _command(self, *cmd) -> None:
         self._commands.put(cmd)
         self._wake.set()
-
-    def _dequeued(self, n: int) -> None:
-        with self._lock:
-            self._queued -= n
 
     # -- the engine thread -------------------------------------------------------------------------
 
@@ -214,8 +229,8 @@ class EngineClient:
             elif kind == "abort":
                 self._abort(cmd[1], None)
             elif kind == "abort_all":
-                self._fail(list(self._live), RequestAborted("the server is shutting down: this request ran past "
-                                                            "the drain timeout and was stopped"))
+                self._fail(list(self._live), RequestAborted(cmd[1]))
+                self._publish()
             elif kind == "stop":
                 return True
 
@@ -223,8 +238,13 @@ class EngineClient:
         try:
             self.engine.add_request(rid, req.prompt_ids, req.params, arrival_time=arrival_time)
         except MoeflowError as exc:  # the handler checks first, so this is a late safety net
+            with self._lock:
+                self._pending -= 1
             self._deliver([(sub, index, exc)])
             return
+        with self._lock:
+            self._pending -= 1
+            self._waiting += 1  # until the next step says whether it found a row
         self._live[rid] = (sub, index)
 
     def _abort(self, rid: str, error: BaseException | None) -> None:
@@ -244,12 +264,12 @@ class EngineClient:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:
-            log.exception("engine step failed; failing the requests in its batch")
+        except Exception:
             # The batch is every running sequence (a prefill has admitted its new ones by now).
             running = [s.request_id for s in self.engine.scheduler.running] or list(self._live)
-            self._fail(running, EngineStepError(f"the engine failed while running this request: "
-                                                f"{type(exc).__name__}: {exc}"))
+            log.exception("engine step failed; failing the requests in its batch: %s", ", ".join(running))
+            self._fail(running, EngineStepError("the engine failed while running this request"))
+            self._publish()
             return
         deliveries = []
         for out in outputs:
@@ -266,6 +286,9 @@ class EngineClient:
 
     def _publish(self) -> None:
         self.num_live = len(self._live)
+        with self._lock:
+            self._waiting = self.engine.num_waiting
+            self._free_rows = self.engine.kv.num_free
         if self.metrics:
             self.metrics.set_queue(self.engine.num_running, self.engine.num_waiting)
 

@@ -3,7 +3,11 @@
 Prompts are tokenized here (the engine gets token ids), so every check the engine would make
 (empty prompt, token ids outside the vocabulary, a prompt longer than the context, a
 max_tokens that runs past it) becomes a 400 naming the field, and a call whose second prompt
-is bad never starts its first.
+is bad never starts its first. So is a call that would make the server write back more
+logprobs than one response should hold.
+
+Tokenizing is CPU work: `prompt_weight` says how much, so that handlers run the large ones in
+the CPU pool (offload.py) instead of on the event loop.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from moeflow.errors import ConfigError, RequestError
 from moeflow.sampling import SamplingParams
 from moeflow.server.engine_client import EngineClient
 from moeflow.server.errors import APIError, bad_request, from_moeflow_error
+from moeflow.server.fields import MAX_LOGPROB_ENTRIES
 from moeflow.server.protocol import ChatMessage, SamplingRequest
 from moeflow.server.settings import ServerSettings
+from moeflow.tokenizer import TextTooLong
 
 
 # Any top_p below the top token's probability (at least 1/vocab) keeps just that token: raising a
@@ -32,8 +38,21 @@ class Prompt:
 
 def check_model(model: str | None, settings: ServerSettings) -> None:
     if model is not None and model != settings.served_model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.served_model_name}`.",
+        shown = model if len(model) <= 100 else f"{model[:100]}... ({len(model)} characters)"
+        raise APIError(404, f"The model `{shown}` does not exist; this server serves `{settings.served_model_name}`.",
                        param="model", code="model_not_found")
+
+
+def prompt_weight(prompt: str | list) -> int:
+    """About how much tokenizing and checking `prompt` costs: characters of text, or token ids."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
+
+
+def messages_weight(messages: list[ChatMessage]) -> int:
+    return sum((len(m.content) if isinstance(m.content, str) else sum(len(p.text or "") for p in m.content or []))
+               + 64 for m in messages)
 
 
 def completion_prompts(prompt: str | list, client: EngineClient) -> list[Prompt]:
@@ -51,7 +70,7 @@ def completion_prompts(prompt: str | list, client: EngineClient) -> list[Prompt]
         if isinstance(item, str):
             if not item:
                 raise bad_request("prompt is empty", "prompt")
-            ids = client.tokenizer.encode(item)
+            ids = _encode(client, item, "prompt")
             if not ids:
                 raise bad_request("prompt tokenizes to no tokens", "prompt")
             out.append(Prompt(ids, item))
@@ -89,10 +108,24 @@ def chat_prompt(messages: list[ChatMessage], add_generation_prompt: bool, client
         text = client.tokenizer.apply_chat_template(chat_messages(messages), add_generation_prompt)
     except RequestError as exc:
         raise from_moeflow_error(exc, "messages") from None
-    ids = client.tokenizer.encode(text, add_special_tokens=False)  # the template writes its own BOS
+    ids = _encode(client, text, "messages", add_special_tokens=False)  # the template writes its own BOS
     if not ids:
         raise bad_request("the chat template turned these messages into an empty prompt", "messages")
     return Prompt(ids, text)
+
+
+def _encode(client: EngineClient, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    try:
+        return client.tokenizer.encode(text, add_special_tokens, limit=client.max_model_len - 1)
+    except TextTooLong as exc:
+        raise _longer_than_the_context(exc.num_tokens, client, param) from None
+
+
+def _longer_than_the_context(n: int, client: EngineClient, prompt_param: str) -> APIError:
+    return bad_request(
+        f"This model's maximum context length is {client.max_model_len} tokens (max_model_len), but the "
+        f"{prompt_param} has {n} tokens and at least one must be left to generate. Please shorten the "
+        f"{prompt_param}.", prompt_param)
 
 
 def max_tokens_for(prompt: Prompt, asked: int | None, client: EngineClient, *, prompt_param: str = "prompt",
@@ -101,9 +134,7 @@ def max_tokens_for(prompt: Prompt, asked: int | None, client: EngineClient, *, p
     limit = client.max_model_len
     n = len(prompt.ids)
     if n >= limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens (max_model_len), but the {prompt_param} has "
-            f"{n} tokens and at least one must be left to generate. Please shorten the {prompt_param}.", prompt_param)
+        raise _longer_than_the_context(n, client, prompt_param)
     if asked is None:
         return limit - n
     if n + asked > limit:
@@ -114,10 +145,18 @@ def max_tokens_for(prompt: Prompt, asked: int | None, client: EngineClient, *, p
     return asked
 
 
-def check_fan_out(num_requests: int, settings: ServerSettings) -> None:
-    if num_requests > settings.max_queue:
-        raise bad_request(f"this call asks for {num_requests} sequences (prompts x n), more than the server "
-                          f"queues at once (--max-queue {settings.max_queue})", "n")
+def check_fan_out(num_requests: int, settings: ServerSettings, client: EngineClient) -> None:
+    if num_requests > settings.max_queue + client.rows:
+        raise bad_request(f"this call asks for {num_requests} sequences (prompts x n), more than the server can "
+                          f"run ({client.rows}) and queue (--max-queue {settings.max_queue}) at once", "n")
+
+
+def check_logprob_volume(entries: int, param: str) -> None:
+    """`entries`: token positions the response describes, times the logprobs given at each."""
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise bad_request(f"this call asks for {entries} logprob entries (choices x echoed and generated tokens x "
+                          f"(logprobs + 1)), more than one response holds ({MAX_LOGPROB_ENTRIES}); send fewer or "
+                          f"shorter prompts, fewer choices, fewer tokens or fewer logprobs", param)
 
 
 def sampling_params(body: SamplingRequest, *, max_tokens: int, choice: int, logprobs: int | None = None,

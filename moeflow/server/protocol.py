@@ -3,7 +3,8 @@
 Field names, defaults and shapes follow OpenAI's API reference, with vLLM's extensions where
 OpenAI has none (top_k, ignore_eos, stop_token_ids, stop_reason, /tokenize). Unknown request
 fields are ignored, as vLLM does, so clients newer than this file keep working. Range checks
-sit on the fields, so a bad value is a 400 that names the field before any engine work starts.
+sit on the fields, so a bad value is a 400 that names the field before any engine work starts;
+numbers and booleans are strict and text must be valid Unicode (fields.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,22 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from moeflow.sampling import MAX_LOGPROBS
+from moeflow.server.fields import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    Bool,
+    Float,
+    Int,
+    StopString,
+    Text,
+    TokenId,
+    check_nested_text,
+)
 
-TokenId = Annotated[int, Field(ge=0)]
 MAX_N = 128  # choices per prompt, as OpenAI allows
 
 
@@ -24,26 +36,27 @@ class RequestModel(BaseModel):
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingRequest(RequestModel):
     """Fields that completions and chat completions share. None means "the default"."""
 
-    model: str | None = None
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="default 1.0; 0 is greedy")
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default 1.0")
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0: no limit (vLLM extension)")
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    model: Text | None = None
+    temperature: Float | None = Field(None, ge=0, allow_inf_nan=False, description="default 1.0; 0 is greedy")
+    top_p: Float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default 1.0")
+    top_k: Int | None = Field(None, ge=-1, description="-1 or 0: no limit (vLLM extension)")
+    n: Int = Field(1, ge=1, le=MAX_N)
+    stop: (Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+           | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None) = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    user: str | None = None
+    ignore_eos: Bool = False
+    include_stop_str_in_output: Bool = False
+    skip_special_tokens: Bool = True
+    user: Text | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -51,32 +64,37 @@ class SamplingRequest(RequestModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
         description="text, a list of texts, token ids, or a list of token-id lists")
-    max_tokens: int | None = Field(16, ge=0, description="0 with echo scores the prompt only; null: up to the context")
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top logprobs per token, legacy format")
+    max_tokens: Int | None = Field(16, ge=0, description="0 with echo scores the prompt only; null: up to the context")
+    echo: Bool = False
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top logprobs per token, legacy format")
 
 
 class ContentPart(RequestModel):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool calls, names, ...: handed to the chat template as given
 
-    role: str = Field(min_length=1)
-    content: str | list[ContentPart] | None = None
+    role: Text = Field(min_length=1)
+    content: Text | list[ContentPart] | None = None
+
+    @model_validator(mode="after")
+    def _extra_text_is_valid(self) -> ChatMessage:
+        check_nested_text(self.model_extra)
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI in favour of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_tokens: Int | None = Field(None, ge=1, description="deprecated by OpenAI in favour of max_completion_tokens")
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: Bool = True
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -200,18 +218,18 @@ class ModelList(ResponseModel):
 
 
 class TokenizeCompletionRequest(RequestModel):
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: Bool = True
+    return_token_strs: Bool = False
 
 
 class TokenizeChatRequest(RequestModel):
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = False  # chat templates write their own BOS
-    return_token_strs: bool = False
+    add_generation_prompt: Bool = True
+    add_special_tokens: Bool = False  # chat templates write their own BOS
+    return_token_strs: Bool = False
 
 
 class TokenizeResponse(ResponseModel):
@@ -222,7 +240,7 @@ class TokenizeResponse(ResponseModel):
 
 
 class DetokenizeRequest(RequestModel):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[TokenId]
 
 

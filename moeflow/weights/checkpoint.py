@@ -7,12 +7,18 @@ read one expert at a time, from either layout found on disk:
   fused       {moe}.experts.gate_up_proj [E, 2I, H]  and  {moe}.experts.down_proj [E, H, I]
 
 so the checkpoint is never materialised twice in memory.
+
+Opening checks everything the header tells, before a byte of weights is read: the layers and
+experts present match config.json, and every tensor has the shape and a floating-point dtype
+the model needs. Reading checks what only the bytes tell: `tensor()` refuses a tensor holding
+NaN or Inf (the host store checks each expert it reads the same way), naming it and its shard.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from moeflow.errors import CheckpointError
 from moeflow.architectures.registry import spec_from_config
 from moeflow.architectures.spec import ModelSpec
+from moeflow.weights.finite import check_finite
 
 _PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
@@ -41,17 +48,26 @@ class ExpertLayout:
         return [f"{self.prefix}.experts.{e}.{n}.weight" for e in range(num_experts) for n in self.names]
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
 class Checkpoint:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, *, allow_nonfinite: bool = False):
+        """`allow_nonfinite`: read tensors holding NaN or Inf instead of refusing them."""
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"model directory {str(self.dir)!r} does not exist")
+        self.allow_nonfinite = allow_nonfinite
         self.config = self._read_config()
         self.spec: ModelSpec = spec_from_config(self.config)
         self._handles: dict[str, object] = {}
         self._where: dict[str, str] = {}  # tensor name -> shard file name
         self._open_shards()
+        self._check_layers()
         self.layouts: dict[int, ExpertLayout] = {l: self._find_layout(l) for l in self.spec.moe_layers}
+        self._check_experts()
         self._check_tensors()
 
     # -- opening ---------------------------------------------------------------------------
@@ -98,6 +114,33 @@ class Checkpoint:
             if self._where.get(name) != shard:
                 raise CheckpointError(f"tensor {name!r} is listed in {index.name} under {shard} but is not in that file")
 
+    def _check_layers(self) -> None:
+        """config.json's num_hidden_layers is the number of decoder layers the checkpoint holds."""
+        present = {int(m.group(1)) for name in self._where if (m := _LAYER.match(name))}
+        n = self.spec.num_layers
+        if present and max(present) >= n:
+            raise CheckpointError(f"config.json: num_hidden_layers={n}, but the checkpoint holds layers up to "
+                                  f"model.layers.{max(present)} ({max(present) + 1} layers): the ones past {n - 1} "
+                                  f"would be silently ignored")
+        missing = sorted(set(range(n)) - present)
+        if missing:
+            raise CheckpointError(f"config.json: num_hidden_layers={n}, but the checkpoint holds no tensors for "
+                                  f"layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:8]))}")
+
+    def _check_experts(self) -> None:
+        """A per-expert layout holds exactly the routed experts config.json counts (the fused one's shape says so)."""
+        E = self.spec.num_experts
+        field = "num_experts" if self.config.get("num_experts") is not None else "num_local_experts"
+        for layer, lay in self.layouts.items():
+            if lay.kind != "per_expert":
+                continue
+            head = f"{lay.prefix}.experts."
+            found = {int(m.group(1)) for name in self._where if name.startswith(head)
+                     and (m := _EXPERT.search(name, len(lay.prefix)))}
+            if found and max(found) >= E:
+                raise CheckpointError(f"config.json: {field}={E}, but layer {layer} of the checkpoint holds "
+                                      f"{max(found) + 1} experts ({head}0 to {head}{max(found)})")
+
     def _find_layout(self, layer: int) -> ExpertLayout:
         for moe in self.spec.moe_prefixes:
             prefix = f"model.layers.{layer}.{moe}"
@@ -133,9 +176,15 @@ class Checkpoint:
         for name, shape in expected.items():
             if name not in self._where:
                 raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
-            got = tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+            sl = self._slice(name)
+            got = tuple(sl.get_shape())
             if got != shape:
                 raise CheckpointError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+            if (code := sl.get_dtype()) not in _FLOAT_DTYPES:
+                # read as is, it would be cast to the compute dtype without a word: integers as weights
+                raise CheckpointError(f"tensor {name!r} in {self._where[name]} is stored as {code}; moeflow reads "
+                                      f"weights stored as {', '.join(_FLOAT_DTYPES)} (quantized checkpoints are not "
+                                      f"supported)")
 
     def dense_layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         return dense_layer_shapes(self.spec, self.layouts, layer)
@@ -146,7 +195,25 @@ class Checkpoint:
     # -- reading ---------------------------------------------------------------------------
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read from its memory-mapped shard."""
+        """One tensor, read from its memory-mapped shard; one holding NaN or Inf is refused."""
+        t = self._read(name)
+        if not self.allow_nonfinite:
+            check_finite(self.describe(name), t)
+        return t
+
+    def describe(self, name: str) -> str:
+        return f"tensor {name!r} in {self._where[name]}"
+
+    def describe_expert(self, layer: int, expert: int, part: Literal["gate", "up", "down"]) -> str:
+        """Where routed expert `expert`'s gate, up or down projection sits on disk, for messages."""
+        lay = self.layouts[layer]
+        if lay.kind == "per_expert":
+            return self.describe(f"{lay.prefix}.experts.{expert}.{lay.names[('gate', 'up', 'down').index(part)]}.weight")
+        fused = f"{lay.prefix}.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+        half = "" if part == "down" else f", its {part} half"
+        return f"tensor {fused!r} (expert {expert}{half}) in {self._where[fused]}"
+
+    def _read(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
 
     def read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,7 +224,8 @@ class Checkpoint:
             gate_up = self._slice(f"{lay.prefix}.experts.gate_up_proj")[expert : expert + 1][0]
             down = self._slice(f"{lay.prefix}.experts.down_proj")[expert : expert + 1][0]
             return gate_up[:I], gate_up[I:], down
-        g, u, d = (self.tensor(f"{lay.prefix}.experts.{expert}.{n}.weight") for n in lay.names)
+        # the host store checks what it copies, in the dtype it keeps: no second pass here
+        g, u, d = (self._read(f"{lay.prefix}.experts.{expert}.{n}.weight") for n in lay.names)
         return g, u, d
 
     def _slice(self, name: str):

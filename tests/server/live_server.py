@@ -16,33 +16,31 @@ import uvicorn
 from moeflow.llm import LLM
 from moeflow.server.app import create_app
 from moeflow.server.engine_client import EngineClient
+from moeflow.server.http import uvicorn_config
 from moeflow.server.metrics import ServerMetrics
 from moeflow.server.settings import ServerSettings
 
 MODEL_NAME = "tiny-moe"
 
 
-class LiveServer:
-    def __init__(self, model_dir: Path, *, api_key: str | None = None, max_queue: int = 512, **engine_kwargs):
-        self.settings = ServerSettings(served_model_name=MODEL_NAME, model_dir=str(model_dir), api_key=api_key,
-                                       max_queue=max_queue)
-        self.engine = LLM(str(model_dir), **engine_kwargs).engine
-        self.client = EngineClient(self.engine, max_queue=max_queue, metrics=ServerMetrics(MODEL_NAME))
-        self.app = create_app(self.client, self.settings)
+class AppServer:
+    """uvicorn serving `app` on a free loopback port, in a background thread, configured as `moeflow serve`
+    configures it."""
+
+    def __init__(self, app, settings: ServerSettings):
+        self.app, self.settings = app, settings
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> LiveServer:
-        self.client.start()
+    def start(self, timeout: float = 30.0):
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -54,8 +52,27 @@ class LiveServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
-        self.client.stop()
         self._sock.close()
+
+
+class LiveServer(AppServer):
+    """The engine, its EngineClient and the app, served: tests can look inside all three."""
+
+    def __init__(self, model_dir: Path, *, api_key: str | None = None, max_queue: int = 512,
+                 server: dict | None = None, **engine_kwargs):
+        settings = ServerSettings(served_model_name=MODEL_NAME, model_dir=str(model_dir), api_key=api_key,
+                                  max_queue=max_queue, **(server or {}))
+        self.engine = LLM(str(model_dir), **engine_kwargs).engine
+        self.client = EngineClient(self.engine, max_queue=max_queue, metrics=ServerMetrics(MODEL_NAME))
+        super().__init__(create_app(self.client, settings), settings)
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        self.client.start()
+        return super().start(timeout)
+
+    def stop(self) -> None:
+        super().stop()
+        self.client.stop()
 
     def idle(self) -> bool:
         return (self.client.num_live == 0 and self.engine.num_running == 0 and self.engine.num_waiting == 0

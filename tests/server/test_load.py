@@ -58,5 +58,5 @@ def test_32_concurrent_clients(live_server):
     assert live_server.wait_idle(timeout=5)
     ok_after = sum(live_server.metric("moeflow:request_success_total", finished_reason=r) for r in ("stop", "length"))
     assert ok_after - ok_before == CLIENTS * PER_CLIENT
-    assert live_server.client._queued == 0
+    assert live_server.client.queued == 0 and live_server.client._pending == 0
     print(f"{len(results)} requests from {CLIENTS} clients in {elapsed:.1f} s")

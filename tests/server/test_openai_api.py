@@ -295,4 +295,4 @@ def test_tokenize_round_trip(http, offline_llm):
 def test_server_is_idle_after_everything(live_server):
     time.sleep(0.1)
     assert live_server.wait_idle()
-    assert live_server.client._queued == 0
+    assert live_server.client.queued == 0 and live_server.client._pending == 0
