@@ -251,15 +251,19 @@ class ExpertCache:
         self._went_live(issued)
         return len(issued)
 
-    def drop_prefetches(self, layer: int | None = None) -> int:
-        """Cancel the queued (not yet issued) prefetches of `layer`, or of every layer: their slots go free."""
+    def drop_prefetches(self, layer: int | None = None, experts: list[int] | None = None) -> int:
+        """Cancel the queued (not yet issued) prefetches of `layer` (only of `experts`, if given), or of every
+        layer: their slots go free."""
         dropped = 0
         for slot in self.transfer.queued_slots():
             owner = self.owner[slot]
-            if owner is not None and (layer is None or owner[0] == layer):
-                self._evict(slot)
-                self._free.append(slot)
-                dropped += 1
+            if owner is None or (layer is not None and owner[0] != layer):
+                continue
+            if experts is not None and owner[1] not in experts:
+                continue
+            self._evict(slot)
+            self._free.append(slot)
+            dropped += 1
         return dropped
 
     def residency(self) -> np.ndarray:
