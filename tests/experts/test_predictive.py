@@ -194,17 +194,21 @@ def test_a_scripted_wrong_predictor_leaves_the_tokens_alone_too(reference):
     assert greedy_tokens(llm) == reference
 
 
+@pytest.fixture(scope="module")
+def gpu_reference() -> list[list[int]]:
+    return greedy_tokens(LLM(str(default_model_dir()), device="cuda", max_model_len=64))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget", ["1/layer", "10%", "25%", "50%", "100%"])
 @pytest.mark.parametrize("off", [None, *PARTS, "adapt"])
-def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, off):
-    model = str(default_model_dir())
-    ref = LLM(model, device="cuda", max_model_len=64)
-    reference = greedy_tokens(ref)
-    llm = LLM(model, device="cuda", max_model_len=64, expert_budget=budget)
+def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, off, gpu_reference):
+    llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget=budget)
     assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
     pred = load_predictor(default_model_dir() / "predictor", llm.engine.checkpoint, llm.engine.device,
                           adapt=off != "adapt")
     llm.engine.set_predictor(pred)
     llm.engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS})
-    assert greedy_tokens(llm) == reference
+    assert greedy_tokens(llm) == gpu_reference
+    if budget != "100%" and off != "prefetch":
+        assert llm.last_stats.cache.prefetches > 0

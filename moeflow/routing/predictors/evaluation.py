@@ -230,7 +230,8 @@ def evaluate(pred_path, checkpoint, traces: Sequence, fit_traces: Sequence | Non
     name, value = best_baseline(baselines)
     out = {"recall": learned, "baselines": baselines, "cache": cache,
            "best_baseline": {"name": name, "recall": value},
-           "tokens": data.num_tokens, "domains": data.domain_names, "predictor": str(pred_path),
+           "tokens": data.num_tokens, "predictor": str(pred_path),
+           "domains": [d for i, d in enumerate(data.domain_names) if (data.domains == i).any()],
            "trained_on": {"domains": files.training.get("domains"),
                           "holdout_domain": files.training.get("holdout_domain")}}
     if note:

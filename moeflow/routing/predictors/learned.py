@@ -234,7 +234,6 @@ class LearnedPrediction(Prediction):
     next_scores: np.ndarray | None = None
 
 
-
 @dataclass
 class _Sequence:
     """What a running sequence's prediction needs: its last token, that token's routes, its route history."""
