@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("moeflow.server.cli", "serve a model behind an OpenAI-compatible HTTP API"),
     "bench": ("moeflow.bench.cli", "benchmarks: offline engine configurations, or a running server"),
     "trace": ("moeflow.commands.trace", "record the expert routes a model takes over a data split"),
+    "predictor": ("moeflow.commands.predictor", "train a routing-path predictor from traces, or score one"),
     "data": ("moeflow.data.cli", "build the public-text training corpus"),
     "train": ("moeflow.train.cli", "train a reference MoE model with transformers"),
     "eval": ("moeflow.commands.eval", "accuracy of approximate routing: perplexity, agreement, multiple choice"),

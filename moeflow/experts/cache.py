@@ -5,7 +5,8 @@ Shapes: L MoE layers, E experts per layer, S slots, each slot one expert (3*I*H 
 The pool maps (layer, expert) -> slot. Every layer has a quota of slots (equal shares by
 default; a planner may rebalance them by predicted demand each step). A layer under its quota
 takes a slot from the layer most over its quota; a layer at its quota evicts one of its own
-experts, chosen by the eviction policy, sparing the experts a planner protects. Slots a compute
+experts, chosen by the eviction policy, sparing the experts a planner protects and taking the
+lowest of a planner's priorities first, when it has set any. Slots a compute
 still reads are pinned and never evicted.
 
 Where an expert lives has one authority, the host's `slot_of`, and the device's `slot_table` is
@@ -76,6 +77,7 @@ class ExpertCache:
         self._free = list(range(S - 1, -1, -1))
         self._held = np.zeros(L, dtype=np.int64)
         self._protected = np.zeros((L, E), dtype=bool)
+        self._priority: np.ndarray | None = None  # [L, E] eviction order a planner sets; None: the policy's alone
         self.quota = self.equal_quotas(S, L)
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         self._table_dirty = True
@@ -205,6 +207,11 @@ class ExpertCache:
         """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing."""
         self._protected = np.zeros_like(self._protected) if mask is None else np.asarray(mask, dtype=bool)
 
+    def prioritize(self, priority: np.ndarray | None) -> None:
+        """Eviction priorities ([L, E], higher: keep longer) for the coming steps; None: none. Among the experts a
+        layer may give up, the lowest-priority go first and the eviction policy breaks ties."""
+        self._priority = None if priority is None else np.asarray(priority, dtype=np.float64)
+
     def enqueue_prefetch(self, layer: int, experts: list[int], deadline: int = 0,
                          scores: list[float] | None = None) -> int:
         """Queue loads of predicted experts of `layer` (best first), to be issued before those of later deadlines.
@@ -227,7 +234,7 @@ class ExpertCache:
                 candidates = self._evictable(li) & ~keep
                 if not candidates.any():
                     break
-                slot = int(self.slot_of[li, self.policy.victim(li, candidates)])
+                slot = int(self.slot_of[li, self._choose(li, candidates)])
                 self._evict(slot)
             self._assign(slot, layer, e)
             self._state[slot] = QUEUED
@@ -244,15 +251,19 @@ class ExpertCache:
         self._went_live(issued)
         return len(issued)
 
-    def drop_prefetches(self, layer: int | None = None) -> int:
-        """Cancel the queued (not yet issued) prefetches of `layer`, or of every layer: their slots go free."""
+    def drop_prefetches(self, layer: int | None = None, experts: list[int] | None = None) -> int:
+        """Cancel the queued (not yet issued) prefetches of `layer` (only of `experts`, if given), or of every
+        layer: their slots go free."""
         dropped = 0
         for slot in self.transfer.queued_slots():
             owner = self.owner[slot]
-            if owner is not None and (layer is None or owner[0] == layer):
-                self._evict(slot)
-                self._free.append(slot)
-                dropped += 1
+            if owner is None or (layer is not None and owner[0] != layer):
+                continue
+            if experts is not None and owner[1] not in experts:
+                continue
+            self._evict(slot)
+            self._free.append(slot)
+            dropped += 1
         return dropped
 
     def residency(self) -> np.ndarray:
@@ -323,7 +334,14 @@ class ExpertCache:
         if not candidates.any():
             return None
         spare = candidates & ~self._protected[li]
-        return int(self.slot_of[li, self.policy.victim(li, spare if spare.any() else candidates)])
+        return int(self.slot_of[li, self._choose(li, spare if spare.any() else candidates)])
+
+    def _choose(self, li: int, candidates: np.ndarray) -> int:
+        """Layer li's expert to evict among `candidates`: the lowest priority; ties, or no priorities, to the policy."""
+        if self._priority is not None:
+            p = np.where(candidates, self._priority[li], np.inf)
+            candidates = candidates & (p == p.min())
+        return self.policy.victim(li, candidates)
 
     def _take_slot(self, li: int) -> int | None:
         """A free slot, or one freed by evicting an unpinned expert; None if every slot is pinned.

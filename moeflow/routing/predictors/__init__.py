@@ -6,6 +6,7 @@ from moeflow.architectures.spec import ModelSpec
 from moeflow.routing.predictors.base import (Prediction, Predictor, PredictorBase, RefiningPredictor, RequestHints,
                                              RequestView, StepView)
 from moeflow.routing.predictors.frequency import FrequencyPredictor
+from moeflow.routing.predictors.learned import LearnedPredictor, LearnedPrediction, find_predictor, load_predictor
 from moeflow.routing.predictors.previous import PreviousPredictor
 
 BUILTIN = {"previous": PreviousPredictor, "frequency": FrequencyPredictor}
@@ -22,5 +23,6 @@ def make_predictor(name: str, spec: ModelSpec) -> Predictor:
     return cls(spec.num_moe_layers, spec.num_experts)
 
 
-__all__ = ["BUILTIN", "FrequencyPredictor", "Prediction", "Predictor", "PredictorBase", "PreviousPredictor",
-           "RefiningPredictor", "RequestHints", "RequestView", "StepView", "make_predictor"]
+__all__ = ["BUILTIN", "FrequencyPredictor", "LearnedPrediction", "LearnedPredictor", "Prediction", "Predictor",
+           "PredictorBase", "PreviousPredictor", "RefiningPredictor", "RequestHints", "RequestView", "StepView",
+           "find_predictor", "load_predictor", "make_predictor"]

@@ -1,0 +1,207 @@
+"""ExpertFlowPlanner: the predictive, self-correcting expert cache (ExpertFlow's, with what it left as TODO).
+
+Shapes: L MoE layers, E experts per layer, S slots, K top-k.
+
+Before each step, from the predictor's scores (scores[l, e]: the chance that some token of the step picks expert e
+of layer l), and after each offloaded layer's router, from the real route and the predictor's refined scores:
+
+(a) quotas: each layer's share of the S slots follows its predicted demand (the expected number of distinct
+    experts it will use, sum_e scores[l, e]). Every layer keeps a floor of min(K, S // L) slots, one token's
+    top-k where the budget allows it; when S < L*K (10% of 12 x 64 with top-8 is 76 slots < 96) the floor is
+    S // L and a layer that needs more takes slots from layers over their quotas, as the cache already does.
+(b) eviction: the experts predicted for the step (score >= protect_at) are protected, and among the rest the
+    least likely go first: the cache's priorities are the scores, coarsened to `levels` steps so that recency
+    (LRU) still orders experts of about equal chance. A layer that has routed keeps, as its experts' priority,
+    the share of the step's sequences that have used them lately (the predictor's route history), since they
+    are needed again only at the next step.
+(c) prefetch: at the start of the step, the likely experts (score >= prefetch_at) of the first `lookahead`
+    layers are queued with their layer as deadline (earliest first, then by score), and `issue_now` of them
+    start at once; as each layer routes, the layer `lookahead` ahead is queued and a bounded number more are
+    issued, so copies overlap the compute of the layers before them while a demand miss waits behind few.
+    Prefetches a layer no longer needs once it has routed are dropped; the last step's unissued ones too.
+(d) correction: when a layer routes, the predictor's refined scores re-plan the layers still to come: their
+    queued prefetches are dropped and queued again from the refined scores, and their protection and
+    priorities follow.
+(e) online adaptation lives in the predictor (LearnedPredictor(adapt=...)); the planner only reads its scores.
+
+Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
+the planner only chooses what is resident when, so outputs are identical with it or without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moeflow.experts.cache import ExpertCache
+from moeflow.routing.predictors.base import Prediction
+
+
+def _unpack(scores: np.ndarray | Prediction) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(scores, Prediction):
+        nxt = getattr(scores, "next_scores", None)
+        return np.asarray(scores.scores, dtype=np.float64), None if nxt is None else np.asarray(nxt, dtype=np.float64)
+    return np.asarray(scores, dtype=np.float64), None
+
+
+class ExpertFlowPlanner:
+    name = "expertflow"
+
+    def __init__(self, quotas: bool = True, protect: bool = True, prefetch: bool = True, correct: bool = True, *,
+                 protect_at: float = 0.5, prefetch_at: float = 0.8, lookahead: int = 2, issue_now: int | None = None,
+                 issue_per_layer: int | None = None, levels: int = 64, reuse_decay: float = 0.97,
+                 reuse_weight: float = 0.5,
+                 quota_mode: str = "value", requota: bool = True):
+        self.quotas, self.protect, self.prefetch, self.correct = quotas, protect, prefetch, correct
+        self.reuse_decay, self.reuse_weight, self.quota_mode = reuse_decay, reuse_weight, quota_mode
+        self.requota = requota
+        self.protect_at, self.prefetch_at = protect_at, prefetch_at
+        self.lookahead = max(1, lookahead)
+        self.issue_now, self.issue_per_layer = issue_now, issue_per_layer
+        self.levels = levels
+        self._scores: np.ndarray | None = None  # [L, E] this step's scores, refined as layers route
+        self._routed = -1  # the last layer that has routed this step
+        self._queued_to = -1  # prefetches are queued for layers up to this one
+        self._reuse: np.ndarray | None = None  # [L, E] moving average of the steps' routes: chance of use per step
+        self._next: np.ndarray | None = None  # [L, E] the predictor's chance of use at the next step, if it gives one
+
+    @property
+    def parts(self) -> dict[str, bool]:
+        return {"quotas": self.quotas, "protect": self.protect, "prefetch": self.prefetch, "correct": self.correct}
+
+    # -- before the step -----------------------------------------------------------------------
+
+    def plan(self, cache: ExpertCache, scores: np.ndarray | Prediction) -> None:
+        """scores [L, E]: the chance that the step uses each expert; or the Prediction itself, whose next_scores
+        (when it has them) say which experts the step after will use."""
+        scores, nxt = _unpack(scores)
+        self._scores = scores.copy()
+        self._next = nxt
+        if self._reuse is None or self._reuse.shape != scores.shape:
+            self._reuse = np.zeros_like(scores)
+        self._routed, self._queued_to = -1, -1
+        cache.drop_prefetches()  # the last step's unissued guesses are stale
+        if self.quotas:
+            cache.set_quotas(self.demand_quotas(cache, scores))
+        self._guard(cache)
+        if self.prefetch:
+            self._queue(cache, 0, min(len(cache.layers), self.lookahead) - 1)
+            cache.issue_prefetches(self._issue_now(cache))
+
+    def value(self) -> np.ndarray:
+        """[L, E] what keeping each expert is worth: its chance of use this step (layers not routed yet) or, failing
+        that, at the next (the moving average of the routes, discounted)."""
+        later = self._reuse if self._next is None else np.maximum(self._reuse, self._next)
+        w = self.reuse_weight * later
+        v = 1.0 - (1.0 - np.clip(self._scores, 0.0, 1.0)) * (1.0 - w)
+        done = self._routed + 1
+        v[:done] = w[:done]
+        return v
+
+    def demand_quotas(self, cache: ExpertCache, scores: np.ndarray) -> np.ndarray:
+        """Slots per layer: a floor each, the rest where keeping an expert is worth most."""
+        L, E, S = len(cache.layers), cache.num_experts, cache.num_slots
+        k = self._top_k(cache, scores)
+        floor = np.full(L, min(k, S // L), dtype=np.int64)
+        if self.quota_mode == "value":
+            v = self.value()
+            order = np.argsort(-v, axis=None, kind="stable")
+            q = np.bincount(order[:S] // E, minlength=L)
+            q = np.maximum(q, floor)
+            while q.sum() > S:  # the floors took more: trim the layers with most
+                q[np.argmax(q - floor)] -= 1
+            return q
+        demand = np.clip(scores.sum(axis=1), 1e-6, None)
+        spare = S - int(floor.sum())
+        want = floor + spare * demand / demand.sum()
+        q = np.minimum(np.floor(want).astype(np.int64), E)
+        # hand out what rounding and the E cap left, largest remainders first
+        left = S - int(q.sum())
+        order = np.argsort(-(want - q), kind="stable")
+        for li in order:
+            if left <= 0:
+                break
+            if q[li] < E:
+                q[li] += 1
+                left -= 1
+        return q
+
+    @staticmethod
+    def _top_k(cache: ExpertCache, scores: np.ndarray) -> int:
+        # one token's picks: the scores of a single sequence sum to about K per layer
+        return max(1, int(round(float(np.minimum(scores, 1.0).sum(axis=1).min()))))
+
+    def _issue_now(self, cache: ExpertCache) -> int:
+        if self.issue_now is not None:
+            return self.issue_now
+        return max(2, int(np.ceil(self._scores[0].clip(0, 1).sum())))  # about one layer's worth
+
+    # -- protection and eviction order -------------------------------------------------------------
+
+    def _guard(self, cache: ExpertCache) -> None:
+        """Protection and priorities from the current scores: layers not routed yet by their chance of use this
+        step, routed ones by their chance of reuse at the next."""
+        if not self.protect:
+            return
+        mask = self._scores >= self.protect_at
+        mask[: self._routed + 1] = False  # a routed layer is not needed again this step
+        cache.protect(mask)
+        cache.prioritize(np.floor(self.value() * self.levels) / self.levels)
+
+    # -- prefetch ------------------------------------------------------------------------------------
+
+    def _queue(self, cache: ExpertCache, first: int, last: int) -> None:
+        """Queue the likely, not yet resident experts of layers first..last (by ordinal), best first."""
+        resident = cache.residency()
+        for li in range(first, last + 1):
+            s = self._scores[li]
+            order = np.argsort(-s, kind="stable")
+            order = order[(s[order] >= self.prefetch_at) & ~resident[li, order]]
+            room = int(cache.quota[li])
+            if len(order) and room > 0:
+                cache.enqueue_prefetch(cache.layers[li], order[:room].tolist(), deadline=li,
+                                       scores=s[order[:room]].tolist())
+        self._queued_to = max(self._queued_to, last)
+
+    # -- as each layer routes ---------------------------------------------------------------------------
+
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | Prediction | None) -> None:
+        """MoE layer ordinal `layer` routed to `used`; scores: the predictor's refined [L, E] (or its Prediction)."""
+        if self._scores is None:
+            return
+        if scores is not None:
+            scores, _ = _unpack(scores)
+        L = len(cache.layers)
+        self._routed = layer
+        hot = np.zeros(cache.num_experts)
+        hot[used] = 1.0
+        self._reuse[layer] = self.reuse_decay * self._reuse[layer] + (1 - self.reuse_decay) * hot
+        if self.correct and scores is not None:
+            self._scores[layer + 1 :] = np.asarray(scores, dtype=np.float64)[layer + 1 :]
+        self._scores[layer] = 0.0
+        self._scores[layer, used] = 1.0
+        if self.prefetch:
+            cache.drop_prefetches(cache.layers[layer])  # guesses for this layer the router did not take
+            if self.correct and scores is not None:
+                # the queued layers: drop the guesses the refined scores no longer back, queue the new ones
+                queued: dict[int, list[int]] = {}
+                for slot in cache.transfer.queued_slots():
+                    owner = cache.owner[slot]
+                    if owner is not None:
+                        queued.setdefault(cache.ordinal(owner[0]), []).append(owner[1])
+                for li in range(layer + 1, min(self._queued_to, L - 1) + 1):
+                    stale = [e for e in queued.get(li, []) if self._scores[li, e] < self.prefetch_at]
+                    if stale:
+                        cache.drop_prefetches(cache.layers[li], stale)
+                if self._queued_to > layer:
+                    self._queue(cache, layer + 1, self._queued_to)
+        if self.quotas and self.requota:
+            cache.set_quotas(self.demand_quotas(cache, self._scores))
+        self._guard(cache)
+        if self.prefetch:
+            last = min(L - 1, layer + self.lookahead)
+            if last > self._queued_to:
+                self._queue(cache, self._queued_to + 1, last)
+            n = self.issue_per_layer
+            if n is None:
+                n = max(2, int(np.ceil(self._scores[min(L - 1, layer + 1)].clip(0, 1).sum())))
+            cache.issue_prefetches(n)

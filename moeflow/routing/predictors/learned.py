@@ -1,0 +1,445 @@
+"""`learned`: a small network, trained from routing traces, that predicts every MoE layer's experts for each
+sequence's next token before the step runs (ExpertFlow's routing-path predictor).
+
+Shapes: B sequences in the step, L MoE layers, E experts per layer, K top-k, H the model's hidden size.
+
+What it reads for each sequence, all known before the step:
+  cur   the token about to be routed (decode: the one just sampled), as the model's own input embedding,
+        RMS-normalised [H] (the model's weights, borrowed, not a copy: the predictor's own bytes stay small, and a
+        token the traces never showed still gets a meaningful input)
+  prev  the token before it, likewise (zeros at a sequence's first token)
+  last  the previous token's routes at every layer, multi-hot [L*E] (zeros at the first token)
+  hist  the sequence's route history: a bias-corrected exponential moving average of its tokens' multi-hot
+        routes [L*E] (zeros at the first token); it carries what the document is about
+One forward: [W_cur cur | W_prev prev | W_last last | W_hist hist] -> GELU MLP -> 2 x L*E logits; sigmoid of
+each is the chance that the token picks that expert, and (second half) that the token after it will. Trained
+with binary cross-entropy against the multi-hot top-k. The first half is the step's prediction; the second tells
+the cache which experts are worth keeping for the next step (eviction's "least likely first" looks one step on).
+
+Refinement (offloaded decode: the host learns each layer's route before the next layer runs): layer l's logits
+gain T_l @ m_{l-1}, where m_{l-1} is the layer before's multi-hot route. The term is linear in m, so in a batch,
+where the host only learns the union of the batch's experts, each sequence's expected route within that union
+stands in for its own.
+
+Online adaptation, no training at run time: per layer, a logit bias that follows the gap between the expected and
+the observed number of picks (calibration), and a mixing weight between the network and the sequence's own
+route history, moved by which of the two predicted the observed routes better (exponentiated gradient).
+
+PRED_DIR holds predictor.safetensors (float16 weights) and config.json (the widths, the model it was trained
+for and that model's fingerprint); a predictor refuses to load for any other model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moeflow.errors import ConfigError
+from moeflow.routing.predictors.base import Prediction, PredictorBase, RequestView, StepView
+from moeflow.routing.record import StepRoutes
+
+WEIGHTS_NAME, CONFIG_NAME = "predictor.safetensors", "config.json"
+FORMAT = "moeflow-route-predictor/1"
+PREFILL_TOKENS = 512  # a prefill's prediction covers at most its last this many prompt tokens
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    model_hidden: int
+    cur_width: int = 96
+    prev_width: int = 32
+    last_width: int = 64
+    hist_width: int = 64
+    hidden: int = 256
+    hist_decay: float = 0.9
+
+    def num_params(self) -> int:
+        LE, H = self.num_layers * self.num_experts, self.model_hidden
+        d_in = self.cur_width + self.prev_width + self.last_width + self.hist_width
+        return (H * (self.cur_width + self.prev_width) + (LE + 1) * self.last_width + LE * self.hist_width
+                + (d_in + 1) * self.hidden + (self.hidden + 1) * self.hidden + (self.hidden + 1) * 2 * LE
+                + (self.num_layers - 1) * self.num_experts ** 2)
+
+
+class RouteNet(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, E, H = cfg.num_layers, cfg.num_experts, cfg.model_hidden
+        self.cur = nn.Linear(H, cfg.cur_width, bias=False)
+        self.prev = nn.Linear(H, cfg.prev_width, bias=False)
+        self.last = nn.Linear(L * E, cfg.last_width)
+        self.hist = nn.Linear(L * E, cfg.hist_width, bias=False)
+        d_in = cfg.cur_width + cfg.prev_width + cfg.last_width + cfg.hist_width
+        self.body = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
+        self.head = nn.Linear(cfg.hidden, 2 * L * E)  # this token's routes, and the next token's
+        self.transition = nn.Parameter(torch.zeros(L - 1, E, E))  # T_l for layers 1..L-1, from layer l-1's route
+
+    def forward(self, cur: torch.Tensor, prev: torch.Tensor, last: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        """cur, prev [B, H] normalised embeddings; last, hist [B, L*E]. Returns logits [B, 2, L, E]: [:, 0] for the
+        token about to be routed, [:, 1] for the token after it (whatever it turns out to be)."""
+        x = torch.cat([self.cur(cur), self.prev(prev), self.last(last), self.hist(hist)], dim=-1)
+        return self.head(self.body(x)).view(-1, 2, self.cfg.num_layers, self.cfg.num_experts)
+
+    def refined(self, logits: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        """Every layer's logits once the layer before has routed: routes [B, L, E] multi-hot (teacher-forced)."""
+        step = torch.einsum("ble,lef->blf", routes[:, :-1], self.transition)
+        return torch.cat([logits[:, :1], logits[:, 1:] + step], dim=1)
+
+
+def normalized_embedding(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the model's token embedding, RMS-normalised (as a router's input is); id -1 gives zeros."""
+    rows = F.embedding(ids.clamp(min=0), weight).float()
+    rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return rows * (ids >= 0).unsqueeze(-1)
+
+
+# -- the model a predictor belongs to ----------------------------------------------------------------
+
+
+def router_weight_name(checkpoint, layer: int) -> str:
+    return f"{checkpoint.layouts[layer].prefix}.gate.weight"
+
+
+def model_fingerprint(checkpoint) -> str:
+    """A hash of what makes a model route the way it does: its architecture and sizes, every router's weights,
+    and a few rows of its token embedding (which the predictor reads)."""
+    s = checkpoint.spec
+    h = hashlib.sha256()
+    h.update(json.dumps([s.architecture, s.vocab_size, s.hidden_size, s.num_layers, list(s.moe_layers),
+                         s.num_experts, s.router.top_k]).encode())
+    for layer in s.moe_layers:
+        h.update(checkpoint.tensor(router_weight_name(checkpoint, layer)).float().numpy().tobytes())
+    emb = checkpoint.tensor("model.embed_tokens.weight")
+    for row in (0, s.vocab_size // 2, s.vocab_size - 1):
+        h.update(emb[row].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_bytes(checkpoint) -> int:
+    """Bytes of the model's weights as stored (dense and routed experts)."""
+    s = checkpoint.spec
+    size = torch.empty((), dtype=checkpoint.tensor_dtype).element_size()
+    return (checkpoint.dense_numel() + s.num_moe_layers * s.num_experts * s.expert_numel()) * size
+
+
+def describe_model(checkpoint) -> dict:
+    s = checkpoint.spec
+    model = getattr(checkpoint, "dir", None)
+    return {"model": Path(model).name if model is not None else "synthetic", "architecture": s.architecture,
+            "num_moe_layers": s.num_moe_layers, "num_experts": s.num_experts, "top_k": s.router.top_k,
+            "vocab_size": s.vocab_size, "hidden_size": s.hidden_size, "fingerprint": model_fingerprint(checkpoint)}
+
+
+# -- PRED_DIR ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictorFiles:
+    """What PRED_DIR holds: the network and the JSON config beside it."""
+
+    net: RouteNet
+    model: dict  # describe_model() of the model it was trained for
+    metrics: dict = field(default_factory=dict)  # validation recall per layer etc., from training
+    training: dict = field(default_factory=dict)  # traces, options, date
+
+    def save(self, out: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
+        config = {"format": FORMAT, "net": asdict(self.net.cfg), "model": self.model, "metrics": self.metrics,
+                  "training": self.training}
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> PredictorFiles:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"{path} is not a predictor directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                              "(written by `moeflow predictor train`)")
+        config = json.loads((path / CONFIG_NAME).read_text())
+        if config.get("format") != FORMAT:
+            raise ConfigError(f"{path / CONFIG_NAME} has format {config.get('format')!r}; this moeflow reads {FORMAT}")
+        net = RouteNet(NetConfig(**config["net"]))
+        net.load_state_dict({k: v.float() for k, v in load_file(str(path / WEIGHTS_NAME)).items()})
+        return cls(net.eval(), config["model"], config.get("metrics", {}), config.get("training", {}))
+
+
+def find_predictor(model_dir: str | Path) -> Path | None:
+    """The predictor that belongs with a model directory: `predictor/` inside it, else `<model_dir>-predictor` or
+    `<model_dir>.predictor` beside it; None if there is none."""
+    model_dir = Path(model_dir)
+    for cand in (model_dir / "predictor", model_dir.with_name(model_dir.name + "-predictor"),
+                 model_dir.with_name(model_dir.name + ".predictor")):
+        if (cand / CONFIG_NAME).is_file() and (cand / WEIGHTS_NAME).is_file():
+            return cand
+    return None
+
+
+def check_model(files: PredictorFiles, checkpoint, path: str | Path) -> None:
+    """Refuse a predictor trained for another model, saying which."""
+    ours, theirs = describe_model(checkpoint), files.model
+    shape = ("architecture", "num_moe_layers", "num_experts", "top_k", "vocab_size", "hidden_size")
+
+    def text(d: dict) -> str:
+        return (f"{d.get('model')!r} ({d.get('architecture')}, {d.get('num_moe_layers')} MoE layers x "
+                f"{d.get('num_experts')} experts, top-{d.get('top_k')}, fingerprint {d.get('fingerprint')})")
+
+    if any(ours[k] != theirs.get(k) for k in shape) or ours["fingerprint"] != theirs.get("fingerprint"):
+        raise ConfigError(f"the predictor in {path} was trained for model {text(theirs)}, not for this model "
+                          f"{text(ours)}; train one for it with `moeflow predictor train MODEL_DIR --traces ...`")
+
+
+def load_predictor(path: str | Path, checkpoint, device: str | torch.device = "cpu", *, adapt: bool = True,
+                   embedding: torch.Tensor | None = None) -> LearnedPredictor:
+    """The predictor in PRED_DIR `path`, for the model `checkpoint` holds, running on `device`.
+
+    Raises ConfigError if it was trained for another model. `embedding`: the model's token embedding [V, H] if
+    the caller already holds it on `device` (the engine does); else it is read from the checkpoint.
+    `adapt`: online calibration and history mixing (item (e)); off, the network's scores are used as they are.
+    """
+    files = PredictorFiles.load(path)
+    check_model(files, checkpoint, path)
+    device = torch.device(device)
+    if embedding is None:
+        embedding = checkpoint.tensor("model.embed_tokens.weight").to(device)
+    return LearnedPredictor(files.net, embedding, device, adapt=adapt,
+                            layer_recall=files.metrics.get("recall_per_layer"))
+
+
+# -- run time ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LearnedPrediction(Prediction):
+    """A Prediction with one more field: next_scores [L, E], the chance that the step after this one uses each
+    expert (what ExpertFlowPlanner keeps experts for, once their layer has routed)."""
+
+    next_scores: np.ndarray | None = None
+
+
+@dataclass
+class _Sequence:
+    """What a running sequence's prediction needs: its last token, that token's routes, its route history."""
+
+    last_token: int = -1
+    last_routes: np.ndarray | None = None  # [L, K]
+    ema: np.ndarray | None = None  # [L, E] raw exponential moving average of its tokens' multi-hot routes
+    seen: int = 0  # tokens in the average (for the bias correction)
+
+
+class OnlineCalibration:
+    """Per-layer adaptation of the network's probabilities from observed routes (no gradient training).
+
+    bias[l]: a logit shift per layer, moved so the expected number of picks matches the observed (K per token);
+    mix[l]: the weight of the sequence's own route history beside the network, sigmoid(theta[l]), with theta moved
+    by the difference of the two forecasters' log-losses on each step's routes (Hedge over two experts), and kept
+    within [0, max_mix].
+    """
+
+    def __init__(self, num_layers: int, top_k: int, rate: float = 0.05, mix_rate: float = 0.05,
+                 max_mix: float = 0.5):
+        self.top_k = top_k
+        self.bias = np.zeros(num_layers, dtype=np.float64)
+        self.theta = np.full(num_layers, -3.0)
+        self.rate, self.mix_rate = rate, mix_rate
+        self.max_theta = np.log(max_mix / (1 - max_mix))
+
+    @property
+    def mix(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.theta))
+
+    def network(self, logits: np.ndarray) -> np.ndarray:
+        return sigmoid(logits + self.bias[None, :, None])
+
+    def apply(self, logits: np.ndarray, hist: np.ndarray) -> np.ndarray:
+        """logits, hist [B, L, E] -> probabilities [B, L, E]."""
+        m = self.mix[None, :, None]
+        return (1.0 - m) * self.network(logits) + m * np.minimum(hist, 1.0)
+
+    def update(self, logits: np.ndarray, hist: np.ndarray, actual: np.ndarray) -> None:
+        """logits, hist [B, L, E] as predicted; actual [B, L, E] multi-hot of what the tokens picked."""
+        p = np.clip(self.network(logits), 1e-4, 1 - 1e-4)
+        h = np.clip(hist, 0.02, 0.98)
+        self.bias += self.rate * (actual.sum(-1) - p.sum(-1)).mean(0) / self.top_k
+        np.clip(self.bias, -2.0, 2.0, out=self.bias)
+
+        def loss(q: np.ndarray) -> np.ndarray:  # [L] log-loss per pick
+            return -(actual * np.log(q) + (1 - actual) * np.log(1 - q)).sum(-1).mean(0) / self.top_k
+
+        self.theta = np.clip(self.theta + self.mix_rate * (loss(p) - loss(h)), -8.0, self.max_theta)
+
+
+class LearnedPredictor(PredictorBase):
+    name = "learned"
+
+    def __init__(self, net: RouteNet, embedding: torch.Tensor, device: torch.device, *, adapt: bool = True,
+                 layer_recall: list[float] | None = None):
+        cfg = net.cfg
+        self.cfg = cfg
+        self.device = device
+        self.net = net.to(device).eval()
+        self.embedding = embedding
+        self.L, self.E, self.K = cfg.num_layers, cfg.num_experts, cfg.top_k
+        self.adapt = adapt
+        self.calibration = OnlineCalibration(self.L, self.K)
+        # host copy for refine(), which runs where the host waits on a router
+        self.transition = net.transition.detach().float().cpu().numpy()
+        self._seqs: dict[str, _Sequence] = {}
+        self._step: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None  # (step index, logits, hist, probs)
+        self.recall = np.array(layer_recall if layer_recall else [0.5] * self.L, dtype=np.float64)  # [L] running
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def admitted(self, request: RequestView) -> None:
+        self._seqs[request.request_id] = _Sequence()
+
+    def finished(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)
+
+    # -- before the step ----------------------------------------------------------------------
+
+    def _features(self, step: StepView) -> tuple[list[int], list[int], np.ndarray, np.ndarray, list[int]]:
+        """Per row (one per token predicted): its token, the token before, that token's routes (multi-hot, flat)
+        and the sequence's history; and how many rows each sequence has."""
+        L, E = self.L, self.E
+        cur, prev, counts = [], [], []
+        lasts, hists = [], []
+        for rid, ids in zip(step.request_ids, step.input_ids):
+            s = self._seqs.setdefault(rid, _Sequence())
+            if step.is_prefill:
+                ids = ids[-PREFILL_TOKENS:]
+                n = len(ids)
+                cur.extend(ids)
+                prev.extend([-1, *ids[:-1]])
+                lasts.append(np.zeros((n, L * E), dtype=np.float32))
+                hists.append(np.zeros((n, L * E), dtype=np.float32))
+            else:
+                n = 1
+                cur.append(ids[-1])
+                prev.append(s.last_token)
+                last = np.zeros((L, E), dtype=np.float32)
+                if s.last_routes is not None:
+                    np.put_along_axis(last, s.last_routes.astype(np.int64), 1.0, axis=1)
+                lasts.append(last.reshape(1, -1))
+                hists.append(self._history(s).reshape(1, -1))
+            counts.append(n)
+        return cur, prev, np.concatenate(lasts), np.concatenate(hists), counts
+
+    def _history(self, s: _Sequence) -> np.ndarray:
+        if s.seen == 0:
+            return np.zeros((self.L, self.E), dtype=np.float32)
+        return (s.ema / (1.0 - self.cfg.hist_decay ** s.seen)).astype(np.float32)
+
+    @torch.inference_mode()
+    def logits(self, cur: list[int], prev: list[int], last: np.ndarray, hist: np.ndarray) -> np.ndarray:
+        """The network's logits [N, 2, L, E] for N rows of features (one forward on the predictor's device)."""
+        dev = self.device
+        ids = torch.tensor([cur, prev], dtype=torch.int64).to(dev, non_blocking=True)
+        dense = torch.from_numpy(np.concatenate([last, hist], axis=1)).to(dev, non_blocking=True)
+        LE = self.L * self.E
+        z = self.net(normalized_embedding(self.embedding, ids[0]), normalized_embedding(self.embedding, ids[1]),
+                     dense[:, :LE], dense[:, LE:])
+        return z.float().cpu().numpy()
+
+    def predict(self, step: StepView) -> Prediction | None:
+        if step.batch_size == 0:
+            return None
+        cur, prev, last, hist, counts = self._features(step)
+        both = self.logits(cur, prev, last, hist)
+        z, z_next = both[:, 0], both[:, 1]
+        hist = hist.reshape(z.shape)
+        if step.is_prefill:
+            p, p_next = sigmoid(z), sigmoid(z_next)
+            ends = np.cumsum(counts)
+            per = np.stack([union(p[e - n : e]) for e, n in zip(ends, counts)])
+            nxt = p_next[ends - 1]  # the first decode token follows the last prompt token
+            self._step = None
+        else:
+            per = self.calibration.apply(z, hist) if self.adapt else sigmoid(z)
+            nxt = sigmoid(z_next)
+            self._step = (step.index, z, hist, per)
+        return LearnedPrediction(scores=union(per).astype(np.float32), per_request=per.astype(np.float32),
+                                 confidence=self.recall.astype(np.float32), next_scores=union(nxt).astype(np.float32))
+
+    # -- as each layer routes ----------------------------------------------------------------
+
+    def refine(self, step: StepView, layer: int, routes_so_far: list[list[int]]) -> Prediction | None:
+        """Layer `layer` has routed: sharpen the next layer's scores with its route (T_{layer+1} @ route)."""
+        if self._step is None or self._step[0] != step.index or layer + 1 >= self.L:
+            return None
+        _, z, hist, per = self._step
+        used = np.zeros(self.E, dtype=bool)
+        used[routes_so_far[layer]] = True
+        # each sequence's expected route at `layer` within what the batch used (its exact route at batch 1)
+        q = np.where(used[None, :], per[:, layer], 0.0)
+        q = np.minimum(1.0, q * (self.K / np.maximum(q.sum(-1, keepdims=True), 1e-9)))
+        if per.shape[0] == 1:
+            q = used[None, :].astype(np.float64)
+        nxt = layer + 1
+        z_next = z[:, nxt] + q @ self.transition[nxt - 1]
+        per = per.copy()
+        if self.adapt:
+            m = self.calibration.mix[nxt]
+            per[:, nxt] = (1 - m) * sigmoid(z_next + self.calibration.bias[nxt]) + m * np.minimum(hist[:, nxt], 1.0)
+        else:
+            per[:, nxt] = sigmoid(z_next)
+        per[:, layer] = np.where(used[None, :], np.maximum(per[:, layer], q), 0.0)
+        self._step = (step.index, z, hist, per)
+        return Prediction(scores=union(per).astype(np.float32), per_request=per.astype(np.float32),
+                          confidence=self.recall.astype(np.float32))
+
+    # -- after the step -----------------------------------------------------------------------
+
+    def observe(self, step: StepView, routes: StepRoutes) -> None:
+        L, E, d = self.L, self.E, self.cfg.hist_decay
+        ids = routes.router_ids  # what the router chose: the routing the predictor learns
+        if self._step is not None and self._step[0] == step.index and not step.is_prefill:
+            _, z, hist, per = self._step
+            actual = np.zeros((len(step.request_ids), L, E), dtype=np.float32)
+            last_rows = [r.stop - 1 for r in routes.rows]
+            np.put_along_axis(actual, ids[:, last_rows].transpose(1, 0, 2).astype(np.int64), 1.0, axis=2)
+            top = np.argpartition(-per, self.K - 1, axis=-1)[..., : self.K]
+            hit = np.take_along_axis(actual, top, axis=-1).sum(-1).mean(0) / self.K  # [L]
+            self.recall = 0.95 * self.recall + 0.05 * hit
+            if self.adapt:
+                self.calibration.update(z, hist, actual)
+        for b, rid in enumerate(step.request_ids):
+            s = self._seqs.setdefault(rid, _Sequence())
+            rows = routes.rows[b]
+            tok = ids[:, rows].transpose(1, 0, 2)  # [t, L, K]
+            hot = np.zeros((len(tok), L, E), dtype=np.float64)
+            np.put_along_axis(hot, tok.astype(np.int64), 1.0, axis=2)
+            if s.ema is None:
+                s.ema = np.zeros((L, E), dtype=np.float64)
+            # ema <- d^t ema + (1-d) sum_j d^(t-1-j) hot_j : the t tokens of this step, oldest first
+            w = (1 - d) * d ** np.arange(len(tok) - 1, -1, -1)
+            s.ema = d ** len(tok) * s.ema + np.tensordot(w, hot, axes=1)
+            s.seen += len(tok)
+            s.last_routes = tok[-1].copy()
+            s.last_token = int(step.input_ids[b][-1])
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def union(per: np.ndarray) -> np.ndarray:
+    """[B, L, E] per-sequence probabilities -> [L, E] the chance that at least one sequence picks each expert."""
+    return 1.0 - np.prod(1.0 - np.clip(per, 0.0, 1.0), axis=0)

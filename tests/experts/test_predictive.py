@@ -1,0 +1,214 @@
+"""ExpertFlowPlanner: each part does what it says on a toy cache, and no part changes the tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeflow import LLM, SamplingParams
+from moeflow.assets import default_model_dir
+from moeflow.experts.cache import ExpertCache
+from moeflow.experts.policies import LRUPolicy
+from moeflow.experts.predictive import ExpertFlowPlanner
+from moeflow.experts.store import ExpertStore
+from moeflow.routing.predictors import Prediction, load_predictor
+from moeflow.weights.checkpoint import Checkpoint
+
+from test_cache import CountingSource, toy_spec, use
+
+L, E, K = 3, 6, 2
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The bundled model's and the predictor's tensors are tiny: on a shared two-core machine a second intra-op
+    thread only adds waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def toy_cache(slots: int) -> ExpertCache:
+    spec = toy_spec(L, E, K)
+    store = ExpertStore(CountingSource(spec), spec, torch.float32, pin=False)
+    return ExpertCache(store, slots, torch.device("cpu"), LRUPolicy(L, E))
+
+
+def scores_for(picks: dict[int, dict[int, float]]) -> np.ndarray:
+    s = np.full((L, E), 0.01)
+    for layer, experts in picks.items():
+        for e, p in experts.items():
+            s[layer, e] = p
+    return s
+
+
+def test_quotas_follow_predicted_demand_above_a_floor():
+    cache = toy_cache(9)
+    planner = ExpertFlowPlanner(prefetch=False, protect=False)
+    scores = scores_for({0: {0: 0.9, 1: 0.9}, 1: {e: 0.9 for e in range(6)}, 2: {0: 0.9, 1: 0.9}})
+    planner.plan(cache, scores)
+    q = cache.quota.tolist()
+    assert sum(q) == 9 and min(q) >= K and q[1] == max(q) and q[1] > 3
+    # a budget below one top-k per layer: the floor is what fits, S // L
+    small = toy_cache(4)
+    planner.plan(small, scores)
+    assert small.quota.sum() <= 4 and small.quota.min() >= 4 // L
+    off = toy_cache(9)
+    ExpertFlowPlanner(quotas=False, prefetch=False).plan(off, scores)
+    assert off.quota.tolist() == [3, 3, 3], "quotas off: the cache's equal shares stay"
+
+
+def test_eviction_protects_the_predicted_and_takes_the_least_likely_first():
+    cache = toy_cache(6)
+    for e in (0, 1):
+        use(cache, 0, [e])
+    use(cache, 1, [0, 1])
+    use(cache, 2, [0, 1])
+    use(cache, 0, [0])  # LRU alone would now evict expert 1 of layer 0 ... and then 0
+    planner = ExpertFlowPlanner(prefetch=False, quotas=False)
+    planner.plan(cache, scores_for({0: {1: 0.9, 0: 0.2}}))
+    assert cache._protected[0, 1] and not cache._protected[0, 0]
+    use(cache, 0, [4])  # a miss at quota: expert 0 (less likely) goes, though 1 was used longer ago
+    assert cache.slot_of[0, 1] >= 0 and cache.slot_of[0, 0] == -1
+    plain = toy_cache(6)
+    for e in (0, 1):
+        use(plain, 0, [e])
+    use(plain, 1, [0, 1])
+    use(plain, 2, [0, 1])
+    use(plain, 0, [0])
+    ExpertFlowPlanner(protect=False, prefetch=False, quotas=False).plan(plain, scores_for({0: {1: 0.9, 0: 0.2}}))
+    use(plain, 0, [4])
+    assert plain.slot_of[0, 1] == -1, "protection off: LRU decides"
+
+
+def test_prefetches_go_out_in_layer_order_a_few_at_a_time():
+    cache = toy_cache(6)
+    planner = ExpertFlowPlanner(protect=False, quotas=False, lookahead=2, issue_now=1)
+    planner.plan(cache, scores_for({0: {2: 0.95, 3: 0.9}, 1: {4: 0.95}, 2: {5: 0.99}}))
+    t = cache.transfer
+    queued = {cache.owner[s] for s in t.queued_slots()}
+    assert queued == {(0, 3), (1, 4)}, "layer 2 is beyond the lookahead: queued only once layer 0 has routed"
+    assert cache.stats.per_layer[0].prefetches == 1, "issue_now: one started at once, the earliest deadline"
+    assert cache.slot_of[0, 2] >= 0 and not t.is_queued(int(cache.slot_of[0, 2]))
+    # layer 0's router chose 2 and 1 (its loads are ordered by the time the planner hears of it)
+    planner.refine(cache, 0, [1, 2], None)
+    assert cache.slot_of[0, 3] == -1, "the routed layer's unused guess is dropped before it was copied"
+    owners = {cache.owner[s] for s in range(6) if cache.owner[s] is not None}
+    assert (2, 5) in owners, "the next layer within the lookahead is queued as layer 0 routes"
+    use(cache, 1, [4])
+    assert cache.stats.per_layer[1].prefetch_hits == 1 and cache.stats.per_layer[1].misses == 0
+    off = toy_cache(6)
+    ExpertFlowPlanner(prefetch=False).plan(off, scores_for({0: {2: 0.95}}))
+    assert off.transfer.num_queued == 0 and off.stats.total().prefetches == 0
+
+
+def test_correction_replans_later_layers_from_refined_scores():
+    cache = toy_cache(6)
+    planner = ExpertFlowPlanner(protect=False, quotas=False, lookahead=3, issue_now=0, issue_per_layer=0)
+    planner.plan(cache, scores_for({0: {0: 0.9}, 1: {1: 0.9}, 2: {2: 0.9}}))
+    refined = scores_for({0: {0: 1.0}, 1: {3: 0.95}, 2: {2: 0.9}})
+    planner.refine(cache, 0, [0], refined)
+    queued = {cache.owner[s] for s in cache.transfer.queued_slots()}
+    assert (1, 3) in queued and (1, 1) not in queued, "the refined guess replaces the stale one"
+    stale = toy_cache(6)
+    fixed = ExpertFlowPlanner(protect=False, quotas=False, lookahead=3, issue_now=0, issue_per_layer=0,
+                              correct=False)
+    fixed.plan(stale, scores_for({0: {0: 0.9}, 1: {1: 0.9}, 2: {2: 0.9}}))
+    fixed.refine(stale, 0, [0], refined)
+    queued = {stale.owner[s] for s in stale.transfer.queued_slots()}
+    assert (1, 1) in queued and (1, 3) not in queued, "correction off: the plan made before the step stands"
+
+
+def test_priorities_order_eviction_and_ties_fall_to_lru():
+    cache = toy_cache(6)
+    use(cache, 0, [0])
+    use(cache, 0, [1])
+    use(cache, 1, [0, 1])
+    use(cache, 2, [0, 1])
+    prio = np.zeros((L, E))
+    prio[0, 0] = 0.5
+    cache.prioritize(prio)
+    use(cache, 0, [2])
+    assert cache.slot_of[0, 0] >= 0 and cache.slot_of[0, 1] == -1, "lower priority goes, though more recent"
+    cache.prioritize(None)
+    use(cache, 0, [3])
+    assert cache.slot_of[0, 0] == -1, "no priorities: LRU"
+
+
+class Scripted:
+    """Predicts a fixed, partly wrong set of experts for every layer (no refine)."""
+
+    name = "scripted"
+
+    def __init__(self, spec):
+        self.rng = np.random.default_rng(0)
+        self.shape = (spec.num_moe_layers, spec.num_experts)
+
+    def admitted(self, request):
+        pass
+
+    def finished(self, request_id):
+        pass
+
+    def predict(self, step):
+        return Prediction(self.rng.random(self.shape))
+
+    def observe(self, step, routes):
+        pass
+
+
+PARTS = ("quotas", "protect", "prefetch", "correct")
+PROMPTS = [[0, 464, 3290, 318, 262], [0, 1000, 7, 88], [0, 4000]]
+
+
+def greedy_tokens(llm: LLM) -> list[list[int]]:
+    out = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in out]
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    return greedy_tokens(LLM(str(default_model_dir()), device="cpu", max_model_len=64))
+
+
+@pytest.mark.parametrize("budget,off", [("1/layer", None), ("10%", None), ("25%", None), ("50%", None),
+                                        ("100%", None), ("1/layer", "adapt")]
+                         + [(b, p) for b in ("25%", "1/layer") for p in PARTS])
+def test_tokens_are_the_same_with_the_learned_predictor(budget, off, reference):
+    llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, expert_budget=budget)
+    engine = llm.engine
+    pred = load_predictor(default_model_dir() / "predictor", Checkpoint(default_model_dir()), adapt=off != "adapt")
+    engine.set_predictor(pred)
+    engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS})
+    assert greedy_tokens(llm) == reference
+    if budget not in ("100%",) and off != "prefetch":
+        assert llm.last_stats.cache.prefetches > 0
+
+
+def test_a_scripted_wrong_predictor_leaves_the_tokens_alone_too(reference):
+    llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, expert_budget="10%")
+    llm.engine.set_predictor(Scripted(llm.engine.spec))
+    llm.engine.planner = ExpertFlowPlanner()
+    assert greedy_tokens(llm) == reference
+
+
+@pytest.fixture(scope="module")
+def gpu_reference() -> list[list[int]]:
+    return greedy_tokens(LLM(str(default_model_dir()), device="cuda", max_model_len=64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", ["1/layer", "10%", "25%", "50%", "100%"])
+@pytest.mark.parametrize("off", [None, *PARTS, "adapt"])
+def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, off, gpu_reference):
+    llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget=budget)
+    assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
+    pred = load_predictor(default_model_dir() / "predictor", llm.engine.checkpoint, llm.engine.device,
+                          adapt=off != "adapt")
+    llm.engine.set_predictor(pred)
+    llm.engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS})
+    assert greedy_tokens(llm) == gpu_reference
+    if budget != "100%" and off != "prefetch":
+        assert llm.last_stats.cache.prefetches > 0
