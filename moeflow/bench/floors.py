@@ -8,11 +8,12 @@ would take on the same route trace (evict the expert whose next use is farthest 
 
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 
 import torch
+
+
 
 
 def pinned_h2d_bandwidth(nbytes: int, device: torch.device, reps: int = 10) -> float:
@@ -83,43 +84,6 @@ def device_memory_bandwidth(device: torch.device, nbytes: int = 2**30, reps: int
 def flatten(access_log: list[tuple[int, list[int]]]) -> list[tuple[int, int]]:
     """Per-layer expert sets, in step order, as one sequence of (layer, expert) uses."""
     return [(layer, e) for layer, experts in access_log for e in experts]
-
-
-def belady_misses(uses: list[tuple[int, int]], num_slots: int, count_from: int = 0,
-                  initial: Iterable[tuple[int, int]] = (), counted: Sequence[bool] | None = None) -> int:
-    """Misses of an optimal cache of `num_slots` over `uses`, counting those at index >= count_from (or,
-    given `counted`, those at the indices it marks True).
-
-    `initial`: the keys resident before the first use (at most num_slots of them), e.g. what a live cache
-    held when the span being bounded began; an empty cache by default."""
-    next_use: list[float] = [0.0] * len(uses)
-    seen: dict[tuple[int, int], float] = {}
-    for i in range(len(uses) - 1, -1, -1):
-        next_use[i] = seen.get(uses[i], float("inf"))
-        seen[uses[i]] = i
-    resident: dict[tuple[int, int], float] = {}  # key -> its next use
-    heap: list[tuple[float, tuple[int, int]]] = []  # (-next use, key), stale entries skipped
-    for key in initial:
-        resident[key] = seen.get(key, float("inf"))  # `seen` now holds every key's first use
-        heapq.heappush(heap, (-resident[key], key))
-    if len(resident) > num_slots:
-        raise ValueError(f"{len(resident)} keys resident at the start, over {num_slots} slots")
-    misses = 0
-    for i, key in enumerate(uses):
-        if key in resident:
-            resident[key] = next_use[i]
-        else:
-            if (counted[i] if counted is not None else i >= count_from):
-                misses += 1
-            if len(resident) >= num_slots:
-                while True:
-                    neg, victim = heapq.heappop(heap)
-                    if resident.get(victim) == -neg:
-                        del resident[victim]
-                        break
-            resident[key] = next_use[i]
-        heapq.heappush(heap, (-next_use[i], key))
-    return misses
 
 
 def lru_misses(uses: list[tuple[int, int]], slots_per_layer: dict[int, int], count_from: int = 0) -> int:

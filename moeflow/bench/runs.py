@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from moeflow.bench.floors import belady_misses
+from moeflow.experts.belady import belady_misses
 from moeflow.bench.workload import Request
 from moeflow.config import CacheConfig, ExpertBudget
 from moeflow.engine.engine import LLMEngine

@@ -130,7 +130,7 @@ def eval_main(args: argparse.Namespace) -> int:
 
     from moeflow.config import ExpertBudget
     from moeflow.errors import ConfigError
-    from moeflow.routing.predictors.evaluation import ABLATIONS, POLICIES, evaluate
+    from moeflow.evaluation.predictors import ABLATIONS, POLICIES, evaluate
     from moeflow.routing.predictors.learned import PredictorFiles
 
     for b in args.budgets.split(","):

@@ -15,6 +15,7 @@ import gc
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,12 +32,14 @@ from moeflow.errors import BudgetError, ConfigError, RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
 from moeflow.experts.planning import Planner, PrefetchTop
+from moeflow.experts.predictive import ExpertFlowPlanner
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
 from moeflow.outputs import CompletionOutput, RequestOutput
 from moeflow.routing.lynx import AffinityBinning
-from moeflow.routing.predictors import Prediction, Predictor, RequestView, StepView, make_predictor
+from moeflow.routing.predictors import (BUILTIN, LearnedPredictor, Prediction, Predictor, RequestView, StepView,
+                                        find_predictor, load_predictor, make_predictor)
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
 from moeflow.sampling import Sampler, SamplingParams, top_logprobs
@@ -102,8 +105,9 @@ class LLMEngine:
         self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)
-        self.predictor: Predictor | None = predictor if predictor is not None else self._named_predictor(config)
+        self.predictor: Predictor | None = None
         self.planner: Planner = PrefetchTop()
+        self.set_predictor(predictor if predictor is not None else self._named_predictor(config))
         self.selector: Selector | None = None
         if "lynx" in config.routing_modes:
             self.selector = AffinityBinning.for_spec(spec, config.lynx_alpha, config.lynx_beta,
@@ -144,9 +148,19 @@ class LLMEngine:
         return SCHEDULING_POLICIES[config.scheduler]()
 
     def _named_predictor(self, config: EngineConfig) -> Predictor | None:
-        if config.predictor is None:
+        """config.predictor: None, a built-in's name, "auto" (the predictor shipped inside or beside the model
+        directory, if there is one), or a predictor directory."""
+        name = config.predictor
+        if name is None or name in BUILTIN:
+            return None if name is None else make_predictor(name, self.spec)
+        path = find_predictor(config.model) if name == "auto" else Path(name)
+        if path is None:
             return None
-        return make_predictor(config.predictor, self.spec)
+        if not path.is_dir():
+            raise ConfigError(f"predictor {name!r} is neither a built-in ({', '.join(BUILTIN)}), 'auto', nor a "
+                              f"directory")
+        return load_predictor(path, self.checkpoint, self.device,
+                              embedding=self.model.w["model.embed_tokens.weight"])
 
     def reset_expert_cache(self, cache_config: CacheConfig) -> None:
         """Start from an empty expert cache of a new budget and policy (a fully resident one starts full; the
@@ -174,12 +188,16 @@ class LLMEngine:
         self.runner.slot_table = None if self.cache.fully_resident else self.cache.slot_table
         self._capture_graphs()
 
-    def set_predictor(self, predictor: Predictor | None) -> None:
-        """Install a predictor (None: load on demand). Graphs stay as they are: a predictor runs on the host
-        around the step and never inside it."""
+    def set_predictor(self, predictor: Predictor | None, planner: Planner | None = None) -> None:
+        """Install a predictor (None: load on demand) and the planner that turns its scores into cache moves
+        (default: ExpertFlow's predictive cache for a learned predictor, plain prefetching for the others).
+        Graphs stay as they are: a predictor runs on the host around the step and never inside it."""
         if self.has_unfinished_requests():
             raise RequestError("the predictor can only be replaced while no request is running")
         self.predictor = predictor
+        if planner is None:
+            planner = ExpertFlowPlanner() if isinstance(predictor, LearnedPredictor) else PrefetchTop()
+        self.planner = planner
 
     def set_selector(self, selector: Selector | None) -> None:
         """Offer an approximate selector to requests that ask for it (SamplingParams.routing); decode graphs are
@@ -333,7 +351,7 @@ class LLMEngine:
         self._prediction = self.predictor.predict(view) if self.predictor is not None else None
         self._routed = []
         if self._prediction is not None and not self.cache.fully_resident:
-            self.planner.plan(self.cache, self._prediction.scores)
+            self.planner.plan(self.cache, self._prediction)
         exact = None
         if self.selector is not None and any(s.params.routing != "exact" for s in seqs):
             exact = [s.params.routing == "exact" for s in seqs]
@@ -404,8 +422,7 @@ class LLMEngine:
         refine = getattr(self.predictor, "refine", None)
         scores = None
         if refine is not None:
-            refined = refine(self._view, li, self._routed)
-            scores = refined.scores if refined is not None else None
+            scores = refine(self._view, li, self._routed)
         self.planner.refine(self.cache, li, used, scores)
 
     def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:

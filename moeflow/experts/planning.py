@@ -18,16 +18,17 @@ from typing import Protocol
 import numpy as np
 
 from moeflow.experts.cache import ExpertCache
+from moeflow.routing.predictors.base import Prediction
 
 
 class Planner(Protocol):
     name: str
 
-    def plan(self, cache: ExpertCache, scores: np.ndarray) -> None:
-        """Before the step: scores [L, E], higher = more likely used by the step."""
+    def plan(self, cache: ExpertCache, prediction: Prediction | np.ndarray) -> None:
+        """Before the step: the predictor's Prediction (or bare scores [L, E], higher = more likely used)."""
 
-    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | None) -> None:
-        """MoE layer ordinal `layer` just routed to `used`; scores: the predictor's refined [L, E], if any."""
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None) -> None:
+        """MoE layer ordinal `layer` just routed to `used`; prediction: the predictor's refined one, if any."""
 
 
 def top_experts(scores: np.ndarray, n: int) -> tuple[list[int], list[float]]:
@@ -45,12 +46,13 @@ class PrefetchTop:
     def __init__(self, issue_now: int = 2):
         self.issue_now = issue_now  # prefetches started at once, before the first layer runs
 
-    def plan(self, cache: ExpertCache, scores: np.ndarray) -> None:
+    def plan(self, cache: ExpertCache, prediction: Prediction | np.ndarray) -> None:
+        scores = prediction.scores if isinstance(prediction, Prediction) else prediction
         cache.drop_prefetches()  # the last step's unissued guesses are stale
         for li, layer in enumerate(cache.layers):
             experts, s = top_experts(scores[li], int(cache.quota[li]))
             cache.enqueue_prefetch(layer, experts, deadline=li, scores=s)
         cache.issue_prefetches(self.issue_now)
 
-    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | None) -> None:
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None) -> None:
         return None

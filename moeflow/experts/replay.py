@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moeflow.architectures.spec import ModelSpec
-from moeflow.bench.floors import belady_misses
+from moeflow.experts.belady import belady_misses
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.planning import Planner
 from moeflow.experts.policies import make_policy

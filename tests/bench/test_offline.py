@@ -11,7 +11,8 @@ import pytest
 
 from moeflow.assets import default_model_dir
 from moeflow.bench import axes
-from moeflow.bench.floors import belady_misses, expert_load_bandwidth, flatten, lru_misses
+from moeflow.bench.floors import expert_load_bandwidth, flatten, lru_misses
+from moeflow.experts.belady import belady_misses
 from moeflow.bench.offline import measure_grid
 from moeflow.bench.report import derive, markdown, plots, speedups
 from moeflow.bench.runs import RunResult

@@ -71,13 +71,16 @@ class RandomPrefetcher:
         pass
 
 
-def grid_predictors(spec):
-    """The predictors the exactness grid runs: none, the two built-ins, and a blind one."""
+def grid_predictors(spec, learned=None):
+    """The predictors the exactness grid runs: none, the two built-ins, a blind one, and `learned()` if given."""
     from moeflow.routing.predictors import make_predictor
 
-    return {"none": lambda: None, "previous": lambda: make_predictor("previous", spec),
+    grid = {"none": lambda: None, "previous": lambda: make_predictor("previous", spec),
             "frequency": lambda: make_predictor("frequency", spec),
             "random": lambda: RandomPrefetcher(spec.num_moe_layers, spec.num_experts)}
+    if learned is not None:
+        grid["learned"] = learned
+    return grid
 
 
 def heldout_prompts(tokenizer, n: int, lengths=(5, 9, 14, 7, 11, 6, 16, 8)) -> list[list[int]]:

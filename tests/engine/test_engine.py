@@ -157,3 +157,17 @@ def test_forced_output_decodes_the_given_tokens_and_scores_them(model_dir):
     assert out.logprobs[0][forced[0]] <= first + 1e-6
     with pytest.raises(RequestError, match="forced_output"):
         engine.add_request("h", PROMPTS[0], greedy(2), forced_output=[1, 2, 3])
+
+
+def test_predictor_by_name_auto_or_directory():
+    from moeflow.assets import default_model_dir
+    from moeflow.experts.predictive import ExpertFlowPlanner
+    from moeflow.routing.predictors import LearnedPredictor
+
+    model = str(default_model_dir())
+    llm = LLM(model, device="cpu", max_model_len=64, expert_budget="25%", predictor="auto")
+    assert isinstance(llm.engine.predictor, LearnedPredictor), "the bundled model ships its predictor"
+    assert isinstance(llm.engine.planner, ExpertFlowPlanner)
+    assert LLM(model, device="cpu", max_model_len=64, predictor="frequency").engine.predictor.name == "frequency"
+    with pytest.raises(Exception, match="neither a built-in"):
+        LLM(model, device="cpu", max_model_len=64, predictor="/no/such/predictor")

@@ -35,7 +35,7 @@ def eager(engine):
         engine.runner.graphs = graphs
 
 
-def grid(runner, engine, prompts):
+def grid(runner, engine, prompts, learned=None):
     smallest = budget_text(engine.spec.router.top_k * engine.store.expert_bytes)
     for budget in [smallest, "10%", "25%", "50%", "75%", "100%"]:
         engine.set_predictor(None)
@@ -43,7 +43,7 @@ def grid(runner, engine, prompts):
         assert engine.runner.graphs is not None
         with eager(engine):
             reference = {b: run_grid_cell(runner, prompts[:b], STEPS)[0] for b in BATCHES}
-        for name, make in grid_predictors(engine.spec).items():
+        for name, make in grid_predictors(engine.spec, learned).items():
             for graphed in (True, False):
                 engine.set_predictor(make())
                 engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse(budget)))
@@ -59,8 +59,13 @@ def grid(runner, engine, prompts):
 
 
 def test_exactness_grid_on_the_bundled_model():
+    from moeflow.routing.predictors import find_predictor, load_predictor
+
     llm = LLM(str(default_model_dir()), device="cuda", dtype="bfloat16", max_model_len=96, max_num_seqs=8)
-    grid(llm, llm.engine, heldout_prompts(llm.tokenizer, max(BATCHES)))
+    e = llm.engine
+    shipped = find_predictor(default_model_dir())
+    grid(llm, e, heldout_prompts(llm.tokenizer, max(BATCHES)),
+         learned=lambda: load_predictor(shipped, e.checkpoint, e.device, embedding=e.model.w["model.embed_tokens.weight"]))
 
 
 def test_exactness_grid_on_a_qwen3_shaped_model():

@@ -14,7 +14,7 @@ import torch
 from moeflow.assets import default_model_dir
 from moeflow.errors import ConfigError
 from moeflow.routing.predictors import LearnedPredictor, RequestView, StepView, find_predictor, load_predictor
-from moeflow.routing.predictors.evaluation import best_baseline, learned_scorer, score, score_baselines
+from moeflow.evaluation.predictors import best_baseline, learned_scorer, score, score_baselines
 from moeflow.routing.predictors.learned import PredictorFiles
 from moeflow.routing.predictors.training import RouteData, TrainOptions, train
 from moeflow.routing.record import StepRoutes
@@ -205,7 +205,7 @@ def test_shipped_predictor_recall_on_heldout_text(heldout_trace, tiny):
 
 @pytest.fixture(scope="module")
 def replay_25(heldout_trace, tiny) -> dict:
-    from moeflow.routing.predictors.evaluation import replay_cache
+    from moeflow.evaluation.predictors import replay_cache
 
     data = RouteData.from_traces([heldout_trace])
     return {r["policy"]: r for r in replay_cache(SHIPPED, tiny, data, ["25%"], [1], max_tokens=800)}
