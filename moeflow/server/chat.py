@@ -59,7 +59,8 @@ class ChatCompletions:
         volume = body.n * max_tokens * (num_logprobs + 1) if num_logprobs is not None else 0
         check_logprob_volume(volume, "top_logprobs")
         requests = [EngineRequest(prompt.ids, sampling_params(body, max_tokens=max_tokens, choice=i,
-                                                              logprobs=num_logprobs))
+                                                              logprobs=num_logprobs,
+                                                              default_routing=self.settings.default_routing))
                     for i in range(body.n)]
         call = _ChatCall(f"chatcmpl-{request_id(request)}", self.settings.served_model_name, body, len(prompt.ids),
                          self.client)

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client may take to send a request's headers, else 408 (default: %(default)s)")
     s.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client may take to send a request's body, else 408 (default: %(default)s)")
+    s.add_argument("--default-routing", default="exact", choices=["exact", "lynx"],
+                   help="routing for requests that name none: exact (the model's own), or lynx (batch-aware expert "
+                        "reduction, approximate; needs lynx in --routing-modes); default: %(default)s")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_arguments(p)
 
@@ -59,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
     settings = ServerSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
                               model_dir=str(model_dir), api_key=args.api_key, max_queue=args.max_queue,
                               drain_timeout_s=args.drain_timeout, max_request_bytes=args.max_request_bytes,
-                              header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+                              header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              default_routing=args.default_routing)
     engine = LLM(str(model_dir), **kwargs).engine
     client = EngineClient(engine, max_queue=settings.max_queue, metrics=ServerMetrics(settings.served_model_name))
     client.start()

@@ -51,7 +51,8 @@ class Completions:
                                         body.logprobs)
             for i in range(body.n):
                 params = sampling_params(body, max_tokens=max(1, max_tokens), choice=i, logprobs=body.logprobs,
-                                         prompt_logprobs=echo_logprobs)
+                                         prompt_logprobs=echo_logprobs,
+                                         default_routing=self.settings.default_routing)
                 requests.append(EngineRequest(prompt.ids, params))
         check_logprob_volume(volume, "logprobs" if body.logprobs is not None else "echo")
         call = _Call(f"cmpl-{request_id(request)}", self.settings.served_model_name, body, prompts, score_only,

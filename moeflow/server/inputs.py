@@ -160,7 +160,7 @@ def check_logprob_volume(entries: int, param: str) -> None:
 
 
 def sampling_params(body: SamplingRequest, *, max_tokens: int, choice: int, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, default_routing: str = "exact") -> SamplingParams:
     """The engine's params for choice `choice` of a call: seed + choice, so n choices differ yet repeat."""
     try:
         return SamplingParams(
@@ -172,6 +172,10 @@ def sampling_params(body: SamplingRequest, *, max_tokens: int, choice: int, logp
             stop=body.stop or [], stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
             include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            routing=body.routing or default_routing, task=body.task, ttft_slo_ms=body.ttft_slo_ms,
+            tpot_slo_ms=body.tpot_slo_ms, priority=body.priority,
         )
     except ConfigError as exc:
         raise from_moeflow_error(exc) from None

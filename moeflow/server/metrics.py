@@ -21,7 +21,8 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 40.0, 80.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                 480.0, 960.0, 1920.0, 7680.0)
-_CACHE_FIELDS = ("hits", "misses", "bytes_moved", "prefetch_bytes", "stall_s")
+_CACHE_FIELDS = ("hits", "misses", "bytes_moved", "prefetch_bytes", "stall_s", "prefetch_hits",
+                 "wasted_prefetches")
 
 
 class ServerMetrics:
@@ -51,8 +52,20 @@ class ServerMetrics:
                                    "and prefetches)", (*layer, "kind"), registry=r)
         self.stall = Counter("moeflow:expert_stall_seconds", "Time compute waited for expert loads", layer,
                              registry=r)
+        self.prefetch_hits = Counter("moeflow:expert_prefetch_hits", "Prefetched experts a step then used", layer,
+                                     registry=r)
+        self.wasted_prefetches = Counter("moeflow:expert_prefetch_wasted", "Prefetched experts that left unused",
+                                         layer, registry=r)
         self.expert_memory = Gauge("moeflow:expert_device_memory_bytes", "Device memory of the expert slot pool", m,
                                    registry=r)
+        self.graph_captures = Gauge("moeflow:cuda_graph_captures", "Decode CUDA graphs captured since start-up "
+                                    "(all before serving: a rise while serving is a bug)", m, registry=r)
+        self.distinct = Counter("moeflow:decode_distinct_experts", "Distinct experts decode steps ran, summed over "
+                                "(MoE layer, step); divide by decode_layer_steps for the mean", m, registry=r)
+        self.layer_steps = Counter("moeflow:decode_layer_steps", "(MoE layer, decode step) pairs", m, registry=r)
+        self.picks = Counter("moeflow:decode_expert_picks", "(token, pick) pairs of decode steps", m, registry=r)
+        self.remapped = Counter("moeflow:decode_remapped_picks", "Picks an approximate selector (LYNX) moved to "
+                                "another expert", m, registry=r)
         self.model_name = model_name
         self._counters = {}
         self._cache: dict[int, tuple] = {}
@@ -88,6 +101,10 @@ class ServerMetrics:
         c, before = engine.counters, self._counters
         self.prompt_tokens.labels(name).inc(max(0, c["prompt_tokens"] - before.get("prompt_tokens", 0)))
         self.generation_tokens.labels(name).inc(max(0, c["generated_tokens"] - before.get("generated_tokens", 0)))
+        for counter, key in ((self.distinct, "distinct_experts"), (self.layer_steps, "layer_steps"),
+                             (self.picks, "picks"), (self.remapped, "remapped_picks")):
+            counter.labels(name).inc(max(0, c[key] - before.get(key, 0)))
+        self.graph_captures.labels(name).set(engine.graph_captures)
         self._counters = dict(c)
         for out in outputs:
             t = out.metrics
@@ -105,13 +122,16 @@ class ServerMetrics:
             now = _cache_row(stats)
             before = self._cache.get(layer, (0,) * len(now))
             # a counter that went down means the engine rebuilt its cache: count from the new one's zero
-            hits, misses, moved, prefetched, stall = (a - b if a >= b else a for a, b in zip(now, before))
+            hits, misses, moved, prefetched, stall, prefetch_hits, wasted = (a - b if a >= b else a
+                                                                            for a, b in zip(now, before))
             lab = (name, str(layer))
             self.cache_hits.labels(*lab).inc(hits)
             self.cache_misses.labels(*lab).inc(misses)
             self.bytes_moved.labels(*lab, "demand").inc(moved)
             self.bytes_moved.labels(*lab, "prefetch").inc(prefetched)
             self.stall.labels(*lab).inc(stall)
+            self.prefetch_hits.labels(*lab).inc(prefetch_hits)
+            self.wasted_prefetches.labels(*lab).inc(wasted)
             self._cache[layer] = now
 
     def render(self) -> bytes:

@@ -57,6 +57,17 @@ class SamplingRequest(RequestModel):
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
     user: Text | None = None
+    # vLLM's extensions
+    min_p: Float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: Float | None = Field(None, gt=0, allow_inf_nan=False)
+    presence_penalty: Float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    priority: Int = 0
+    # moeflow's: the routing mode (exact unless the server's default says otherwise), and hints a scheduler reads
+    routing: Literal["exact", "lynx"] | None = None
+    task: Annotated[Text, Field(max_length=128)] | None = None
+    ttft_slo_ms: Float | None = Field(None, gt=0, allow_inf_nan=False)
+    tpot_slo_ms: Float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @property
     def include_usage(self) -> bool:

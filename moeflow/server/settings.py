@@ -20,6 +20,7 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
     header_timeout_s: float = 10.0  # a request's headers must arrive within this, else 408
     body_timeout_s: float = 30.0  # and its body within this after them, else 408
+    default_routing: str = "exact"  # a request's routing when it names none
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -32,6 +33,8 @@ class ServerSettings:
             raise ConfigError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.max_request_bytes < 1024:
             raise ConfigError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
+        if self.default_routing not in ("exact", "lynx"):
+            raise ConfigError(f"default routing {self.default_routing!r} unknown; choose exact or lynx")
         for name in ("header_timeout_s", "body_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

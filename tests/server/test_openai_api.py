@@ -264,7 +264,9 @@ METRICS = ["moeflow:num_requests_running", "moeflow:num_requests_waiting", "moef
            "moeflow:inter_token_latency_seconds_bucket", "moeflow:e2e_request_latency_seconds_bucket",
            "moeflow:request_success_total", "moeflow:expert_cache_hits_total", "moeflow:expert_cache_misses_total",
            "moeflow:expert_bytes_moved_total", "moeflow:expert_stall_seconds_total",
-           "moeflow:expert_device_memory_bytes"]
+           "moeflow:expert_device_memory_bytes", "moeflow:cuda_graph_captures", "moeflow:decode_distinct_experts_total",
+           "moeflow:decode_layer_steps_total", "moeflow:decode_remapped_picks_total",
+           "moeflow:expert_prefetch_hits_total", "moeflow:expert_prefetch_wasted_total"]
 
 
 def test_metrics_exposition(http, live_server):
@@ -277,6 +279,25 @@ def test_metrics_exposition(http, live_server):
     assert live_server.metric("moeflow:expert_cache_misses_total", layer="0") > 0  # 25% budget: it must miss
     pool = live_server.engine.cache.pool
     assert live_server.metric("moeflow:expert_device_memory_bytes") == pool.numel() * pool.element_size()
+    assert live_server.metric("moeflow:decode_layer_steps_total") > 0
+    assert live_server.metric("moeflow:cuda_graph_captures") == live_server.engine.graph_captures
+
+
+def test_routing_and_request_hints(http, offline_llm):
+    """routing picks exact or LYNX per request (an unknown value is a 400); hints and penalties reach the engine."""
+    body = {"prompt": "hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    exact = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert http.post("/v1/completions", json=body | {"routing": "exact"}).json()["choices"][0]["text"] == exact
+    r = http.post("/v1/completions", json=body | {"routing": "lynx", "task": "chat", "ttft_slo_ms": 500,
+                                                   "tpot_slo_ms": 50, "priority": 2})
+    assert r.status_code == 200, r.text
+    for bad in ({"routing": "fastest"}, {"ttft_slo_ms": -1}, {"priority": 1.5}, {"repetition_penalty": 0},
+                {"presence_penalty": 3}):
+        r = http.post("/v1/completions", json=body | bad)
+        assert r.status_code == 400 and next(iter(bad)) in r.text, (bad, r.text)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "routing": "lynx",
+            "repetition_penalty": 1.2, "min_p": 0.1}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
 
 
 def test_tokenize_round_trip(http, offline_llm):
@@ -296,3 +317,17 @@ def test_server_is_idle_after_everything(live_server):
     time.sleep(0.1)
     assert live_server.wait_idle()
     assert live_server.client.queued == 0 and live_server.client._pending == 0
+
+
+def test_request_fields_become_sampling_params():
+    from moeflow.server.inputs import sampling_params
+    from moeflow.server.protocol import CompletionRequest
+
+    body = CompletionRequest(prompt="x", task="code", ttft_slo_ms=300, tpot_slo_ms=40, priority=1, min_p=0.05,
+                             frequency_penalty=0.5)
+    p = sampling_params(body, max_tokens=4, choice=0, default_routing="lynx")
+    assert (p.routing, p.task, p.ttft_slo_ms, p.tpot_slo_ms, p.priority) == ("lynx", "code", 300, 40, 1)
+    assert (p.min_p, p.frequency_penalty, p.repetition_penalty) == (0.05, 0.5, 1.0)
+    exact = sampling_params(CompletionRequest(prompt="x", routing="exact"), max_tokens=4, choice=0,
+                            default_routing="lynx")
+    assert exact.routing == "exact", "a request's own routing wins over the server's default"
