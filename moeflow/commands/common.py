@@ -39,8 +39,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=None,
                    help="the most sequences one decode step takes (default: --max-num-seqs)")
     g.add_argument("--predictor", default=None,
-                   help="expert predictor that plans prefetches: 'previous' or 'frequency' (default: none, load on "
-                        "demand)")
+                   help="expert predictor that plans what the cache holds: 'auto' (the predictor shipped with the "
+                        "model, if any), a predictor directory, 'previous' or 'frequency' (default: none, load on "
+                        "demand); the tokens are the same with any")
     g.add_argument("--scheduling", default="fcfs", choices=["fcfs", "route-aware"],
                    help="scheduling policy (default: %(default)s); route-aware picks decode batches by route")
     g.add_argument("--routing-modes", default="exact,lynx",

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sampling-seed", type=int, default=None, help="seed for this request's sampling")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--routing", default="exact", choices=["exact", "lynx"],
+                   help="exact (the model's own routing) or lynx (batch-aware expert reduction, approximate)")
     add_engine_arguments(p)
 
 
@@ -31,7 +33,8 @@ def main(args: argparse.Namespace) -> int:
     _check_utf8(args.prompt)
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                            top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos,
+                            routing=args.routing)
     llm = LLM(str(args.model or default_model_dir()), **engine_kwargs(args))
     prompt = args.prompt
     if args.chat:
