@@ -218,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     embedding = engine.model.w["model.embed_tokens.weight"]
     sizes = {"expert_bytes": engine.store.expert_bytes, "dense_bytes": engine.model.dense_bytes(),
              "embedding_bytes": embedding.numel() * embedding.element_size()}
-    captures, capture_s = engine.graph_captures, engine.graph_capture_s
+    captures, capture_s, graph_bytes = engine.graph_captures, engine.graph_capture_s, engine.graph_memory_bytes
     del engine, embedding
     gc.collect()
     if cuda:
@@ -241,7 +241,8 @@ def main(args: argparse.Namespace) -> int:
         "workload": workload.describe(), "workload_note": workload.note, "batches_per_cell": args.batches_per_cell,
         "configurations": [c.as_dict() for c in configurations],
         "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
-                   "graph_captures_total": captures, "graph_capture_s": capture_s},
+                   "graph_captures_total": captures, "graph_capture_s": capture_s,
+                   "graph_memory_bytes": graph_bytes},
     }
     write_report(out, meta, results, args.accelerate_budget)
     print(summary_table(meta, results))

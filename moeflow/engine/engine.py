@@ -12,6 +12,7 @@ any route listener.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from moeflow.weights.synthetic import SyntheticCheckpoint
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096
 RouteListener = Callable[[StepView, StepRoutes], None]
+log = logging.getLogger("moeflow.engine")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +116,7 @@ class LLMEngine:
                                                      config.lynx_resident_weight)
         self.graph_captures = 0  # decode graphs captured over the engine's life
         self.graph_capture_s = 0.0
+        self.graph_memory_bytes = 0  # device memory the current graphs hold
         self.reset_expert_cache(config.cache)
         policy = scheduling if scheduling is not None else self._named_policy(config)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, self.max_batch_size, policy)
@@ -231,13 +234,19 @@ class LLMEngine:
         else:
             graphs = OffloadedDecodeGraphs(*args, self.model.experts, *sizes, selector=self.selector)
         listener, self.model.experts.route_listener = self.model.experts.route_listener, None
+        before = torch.cuda.memory_reserved(self.device)
         try:
             graphs.capture_all()
         finally:
             self.model.experts.route_listener = listener
+        # what capturing kept: the graphs' memory pool and their static buffers
+        self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - before
         self.graph_captures += graphs.captures
         self.graph_capture_s += graphs.capturer.capture_s
         self.runner.graphs = graphs
+        log.info("captured %d decode graphs (batch buckets up to %d%s) in %.1f s, %.1f MiB", graphs.captures,
+                 self.max_batch_size, ", with LYNX's variant" if self.selector is not None else "",
+                 graphs.capturer.capture_s, self.graph_memory_bytes / 2**20)
 
     def _budget_slots(self, expert_bytes: int, budget: ExpertBudget) -> int:
         spec = self.spec

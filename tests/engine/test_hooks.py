@@ -19,7 +19,7 @@ from moeflow.engine.scheduler import StepPlan
 from moeflow.routing.router import Routing
 from moeflow.routing.selection import SelectionContext
 
-STEPS = 6
+STEPS = 10
 BATCHES = (1, 2, 4, 8)
 
 
@@ -160,5 +160,6 @@ def test_a_toy_selector_sees_real_and_exact_rows_and_never_touches_exact_ones():
     llm.generate(prompts[:2], greedy(4))
     assert spy.seen == []
     with pytest.raises(Exception, match="not offered"):
-        plain.generate(prompts[:1], greedy(2, routing="lynx"))  # an engine with no selector refuses it
+        LLM(model, device="cpu", max_model_len=64, routing_modes=("exact",)).generate(prompts[:1],
+                                                                                      greedy(2, routing="lynx"))
     assert math.isfinite(out.stats.distinct_experts_per_layer_step)
