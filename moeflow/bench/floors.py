@@ -3,13 +3,12 @@
 The floor of an offloaded run is the time its expert bytes take over the measured pinned
 host-to-device bandwidth plus the time the same steps take with every expert resident.
 The Belady floor does the same for the misses an optimal cache of the same number of slots
-would take on the same route trace (evict the expert whose next use is farthest away).
+would take on the same route trace (moeflow.experts.belady).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
 
 import torch
 

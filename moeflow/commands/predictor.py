@@ -82,7 +82,7 @@ def train_main(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from moeflow.engine.engine import resolve_device
+    from moeflow.engine.setup import resolve_device
     from moeflow.routing.predictors.training import TrainOptions, plot_loss, train
     from moeflow.weights.checkpoint import Checkpoint
 

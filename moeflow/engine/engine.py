@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from moeflow.architectures.spec import ModelSpec
-from moeflow.config import CacheConfig, EngineConfig, ExpertBudget, budget_text, format_bytes
+from moeflow.config import CacheConfig, EngineConfig
 from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs, batch_buckets
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner, StepLogits
-from moeflow.engine.policies import POLICIES as SCHEDULING_POLICIES
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
-from moeflow.errors import BudgetError, ConfigError, RequestError
+from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, resolve_device, resolve_dtype,
+                                  resolve_max_model_len)
+from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
 from moeflow.experts.planning import Planner, PrefetchTop
@@ -39,8 +37,7 @@ from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
 from moeflow.outputs import CompletionOutput, RequestOutput
 from moeflow.routing.lynx import AffinityBinning
-from moeflow.routing.predictors import (BUILTIN, LearnedPredictor, Prediction, Predictor, RequestView, StepView,
-                                        find_predictor, load_predictor, make_predictor)
+from moeflow.routing.predictors import LearnedPredictor, Prediction, Predictor, RequestView, StepView
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
 from moeflow.sampling import Sampler, SamplingParams, top_logprobs
@@ -48,32 +45,8 @@ from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
 from moeflow.weights.checkpoint import Checkpoint
 from moeflow.weights.synthetic import SyntheticCheckpoint
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_MODEL_LEN = 4096
 RouteListener = Callable[[StepView, StepRoutes], None]
 log = logging.getLogger("moeflow.engine")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device; use device='cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def resolve_dtype(name: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on the CPU, and the checkpoint's half-precision type (else bfloat16) on CUDA."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    return _DTYPES.get(spec.torch_dtype, torch.bfloat16) if spec.torch_dtype != "float32" else torch.bfloat16
 
 
 class LLMEngine:
@@ -90,7 +63,7 @@ class LLMEngine:
             config.model, allow_nonfinite=config.allow_nonfinite_weights)
         self.spec = spec = self.checkpoint.spec
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
-        self.max_model_len = self._resolve_max_model_len(config.max_model_len, spec)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, spec)
         self.max_batch_size = config.decode_batch_size
         self.tokenizer = None if skip_tokenizer_init else Tokenizer(config.model)
         self.eos_ids = set(spec.eos_token_ids)
@@ -109,7 +82,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.predictor: Predictor | None = None
         self.planner: Planner = PrefetchTop()
-        self.set_predictor(predictor if predictor is not None else self._named_predictor(config))
+        self.set_predictor(predictor if predictor is not None else named_predictor(config, spec, self.checkpoint, self.device,
+                                                                        self.model.w["model.embed_tokens.weight"]))
         self.selector: Selector | None = None
         if "lynx" in config.routing_modes:
             self.selector = AffinityBinning.for_spec(spec, config.lynx_alpha, config.lynx_beta,
@@ -118,7 +92,7 @@ class LLMEngine:
         self.graph_capture_s = 0.0
         self.graph_memory_bytes = 0  # device memory the current graphs hold
         self.reset_expert_cache(config.cache)
-        policy = scheduling if scheduling is not None else self._named_policy(config)
+        policy = scheduling if scheduling is not None else named_policy(config)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, self.max_batch_size, policy)
         self.sampler = Sampler(spec.vocab_size, config.max_num_seqs, self.device)
         self._seeds = np.random.default_rng(config.seed)  # a seed for every request that brings none
@@ -135,42 +109,12 @@ class LLMEngine:
 
     # -- set-up --------------------------------------------------------------------------------
 
-    @staticmethod
-    def _resolve_max_model_len(asked: int | None, spec: ModelSpec) -> int:
-        if asked is None:
-            return min(spec.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-        if asked > spec.max_position_embeddings:
-            raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings="
-                              f"{spec.max_position_embeddings}")
-        return asked
-
-    @staticmethod
-    def _named_policy(config: EngineConfig) -> SchedulingPolicy:
-        if config.scheduler == "route-aware":
-            return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait)
-        return SCHEDULING_POLICIES[config.scheduler]()
-
-    def _named_predictor(self, config: EngineConfig) -> Predictor | None:
-        """config.predictor: None, a built-in's name, "auto" (the predictor shipped inside or beside the model
-        directory, if there is one), or a predictor directory."""
-        name = config.predictor
-        if name is None or name in BUILTIN:
-            return None if name is None else make_predictor(name, self.spec)
-        path = find_predictor(config.model) if name == "auto" else Path(name)
-        if path is None:
-            return None
-        if not path.is_dir():
-            raise ConfigError(f"predictor {name!r} is neither a built-in ({', '.join(BUILTIN)}), 'auto', nor a "
-                              f"directory")
-        return load_predictor(path, self.checkpoint, self.device,
-                              embedding=self.model.w["model.embed_tokens.weight"])
-
     def reset_expert_cache(self, cache_config: CacheConfig) -> None:
         """Start from an empty expert cache of a new budget and policy (a fully resident one starts full; the
         host store is kept). A pool of the size it already has is emptied in place, and its CUDA graphs kept."""
         if self.has_unfinished_requests():
             raise RequestError("the expert cache can only be replaced while no request is running")
-        num_slots = self._budget_slots(self.store.expert_bytes, cache_config.budget)
+        num_slots = budget_slots(self.spec, self.store.expert_bytes, cache_config.budget)
         policy = make_policy(cache_config.eviction, self.spec.num_moe_layers, self.spec.num_experts)
         if self.cache is not None and self.cache.num_slots == num_slots:
             # the same pool size: empty it in place (a resident pool stays as it is), keeping the CUDA
@@ -247,21 +191,6 @@ class LLMEngine:
         log.info("captured %d decode graphs (batch buckets up to %d%s) in %.1f s, %.1f MiB", graphs.captures,
                  self.max_batch_size, ", with LYNX's variant" if self.selector is not None else "",
                  graphs.capturer.capture_s, self.graph_memory_bytes / 2**20)
-
-    def _budget_slots(self, expert_bytes: int, budget: ExpertBudget) -> int:
-        spec = self.spec
-        slots = budget.num_slots(expert_bytes=expert_bytes, num_moe_layers=spec.num_moe_layers,
-                                 num_experts=spec.num_experts)
-        need = spec.router.top_k
-        if slots < need:
-            total = spec.num_moe_layers * spec.num_experts
-            raise BudgetError(
-                f"expert budget {budget} buys {slots} slot(s) of {format_bytes(expert_bytes)} each, but one MoE "
-                f"layer needs its top-{need} experts on the device at once. The smallest budget that works is "
-                f"{need} slots: --expert-budget {budget_text(need * expert_bytes)} "
-                f"(or {math.ceil(10000 * need / total) / 100:g}%)"
-            )
-        return slots
 
     @property
     def device_bytes(self) -> int:

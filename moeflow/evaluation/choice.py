@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from moeflow.data.corpus import Document
 from moeflow.errors import ConfigError
-from moeflow.evaluation.forcing import Forced, RunStats, check_routings, teacher_force
+from moeflow.engine.stats import GenerateStats
+from moeflow.evaluation.forcing import Forced, check_routings, teacher_force
 
 NUM_CHOICES = 4
 
@@ -41,7 +42,7 @@ class ChoiceRun:
     items: int
     same_pick_as_exact: float  # share of items where this mode picks what exact routing picks
     picks: list[int]
-    stats: RunStats
+    stats: GenerateStats
 
     def as_dict(self) -> dict:
         s = self.stats

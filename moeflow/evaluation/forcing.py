@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeflow.engine.stats import GenerateStats
 from moeflow.errors import ConfigError
 
 ROUTINGS = ("exact", "lynx")
@@ -36,28 +37,6 @@ class Scored:
 
     logprobs: list[float]
     argmax: list[int]
-
-
-@dataclass
-class RunStats:
-    """What the engine counted over a scoring run's decode steps."""
-
-    decode_steps: int
-    layer_steps: int
-    distinct_experts: int
-    picks: int
-    remapped_picks: int
-    hit_rate: float
-    bytes_moved: int
-    decode_s: float
-
-    @property
-    def distinct_experts_per_layer_step(self) -> float:
-        return self.distinct_experts / self.layer_steps if self.layer_steps else 0.0
-
-    @property
-    def remapped_share(self) -> float:
-        return self.remapped_picks / self.picks if self.picks else 0.0
 
 
 def check_routings(names: Iterable[str]) -> list[str]:
@@ -95,11 +74,11 @@ def make_engine(model_dir: str | Path, batch_size: int, max_len: int, *, device:
 
 
 def teacher_force(engine, sequences: Iterable[Forced], routing: str,
-                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, Scored], RunStats]:
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, Scored], GenerateStats]:
     """Score every sequence under `routing` ("exact" or the name of the engine's selector), keeping the
     engine's decode batch full (up to its max_num_seqs) while sequences remain. `progress(n)` is told of
     every n tokens scored. The expert cache is emptied first, so runs compare on equal terms."""
-    from moeflow.engine.stats import EngineSnapshot, GenerateStats
+    from moeflow.engine.stats import EngineSnapshot
     from moeflow.sampling import SamplingParams
 
     engine.reset_expert_cache(engine.config.cache)
@@ -142,9 +121,7 @@ def teacher_force(engine, sequences: Iterable[Forced], routing: str,
     finally:  # an error: leave no request behind
         for key in added:
             engine.abort_request(key)
-    s = GenerateStats.between(before, EngineSnapshot.of(engine), 0)
-    return scored, RunStats(s.decode_steps, s.layer_steps, s.distinct_experts, s.picks, s.remapped_picks,
-                            s.hit_rate, s.cache.bytes_moved, s.decode_s)
+    return scored, GenerateStats.between(before, EngineSnapshot.of(engine), 0)
 
 
 def mean_nll(scored: Iterable[Scored]) -> tuple[float, int]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from moeflow.data.corpus import Document
-from moeflow.evaluation.forcing import Forced, RunStats, agreement, check_routings, mean_nll, teacher_force
+from moeflow.engine.stats import GenerateStats
+from moeflow.evaluation.forcing import Forced, agreement, check_routings, mean_nll, teacher_force
 
 MIN_DOC_TOKENS = 3  # a prompt token, one forced but unscored, one scored
 
@@ -29,7 +30,7 @@ class PerplexityRun:
     tokens: int  # scored positions
     documents: int
     agreement_top1: float  # with exact routing's top-1 (1.0 for exact itself)
-    stats: RunStats
+    stats: GenerateStats
 
     def as_dict(self) -> dict:
         s = self.stats
@@ -37,7 +38,7 @@ class PerplexityRun:
                 "agreement_top1": self.agreement_top1,
                 "distinct_experts_per_layer_step": s.distinct_experts_per_layer_step,
                 "remapped_share": s.remapped_share, "tokens": self.tokens, "documents": self.documents,
-                "decode_steps": s.decode_steps, "hit_rate": s.hit_rate, "bytes_moved": s.bytes_moved,
+                "decode_steps": s.decode_steps, "hit_rate": s.hit_rate, "bytes_moved": s.cache.bytes_moved,
                 "decode_s": s.decode_s}
 
 

@@ -5,6 +5,7 @@ benchmarks' floors are measured against."""
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Sequence
 
 
 def belady_misses(uses: list[tuple[int, int]], num_slots: int, count_from: int = 0,

@@ -1,0 +1,88 @@
+"""What an engine resolves once, at set-up: its device and dtype, its context length, the slots a budget buys,
+and the predictor and scheduling policy its configuration names."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from moeflow.architectures.spec import ModelSpec
+from moeflow.config import EngineConfig, ExpertBudget, budget_text, format_bytes
+from moeflow.engine.policies import POLICIES as SCHEDULING_POLICIES
+from moeflow.engine.scheduler import SchedulingPolicy
+from moeflow.errors import BudgetError, ConfigError
+from moeflow.routing.predictors import BUILTIN, Predictor, find_predictor, load_predictor, make_predictor
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_dtype(name: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on the CPU, and the checkpoint's half-precision type (else bfloat16) on CUDA."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(spec.torch_dtype, torch.bfloat16) if spec.torch_dtype != "float32" else torch.bfloat16
+
+
+def resolve_max_model_len(asked: int | None, spec: ModelSpec) -> int:
+    if asked is None:
+        return min(spec.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    if asked > spec.max_position_embeddings:
+        raise ConfigError(f"max_model_len={asked} exceeds the model's max_position_embeddings="
+                          f"{spec.max_position_embeddings}")
+    return asked
+
+
+def named_policy(config: EngineConfig) -> SchedulingPolicy:
+    if config.scheduler == "route-aware":
+        return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait)
+    return SCHEDULING_POLICIES[config.scheduler]()
+
+
+def named_predictor(config: EngineConfig, spec: ModelSpec, checkpoint, device: torch.device,
+                    embedding: torch.Tensor) -> Predictor | None:
+    """config.predictor: None, a built-in's name, "auto" (the predictor shipped inside or beside the model
+    directory, if there is one), or a predictor directory."""
+    name = config.predictor
+    if name is None or name in BUILTIN:
+        return None if name is None else make_predictor(name, spec)
+    path = find_predictor(config.model) if name == "auto" else Path(name)
+    if path is None:
+        return None
+    if not path.is_dir():
+        raise ConfigError(f"predictor {name!r} is neither a built-in ({', '.join(BUILTIN)}), 'auto', nor a "
+                          f"directory")
+    return load_predictor(path, checkpoint, device, embedding=embedding)
+
+
+def budget_slots(spec: ModelSpec, expert_bytes: int, budget: ExpertBudget) -> int:
+    """The slots `budget` buys, refused with the smallest budget that works if it cannot hold one token's top-k."""
+    slots = budget.num_slots(expert_bytes=expert_bytes, num_moe_layers=spec.num_moe_layers,
+                             num_experts=spec.num_experts)
+    need = spec.router.top_k
+    if slots < need:
+        total = spec.num_moe_layers * spec.num_experts
+        raise BudgetError(
+            f"expert budget {budget} buys {slots} slot(s) of {format_bytes(expert_bytes)} each, but one MoE "
+            f"layer needs its top-{need} experts on the device at once. The smallest budget that works is "
+            f"{need} slots: --expert-budget {budget_text(need * expert_bytes)} "
+            f"(or {math.ceil(10000 * need / total) / 100:g}%)"
+        )
+    return slots
