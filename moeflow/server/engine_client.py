@@ -279,10 +279,12 @@ class EngineClient:
             if out.finished:
                 del self._live[out.request_id]
             deliveries.append((*owner, out))
+        # publish the rows finished requests freed before telling their clients: a client that hears its
+        # request is done and sends the next must find the row free
+        self._publish()
         self._deliver(deliveries)
         if self.metrics:
             self.metrics.step_done(self.engine, outputs)
-        self._publish()
 
     def _publish(self) -> None:
         self.num_live = len(self._live)
