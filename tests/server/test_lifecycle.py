@@ -181,7 +181,11 @@ def test_sigterm_drains_and_exits_cleanly(model_dir):
         assert first.wait(30)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        refused = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, timeout=10)
+        try:
+            refused = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, timeout=10)
+        except httpx.TransportError as exc:  # the server stopped listening while it should be draining: say why
+            proc.kill()
+            pytest.fail(f"{exc!r} while draining; stream so far: {events[:3]}; server said: {proc.stdout.read()}")
         reader.join(60)
         assert proc.wait(60) == 0, proc.stdout.read()
     finally:
