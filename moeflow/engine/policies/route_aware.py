@@ -99,13 +99,18 @@ class RouteAwarePolicy:
         return sigs.reshape(len(running), L * E)
 
     def update(self, step: StepView, routes: StepRoutes) -> None:
-        """Learn each fed token's experts (prefill tokens too) into the per-token table."""
+        """Learn each fed token's experts (prefill tokens too) into the per-token table; a token seen several
+        times in one step is learned once, from the mean of its routes."""
         L, _, K = routes.ids.shape
         E = routes.used.shape[1]
-        for b, tokens in enumerate(step.input_ids):
-            ids = routes.ids[:, routes.rows[b]]  # [L, n, K]
-            for j, token in enumerate(tokens):
-                hot = np.zeros((L, E))
-                np.put_along_axis(hot, ids[:, j].astype(np.int64), 1.0, axis=1)
-                old = self._table.get(token)
-                self._table[token] = hot if old is None else self.TABLE_DECAY * old + (1 - self.TABLE_DECAY) * hot
+        tokens = np.concatenate([np.asarray(t) for t in step.input_ids])
+        ids = np.concatenate([routes.ids[:, r] for r in routes.rows], axis=1)  # [L, n, K], in input order
+        hot = np.zeros((len(tokens), L, E))
+        np.put_along_axis(hot, ids.transpose(1, 0, 2).astype(np.int64), 1.0, axis=2)
+        unique, where = np.unique(tokens, return_inverse=True)
+        mean = np.zeros((len(unique), L, E))
+        np.add.at(mean, where, hot)
+        mean /= np.bincount(where)[:, None, None]
+        for token, seen in zip(unique.tolist(), mean):
+            old = self._table.get(token)
+            self._table[token] = seen if old is None else self.TABLE_DECAY * old + (1 - self.TABLE_DECAY) * seen
