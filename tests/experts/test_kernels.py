@@ -12,16 +12,15 @@ triton 3.6 (triton-lang/triton#9171); otherwise those tests skip and say why.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
+from triton_tools import INTERPRET, compile_sm90, interpret
 from moeflow.experts.kernels import combine_rows, fused_moe, fused_moe_rows, resolve_backend
 from moeflow.experts.kernels.grouped import moe_grouped, slot_groups
 from moeflow.experts.kernels.reference import moe_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
 
 
@@ -290,25 +289,6 @@ def test_pick_config_fits_shared_memory():
             assert max(smem1, smem2) <= 160 * 1024 and min(cfg.stages1, cfg.stages2) >= 2
 
 
-def _compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile a @triton.jit kernel for sm_90 ahead of time (no GPU needed: triton ships ptxas). args maps
-    each runtime argument to a pointer type string ("*bf16") or an example int, as the JIT would see it."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        v = args[name]
-        signature[name] = v if isinstance(v, str) else "i32"
-        if isinstance(v, str) or v % 16 == 0:  # what the JIT infers for 16-byte aligned pointers and ints
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps, "num_stages": num_stages})
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
 @pytest.mark.parametrize("M", [8, 16384])
@@ -324,14 +304,14 @@ def test_triton_kernels_compile_for_sm90(dtype_name, M):
     cfg = tm.pick_config(M, S, H, I, dtype)
     ty = f"*{dtype_name}"
     common = dict(sorted_ids_ptr="*i32", block_slot_ptr="*i32", M=M, K_top=K, H=H, I=I)
-    k1 = _compile_sm90(
+    k1 = compile_sm90(
         tm._gate_up_kernel,
         dict(common, x_ptr=ty, w_ptr=ty, h_ptr=ty, stride_xt=H, stride_xh=1, stride_ws=3 * I * H,
              stride_wn=H, stride_wh=1, stride_hm=I),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1, IEEE=dtype == torch.float32),
         cfg.warps1, cfg.stages1,
     )
-    k2 = _compile_sm90(
+    k2 = compile_sm90(
         tm._down_kernel,
         dict(common, h_ptr=ty, w_ptr=ty, rw_ptr="*fp32", rows_ptr="*fp32", stride_hm=I, stride_ws=3 * I * H,
              stride_wn=I, stride_wi=1, stride_rt=K, stride_rk=1, stride_om=H),
@@ -340,41 +320,18 @@ def test_triton_kernels_compile_for_sm90(dtype_name, M):
     )
     assert max(k1.metadata.shared, k2.metadata.shared) <= 227 * 1024
     if M == 8:  # the small kernels once per dtype
-        _compile_sm90(tm._combine_kernel, dict(rows_ptr="*fp32", slot_ptr="*i64", out_ptr=ty, K_top=K, H=H, S=S,
+        compile_sm90(tm._combine_kernel, dict(rows_ptr="*fp32", slot_ptr="*i64", out_ptr=ty, K_top=K, H=H, S=S,
                       stride_st=K, stride_sk=1, stride_rm=H, stride_ot=H), dict(BLOCK_H=1024), 4, 3)
-        _compile_sm90(tm._count_kernel, dict(slot_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", M=M, S=S),
+        compile_sm90(tm._count_kernel, dict(slot_ptr="*i64", counts_ptr="*i32", rank_ptr="*i32", M=M, S=S),
                       dict(BLOCK=1024), 4, 3)
-        _compile_sm90(tm._place_kernel, dict(slot_ptr="*i32", rank_ptr="*i32", pstart_ptr="*i32",
+        compile_sm90(tm._place_kernel, dict(slot_ptr="*i32", rank_ptr="*i32", pstart_ptr="*i32",
                       sorted_ids_ptr="*i32", M=M, S=S), dict(BLOCK=1024), 4, 3)
-        _compile_sm90(tm._offsets_kernel, dict(counts_ptr="*i32", pstart_ptr="*i32", block_slot_ptr="*i32",
+        compile_sm90(tm._offsets_kernel, dict(counts_ptr="*i32", pstart_ptr="*i32", block_slot_ptr="*i32",
                       sorted_ids_ptr="*i32", S=S, NB=8, EM=128, M=M),
                       dict(BLOCK_M=16, S_PAD=128, BLOCK_B=32, BLOCK_FILL=1024), 4, 3)
 
 
 # ---------------------------------------------------------------------------------------------- interpreter
-
-_interp_reason = None
-if not INTERPRET:
-    _interp_reason = "set TRITON_INTERPRET=1 to run the Triton kernels on CPU"
-else:
-    try:
-        import numpy
-        import triton
-
-        def _v(mod):
-            return tuple(int(p) for p in mod.__version__.split(".")[:2])
-
-        if _v(numpy) >= (2, 4) and _v(triton) <= (3, 6):
-            _interp_reason = f"triton {triton.__version__}'s interpreter breaks on numpy {numpy.__version__} >= 2.4"
-    except ImportError as exc:
-        _interp_reason = f"triton interpreter unavailable: {exc}"
-
-
-def interpret(test):
-    """Run under TRITON_INTERPRET=1 only; numpy 2.x's scalar-conversion warnings from the interpreter are noise."""
-    test = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")(test)
-    return pytest.mark.skipif(_interp_reason is not None, reason=_interp_reason or "")(test)
-
 
 def _interp_config(bm):
     from moeflow.experts.kernels.triton_moe import TileConfig

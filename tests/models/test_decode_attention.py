@@ -13,17 +13,16 @@ triton 3.6 (triton-lang/triton#9171: the kernel's loop bounds are read from devi
 tests skip and say why.
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from triton_tools import INTERPRET, compile_sm90, interpret, spilled_bytes
 from moeflow.models.decode_attention import (
     decode_attention, decode_attention_reference, num_splits, resolve_backend,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
 
 
@@ -232,40 +231,7 @@ def test_dispatch_on_cpu():
 # ---------------------------------------------------------------------------------------------- compile
 
 
-def _compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile a @triton.jit kernel for sm_90 ahead of time (no GPU needed: triton ships ptxas). args maps
-    each runtime argument to a type string ("*bf16", "fp32") or an example int, as the JIT would see it (ints
-    below 2**31 only)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
 
-    signature, attrs = {}, {}
-    constexprs = dict(constexprs)
-    for i, name in enumerate(fn.arg_names):
-        v = constexprs.get(name, args.get(name))
-        if name in constexprs or v == 1:  # the JIT turns an int equal to 1 (a unit stride) into a constant
-            signature[name] = "constexpr"
-            constexprs[name] = v
-            continue
-        signature[name] = v if isinstance(v, str) else "i32"
-        if (isinstance(v, str) and v.startswith("*")) or (isinstance(v, int) and v % 16 == 0):
-            attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT infers for aligned pointers and ints
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def _spilled_bytes(kernel, tmp_path) -> int:
-    """Bytes of register spill stores ptxas reports for a compiled kernel's PTX (triton ships ptxas)."""
-    import re
-    import subprocess
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptx = tmp_path / "kernel.ptx"
-    ptx.write_text(kernel.asm["ptx"])
-    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True, check=True).stderr
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 
 
 @pytest.mark.slow
@@ -291,7 +257,7 @@ def test_triton_kernels_compile_for_sm90(dtype_name, N, G, D, window, S, tmp_pat
     ty = f"*{dtype_name}"
     o_ty = ty if S == 1 else "*fp32"
     strides_k = dict(stride_kr=G * M * D, stride_kg=M * D, stride_km=D, stride_kd=1)
-    split = _compile_sm90(
+    split = compile_sm90(
         da._split_kernel,
         dict(q_ptr=ty, k_ptr=ty, v_ptr=ty, rows_ptr="*i64", lens_ptr="*i64", o_ptr=o_ty, lse_ptr="*fp32",
              M=M, window=window or 0, qk_scale="fp32", S=S, stride_qb=N * D, stride_qh=D, stride_qd=1,
@@ -302,40 +268,20 @@ def test_triton_kernels_compile_for_sm90(dtype_name, N, G, D, window, S, tmp_pat
         warps, 2,
     )
     assert split.metadata.shared <= 227 * 1024
-    assert _spilled_bytes(split, tmp_path) == 0
+    assert spilled_bytes(split, tmp_path) == 0
     if S > 1:
-        combine = _compile_sm90(
+        combine = compile_sm90(
             da._combine_kernel,
             dict(o_ptr="*fp32", lse_ptr="*fp32", out_ptr=ty, S=S, stride_ob=N * S * D, stride_oh=S * D,
                  stride_os=D, stride_od=1, stride_lb=N * S, stride_lh=S, stride_outb=N * D, stride_outh=D),
             dict(D=D, S_PAD=max(2, triton.next_power_of_2(S)), D_PAD=d_pad), 4, 2,
         )
-        assert _spilled_bytes(combine, tmp_path) == 0
+        assert spilled_bytes(combine, tmp_path) == 0
 
 
 # ---------------------------------------------------------------------------------------------- interpreter
 
-_interp_reason = None
-if not INTERPRET:
-    _interp_reason = "set TRITON_INTERPRET=1 to run the Triton kernels on CPU"
-else:
-    try:
-        import numpy
-        import triton
 
-        def _v(mod):
-            return tuple(int(p) for p in mod.__version__.split(".")[:2])
-
-        if _v(numpy) >= (2, 4) and _v(triton) <= (3, 6):
-            _interp_reason = f"triton {triton.__version__}'s interpreter breaks on numpy {numpy.__version__} >= 2.4"
-    except ImportError as exc:
-        _interp_reason = f"triton interpreter unavailable: {exc}"
-
-
-def interpret(test):
-    """Run under TRITON_INTERPRET=1 only; numpy 2.x's scalar-conversion warnings from the interpreter are noise."""
-    test = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")(test)
-    return pytest.mark.skipif(_interp_reason is not None, reason=_interp_reason or "")(test)
 
 
 @interpret
