@@ -13,7 +13,6 @@ triton 3.6 (triton-lang/triton#9171: the kernel's loop bounds are read from devi
 tests skip and say why.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as F
