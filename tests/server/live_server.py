@@ -90,3 +90,19 @@ class LiveServer(AppServer):
         """The current value of one sample in the server's registry (0 if absent)."""
         value = self.client.metrics.registry.get_sample_value(name, {"model_name": MODEL_NAME, **labels})
         return value or 0.0
+
+
+def wait_until_healthy(proc, base_url: str, timeout: float = 60.0, why=lambda: "server did not come up") -> None:
+    """Poll a `moeflow serve` subprocess's /health until it answers 200; fail with why() if the process dies or
+    the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, why()
+        time.sleep(0.2)

@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from live_server import MODEL_NAME
+from live_server import MODEL_NAME, wait_until_healthy
 
 from moeflow.llm import LLM
 from moeflow.server.app import create_app
@@ -156,15 +156,7 @@ def test_sigterm_drains_and_exits_cleanly(model_dir):
                              "--served-model-name", MODEL_NAME, "--expert-budget", "25%", "--device", "cpu",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, base)
         events: list[str] = []
         first = threading.Event()
 
@@ -208,15 +200,7 @@ def test_a_second_sigterm_ends_every_request_with_an_error_and_exits_nonzero(mod
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     body = {"prompt": "the", "max_tokens": 480, "ignore_eos": True}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, base)
         streams: list[list[str]] = [[], []]
         plain: list[httpx.Response] = []
         started = threading.Barrier(4)

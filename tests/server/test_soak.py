@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import MODEL_NAME
+from live_server import MODEL_NAME, wait_until_healthy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -58,15 +58,7 @@ def soak_server(model_dir, tmp_path_factory):
                                 stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+        wait_until_healthy(proc, base, why=lambda: log_path.read_text())
         yield proc, base, port, log_path
     finally:
         proc.send_signal(signal.SIGTERM)
