@@ -31,3 +31,14 @@ def checkpoint(tmp_path_factory):
         return made[family, layout]
 
     return get
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: the bundled model's and the predictors' CPU work is many small ops, and on
+    a two-core machine that other processes share, torch's threads waiting for each other cost them many times
+    over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,12 +4,8 @@ matrices and far faster when other processes share the cores (threads that wait 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):  # every test here (tests/conftest.py says why)
     yield
-    torch.set_num_threads(before)

@@ -18,17 +18,8 @@ from moeflow.weights.checkpoint import Checkpoint
 from test_cache import CountingSource, toy_spec, use
 
 L, E, K = 3, 6, 2
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The bundled model's and the predictor's tensors are tiny: on a shared two-core machine a second intra-op
-    thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def toy_cache(slots: int) -> ExpertCache:
     spec = toy_spec(L, E, K)

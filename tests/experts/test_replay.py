@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.assets import default_model_dir
@@ -16,17 +15,8 @@ from moeflow.weights.checkpoint import Checkpoint
 
 FIELDS = ("hits", "misses", "bytes_moved", "prefetches", "prefetch_bytes", "prefetch_hits", "wasted_prefetches")
 PROMPTS = [[0, 464, 3290, 318, 262, 1000, 17], [0, 1000, 7, 88], [0, 4000, 33], [0, 12, 99, 512, 640]]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The bundled model's and the predictor's tensors are tiny: on a shared two-core machine a second intra-op
-    thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 class Recording(ExpertFlowPlanner):
     """Notes what the engine hands plan(), so the replay can hand the same."""

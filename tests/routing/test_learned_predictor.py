@@ -26,15 +26,7 @@ SHIPPED = default_model_dir() / "predictor"
 # Bound written in the issue; the shipped predictor measures 1.65x Belady on this trace (LRU: 1.80x), so the test
 # is an expected failure until the cache gets there (see the predictor's README for the figures).
 BYTES_VS_BELADY = 1.25
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The predictor's tensors are tiny: on a shared two-core machine a second intra-op thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def heldout_jsonl(out: Path, docs_per_domain: int) -> Path:
