@@ -5,9 +5,14 @@ is the baseline configuration that the report compares the others with, cell by 
 batch, same prompts). Each axis value is turned into an engine object by one loader here, the one place
 to wire a new predictor, selector or scheduling policy into the benchmark:
 
-    load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR (not yet)
-    load_selector_arg(text, engine)    exact | lynx (not yet)
-    load_scheduling_arg(text, spec)    fcfs | route-aware (not yet)
+    load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART]
+    load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W]
+    load_scheduling_arg(text, spec)    fcfs | route-aware
+
+A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
+switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
+adapt (the predictor's online adaptation). `lynx` takes the model's (alpha, beta) defaults and w = 0 (plain
+LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from pathlib import Path
 
 from moeflow.errors import ConfigError
 
+PLANNER_PARTS = ("quotas", "protect", "prefetch", "correct")
+ABLATIONS = PLANNER_PARTS + ("adapt",)
+
 
 @dataclass(frozen=True, slots=True)
 class Configuration:
@@ -27,10 +35,24 @@ class Configuration:
 
     @property
     def label(self) -> str:
-        return f"{self.predictor}/{self.routing}/{self.scheduling}"
+        return f"{short_predictor(self.predictor)}/{self.routing}/{self.scheduling}"
+
+    @property
+    def request_routing(self) -> str:
+        """What the requests of this configuration ask for (SamplingParams.routing)."""
+        return self.routing.split(":", 1)[0]
 
     def as_dict(self) -> dict:
         return {"predictor": self.predictor, "routing": self.routing, "scheduling": self.scheduling}
+
+
+def short_predictor(text: str) -> str:
+    """A predictor axis value as a label: a directory by its last name (`PRED_DIR:no-quotas` keeps the part)."""
+    path, _, part = text.partition(":")
+    if path in ("none", "previous", "frequency"):
+        return text
+    name = Path(path).name or path
+    return f"{name}:{part}" if part else name
 
 
 def grid(predictors: list[str], routings: list[str], schedulings: list[str]) -> list[Configuration]:
@@ -43,31 +65,76 @@ def grid(predictors: list[str], routings: list[str], schedulings: list[str]) -> 
     return [Configuration(p, r, s) for p, r, s in itertools.product(predictors, routings, schedulings)]
 
 
+def with_ablations(predictors: list[str]) -> list[str]:
+    """`predictors` with, after each trained predictor's directory, that directory with each part off."""
+    out = []
+    for text in predictors:
+        out.append(text)
+        if ":" not in text and Path(text).is_dir():
+            out += [f"{text}:no-{part}" for part in ABLATIONS]
+    return out
+
+
+def _predictor_dir(text: str) -> tuple[Path, str | None]:
+    path, sep, part = text.partition(":")
+    if sep:
+        if not part.startswith("no-") or part[3:] not in ABLATIONS:
+            raise ConfigError(f"--predictors {text}: after ':' name one part to switch off, one of "
+                              + ", ".join(f"no-{p}" for p in ABLATIONS))
+        part = part[3:]
+    return Path(path), part or None
+
+
 def load_predictor_arg(text: str, engine):
-    """A predictor for `--predictors` value `text`: None for `none`, a built-in by name, or (to come) a
-    trained predictor's directory."""
+    """A predictor for `--predictors` value `text`: None for `none`, a built-in by name, or a trained
+    predictor's directory (refused if it was trained for another model)."""
     from moeflow.routing.predictors import BUILTIN, make_predictor
 
     if text == "none":
         return None
     if text in BUILTIN:
         return make_predictor(text, engine.spec)
-    if Path(text).is_dir():
-        # issue 12: a trained predictor's directory loads through the routing package's loader, once it exists
-        raise ConfigError(f"--predictors {text}: loading a trained predictor from a directory is not supported "
-                          "yet (moeflow.bench.axes.load_predictor_arg knows none, " + ", ".join(BUILTIN) + ")")
+    path, part = _predictor_dir(text)
+    if path.is_dir():
+        from moeflow.routing.predictors import load_predictor
+
+        return load_predictor(path, engine.checkpoint, engine.device, adapt=part != "adapt",
+                              embedding=engine.model.w["model.embed_tokens.weight"])
     raise ConfigError(f"--predictors {text!r}: not a built-in predictor (none, {', '.join(BUILTIN)}) or a directory")
+
+
+def load_planner_arg(text: str):
+    """The planner for `--predictors` value `text`: None (the engine's default for the predictor) unless it
+    switches off one of the predictive cache's parts."""
+    if text == "none" or ":" not in text:
+        return None
+    from moeflow.experts.predictive import ExpertFlowPlanner
+
+    _, part = _predictor_dir(text)
+    if part not in PLANNER_PARTS:
+        return None
+    return ExpertFlowPlanner(**{part: False})
 
 
 def load_selector_arg(text: str, engine):
     """The selector for `--routing` value `text` (None: exact routing, the model's own)."""
     if text == "exact":
         return None
-    if text == "lynx":
+    name, _, rest = text.partition(":")
+    if name == "lynx":
         from moeflow.routing.lynx import AffinityBinning
 
-        return AffinityBinning.for_spec(engine.spec)
-    raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx")
+        given = {}
+        for item in filter(None, rest.split(":")):
+            key, eq, value = item.partition("=")
+            if not eq or key not in ("alpha", "beta", "w"):
+                raise ConfigError(f"--routing {text!r}: lynx takes alpha=A, beta=B and w=W after ':', got {item!r}")
+            try:
+                given[key] = float(value) if key == "alpha" else int(value)
+            except ValueError:
+                raise ConfigError(f"--routing {text!r}: {key} must be a number, got {value!r}") from None
+        return AffinityBinning.for_spec(engine.spec, given.get("alpha"), given.get("beta"), given.get("w", 0))
+    raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx[:alpha=A][:beta=B][:w=W]")
 
 
 def load_scheduling_arg(text: str, spec):
@@ -84,24 +151,22 @@ def check(configurations: list[Configuration], engine) -> None:
     """Load every axis value once, so that a bad one fails before any run, not an hour into the grid."""
     for text in dict.fromkeys(c.predictor for c in configurations):
         load_predictor_arg(text, engine)
+        load_planner_arg(text)
     for text in dict.fromkeys(c.routing for c in configurations):
         load_selector_arg(text, engine)
-    names = list(dict.fromkeys(c.scheduling for c in configurations))
-    for text in names:
+    for text in dict.fromkeys(c.scheduling for c in configurations):
         load_scheduling_arg(text, engine.spec)
-    if names != [engine.scheduler.policy.name] and not hasattr(engine, "set_scheduling"):
-        raise ConfigError(f"--scheduling {','.join(names)}: this engine cannot change its scheduling policy "
-                          f"between runs (it runs {engine.scheduler.policy.name}); LLMEngine.set_scheduling is "
-                          "not there yet")
 
 
 def apply(configuration: Configuration, engine) -> None:
     """Set the engine up for `configuration` (between runs: nothing may be running): a new predictor, with no
     history; the selector and the scheduling policy only when they change, since a new selector captures the
     decode graphs again."""
-    engine.set_predictor(load_predictor_arg(configuration.predictor, engine))
+    engine.set_predictor(load_predictor_arg(configuration.predictor, engine), load_planner_arg(configuration.predictor))
     # exact requests run the exact graphs whatever selector the engine offers, so only a missing one is set
-    if configuration.routing != "exact" and (engine.selector is None or engine.selector.name != configuration.routing):
-        engine.set_selector(load_selector_arg(configuration.routing, engine))
+    if configuration.routing != "exact":
+        selector = load_selector_arg(configuration.routing, engine)
+        if engine.selector != selector:
+            engine.set_selector(selector)
     if engine.scheduler.policy.name != configuration.scheduling:
         engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))

@@ -54,10 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budgets", type=_csv(str), default=["100%", "50%", "25%", "10%"])
     g.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32])
     g.add_argument("--predictors", type=_csv(str), default=["none"],
-                   help="comma list: none, previous, frequency (a trained predictor's directory: to come); "
+                   help="comma list: none, previous, frequency, a trained predictor's directory (PRED_DIR:no-PART "
+                        "switches off one part of the predictive cache: quotas, protect, prefetch, correct, adapt); "
                         "the first is the baseline")
-    g.add_argument("--routing", type=_csv(str), default=["exact"], help="comma list: exact (lynx: to come)")
-    g.add_argument("--scheduling", type=_csv(str), default=["fcfs"], help="comma list: fcfs (route-aware: to come)")
+    g.add_argument("--ablations", action="store_true",
+                   help="after each trained predictor in --predictors, run it with each part switched off in turn")
+    g.add_argument("--routing", type=_csv(str), default=["exact"],
+                   help="comma list: exact, lynx[:alpha=A][:beta=B][:w=W] (the model's defaults, w=0: plain LYNX; "
+                        "w>0: cache-aware, resident experts earn w bin-0 votes)")
+    g.add_argument("--scheduling", type=_csv(str), default=["fcfs"], help="comma list: fcfs, route-aware")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences running at once (default: the largest batch size)")
     g.add_argument("--max-batch-size", type=int, default=None,
@@ -126,9 +131,9 @@ def measure_grid(engine, workload, budgets: list[str], batch_sizes: list[int], c
         for conf in configurations:
             for batch in batch_sizes:
                 axes.apply(conf, engine)  # every cell's predictor starts with no history
-                timed = [[r.with_routing(conf.routing) for r in workload.requests(j * batch, batch)]
+                timed = [[r.with_routing(conf.request_routing) for r in workload.requests(j * batch, batch)]
                          for j in range(batches_per_cell)]
-                warm = [r.with_routing(conf.routing) for r in workload.requests(warm_at, batch)]
+                warm = [r.with_routing(conf.request_routing) for r in workload.requests(warm_at, batch)]
                 r = run_moeflow(engine, budget, timed, warm, eviction=eviction, configuration=conf.as_dict())
                 results.append(r)
                 log(_line(r, conf.label))
@@ -168,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configurations = axes.grid(args.predictors, args.routing, args.scheduling)
+    predictors = axes.with_ablations(args.predictors) if args.ablations else args.predictors
+    configurations = axes.grid(predictors, args.routing, args.scheduling)
 
     checkpoint, model_dir = None, args.model
     if args.synthetic:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moeflow.bench.axes import short_predictor
 from moeflow.bench.runs import RunResult
 from moeflow.bench.workload import describe_line
 from moeflow.markdown import table
@@ -19,7 +20,7 @@ from moeflow.markdown import table
 def config_label(configuration: dict) -> str:
     if not configuration:
         return ""
-    return f"{configuration['predictor']}/{configuration['routing']}/{configuration['scheduling']}"
+    return f"{short_predictor(configuration['predictor'])}/{configuration['routing']}/{configuration['scheduling']}"
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float | None:
@@ -166,7 +167,8 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
 
     compare = any("vs_base_tokens_per_s" in r for r in rows)
     remapped = any(r["remapped_picks"] for r in rows)
-    header = ["system", "config", "budget", "batch", "decode tok/s", "TTFT ms", "TPOT ms", "hit rate", "MB/tok",
+    header = ["system", "config", "budget", "batch", "decode tok/s", "TTFT ms", "TPOT ms", "TPOT p99 ms", "hit rate",
+              "MB/tok",
               "Belady MB/tok", "moved/Belady", "stall s", "stall share", "experts/layer-step",
               "distinct tok/req (min)", "graphs", "peak GiB", "measured/floor", "measured/Belady floor",
               "of weight-read floor"]
@@ -180,7 +182,7 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
         dt = r["distinct_tokens_mean"]
         line = [
             r["system"], r["config"], r["budget"], r["batch"], f"{r['decode_tokens_per_s']:.1f}",
-            f"{r['ttft_s'] * 1e3:.1f}", f"{r['tpot_s'] * 1e3:.2f}",
+            f"{r['ttft_s'] * 1e3:.1f}", f"{r['tpot_s'] * 1e3:.2f}", f"{r.get('tpot_p99_s', 0.0) * 1e3:.2f}",
             _pct(r["hit_rate"] if moeflow else None),
             _fmt(r["bytes_per_token"] / 1e6 if moeflow else None, ".2f"),
             _fmt(r["belady_bytes_per_token"] / 1e6 if r["belady_bytes_per_token"] is not None else None, ".2f"),

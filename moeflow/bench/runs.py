@@ -39,6 +39,7 @@ class RunResult:
     ttft_s: float = 0.0  # mean over requests
     decode_s: float = 0.0  # summed over batches
     tpot_s: float = 0.0  # mean over requests: (last token - first token) / (tokens - 1)
+    tpot_p99_s: float = 0.0  # the 99th percentile of the same per-request figure
     peak_device_bytes: int = 0
     # decode phase expert traffic (moeflow)
     hits: int = 0
@@ -136,6 +137,7 @@ def run_moeflow(engine: LLMEngine, budget: str, batches: list[list[Request]], wa
     result.graph_captures = engine.graph_captures - captures
     result.ttft_s = float(np.mean(ttfts))
     result.tpot_s = float(np.mean(tpots)) if tpots else 0.0
+    result.tpot_p99_s = float(np.percentile(tpots, 99)) if tpots else 0.0
     return result
 
 
@@ -273,6 +275,7 @@ def run_transformers(model, system: str, budget: str, batches: list[list[Request
             result.outputs.append(row)
             result.distinct_tokens.append(len(set(row)))
     result.ttft_s, result.tpot_s = float(np.mean(ttfts)), float(np.mean(tpots))
+    result.tpot_p99_s = float(np.percentile(tpots, 99))
     result.peak_device_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     result.extra["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
     return result

@@ -172,18 +172,64 @@ def test_axes_grid_and_hooks(tmp_path):
                              scheduler=SimpleNamespace(policy=SimpleNamespace(name="fcfs")))
     assert axes.load_predictor_arg("none", engine) is None
     assert axes.load_predictor_arg("frequency", engine).name == "frequency"
-    with pytest.raises(ConfigError, match="not supported yet"):
-        axes.load_predictor_arg(str(tmp_path), engine)
     with pytest.raises(ConfigError, match="not a built-in predictor"):
         axes.load_predictor_arg("oracle", engine)
+    with pytest.raises(ConfigError, match="name one part to switch off"):
+        axes.load_predictor_arg(f"{tmp_path}:no-brakes", engine)
     assert axes.load_selector_arg("exact", engine) is None
     assert axes.load_scheduling_arg("fcfs", engine.spec).name == "fcfs"
     assert axes.load_scheduling_arg("route-aware", engine.spec).name == "route-aware"
     with pytest.raises(ConfigError, match="unknown"):
         axes.load_scheduling_arg("shortest-first", engine.spec)
     axes.check(grid, engine)
-    with pytest.raises(ConfigError, match="cannot change its scheduling policy"):
-        axes.check(axes.grid(["none"], ["exact"], ["fcfs", "route-aware"]), engine)
+    axes.check(axes.grid(["none"], ["exact"], ["fcfs", "route-aware"]), engine)
+
+
+def test_axes_trained_predictor_ablations_and_lynx_variants():
+    """A trained predictor's directory, with each part of the predictive cache switched off in turn, and LYNX at
+    its defaults, at given (alpha, beta) and cache-aware: each value becomes the engine object it names."""
+    from moeflow.experts.predictive import ExpertFlowPlanner
+    from moeflow.routing.predictors import LearnedPredictor
+
+    model = default_model_dir()
+    pred = str(model / "predictor")
+    engine = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype="float32", max_model_len=64,
+                                    max_num_seqs=2), skip_tokenizer_init=True)
+    names = axes.with_ablations(["none", pred])
+    assert names == ["none", pred] + [f"{pred}:no-{p}" for p in ("quotas", "protect", "prefetch", "correct",
+                                                                     "adapt")]
+    assert axes.Configuration(f"{pred}:no-quotas").label == "predictor:no-quotas/exact/fcfs"
+    for text in names[1:]:
+        predictor, planner = axes.load_predictor_arg(text, engine), axes.load_planner_arg(text)
+        assert isinstance(predictor, LearnedPredictor)
+        assert predictor.adapt == (text != f"{pred}:no-adapt")
+        if text.endswith(("quotas", "protect", "prefetch", "correct")):
+            part = text.rsplit("-", 1)[1]
+            assert isinstance(planner, ExpertFlowPlanner) and planner.parts == {
+                p: p != part for p in ("quotas", "protect", "prefetch", "correct")}
+        else:
+            assert planner is None  # the engine's default for a learned predictor: every part on
+    axes.apply(axes.Configuration(f"{pred}:no-protect"), engine)
+    assert isinstance(engine.planner, ExpertFlowPlanner) and not engine.planner.protect
+    axes.apply(axes.Configuration(pred), engine)
+    assert all(engine.planner.parts.values())
+
+    plain = axes.load_selector_arg("lynx", engine)
+    assert (plain.alpha, plain.beta, plain.resident_weight) == (2.5, 2, 0), "moeflow-tiny's measured defaults"
+    cache_aware = axes.load_selector_arg("lynx:w=4", engine)
+    assert (cache_aware.alpha, cache_aware.beta, cache_aware.resident_weight) == (2.5, 2, 4)
+    swept = axes.load_selector_arg("lynx:alpha=1.5:beta=3", engine)
+    assert (swept.alpha, swept.beta, swept.resident_weight) == (1.5, 3, 0)
+    assert axes.Configuration(routing="lynx:w=4").request_routing == "lynx"
+    for bad, match in (("lynx:gamma=1", "takes alpha=A"), ("lynx:beta=two", "must be a number"),
+                       ("lynx:alpha=-1", "alpha must be")):
+        with pytest.raises(ConfigError, match=match):
+            axes.load_selector_arg(bad, engine)
+    axes.apply(axes.Configuration(routing="lynx:w=4"), engine)
+    assert engine.selector == cache_aware
+    captures = engine.graph_captures
+    axes.apply(axes.Configuration(routing="lynx:w=4"), engine)
+    assert engine.graph_captures == captures, "the same selector again captures nothing"
 
 
 def test_expert_load_bandwidth_drives_the_cache_demand_path(engine):
