@@ -71,7 +71,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--label", default="this tree")
     args = p.parse_args()
-    llm = LLM(args.model, expert_budget="100%", max_model_len=160, max_batch_size=32, dtype="bfloat16")
+    llm = LLM(args.model, expert_budget="100%", max_model_len=160, max_batch_size=32,
+              dtype="bfloat16" if torch.cuda.is_available() else "float32")
     engine = llm.engine
     prompts = []
     for doc in iter_split(args.corpus, "test", None):
@@ -91,7 +92,8 @@ def main() -> None:
                 engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse(budget)))
                 llm.generate(prompts[32:32 + batch], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
                 engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse(budget)))
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
                 out = llm.generate(prompts[:batch], params)
                 wall = time.perf_counter() - t

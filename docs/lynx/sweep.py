@@ -49,7 +49,7 @@ def main() -> int:
     nll0, n = mean_nll(exact.values())
     rows = [dict(alpha=None, beta=None, w=None, perplexity=math.exp(nll0), agreement=1.0,
                  distinct=st.distinct_experts_per_layer_step, remapped=0.0, hit_rate=st.hit_rate,
-                 mib_moved=st.bytes_moved / 2**20, tokens=n,
+                 mib_moved=st.cache.bytes_moved / 2**20, tokens=n,
                  docs=len(seqs))]
     print(json.dumps(rows[-1]), flush=True)
     for w in map(int, args.resident_weight.split(",")):
@@ -60,7 +60,7 @@ def main() -> int:
                 nll, _ = mean_nll(scored.values())
                 rows.append(dict(alpha=alpha, beta=beta, w=w, perplexity=math.exp(nll),
                                  agreement=agreement(scored, exact), distinct=st.distinct_experts_per_layer_step,
-                                 remapped=st.remapped_share, hit_rate=st.hit_rate, mib_moved=st.bytes_moved / 2**20,
+                                 remapped=st.remapped_share, hit_rate=st.hit_rate, mib_moved=st.cache.bytes_moved / 2**20,
                                  tokens=n, docs=len(seqs)))
                 print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
