@@ -8,6 +8,20 @@
 #                                sampled decode at 100%, observing predictors now and before the route record
 #                                (tools/hooks_ab.py on this tree and on .carry/before), serving at 32 streams
 #
+# The second session's calls (2026-12-02), on one machine kept warm between them:
+#
+#   tools/gpu_session.sh 3 OUT   pytest -m gpu while the bench model trains; its traces of the corpus train and
+#                                test splits, two predictors trained from them (all six domains; all but
+#                                python_docs), `predictor eval` of both on the CPU cores meanwhile, and
+#                                ExpertFlow on the GPU: bench offline --predictors none,PRED --ablations at 25%,
+#                                none,PRED at 10%, batch 1 and 8
+#   tools/gpu_session.sh 4 OUT   the route record on and off (tools/record_cost.py); observing predictors now and
+#                                before it (tools/hooks_ab.py); LYNX: resident batch 32/64 and 25% batch 32 plain
+#                                and cache-aware, the (alpha, beta) sweep's throughput and perplexity, the held-out
+#                                documents, the multiple-choice task, the Pareto plot
+#   tools/gpu_session.sh 5 OUT   route-aware scheduling against fcfs: 256 requests, max_num_seqs 256,
+#                                max_batch_size 32, at 25% and 10%; then served at 128 streams, fcfs and route-aware
+#
 # Needs .carry/corpus.tgz (corpus/ and tokenizer/) and, for serving, .whl (fastapi and its needs).
 set -uo pipefail
 part=$1 out=$2
@@ -59,5 +73,150 @@ case "$part" in
         timeout 200 tools/gpu_suite.sh serve "$w/p2/serve" > "$w/p2/serve.log" 2>&1
     tar czf "$out/part2.tgz" -C "$w" p2
     grep -h "TTFT\|tokens/s" "$w/p2/serve.log" | head -20
+    ;;
+3)
+    p=$w/p3
+    mkdir -p "$p"
+    pack() { tar czf "$out/p3.tgz" -C "$w" p3; }
+    (moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
+        --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1; echo "train rc $?" >> "$p/train_log.txt") &
+    trainer=$!
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 \
+        tests/engine/test_gpu_hooks.py tests/engine/test_gpu.py tests/routing tests/experts tests/models \
+        tests/test_sampling.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -3 "$p/gpu_tests.log"
+    wait $trainer
+    tail -2 "$p/train_log.txt"
+    pack
+    [ -f "$BENCH_MODEL/config.json" ] || exit 3
+    cp "$BENCH_MODEL"/training_log.json "$p/" 2>/dev/null
+    python3 tools/corpus_sample.py "$w/corpus" train 400 > "$w/train_sample.jsonl"
+    python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
+    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens 300000 --max-seq-len 256 --device cuda \
+        --out "$w/train.npz" > "$p/trace.log" 2>&1
+    moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
+        --out "$w/test.npz" >> "$p/trace.log" 2>&1
+    tail -2 "$p/trace.log"
+    mkdir -p "$w/pred"
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
+        --max-minutes 0.9 --no-progress > "$p/pred_train.log" 2>&1 &
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
+        --holdout-domain python_docs --device cuda --max-minutes 0.9 --no-progress > "$p/pred_train_ho.log" 2>&1 &
+    wait
+    tail -1 "$p/pred_train.log" "$p/pred_train_ho.log"
+    cp -r "$w/pred" "$p/pred"
+    pack
+    ev() { timeout "${EVAL_TIMEOUT:-190}" python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" \
+        --trace "$w/test.npz" --replay-tokens 3000 --threads 2 --json "$@"; }
+    ev "$w/pred/bench" --budgets 25% --batch-sizes 1 --ablations > "$p/eval_25_b1.json" 2> "$p/eval_25_b1.err" &
+    ev "$w/pred/bench" --budgets 25% --batch-sizes 8 --ablations > "$p/eval_25_b8.json" 2> "$p/eval_25_b8.err" &
+    ev "$w/pred/bench" --budgets 10% --batch-sizes 1,8 > "$p/eval_10.json" 2> "$p/eval_10.err" &
+    ev "$w/pred/bench-no-python_docs" --domains python_docs --budgets 25% --batch-sizes 1 > "$p/eval_ho.json" \
+        2> "$p/eval_ho.err" &
+    timeout "${EF_TIMEOUT:-130}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
+        --data "$w/corpus" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 --baselines "" \
+        --predictors "none,$w/pred/bench" --ablations --out "$p/ef25" > "$p/ef25.log" 2>&1
+    grep -h "^moeflow" "$p/ef25.log" | cut -c1-150
+    rm -f "$p"/ef*/*.png
+    pack
+    timeout 60 python3 tools/record_cost.py "$BENCH_MODEL" --corpus "$w/corpus" --out "$p/record_cost.json" \
+        --rounds 3 > "$p/record_cost.log" 2>&1
+    tail -2 "$p/record_cost.log"
+    wait
+    pack
+    ;;
+4)
+    [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
+    p=$w/p4
+    mkdir -p "$p"
+    pack() { tar czf "$out/p4.tgz" -C "$w" p4; }
+    timeout 75 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
+        --budgets 10% --batch-sizes 1,8 --batches-per-cell 2 --baselines "" --predictors "none,$w/pred/bench" \
+        --out "$p/ef10" > "$p/ef10.log" 2>&1
+    grep -h "^moeflow" "$p/ef10.log" | cut -c1-120
+    rm -f "$p"/ef10/*.png
+    pack
+    sweep="exact,lynx,lynx:w=4"
+    for ab in 1:2 2:2 3:2 5:2 2:3 3:3 3:1; do sweep="$sweep,lynx:alpha=${ab%:*}:beta=${ab#*:}"; done
+    timeout 100 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
+        --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 --baselines "" --routing "$sweep" \
+        --out "$p/lynx100" > "$p/lynx100.log" 2>&1
+    timeout 90 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
+        --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" --routing exact,lynx,lynx:w=4 \
+        --out "$p/lynx25" > "$p/lynx25.log" 2>&1
+    grep -h "^moeflow" "$p/lynx100.log" "$p/lynx25.log" | cut -c1-120
+    pack
+    # (alpha, beta) is chosen on five domains of the test split; python_docs is the domain held out of the choice
+    five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
+    timeout 90 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 1,2,3,5 --beta 2 --device cuda > "$p/sweep_test.jsonl" \
+        2> "$p/sweep_test.err"
+    timeout 40 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 3 --device cuda > "$p/sweep_test_b3.jsonl" \
+        2>> "$p/sweep_test.err"
+    timeout 30 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 3 --beta 1 --device cuda > "$p/sweep_test_b1.jsonl" \
+        2>> "$p/sweep_test.err"
+    grep -h '"alpha": [0-9]' "$p/sweep_test_b3.jsonl" "$p/sweep_test_b1.jsonl" >> "$p/sweep_test.jsonl"
+    timeout 40 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs --max-docs 102 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 2 --device cuda > "$p/sweep_python_docs.jsonl" \
+        2> "$p/sweep_python_docs.err"
+    pack
+    for ab in "3 2" "2 2"; do
+        set -- $ab
+        timeout 40 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --items 200 --routing exact,lynx \
+            --lynx-alpha "$1" --lynx-beta "$2" --json > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err"
+    done
+    python3 tools/lynx_pareto.py --bench "$p/lynx100/results.json" --sweep "$p/sweep_test.jsonl" --budget 100% \
+        --batch 32 --out "$p/pareto.png" --md "$p/pareto.md" --title "LYNX on the bench model (H200)"
+    pack
+    timeout 90 python3 tools/hooks_ab.py "$BENCH_MODEL" --corpus "$w/corpus" --out "$p/hooks-now.json" \
+        --label "after" > "$p/hooks-now.log" 2>&1
+    tail -1 "$p/hooks-now.log"
+    pack
+    ;;
+5)
+    [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
+    p=$w/p5
+    mkdir -p "$p"
+    pack() { tar czf "$out/p5.tgz" -C "$w" p5; }
+    for budget in ${SCHED_BUDGETS:-25% 10%}; do
+        timeout "${SCHED_TIMEOUT:-160}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
+            --data "$w/corpus" --budgets "$budget" --batch-sizes 256 --max-num-seqs 256 --max-batch-size 32 \
+            --batches-per-cell 1 --baselines "" --scheduling fcfs,route-aware --out "$p/sched${budget%\%}" \
+            > "$p/sched${budget%\%}.log" 2>&1
+        grep -h "^moeflow" "$p/sched${budget%\%}.log" | cut -c1-120
+        rm -f "$p/sched${budget%\%}"/*.png
+        pack
+    done
+    for policy in ${SERVE_POLICIES:-fcfs route-aware}; do
+        python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
+            --max-batch-size 32 --scheduling $policy --log-level warning > "$p/server-$policy.log" 2>&1 &
+        server=$!
+        python3 - <<'PY'
+import time, urllib.request
+for _ in range(240):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8111/health", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.5)
+PY
+        timeout "${SERVE_TIMEOUT:-100}" python3 -m moeflow.cli bench serve --base-url http://127.0.0.1:8111 \
+            --num-prompts 256 --request-rate inf --max-concurrency 128 --dataset text --data "$w/corpus" \
+            --output-len 64 --disable-tqdm --result-file "$p/serve-25-$policy.json" > "$p/serve-$policy.txt" 2>&1
+        curl -s http://127.0.0.1:8111/metrics > "$p/metrics-$policy.txt" 2>/dev/null
+        kill -INT $server
+        wait $server
+        grep -h "Output token throughput\|Median TTFT\|P99 TPOT\|Median TPOT" "$p/serve-$policy.txt"
+        pack
+    done
+    if [ -n "${HOOKS_BEFORE:-1}" ]; then
+        PYTHONPATH="$root/.carry/before:/tmp/site" timeout "${BEFORE_TIMEOUT:-110}" python3 tools/hooks_ab.py \
+            "$BENCH_MODEL" --corpus "$w/corpus" --out "$p/hooks-before.json" --label "before" > "$p/hooks-before.log" 2>&1
+        tail -1 "$p/hooks-before.log"
+        pack
+    fi
     ;;
 esac

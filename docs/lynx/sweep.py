@@ -20,6 +20,7 @@ def main() -> int:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--split", default="test")
+    p.add_argument("--domains", default=None, help="comma list of domains to keep (default: all)")
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--max-tokens-per-doc", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
@@ -41,9 +42,10 @@ def main() -> int:
     from moeflow.evaluation.perplexity import document_sequences
     from moeflow.routing.lynx import AffinityBinning
 
+    domains = args.domains.split(",") if args.domains else None
     engine = make_engine(args.model or default_model_dir(), args.batch_size, args.max_tokens_per_doc,
                          device=args.device, expert_budget=args.expert_budget)
-    seqs = document_sequences(engine.tokenizer, load_documents(args.data, args.split, max_docs=args.max_docs),
+    seqs = document_sequences(engine.tokenizer, load_documents(args.data, args.split, domains, max_docs=args.max_docs),
                               args.max_tokens_per_doc)
     exact, st = teacher_force(engine, seqs, "exact")
     nll0, n = mean_nll(exact.values())
