@@ -176,6 +176,9 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
         header += ["tok/s vs base", "MB/tok vs base", "tokens as base"]
     if remapped:
         header.append("remapped picks")
+    predicted = any(r.get("predictor_s") for r in rows)
+    if predicted:
+        header.append("predictor share")
     cells = []
     for r in rows:
         moeflow = r["system"] == "moeflow"
@@ -200,6 +203,8 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
                      _pct(r.get("vs_base_same_tokens"))]
         if remapped:
             line.append(_pct(r["remapped_picks"] / r["picks"] if r["picks"] else None))
+        if predicted:
+            line.append(_pct(r.get("predictor_share") if moeflow else None))
         cells.append(line)
     lines.append(table(header, cells, right_from=3))
     if speed:
@@ -212,7 +217,8 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
               "ratio. Stall: time the compute stream waited for expert copies. Experts/layer-step: distinct "
               "experts a decode step used per MoE layer. Distinct tok/req: distinct output tokens per request, "
               "mean (min); a decode stuck in a loop shows a small number here. Graphs: decode graphs captured "
-              "during the timed batches (0 when warm). Config: predictor/routing/scheduling."]
+              "during the timed batches (0 when warm). Config: predictor/routing/scheduling. Predictor share: the "
+              "decode time the host spent in the predictor and the cache planner (predict, refine, observe)."]
     if compare:
         lines.append("Against the baseline configuration of the same cell: tok/s and MB/tok as ratios, and tokens "
                      "as base, the mean share of each request's output matching the baseline's before the first "

@@ -59,6 +59,7 @@ class RunResult:
     picks: int = 0
     remapped_picks: int = 0
     graph_captures: int = 0  # decode graphs captured during the timed batches (should be 0)
+    predictor_s: float = 0.0  # decode steps' host time in the predictor and the cache planner
     distinct_tokens: list[int] = field(default_factory=list)  # distinct output tokens, per request
     outputs: list[list[int]] = field(default_factory=list)  # per request, in stream order (not in results.json)
     extra: dict = field(default_factory=dict)
@@ -101,6 +102,7 @@ class RunResult:
         return d | {"decode_tokens_per_s": self.decode_tokens_per_s, "hit_rate": self.hit_rate,
                     "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
                     "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
+                    "predictor_share": self.predictor_s / self.decode_s if self.decode_s else 0.0,
                     "distinct_experts_per_layer_step": self.distinct_experts_per_layer_step,
                     "distinct_tokens_mean": float(np.mean(tokens)) if tokens else None,
                     "distinct_tokens_min": min(tokens) if tokens else None}
@@ -182,6 +184,7 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
     result.distinct_experts += c1["distinct_experts"] - c0["distinct_experts"]
     result.picks += c1["picks"] - c0["picks"]
     result.remapped_picks += c1["remapped_picks"] - c0["remapped_picks"]
+    result.predictor_s += c1.get("predictor_s", 0.0) - c0.get("predictor_s", 0.0)
     result.hits += decode.hits
     result.misses += decode.misses
     result.demand_bytes += decode.bytes_moved

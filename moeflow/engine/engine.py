@@ -105,7 +105,8 @@ class LLMEngine:
         self.costs = MeasuredCosts(expert_bytes=self.store.expert_bytes)
         self.counters = {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0,
                          "decode_s": 0.0, "decode_steps": 0, "layer_steps": 0, "distinct_experts": 0,
-                         "picks": 0, "remapped_picks": 0}
+                         "picks": 0, "remapped_picks": 0, "predictor_s": 0.0}
+        self._predictor_s = 0.0  # this step's host time in the predictor and the planner
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -279,6 +280,8 @@ class LLMEngine:
         seqs = batch.seqs
         wall = time.time()
         view = self._view = self._step_view(batch)
+        self._predictor_s = 0.0
+        tp = time.perf_counter()
         for s in seqs:
             if s.metrics.first_scheduled_time is None:
                 s.metrics.first_scheduled_time = wall
@@ -290,6 +293,8 @@ class LLMEngine:
         self._routed = []
         if self._prediction is not None and not self.cache.fully_resident:
             self.planner.plan(self.cache, self._prediction)
+        if self.predictor is not None:
+            self._predictor_s += time.perf_counter() - tp
         exact = None
         if self.selector is not None and any(s.params.routing != "exact" for s in seqs):
             exact = [s.params.routing == "exact" for s in seqs]
@@ -307,7 +312,10 @@ class LLMEngine:
         for i, s in enumerate(seqs):
             s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
         if self.predictor is not None:
+            tp = time.perf_counter()
             self.predictor.observe(view, routes)
+            if not batch.is_prefill:
+                self.counters["predictor_s"] += self._predictor_s + time.perf_counter() - tp
         self.scheduler.policy.update(view, routes)
         for listener in self._listeners:
             listener(view, routes)
@@ -355,6 +363,7 @@ class LLMEngine:
         """An offloaded layer's router has spoken (the host knows its experts): let the planner correct course."""
         if self._prediction is None:
             return
+        tp = time.perf_counter()
         li = self.cache.ordinal(layer)
         self._routed.append(used)
         refine = getattr(self.predictor, "refine", None)
@@ -362,6 +371,7 @@ class LLMEngine:
         if refine is not None:
             scores = refine(self._view, li, self._routed)
         self.planner.refine(self.cache, li, used, scores)
+        self._predictor_s += time.perf_counter() - tp
 
     def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:
         c = self.counters

@@ -56,6 +56,25 @@ def test_every_predictor_at_every_budget_and_batch_gives_the_exact_tokens(bundle
     assert prefetched > 0, "the predictors did prefetch"
 
 
+def test_decode_steps_count_the_host_time_a_predictor_and_its_planner_take(bundled):
+    llm, prompts = bundled
+    engine = llm.engine
+    engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("25%")))
+    before = engine.counters["predictor_s"]
+    run_grid_cell(llm, prompts[:2], STEPS)
+    assert engine.counters["predictor_s"] == before, "no predictor, no predictor time"
+    for name, make in grid_predictors(engine.spec).items():
+        if name == "none":
+            continue
+        engine.set_predictor(make())
+        engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("25%")))
+        was, decode_was = engine.counters["predictor_s"], engine.counters["decode_s"]
+        run_grid_cell(llm, prompts[:2], STEPS)
+        spent = engine.counters["predictor_s"] - was
+        assert 0 < spent < 2 * (engine.counters["decode_s"] - decode_was), name
+    engine.set_predictor(None)
+
+
 class HalfDecode(FCFSPolicy):
     """Admits as fcfs does, but decodes only every other running sequence each step (alternating)."""
 
