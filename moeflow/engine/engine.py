@@ -179,6 +179,10 @@ class LLMEngine:
         else:
             graphs = OffloadedDecodeGraphs(*args, self.model.experts, *sizes, selector=self.selector)
         listener, self.model.experts.route_listener = self.model.experts.route_listener, None
+        # the graphs being replaced give their memory back first, or the new ones' figure nets it out
+        self.runner.graphs = None
+        gc.collect()
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
         try:
             graphs.capture_all()
