@@ -198,15 +198,7 @@ case "$part" in
         python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
             --max-batch-size 32 --scheduling $policy --log-level warning > "$p/server-$policy.log" 2>&1 &
         server=$!
-        python3 - <<'PY'
-import time, urllib.request
-for _ in range(240):
-    try:
-        urllib.request.urlopen("http://127.0.0.1:8111/health", timeout=1)
-        break
-    except OSError:
-        time.sleep(0.5)
-PY
+        curl -s -o /dev/null --retry 120 --retry-connrefused --retry-delay 1 http://127.0.0.1:8111/health
         timeout "${SERVE_TIMEOUT:-100}" python3 -m moeflow.cli bench serve --base-url http://127.0.0.1:8111 \
             --num-prompts 256 --request-rate inf --max-concurrency 128 --dataset text --data "$w/corpus" \
             --output-len 64 --disable-tqdm --result-file "$p/serve-25-$policy.json" > "$p/serve-$policy.txt" 2>&1
