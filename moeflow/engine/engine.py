@@ -372,7 +372,7 @@ class LLMEngine:
         self._routed.append(used)
         refine = getattr(self.predictor, "refine", None)
         scores = None
-        if refine is not None:
+        if refine is not None and getattr(self.planner, "uses_refined", True):
             scores = refine(self._view, li, self._routed)
         self.planner.refine(self.cache, li, used, scores)
         self._predictor_s += time.perf_counter() - tp

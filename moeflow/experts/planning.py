@@ -23,6 +23,7 @@ from moeflow.routing.predictors.base import Prediction
 
 class Planner(Protocol):
     name: str
+    uses_refined: bool  # whether refine() reads the predictor's refined scores (if not, none are computed)
 
     def plan(self, cache: ExpertCache, prediction: Prediction | np.ndarray) -> None:
         """Before the step: the predictor's Prediction (or bare scores [L, E], higher = more likely used)."""
@@ -42,6 +43,7 @@ def top_experts(scores: np.ndarray, n: int) -> tuple[list[int], list[float]]:
 
 class PrefetchTop:
     name = "prefetch-top"
+    uses_refined = False
 
     def __init__(self, issue_now: int = 2):
         self.issue_now = issue_now  # prefetches started at once, before the first layer runs

@@ -65,6 +65,11 @@ class ExpertFlowPlanner:
         self._next: np.ndarray | None = None  # [L, E] the predictor's chance of use at the next step, if it gives one
 
     @property
+    def uses_refined(self) -> bool:
+        """Correction is the one part that reads the predictor's refined scores."""
+        return self.correct
+
+    @property
     def parts(self) -> dict[str, bool]:
         return {"quotas": self.quotas, "protect": self.protect, "prefetch": self.prefetch, "correct": self.correct}
 

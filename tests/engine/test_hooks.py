@@ -75,6 +75,24 @@ def test_decode_steps_count_the_host_time_a_predictor_and_its_planner_take(bundl
     engine.set_predictor(None)
 
 
+def test_refined_scores_are_computed_only_for_a_planner_that_reads_them(bundled):
+    from moeflow.experts.predictive import ExpertFlowPlanner
+    from moeflow.routing.predictors import make_predictor
+
+    llm, prompts = bundled
+    engine = llm.engine
+    calls = []
+    for planner, wanted in ((ExpertFlowPlanner(), True), (ExpertFlowPlanner(correct=False), False)):
+        predictor = make_predictor("frequency", engine.spec)
+        predictor.refine = lambda step, layer, routes: calls.append(layer)  # returns None: no refinement
+        engine.set_predictor(predictor, planner)
+        engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("25%")))
+        n = len(calls)
+        run_grid_cell(llm, prompts[:2], 4)
+        assert (len(calls) > n) == wanted, f"correct={planner.correct}"
+    engine.set_predictor(None)
+
+
 class HalfDecode(FCFSPolicy):
     """Admits as fcfs does, but decodes only every other running sequence each step (alternating)."""
 
