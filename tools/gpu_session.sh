@@ -141,13 +141,13 @@ case "$part" in
     grep -h "^moeflow" "$p/ef10.log" | cut -c1-120
     rm -f "$p"/ef10/*.png
     pack
-    sweep="exact,lynx,lynx:w=4"
+    sweep="exact,lynx,lynx:kernel=triton,lynx:w=4"
     for ab in 1:2 2:2 3:2 5:2 2:3 3:3 3:1; do sweep="$sweep,lynx:alpha=${ab%:*}:beta=${ab#*:}"; done
     timeout 100 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
         --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 --baselines "" --routing "$sweep" \
         --out "$p/lynx100" > "$p/lynx100.log" 2>&1
     timeout 90 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
-        --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" --routing exact,lynx,lynx:w=4 \
+        --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" --routing exact,lynx,lynx:w=4,lynx:kernel=triton,lynx:w=4:kernel=triton \
         --out "$p/lynx25" > "$p/lynx25.log" 2>&1
     grep -h "^moeflow" "$p/lynx100.log" "$p/lynx25.log" | cut -c1-120
     pack

@@ -60,8 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ablations", action="store_true",
                    help="after each trained predictor in --predictors, run it with each part switched off in turn")
     g.add_argument("--routing", type=_csv(str), default=["exact"],
-                   help="comma list: exact, lynx[:alpha=A][:beta=B][:w=W] (the model's defaults, w=0: plain LYNX; "
-                        "w>0: cache-aware, resident experts earn w bin-0 votes)")
+                   help="comma list: exact, lynx[:alpha=A][:beta=B][:w=W][:kernel=torch|triton] (the model's "
+                        "defaults, w=0: plain LYNX; w>0: cache-aware, resident experts earn w bin-0 votes; "
+                        "kernel=triton: the rule in one launch per layer)")
     g.add_argument("--scheduling", type=_csv(str), default=["fcfs"], help="comma list: fcfs, route-aware")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences running at once (default: the largest batch size)")

@@ -43,6 +43,7 @@ import torch
 from moeflow.architectures.lynx import lynx_defaults
 from moeflow.architectures.spec import ModelSpec, RouterSpec
 from moeflow.errors import ConfigError
+from moeflow.routing import _lynx_triton
 from moeflow.routing.router import Routing
 from moeflow.routing.selection import SelectionContext
 
@@ -59,6 +60,7 @@ class AffinityBinning:
     beta: int
     router: RouterSpec
     resident_weight: int = 0
+    kernel: str = "torch"  # or "triton": the same rule in one launch per layer (routing/_lynx_triton.py)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -68,14 +70,18 @@ class AffinityBinning:
         w = self.resident_weight
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"LYNX resident_weight must be an integer >= 0 (bin-0 votes), got {w!r}")
+        if self.kernel not in ("torch", "triton"):
+            raise ConfigError(f"LYNX kernel must be 'torch' or 'triton', got {self.kernel!r}")
+        if self.kernel == "triton" and not _lynx_triton.available():
+            raise ConfigError("LYNX kernel 'triton' needs Triton, which is not installed")
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, alpha: float | None = None, beta: int | None = None,
-                 resident_weight: int = 0) -> AffinityBinning:
+                 resident_weight: int = 0, kernel: str = "torch") -> AffinityBinning:
         """The selector for a model, at its defaults (`lynx_defaults`) unless alpha or beta is given."""
         a, b = lynx_defaults(spec) if alpha is None or beta is None else (alpha, beta)
         return cls(float(alpha if alpha is not None else a), beta if beta is not None else b, spec.router,
-                   resident_weight)
+                   resident_weight, kernel)
 
     def _key_scale(self, T: int, E: int) -> tuple[int, int]:
         """(T ** beta, M): a vote in bin 0 is worth T ** beta, and M exceeds every popularity score."""
@@ -93,6 +99,11 @@ class AffinityBinning:
         T, E = logits.shape
         K = router_ids.shape[1]
         top, scale = self._key_scale(T, E)
+        if self.kernel == "triton" and logits.is_cuda:
+            ids, weights = _lynx_triton.affinity_binning(
+                logits, router_ids, routing.weights, ctx.real, ctx.exact, ctx.slot_table, self.alpha, self.beta,
+                scale, self.resident_weight * top, self.router.normalize)
+            return Routing(ids, weights, logits)
         dev = logits.device
         experts = torch.arange(E, device=dev)
         L = logits.float() + 0.0  # + 0.0 turns -0.0 into 0.0: sorts then see one zero

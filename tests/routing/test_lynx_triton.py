@@ -1,0 +1,124 @@
+"""The one-launch LYNX kernel (routing/_lynx_triton.py) against the torch selector it replaces: the same ids,
+the same weights to float32 rounding, on the grid the selector is tested on, with padding, exact rows and
+residency. Run under Triton's interpreter on a CPU (TRITON_INTERPRET=1), compiled for sm_90 without a GPU, and
+on a GPU inside a CUDA graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeflow.architectures.spec import RouterSpec
+from moeflow.errors import ConfigError
+from moeflow.routing import _lynx_triton
+from moeflow.routing.lynx import AffinityBinning
+from moeflow.routing.router import route
+from moeflow.routing.selection import SelectionContext
+from test_lynx import GRID, router_logits
+from triton_tools import INTERPRET, compile_sm90, interpret, spilled_bytes
+
+needs_triton = pytest.mark.skipif(not _lynx_triton.available(), reason="needs Triton")
+
+
+def case(T, E, K, alpha, beta, normalize, dtype, seed, w=0, device="cpu"):
+    spec = RouterSpec(K, normalize, dtype != torch.float32)
+    torch_sel = AffinityBinning(alpha, beta, spec, w)
+    logits = router_logits(T, E, seed=1000 * T + E + seed, dtype=dtype).to(device)
+    r = route(logits, spec)
+    g = np.random.default_rng(seed)
+    n_real = T if seed % 2 == 0 else max(1, T - int(g.integers(0, max(1, T // 3) + 1)))  # padding at the end
+    real = torch.tensor([b < n_real for b in range(T)], device=device)
+    exact = torch.tensor((g.random(T) < 0.3).tolist() if seed else [False] * T, device=device)
+    if not bool((real & ~exact).any()):
+        exact[0] = False
+    slots = torch.tensor(np.where(g.random(E) < 0.4, np.arange(E), -1), device=device) if w else None
+    return torch_sel, r, SelectionContext(False, real, exact, slots)
+
+
+def kernel_select(sel: AffinityBinning, r, c: SelectionContext):
+    T, E = r.logits.shape
+    top, scale = sel._key_scale(T, E)
+    return _lynx_triton.affinity_binning(r.logits, r.ids, r.weights, c.real, c.exact, c.slot_table, sel.alpha,
+                                         sel.beta, scale, sel.resident_weight * top, sel.router.normalize)
+
+
+def check_same(sel, r, c):
+    want = sel.select(0, r, c)
+    ids, weights = kernel_select(sel, r, c)
+    np.testing.assert_array_equal(ids.cpu().numpy(), want.ids.cpu().numpy())
+    assert weights.dtype == want.weights.dtype
+    tol = 1e-2 if weights.dtype == torch.bfloat16 else 2e-6
+    np.testing.assert_allclose(weights.float().cpu().numpy(), want.weights.float().cpu().numpy(), rtol=tol, atol=tol)
+
+
+@interpret
+@pytest.mark.parametrize("T,E,K,alpha,beta", GRID)
+@pytest.mark.parametrize("normalize,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)])
+def test_the_kernel_chooses_what_the_torch_selector_chooses(T, E, K, alpha, beta, normalize, dtype):
+    for seed in range(3):
+        check_same(*case(T, E, K, alpha, beta, normalize, dtype, seed))
+
+
+@interpret
+@pytest.mark.parametrize("w", [1, 4, 64])
+def test_the_kernel_is_cache_aware_as_the_torch_selector_is(w):
+    for seed in range(3):
+        check_same(*case(32, 64, 8, 3.0, 2, True, torch.float32, seed, w=w))
+
+
+@interpret
+def test_ties_break_the_same_way():
+    spec = RouterSpec(4, True, True)
+    sel = AffinityBinning(3.0, 2, spec)
+    logits = (torch.randint(-4, 4, (32, 32)).float() / 4).to(torch.bfloat16)  # few distinct values: many ties
+    T = 32
+    check_same(sel, route(logits, spec), SelectionContext(False, torch.ones(T, dtype=torch.bool),
+                                                          torch.zeros(T, dtype=torch.bool), None))
+
+
+def test_the_kernel_is_refused_without_triton_or_with_an_unknown_name(monkeypatch):
+    spec = RouterSpec(4, True, False)
+    with pytest.raises(ConfigError, match="kernel must be"):
+        AffinityBinning(3.0, 2, spec, kernel="cuda")
+    monkeypatch.setattr(_lynx_triton, "triton", None)
+    with pytest.raises(ConfigError, match="needs Triton"):
+        AffinityBinning(3.0, 2, spec, kernel="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("BT,BE,K,beta", [(32, 64, 8, 2), (64, 128, 8, 2), (16, 32, 4, 3)])
+def test_the_kernel_compiles_for_the_h200(BT, BE, K, beta, tmp_path):
+    if INTERPRET:
+        pytest.skip("kernels are interpreted, not compiled, under TRITON_INTERPRET=1")
+    args = {"logits_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*bf16", "real_ptr": "*i1", "exact_ptr": "*i1",
+            "slot_ptr": "*i64", "out_ids_ptr": "*i64", "out_w_ptr": "*bf16", "T": 29, "E": BE, "stride_l": BE,
+            "alpha": "fp32", "scale": "i64", "bonus": "i64"}
+    compiled = compile_sm90(_lynx_triton._affinity_binning, args,
+                            {"K": K, "BETA": beta, "BT": BT, "BE": BE, "HAS_SLOTS": True, "NORMALIZE": False},
+                            num_warps=8, num_stages=1)
+    assert compiled.asm["ptx"]
+    print(f"BT {BT} BE {BE}: {spilled_bytes(compiled, tmp_path)} bytes spilled")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not _lynx_triton.available(), reason="needs a CUDA device")
+def test_on_the_gpu_eager_and_in_a_cuda_graph():
+    for T, E, K, alpha, beta in GRID:
+        for seed in range(2):
+            sel, r, c = case(T, E, K, alpha, beta, seed % 2 == 0, torch.bfloat16, seed, w=seed * 4, device="cuda")
+            check_same(sel, r, c)
+    sel, r, c = case(32, 64, 8, 3.0, 2, True, torch.bfloat16, 1, device="cuda")
+    kernel = AffinityBinning(sel.alpha, sel.beta, sel.router, kernel="triton")
+    eager = kernel.select(0, r, c)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernel.select(0, r, c)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel.select(0, r, c)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.ids, eager.ids) and torch.equal(out.weights, eager.weights)
