@@ -147,7 +147,8 @@ case "$part" in
         --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 --baselines "" --routing "$sweep" \
         --out "$p/lynx100" > "$p/lynx100.log" 2>&1
     timeout 90 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
-        --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" --routing exact,lynx,lynx:w=4,lynx:kernel=triton,lynx:w=4:kernel=triton \
+        --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" \
+        --routing exact,lynx,lynx:w=4,lynx:kernel=triton,lynx:w=4:kernel=triton \
         --out "$p/lynx25" > "$p/lynx25.log" 2>&1
     grep -h "^moeflow" "$p/lynx100.log" "$p/lynx25.log" | cut -c1-120
     pack
