@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -79,8 +78,9 @@ def main() -> None:
         print(json.dumps({"batch": batch, **results[batch]}), flush=True)
     arm(True)
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-                   "rounds": args.rounds, "results": results}, f, indent=1)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        json.dump({"model": args.model, "device": device, "torch": torch.__version__, "rounds": args.rounds,
+                   "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def main() -> int:
                 nll, _ = mean_nll(scored.values())
                 rows.append(dict(alpha=alpha, beta=beta, w=w, perplexity=math.exp(nll),
                                  agreement=agreement(scored, exact), distinct=st.distinct_experts_per_layer_step,
-                                 remapped=st.remapped_share, hit_rate=st.hit_rate, mib_moved=st.cache.bytes_moved / 2**20,
+                                 remapped=st.remapped_share, hit_rate=st.hit_rate,
+                                 mib_moved=st.cache.bytes_moved / 2**20,
                                  tokens=n, docs=len(seqs)))
                 print(json.dumps(rows[-1]), flush=True)
     base = rows[0]

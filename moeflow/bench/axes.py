@@ -165,7 +165,8 @@ def apply(configuration: Configuration, engine) -> None:
     """Set the engine up for `configuration` (between runs: nothing may be running): a new predictor, with no
     history; the selector and the scheduling policy only when they change, since a new selector captures the
     decode graphs again."""
-    engine.set_predictor(load_predictor_arg(configuration.predictor, engine), load_planner_arg(configuration.predictor))
+    text = configuration.predictor
+    engine.set_predictor(load_predictor_arg(text, engine), load_planner_arg(text))
     # exact requests run the exact graphs whatever selector the engine offers, so only a missing one is set
     if configuration.routing != "exact":
         selector = load_selector_arg(configuration.routing, engine)

@@ -167,9 +167,8 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
 
     compare = any("vs_base_tokens_per_s" in r for r in rows)
     remapped = any(r["remapped_picks"] for r in rows)
-    header = ["system", "config", "budget", "batch", "decode tok/s", "TTFT ms", "TPOT ms", "TPOT p99 ms", "hit rate",
-              "MB/tok",
-              "Belady MB/tok", "moved/Belady", "stall s", "stall share", "experts/layer-step",
+    header = ["system", "config", "budget", "batch", "decode tok/s", "TTFT ms", "TPOT ms", "TPOT p99 ms",
+              "hit rate", "MB/tok", "Belady MB/tok", "moved/Belady", "stall s", "stall share", "experts/layer-step",
               "distinct tok/req (min)", "graphs", "peak GiB", "measured/floor", "measured/Belady floor",
               "of weight-read floor"]
     if compare:
