@@ -213,3 +213,23 @@ def test_shipped_predictor_moves_fewer_bytes_than_lru_at_25_percent_batch_1(repl
 def test_shipped_predictor_bytes_against_belady_at_25_percent_batch_1(replay_25):
     ratio = replay_25["predictive"]["bytes_per_token"] / replay_25["belady"]["bytes_per_token"]
     assert ratio <= BYTES_VS_BELADY, f"{ratio:.2f}x Belady"
+
+
+def test_the_look_ahead_head_learns_the_experts_of_the_next_horizon_tokens_of_the_same_sequence():
+    """--horizon H: the second head's target is every expert any of the next H tokens of the sequence uses; a
+    token with no next token in its sequence is masked out."""
+    from moeflow.routing.predictors.training import _DeviceData
+
+    routes = np.array([[[0]], [[1]], [[2]], [[3]], [[0]]], dtype=np.int16)  # [N, L=1, K=1]: two sequences, 3 + 2
+    data = RouteData(np.arange(5), np.array([-1, 0, 1, -1, 3]), routes, np.array([True, False, False, True, False]),
+                     np.array([0, 0, 0, 1, 1]), np.zeros(5, dtype=np.int64), ["d"], 4)
+    emb = torch.zeros(8, 4)
+    rows = torch.arange(5)
+    for horizon, want in ((1, [{1}, {2}, set(), {0}, set()]), (2, [{1, 2}, {2}, set(), {0}, set()])):
+        *_, y_next, has_next = _DeviceData(data, emb, 0.9, torch.device("cpu"), horizon).batch(rows)
+        got = [set(np.flatnonzero(y_next[i, 0].numpy()).tolist()) for i in range(5)]
+        assert got == want, f"horizon {horizon}"
+        assert has_next.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ConfigError, match="horizon must be at least 1"):
+        train(Checkpoint(default_model_dir()), [], TrainOptions(horizon=0), torch.device("cpu"))
+

@@ -62,6 +62,7 @@ class NetConfig:
     hist_width: int = 64
     hidden: int = 256
     hist_decay: float = 0.9
+    horizon: int = 1  # the second head: an expert's use in any of the next `horizon` tokens
 
     def num_params(self) -> int:
         LE, H = self.num_layers * self.num_experts, self.model_hidden
@@ -87,7 +88,7 @@ class RouteNet(nn.Module):
 
     def forward(self, cur: torch.Tensor, prev: torch.Tensor, last: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """cur, prev [B, H] normalised embeddings; last, hist [B, L*E]. Returns logits [B, 2, L, E]: [:, 0] for the
-        token about to be routed, [:, 1] for the token after it (whatever it turns out to be)."""
+        token about to be routed, [:, 1] for any of the `horizon` tokens after it (whatever they turn out to be)."""
         x = torch.cat([self.cur(cur), self.prev(prev), self.last(last), self.hist(hist)], dim=-1)
         return self.head(self.body(x)).view(-1, 2, self.cfg.num_layers, self.cfg.num_experts)
 

@@ -5,7 +5,8 @@ Shapes: N trace tokens, L MoE layers, E experts per layer, K top-k, H the model'
 Each trace row is one token of a document, routed with the document before it as context (teacher forcing), so
 its features are what a decode step would know before routing that token: the token, the one before, the
 previous token's routes and the sequence's route history (learned.py). The label is the token's own multi-hot
-top-k at every layer, and the next token's for the second head. Loss: binary cross-entropy on the plain logits,
+top-k at every layer, and for the second head the experts any of the next `horizon` tokens uses (1: the next
+token's). Loss: binary cross-entropy on the plain logits,
 on the refined ones (each layer given the layer before's real route) and on the next token's, so one network
 serves `predict`, `refine` and the cache's look one step on.
 
@@ -150,16 +151,17 @@ class TrainOptions:
     weight_decay: float = 0.01
     hidden: int | None = None  # None: the widest (multiple of 16, at most 512) within MAX_SHARE of the model
     hist_decay: float = 0.9
+    horizon: int = 2  # tokens ahead the second head looks: an expert used by any of them is a positive
     val_fraction: float = 0.05  # of the sequences, held out to report validation recall while training
     holdout_domain: str | None = None  # train on every other domain
     max_minutes: float | None = None  # stop early past this
     seed: int = 0
 
 
-def size_net(spec, budget_bytes: int, hidden: int | None, hist_decay: float) -> NetConfig:
+def size_net(spec, budget_bytes: int, hidden: int | None, hist_decay: float, horizon: int = 1) -> NetConfig:
     """The widest network whose float16 weights fit `budget_bytes` (or the width asked for, if it fits)."""
     base = dict(num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.router.top_k,
-                model_hidden=spec.hidden_size, hist_decay=hist_decay)
+                model_hidden=spec.hidden_size, hist_decay=hist_decay, horizon=horizon)
     widths = [hidden] if hidden is not None else list(range(512, 15, -16))
     for w in widths:
         cfg = NetConfig(**base, hidden=w)
@@ -173,13 +175,16 @@ def size_net(spec, budget_bytes: int, hidden: int | None, hist_decay: float) -> 
 class _DeviceData:
     """One RouteData on the training device: features gathered per batch."""
 
-    def __init__(self, data: RouteData, embedding: torch.Tensor, decay: float, device: torch.device):
+    def __init__(self, data: RouteData, embedding: torch.Tensor, decay: float, device: torch.device,
+                 horizon: int = 1):
         self.device = device
+        self.horizon = horizon
         self.E = data.num_experts
         self.tok = torch.from_numpy(data.token_ids).to(device)
         self.prev = torch.from_numpy(data.prev_ids).to(device)
         self.routes = torch.from_numpy(data.routes).to(device)
         self.starts = torch.from_numpy(data.starts).to(device)
+        self.seq = torch.from_numpy(data.seq_ids).to(device)
         self.hist = torch.from_numpy(data.history(decay)).to(device)
         self.embedding = embedding
 
@@ -193,13 +198,18 @@ class _DeviceData:
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(cur, prev, last, hist, target, next target, next mask) for `rows`; targets [n, L, E], the next one the
-        routes of the token after (masked out at a sequence's last token)."""
+        experts any of the next `horizon` tokens of the same sequence uses (masked out at a sequence's last token)."""
         last = self.multi_hot((rows - 1).clamp(min=0)) * (~self.starts[rows]).float()[:, None, None]
-        after = (rows + 1).clamp(max=len(self.tok) - 1)
-        has_next = ((rows + 1 < len(self.tok)) & ~self.starts[after]).float()
+        n = len(self.tok)
+        y_next, has_next = None, None
+        for h in range(1, self.horizon + 1):
+            after = (rows + h).clamp(max=n - 1)
+            same = ((rows + h < n) & (self.seq[after] == self.seq[rows])).float()
+            hot = self.multi_hot(after) * same[:, None, None]
+            y_next, has_next = (hot, same) if y_next is None else (torch.maximum(y_next, hot), has_next)
         emb = self.embedding
         return (normalized_embedding(emb, self.tok[rows]), normalized_embedding(emb, self.prev[rows]),
-                last.flatten(1), self.hist[rows].float(), self.multi_hot(rows), self.multi_hot(after), has_next)
+                last.flatten(1), self.hist[rows].float(), self.multi_hot(rows), y_next, has_next)
 
 
 def _loss(net: RouteNet, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,6 +264,8 @@ def train(checkpoint, traces: Sequence[Trace], options: TrainOptions, device: st
     """Train a predictor for the model `checkpoint` holds from its traces. Returns the predictor and the log."""
     from tqdm import tqdm
 
+    if options.horizon < 1:
+        raise ConfigError(f"the predictor's horizon must be at least 1 token, got {options.horizon}")
     device = torch.device(device)
     spec = checkpoint.spec
     torch.manual_seed(options.seed)
@@ -274,12 +286,15 @@ def train(checkpoint, traces: Sequence[Trace], options: TrainOptions, device: st
     if len(train_rows) == 0:
         raise ConfigError("no training tokens left after holding out validation sequences and domains")
     budget = int(MAX_SHARE * model_bytes(checkpoint))
-    cfg = size_net(spec, budget, options.hidden, options.hist_decay)
+    cfg = size_net(spec, budget, options.hidden, options.hist_decay, options.horizon)
     net = RouteNet(cfg).to(device)
     embedding = checkpoint.tensor("model.embed_tokens.weight").to(device)
-    train_d = _DeviceData(data.select(train_rows), embedding, cfg.hist_decay, device)
-    val_d = _DeviceData(data.select(val_rows), embedding, cfg.hist_decay, device) if len(val_rows) else None
-    held_d = _DeviceData(heldout, embedding, cfg.hist_decay, device) if heldout is not None else None
+    def dev_data(d: RouteData) -> _DeviceData:
+        return _DeviceData(d, embedding, cfg.hist_decay, device, cfg.horizon)
+
+    train_d = dev_data(data.select(train_rows))
+    val_d = dev_data(data.select(val_rows)) if len(val_rows) else None
+    held_d = dev_data(heldout) if heldout is not None else None
 
     steps_per_epoch = max(1, len(train_d) // options.batch_size)
     total = steps_per_epoch * options.epochs
