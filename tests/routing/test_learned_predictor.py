@@ -23,7 +23,7 @@ from moeflow.weights.checkpoint import Checkpoint
 
 HELDOUT = Path(__file__).parents[1] / "data" / "heldout"
 SHIPPED = default_model_dir() / "predictor"
-# Bound written in the issue; the shipped predictor measures 1.65x Belady on this trace (LRU: 1.80x), so the test
+# Bound written in the issue; the shipped predictor measures 1.59x Belady on this trace (LRU: 1.80x), so the test
 # is an expected failure until the cache gets there (see the predictor's README for the figures).
 BYTES_VS_BELADY = 1.25
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -141,7 +141,8 @@ def test_runtime_predictor_tracks_requests_and_refines(tiny):
     p = pred.predict(step)
     assert p.per_request.shape == (1, L, E) and p.confidence.shape == (L,)
     assert np.allclose(p.scores, p.per_request[0], atol=1e-6), "one sequence: the union is its own chance"
-    assert np.allclose(p.per_request.sum(-1), K, atol=1.5), "about K picks per layer"
+    picks = p.per_request.sum(-1)  # expected experts per layer; the history here is random routes, so loosely
+    assert ((picks > K / 2) & (picks < 2 * K)).all(), f"about K picks per layer: {picks}"
     assert p.next_scores.shape == (L, E)
     route = [int(e) for e in np.argsort(-p.scores[0])[:K]]
     r = pred.refine(step, 0, [route])
@@ -208,7 +209,7 @@ def test_shipped_predictor_moves_fewer_bytes_than_lru_at_25_percent_batch_1(repl
     assert replay_25["predictive"]["hit_rate"] > replay_25["lru"]["hit_rate"] + 0.2
 
 
-@pytest.mark.xfail(strict=True, reason="measured 1.65x Belady's bytes at 25%, batch 1 (LRU 1.80x): the bound is "
+@pytest.mark.xfail(strict=True, reason="measured 1.59x Belady's bytes at 25%, batch 1 (LRU 1.80x): the bound is "
                                        "not met yet")
 def test_shipped_predictor_bytes_against_belady_at_25_percent_batch_1(replay_25):
     ratio = replay_25["predictive"]["bytes_per_token"] / replay_25["belady"]["bytes_per_token"]
