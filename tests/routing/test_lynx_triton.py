@@ -32,7 +32,8 @@ def case(T, E, K, alpha, beta, normalize, dtype, seed, w=0, device="cpu"):
     exact = torch.tensor((g.random(T) < 0.3).tolist() if seed else [False] * T, device=device)
     if not bool((real & ~exact).any()):
         exact[0] = False
-    slots = torch.tensor(np.where(g.random(E) < 0.4, np.arange(E), -1), device=device) if w else None
+    slots = (torch.tensor(np.where(g.random(E) < 0.4, np.arange(E), -1), dtype=torch.int32, device=device)
+             if w else None)  # int32, as the expert cache keeps its device table
     return torch_sel, r, SelectionContext(False, real, exact, slots)
 
 
@@ -87,15 +88,18 @@ def test_the_kernel_is_refused_without_triton_or_with_an_unknown_name(monkeypatc
 
 
 @needs_triton
-@pytest.mark.parametrize("BT,BE,K,beta", [(32, 64, 8, 2), (64, 128, 8, 2), (16, 32, 4, 3)])
-def test_the_kernel_compiles_for_the_h200(BT, BE, K, beta, tmp_path):
+@pytest.mark.parametrize("BT,BE,K,beta,dtype,slots,normalize", [
+    (32, 64, 8, 2, "bf16", True, False), (64, 128, 8, 2, "bf16", True, True), (16, 32, 4, 3, "fp32", False, True),
+    (128, 64, 8, 4, "fp16", False, False)])
+def test_the_kernel_compiles_for_the_h200(BT, BE, K, beta, dtype, slots, normalize, tmp_path):
     if INTERPRET:
         pytest.skip("kernels are interpreted, not compiled, under TRITON_INTERPRET=1")
-    args = {"logits_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*bf16", "real_ptr": "*i1", "exact_ptr": "*i1",
-            "slot_ptr": "*i64", "out_ids_ptr": "*i64", "out_w_ptr": "*bf16", "T": 29, "E": BE, "stride_l": BE,
-            "alpha": "fp32", "scale": "i64", "bonus": "i64"}
+    args = {"logits_ptr": f"*{dtype}", "ids_ptr": "*i64", "w_ptr": f"*{dtype}", "real_ptr": "*i1",
+            "exact_ptr": "*i1", "slot_ptr": "*i32" if slots else "*i1", "out_ids_ptr": "*i64",
+            "out_w_ptr": f"*{dtype}", "T": 29, "E": BE, "stride_l": BE, "alpha": "fp32", "scale": "i64",
+            "bonus": "i64"}
     compiled = compile_sm90(_lynx_triton._affinity_binning, args,
-                            {"K": K, "BETA": beta, "BT": BT, "BE": BE, "HAS_SLOTS": True, "NORMALIZE": False},
+                            {"K": K, "BETA": beta, "BT": BT, "BE": BE, "HAS_SLOTS": slots, "NORMALIZE": normalize},
                             num_warps=8, num_stages=1)
     assert compiled.asm["ptx"]
     print(f"BT {BT} BE {BE}: {spilled_bytes(compiled, tmp_path)} bytes spilled")
