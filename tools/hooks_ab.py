@@ -60,10 +60,23 @@ def predictor(name, engine):
     return None if name == "none" else make_predictor(name, engine.spec)
 
 
+def corpus_prompts(tokenizer, corpus: str, n: int, length: int = 64) -> list[list[int]]:
+    """The first `length` tokens of the first `n` test-split documents that have that many."""
+    from moeflow.data.corpus import iter_split
+
+    prompts = []
+    for doc in iter_split(corpus, "test", None):
+        ids = tokenizer.encode(doc.text)
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == n:
+            return prompts
+    raise SystemExit(f"the test split has only {len(prompts)} documents of {length} tokens or more")
+
+
 def main() -> None:
     from moeflow import LLM, SamplingParams
     from moeflow.config import CacheConfig, ExpertBudget
-    from moeflow.data.corpus import iter_split
 
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -74,15 +87,7 @@ def main() -> None:
     llm = LLM(args.model, expert_budget="100%", max_model_len=160, max_batch_size=32,
               dtype="bfloat16" if torch.cuda.is_available() else "float32")
     engine = llm.engine
-    prompts = []
-    for doc in iter_split(args.corpus, "test", None):
-        ids = llm.tokenizer.encode(doc.text)
-        if len(ids) >= 64:
-            prompts.append(ids[:64])
-        if len(prompts) == 64:
-            break
-    if len(prompts) < 64:
-        raise SystemExit(f"the test split has only {len(prompts)} documents of 64 tokens or more")
+    prompts = corpus_prompts(llm.tokenizer, args.corpus, 64)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     rows = []
     for budget in ("100%", "25%"):

@@ -20,8 +20,8 @@ import torch
 
 
 def main() -> None:
+    from hooks_ab import corpus_prompts  # tools/, beside this script
     from moeflow import LLM, SamplingParams
-    from moeflow.data.corpus import iter_split
 
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -34,13 +34,7 @@ def main() -> None:
               dtype="bfloat16" if torch.cuda.is_available() else "float32")
     engine = llm.engine
     record = engine.model.record
-    prompts = []
-    for doc in iter_split(args.corpus, "test", None):
-        ids = llm.tokenizer.encode(doc.text)
-        if len(ids) >= 64:
-            prompts.append(ids[:64])
-        if len(prompts) == 32:
-            break
+    prompts = corpus_prompts(llm.tokenizer, args.corpus, 32)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     stage, read = record.stage, record.read
     held = {}

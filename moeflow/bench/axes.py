@@ -49,8 +49,10 @@ class Configuration:
 
 def short_predictor(text: str) -> str:
     """A predictor axis value as a label: a directory by its last name (`PRED_DIR:no-quotas` keeps the part)."""
+    from moeflow.routing.predictors import BUILTIN
+
     path, _, part = text.partition(":")
-    if path in ("none", "previous", "frequency"):
+    if path == "none" or path in BUILTIN:
         return text
     name = Path(path).name or path
     return f"{name}:{part}" if part else name

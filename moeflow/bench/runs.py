@@ -184,7 +184,7 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
     result.distinct_experts += c1["distinct_experts"] - c0["distinct_experts"]
     result.picks += c1["picks"] - c0["picks"]
     result.remapped_picks += c1["remapped_picks"] - c0["remapped_picks"]
-    result.predictor_s += c1.get("predictor_s", 0.0) - c0.get("predictor_s", 0.0)
+    result.predictor_s += c1["predictor_s"] - c0["predictor_s"]
     result.hits += decode.hits
     result.misses += decode.misses
     result.demand_bytes += decode.bytes_moved

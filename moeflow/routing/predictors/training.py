@@ -200,13 +200,14 @@ class _DeviceData:
         """(cur, prev, last, hist, target, next target, next mask) for `rows`; targets [n, L, E], the next one the
         experts any of the next `horizon` tokens of the same sequence uses (masked out at a sequence's last token)."""
         last = self.multi_hot((rows - 1).clamp(min=0)) * (~self.starts[rows]).float()[:, None, None]
-        n = len(self.tok)
-        y_next, has_next = None, None
-        for h in range(1, self.horizon + 1):
-            after = (rows + h).clamp(max=n - 1)
-            same = ((rows + h < n) & (self.seq[after] == self.seq[rows])).float()
-            hot = self.multi_hot(after) * same[:, None, None]
-            y_next, has_next = (hot, same) if y_next is None else (torch.maximum(y_next, hot), has_next)
+        def ahead(h: int) -> tuple[torch.Tensor, torch.Tensor]:  # routes h tokens on, and whether they exist
+            after = (rows + h).clamp(max=len(self.tok) - 1)
+            same = ((rows + h < len(self.tok)) & (self.seq[after] == self.seq[rows])).float()
+            return self.multi_hot(after) * same[:, None, None], same
+
+        y_next, has_next = ahead(1)
+        for h in range(2, self.horizon + 1):
+            y_next = torch.maximum(y_next, ahead(h)[0])
         emb = self.embedding
         return (normalized_embedding(emb, self.tok[rows]), normalized_embedding(emb, self.prev[rows]),
                 last.flatten(1), self.hist[rows].float(), self.multi_hot(rows), y_next, has_next)
