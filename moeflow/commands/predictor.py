@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--horizon", type=int, default=2,
                    help="tokens ahead the second head (the cache's look-ahead) predicts: an expert used by any of "
                         "the next N tokens (default: %(default)s; on moeflow-tiny's replay at 25%%, batch 1, 2 moved "
-                        "3%% fewer bytes than 1)")
+                        "4%% fewer bytes than 1)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
