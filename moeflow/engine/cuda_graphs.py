@@ -25,6 +25,7 @@ the exact graph and pays nothing for the selector.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 
@@ -253,3 +254,22 @@ class OffloadedDecodeGraphs(_DecodeGraphs):
         weights = (record.selected_weights if selected else record.weights)[k, :b]
         fused_moe_rows(self.r[:b], cache.slot_table[k][ids], weights, cache.w_gate_up, cache.w_down, self.rows[:b],
                        backend=self.experts.backend)
+
+
+def capture_decode_graphs(model: MoEModel, kv: KVCache, experts: CachedExperts, resident: bool,
+                          device: torch.device, max_batch: int, max_len: int,
+                          selector: Selector | None) -> tuple[_DecodeGraphs, int]:
+    """Every decode graph for the cache's mode (resident or offloaded), captured now; and the device memory the
+    capture kept (the graphs' pool and static buffers). The caller drops the graphs these replace first, so that
+    the figure does not net their memory out."""
+    cls = ResidentDecodeGraphs if resident else OffloadedDecodeGraphs
+    graphs = cls(model, kv, *(() if resident else (experts,)), device, max_batch, max_len, selector=selector)
+    listener, experts.route_listener = experts.route_listener, None  # no host hook fires during capture
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
+    try:
+        graphs.capture_all()
+    finally:
+        experts.route_listener = listener
+    return graphs, torch.cuda.memory_reserved(device) - before

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from moeflow.config import CacheConfig, EngineConfig
-from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGraphs, batch_buckets
+from moeflow.engine.cuda_graphs import batch_buckets, capture_decode_graphs
 from moeflow.engine.kv_cache import KVCache
-from moeflow.engine.model_runner import ModelRunner, StepLogits
+from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, resolve_device, resolve_dtype,
@@ -35,12 +35,12 @@ from moeflow.experts.predictive import ExpertFlowPlanner
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
-from moeflow.outputs import CompletionOutput, RequestOutput
+from moeflow.outputs import RequestOutput
 from moeflow.routing.lynx import AffinityBinning
 from moeflow.routing.predictors import LearnedPredictor, Prediction, Predictor, RequestView, StepView
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
-from moeflow.sampling import Sampler, SamplingParams, top_logprobs
+from moeflow.sampling import Sampler, SamplingParams
 from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
 from moeflow.weights.checkpoint import Checkpoint
 from moeflow.weights.synthetic import SyntheticCheckpoint
@@ -172,24 +172,10 @@ class LLMEngine:
         if self.device.type != "cuda" or self.config.enforce_eager:
             self.runner.graphs = None
             return
-        args = (self.model, self.kv)
-        sizes = (self.device, self.max_batch_size, self.max_model_len)
-        if self.cache.fully_resident:
-            graphs = ResidentDecodeGraphs(*args, *sizes, selector=self.selector)
-        else:
-            graphs = OffloadedDecodeGraphs(*args, self.model.experts, *sizes, selector=self.selector)
-        listener, self.model.experts.route_listener = self.model.experts.route_listener, None
-        # the graphs being replaced give their memory back first, or the new ones' figure nets it out
-        self.runner.graphs = None
-        gc.collect()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
-        try:
-            graphs.capture_all()
-        finally:
-            self.model.experts.route_listener = listener
-        # what capturing kept: the graphs' memory pool and their static buffers
-        self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - before
+        self.runner.graphs = None  # the graphs being replaced give their memory back first
+        graphs, self.graph_memory_bytes = capture_decode_graphs(
+            self.model, self.kv, self.model.experts, self.cache.fully_resident, self.device, self.max_batch_size,
+            self.max_model_len, self.selector)
         self.graph_captures += graphs.captures
         self.graph_capture_s += graphs.capturer.capture_s
         self.runner.graphs = graphs
@@ -283,7 +269,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         seqs = batch.seqs
         wall = time.time()
-        view = self._view = self._step_view(batch)
+        view = self._view = batch.view(self._step_index)
         self._predictor_s = 0.0
         tp = time.perf_counter()
         for s in seqs:
@@ -311,7 +297,8 @@ class LLMEngine:
             tokens[list(at)] = torch.tensor(values, device=tokens.device)
         token_list = tokens.tolist()  # the step's one unavoidable device->host sync
         routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop)
-        self._record_logprobs(batch, logits, tokens)
+        for i, seq in enumerate(seqs):
+            seq.record_logprobs(logits.last[i : i + 1], tokens[i : i + 1], logits.prompt.get(i))
         self._account(batch, routes, time.perf_counter() - t0)
         for i, s in enumerate(seqs):
             s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
@@ -327,21 +314,13 @@ class LLMEngine:
         now = time.time()
         outputs = []
         for seq, token in zip(seqs, token_list):
-            self._append(seq, token, now)
-            outputs.append(self._output(seq))
+            ended = seq.append(token, now, self.eos_ids, self.max_model_len)
+            if ended is not None:
+                self._finish(seq, *ended)
+            outputs.append(seq.output())
             if seq.finished:
                 self._seqs.pop(seq.request_id, None)
         return outputs
-
-    def _step_view(self, batch: ScheduledBatch) -> StepView:
-        seqs = batch.seqs
-        if batch.is_prefill:
-            inputs = tuple(tuple(s.prompt_ids) for s in seqs)
-            lens = tuple(len(s.prompt_ids) for s in seqs)
-        else:
-            inputs = tuple((s.last_token,) for s in seqs)
-            lens = tuple(s.num_tokens for s in seqs)
-        return StepView(self._step_index, batch.is_prefill, tuple(s.request_id for s in seqs), inputs, lens)
 
     def _scheduler_context(self) -> SchedulerContext:
         running = self.scheduler.running
@@ -406,43 +385,6 @@ class LLMEngine:
             s.last_step = self._step_index
         c["generated_tokens"] += len(batch.seqs)
 
-    def _record_logprobs(self, batch: ScheduledBatch, logits: StepLogits, tokens: torch.Tensor) -> None:
-        for i, seq in enumerate(batch.seqs):
-            if seq.params.logprobs is not None:
-                seq.logprobs.extend(top_logprobs(logits.last[i : i + 1], tokens[i : i + 1], seq.params.logprobs))
-            if i in logits.prompt:
-                nxt = torch.tensor(seq.prompt_ids[1:], device=self.device)
-                seq.prompt_logprobs = [None, *top_logprobs(logits.prompt[i][:-1], nxt, seq.params.prompt_logprobs)]
-
-    def _append(self, seq: Sequence, token: int, now: float) -> None:
-        p = seq.params
-        seq.output_ids.append(token)
-        seq.num_cached = seq.num_tokens - 1
-        if seq.metrics.first_token_time is None:
-            seq.metrics.first_token_time = now
-        seq.metrics.last_token_time = now
-        if seq.detokenizer is not None:
-            seq.detokenizer.add(token)
-            seq.text = seq.detokenizer.text
-        if token in p.stop_token_ids:
-            self._finish(seq, "stop", token)
-        elif not p.ignore_eos and token in self.eos_ids:
-            self._finish(seq, "stop", None)
-        elif p.stop and self._hit_stop_string(seq):
-            pass
-        elif (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
-              or (seq.forced is not None and len(seq.output_ids) == len(seq.forced))):
-            self._finish(seq, "length", None)
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        for stop in seq.params.stop:
-            at = seq.text.find(stop)
-            if at >= 0:
-                seq.text = seq.text[: at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
-                self._finish(seq, "stop", stop)
-                return True
-        return False
-
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.metrics.finished_time = time.time()
@@ -452,17 +394,3 @@ class LLMEngine:
         self.scheduler.finish(seq)
         if self.predictor is not None:
             self.predictor.finished(seq.request_id)
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        # While running, hold back a tail that could still grow into a stop string.
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        visible = len(seq.text) if seq.finished else max(seq.emitted_chars, len(seq.text) - hold)
-        new_text = seq.text[seq.emitted_chars : visible]
-        seq.emitted_chars = visible
-        completion = CompletionOutput(
-            index=0, text=seq.text[:visible], token_ids=list(seq.output_ids), finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason, logprobs=seq.logprobs, new_text=new_text,
-            new_token_ids=seq.output_ids[-1:],
-        )
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, [completion], seq.finished, seq.metrics,
-                             seq.prompt_logprobs)

@@ -33,6 +33,17 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(len(s.prompt_ids) for s in self.seqs) if self.is_prefill else len(self.seqs)
 
+    def view(self, index: int) -> StepView:
+        """What a predictor sees of this batch as step `index`: each sequence's tokens the step feeds and lengths."""
+        seqs = self.seqs
+        if self.is_prefill:
+            inputs = tuple(tuple(s.prompt_ids) for s in seqs)
+            lens = tuple(len(s.prompt_ids) for s in seqs)
+        else:
+            inputs = tuple((s.last_token,) for s in seqs)
+            lens = tuple(s.num_tokens for s in seqs)
+        return StepView(index, self.is_prefill, tuple(s.request_id for s in seqs), inputs, lens)
+
 
 @dataclass
 class MeasuredCosts:

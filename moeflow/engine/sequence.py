@@ -1,14 +1,15 @@
-"""A sequence: one request's prompt, generated tokens and where it stands."""
+"""A sequence: one request's prompt, generated tokens and where it stands, and the outputs it streams."""
 
 from __future__ import annotations
 
 import enum
 
 import numpy as np
+import torch
 
-from moeflow.outputs import RequestMetrics
+from moeflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from moeflow.routing.predictors.base import RequestHints
-from moeflow.sampling import SamplingParams
+from moeflow.sampling import SamplingParams, top_logprobs
 from moeflow.tokenizer import IncrementalDetokenizer
 
 
@@ -58,3 +59,58 @@ class Sequence:
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def append(self, token: int, now: float, eos_ids, max_model_len: int) -> tuple[str, int | str | None] | None:
+        """Take a generated token; (finish reason, stop reason) if it ends the sequence, else None. A stop
+        string ends it too, and the text is cut at it."""
+        p = self.params
+        self.output_ids.append(token)
+        self.num_cached = self.num_tokens - 1
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        self.metrics.last_token_time = now
+        if self.detokenizer is not None:
+            self.detokenizer.add(token)
+            self.text = self.detokenizer.text
+        if token in p.stop_token_ids:
+            return "stop", token
+        if not p.ignore_eos and token in eos_ids:
+            return "stop", None
+        stop = self._cut_at_stop_string() if p.stop else None
+        if stop is not None:
+            return "stop", stop
+        if (len(self.output_ids) >= p.max_tokens or self.num_tokens >= max_model_len
+                or (self.forced is not None and len(self.output_ids) == len(self.forced))):
+            return "length", None
+        return None
+
+    def record_logprobs(self, last: torch.Tensor, token: torch.Tensor, prompt: torch.Tensor | None) -> None:
+        """The logprobs it asked for: of the sampled token (last [1, V], token [1]), and, after its prefill, of
+        each prompt token (prompt [n, V], the logits at every prompt position)."""
+        if self.params.logprobs is not None:
+            self.logprobs.extend(top_logprobs(last, token, self.params.logprobs))
+        if prompt is not None:
+            nxt = torch.tensor(self.prompt_ids[1:], device=prompt.device)
+            self.prompt_logprobs = [None, *top_logprobs(prompt[:-1], nxt, self.params.prompt_logprobs)]
+
+    def _cut_at_stop_string(self) -> str | None:
+        for stop in self.params.stop:
+            at = self.text.find(stop)
+            if at >= 0:
+                self.text = self.text[: at + len(stop)] if self.params.include_stop_str_in_output else self.text[:at]
+                return stop
+        return None
+
+    def output(self) -> RequestOutput:
+        """What it has made so far; while running, a tail that could still grow into a stop string is held back."""
+        hold = max((len(s) for s in self.params.stop), default=1) - 1
+        visible = len(self.text) if self.finished else max(self.emitted_chars, len(self.text) - hold)
+        new_text = self.text[self.emitted_chars : visible]
+        self.emitted_chars = visible
+        completion = CompletionOutput(
+            index=0, text=self.text[:visible], token_ids=list(self.output_ids), finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason, logprobs=self.logprobs, new_text=new_text,
+            new_token_ids=self.output_ids[-1:],
+        )
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [completion], self.finished, self.metrics,
+                             self.prompt_logprobs)
