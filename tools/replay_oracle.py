@@ -23,7 +23,8 @@ from moeflow.config import ExpertBudget
 from moeflow.experts.predictive import ExpertFlowPlanner
 from moeflow.experts.replay import belady, decode_steps, make_cache, replay
 from moeflow.routing.predictors.base import Prediction
-from moeflow.routing.predictors.learned import find_predictor, load_predictor
+from moeflow.routing.predictors.learned import load_predictor
+from moeflow.routing.predictors.net import find_predictor
 from moeflow.routing.predictors.training import RouteData
 from moeflow.routing.traces import Trace
 from moeflow.weights.checkpoint import Checkpoint

@@ -136,7 +136,7 @@ def eval_main(args: argparse.Namespace) -> int:
     from moeflow.config import ExpertBudget
     from moeflow.errors import ConfigError
     from moeflow.evaluation.predictors import ABLATIONS, POLICIES, evaluate
-    from moeflow.routing.predictors.learned import PredictorFiles
+    from moeflow.routing.predictors.net import PredictorFiles
 
     for b in args.budgets.split(","):
         ExpertBudget.parse(b)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from moeflow.routing.predictors.baselines import fit_baselines
-from moeflow.routing.predictors.learned import PredictorFiles, check_model, normalized_embedding
+from moeflow.routing.predictors.net import PredictorFiles, check_model, normalized_embedding
 from moeflow.routing.predictors.training import RouteData
 from moeflow.experts.replay import lanes
 

@@ -15,7 +15,7 @@ from moeflow.assets import default_model_dir
 from moeflow.errors import ConfigError
 from moeflow.routing.predictors import LearnedPredictor, RequestView, StepView, find_predictor, load_predictor
 from moeflow.evaluation.predictors import best_baseline, learned_scorer, score, score_baselines
-from moeflow.routing.predictors.learned import PredictorFiles
+from moeflow.routing.predictors.net import PredictorFiles
 from moeflow.routing.predictors.training import RouteData, TrainOptions, train
 from moeflow.routing.record import StepRoutes
 from moeflow.routing.traces import Trace

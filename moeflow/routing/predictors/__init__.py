@@ -6,7 +6,8 @@ from moeflow.architectures.spec import ModelSpec
 from moeflow.routing.predictors.base import (Prediction, Predictor, PredictorBase, RefiningPredictor, RequestHints,
                                              RequestView, StepView)
 from moeflow.routing.predictors.frequency import FrequencyPredictor
-from moeflow.routing.predictors.learned import LearnedPredictor, LearnedPrediction, find_predictor, load_predictor
+from moeflow.routing.predictors.learned import LearnedPredictor, LearnedPrediction, load_predictor
+from moeflow.routing.predictors.net import find_predictor
 from moeflow.routing.predictors.previous import PreviousPredictor
 
 BUILTIN = {"previous": PreviousPredictor, "frequency": FrequencyPredictor}

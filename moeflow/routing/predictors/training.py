@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.errors import ConfigError
-from moeflow.routing.predictors.learned import (NetConfig, PredictorFiles, RouteNet, describe_model, model_bytes,
-                                                normalized_embedding)
+from moeflow.routing.predictors.net import (NetConfig, PredictorFiles, RouteNet, describe_model, model_bytes,
+                                            normalized_embedding)
 from moeflow.routing.traces import Trace
 
 MAX_SHARE = 0.02  # a predictor's bytes (float16 weights) may be at most this share of the model's
