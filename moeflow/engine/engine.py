@@ -298,7 +298,8 @@ class LLMEngine:
         token_list = tokens.tolist()  # the step's one unavoidable device->host sync
         routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop)
         for i, seq in enumerate(seqs):
-            seq.record_logprobs(logits.last[i : i + 1], tokens[i : i + 1], logits.prompt.get(i))
+            if seq.params.logprobs is not None or i in logits.prompt:  # most steps ask for none: no slicing
+                seq.record_logprobs(logits.last[i : i + 1], tokens[i : i + 1], logits.prompt.get(i))
         self._account(batch, routes, time.perf_counter() - t0)
         for i, s in enumerate(seqs):
             s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
