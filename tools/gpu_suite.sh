@@ -3,7 +3,8 @@
 #
 #   tools/gpu_suite.sh STAGE OUT_DIR
 #
-#   tests    pytest -m gpu (kernels, copy engine, engine exactness on CUDA)
+#   tests    pytest -m gpu, every GPU test of the suite (kernels, copy engine, sampler, selectors, engine
+#            exactness on CUDA), on a GPU of its own: beside training it gets through a handful
 #   qwen3    moeflow bench offline on a random model of Qwen3-30B-A3B's expert shape (8 layers), with
 #            transformers and transformers+accelerate baselines on the same checkpoint
 #   tiny     train the bundled `tiny` model on the GPU (larger batches than on a CPU), with its model card
@@ -53,7 +54,11 @@ corpus() {  # unpack CORPUS_TGZ into $work (corpus/ and tokenizer/)
 case "$stage" in
 tests)
     mkdir -p "$work/r"
-    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 tests/engine tests/experts 2>&1 | tee "$work/r/gpu_tests.log"
+    timeout "${TESTS_TIMEOUT:-500}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --durations=25 \
+        tests/models tests/experts tests/test_sampling.py tests/routing tests/engine tests/train ${TESTS_ARGS:-} 2>&1 \
+        | tee "$work/r/gpu_tests.log"
+    echo "tests rc ${PIPESTATUS[0]}" | tee -a "$work/r/gpu_tests.log"
+    git rev-parse HEAD >> "$work/r/gpu_tests.log" 2>/dev/null
     pack "$work/r"
     ;;
 qwen3)
