@@ -226,6 +226,7 @@ def main(args: argparse.Namespace) -> int:
     sizes = {"expert_bytes": engine.store.expert_bytes, "dense_bytes": engine.model.dense_bytes(),
              "embedding_bytes": embedding.numel() * embedding.element_size()}
     captures, capture_s, graph_bytes = engine.graph_captures, engine.graph_capture_s, engine.graph_memory_bytes
+    warmup_s = engine.warmup_s
     del engine, embedding
     gc.collect()
     if cuda:
@@ -249,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         "configurations": [c.as_dict() for c in configurations],
         "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
                    "graph_captures_total": captures, "graph_capture_s": capture_s,
-                   "graph_memory_bytes": graph_bytes},
+                   "graph_memory_bytes": graph_bytes, "prefill_warmup_s": warmup_s},
     }
     write_report(out, meta, results, args.accelerate_budget)
     print(summary_table(meta, results))

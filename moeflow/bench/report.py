@@ -146,6 +146,11 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
         e = meta["engine"]
         lines.append(f"- engine: {e['max_num_seqs']} sequences at once, at most {e['max_batch_size']} per decode step, "
                      f"{e['eviction']} eviction; batch = requests per timed batch")
+        if e.get("graph_captures_total"):
+            lines.append(f"- set-up: {e['graph_captures_total']} decode graphs captured over the run, in "
+                         f"{e['graph_capture_s']:.1f} s; the last pool's graphs hold "
+                         f"{e['graph_memory_bytes'] / 2**20:.0f} MiB and its prefill warm-up took "
+                         f"{e.get('prefill_warmup_s', 0):.2f} s")
     if meta.get("workload_note"):
         lines.append(f"- **{meta['workload_note']}**")
     if len(meta.get("configurations", [])) > 1:

@@ -249,7 +249,7 @@ async def _run(args: argparse.Namespace) -> dict:
         "server_model": card,
         "config": {k: _jsonable(v) for k, v in vars(args).items()
                    if not k.startswith("_") and k not in ("api_key", "command", "benchmark")},
-        **summarize(records, duration),
+        **summarize(records, duration, first_wave=args.max_concurrency or 0),
         "requests": [r.to_json() for r in records],
     }
     if before is not None and after is not None:

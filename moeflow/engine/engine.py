@@ -27,6 +27,7 @@ from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, S
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, resolve_device, resolve_dtype,
                                   resolve_max_model_len)
+from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
@@ -90,6 +91,7 @@ class LLMEngine:
                                                      config.lynx_resident_weight)
         self.graph_captures = 0  # decode graphs captured over the engine's life
         self.graph_capture_s = 0.0
+        self.warmup_s = 0.0  # the prefill warm-up's seconds, for the current expert pool (warmup.py)
         self.graph_memory_bytes = 0  # device memory the current graphs hold
         self.reset_expert_cache(config.cache)
         policy = scheduling if scheduling is not None else named_policy(config)
@@ -135,6 +137,8 @@ class LLMEngine:
         self.model.experts.route_listener = self._on_layer_routed
         self.runner.slot_table = None if self.cache.fully_resident else self.cache.slot_table
         self._capture_graphs()
+        if self.device.type == "cuda":  # so that the first requests pay no one-time prefill cost
+            self.warmup_s = warm_prefill(self)
 
     def set_predictor(self, predictor: Predictor | None, planner: Planner | None = None) -> None:
         """Install a predictor (None: load on demand) and the planner that turns its scores into cache moves
