@@ -22,6 +22,15 @@
 #   tools/gpu_session.sh 5 OUT   route-aware scheduling against fcfs: 256 requests, max_num_seqs 256,
 #                                max_batch_size 32, at 25% and 10%; then served at 128 streams, fcfs and route-aware
 #
+# The third session's (2026-12-02), after `tools/gpu_suite.sh tests` in a call of its own:
+#
+#   tools/gpu_session.sh 6 OUT   train the bench model; LYNX resident at batch 32 and 64 with the torch and the
+#                                Triton selector side by side; route-aware scheduling against fcfs at 25%
+#                                (256 requests, max_num_seqs 256, max_batch_size 32)
+#   tools/gpu_session.sh 7 OUT   on the same machine: serving at 32 streams (100% and 25%; random and text
+#                                prompts) with the start-up prefill warm-up; LYNX at 25% batch 32 with the
+#                                Triton selector; route-aware against fcfs at 10%
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -215,5 +224,51 @@ case "$part" in
         tail -1 "$p/hooks-before.log"
         pack
     fi
+    ;;
+6)
+    p=$w/p6
+    mkdir -p "$p"
+    pack() { tar czf "$out/p6.tgz" -C "$w" p6; }
+    git -C "$root" rev-parse HEAD > "$p/commit.txt" 2>/dev/null || cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null
+    moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
+        --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1
+    tail -2 "$p/train_log.txt"
+    [ -f "$BENCH_MODEL/config.json" ] || exit 3
+    cp "$BENCH_MODEL"/training_log.json "$p/" 2>/dev/null
+    pack
+    timeout "${LYNX_TIMEOUT:-80}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
+        --data "$w/corpus" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 --baselines "" \
+        --routing exact,lynx,lynx:kernel=triton --out "$p/lynx100" > "$p/lynx100.log" 2>&1
+    grep -h "^moeflow" "$p/lynx100.log" | cut -c1-120
+    rm -f "$p"/lynx100/*.png
+    pack
+    timeout "${SCHED_TIMEOUT:-330}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
+        --data "$w/corpus" --budgets 25% --batch-sizes 256 --max-num-seqs 256 --max-batch-size 32 \
+        --batches-per-cell 1 --baselines "" --scheduling fcfs,route-aware --out "$p/sched25" > "$p/sched25.log" 2>&1
+    grep -h "^moeflow" "$p/sched25.log" | cut -c1-120
+    rm -f "$p"/sched25/*.png
+    pack
+    ;;
+7)
+    [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
+    p=$w/p7
+    mkdir -p "$p"
+    pack() { tar czf "$out/p7.tgz" -C "$w" p7; }
+    SERVE_BUDGETS="100% 25%" SERVE_PROMPTS=160 SERVE_TIMEOUT=75 CORPUS_TGZ=.carry/corpus.tgz \
+        timeout "${SERVE_ALL_TIMEOUT:-230}" tools/gpu_suite.sh serve "$p/serve" > "$p/serve.log" 2>&1
+    grep -h "^== \|Output token throughput\|Median TTFT\|P99 TTFT" "$p/serve.log"
+    pack
+    timeout "${LYNX_TIMEOUT:-70}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
+        --data "$w/corpus" --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" \
+        --routing exact,lynx,lynx:kernel=triton,lynx:w=4:kernel=triton --out "$p/lynx25" > "$p/lynx25.log" 2>&1
+    grep -h "^moeflow" "$p/lynx25.log" | cut -c1-120
+    rm -f "$p"/lynx25/*.png
+    pack
+    timeout "${SCHED_TIMEOUT:-330}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
+        --data "$w/corpus" --budgets 10% --batch-sizes 256 --max-num-seqs 256 --max-batch-size 32 \
+        --batches-per-cell 1 --baselines "" --scheduling fcfs,route-aware --out "$p/sched10" > "$p/sched10.log" 2>&1
+    grep -h "^moeflow" "$p/sched10.log" | cut -c1-120
+    rm -f "$p"/sched10/*.png
+    pack
     ;;
 esac
