@@ -60,7 +60,10 @@ class AffinityBinning:
     beta: int
     router: RouterSpec
     resident_weight: int = 0
-    kernel: str = "torch"  # or "triton": the same rule in one launch per layer (routing/_lynx_triton.py)
+    # "triton": the same rule in one launch per layer (routing/_lynx_triton.py), on CUDA; "torch": about thirty
+    # tensor operations per layer; "auto": Triton's where it is installed (on the H200 the torch selector cost
+    # 20% of a resident batch-32 step and Triton's none: docs/benchmarks/2026-12-02-h200-session3)
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -70,14 +73,14 @@ class AffinityBinning:
         w = self.resident_weight
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"LYNX resident_weight must be an integer >= 0 (bin-0 votes), got {w!r}")
-        if self.kernel not in ("torch", "triton"):
-            raise ConfigError(f"LYNX kernel must be 'torch' or 'triton', got {self.kernel!r}")
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise ConfigError(f"LYNX kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
         if self.kernel == "triton" and not _lynx_triton.available():
             raise ConfigError("LYNX kernel 'triton' needs Triton, which is not installed")
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, alpha: float | None = None, beta: int | None = None,
-                 resident_weight: int = 0, kernel: str = "torch") -> AffinityBinning:
+                 resident_weight: int = 0, kernel: str = "auto") -> AffinityBinning:
         """The selector for a model, at its defaults (`lynx_defaults`) unless alpha or beta is given."""
         a, b = lynx_defaults(spec) if alpha is None or beta is None else (alpha, beta)
         return cls(float(alpha if alpha is not None else a), beta if beta is not None else b, spec.router,
@@ -92,6 +95,10 @@ class AffinityBinning:
                               f"use a smaller beta (the published values are 1 to 4)")
         return top, scale
 
+    def runs_kernel(self, on_cuda: bool) -> bool:
+        """Whether select() runs the Triton kernel, for logits on CUDA (on_cuda) or elsewhere."""
+        return on_cuda and (self.kernel == "triton" or self.kernel == "auto" and _lynx_triton.available())
+
     def select(self, layer: int, routing: Routing, ctx: SelectionContext) -> Routing:
         if ctx.is_prefill:
             return routing
@@ -99,7 +106,7 @@ class AffinityBinning:
         T, E = logits.shape
         K = router_ids.shape[1]
         top, scale = self._key_scale(T, E)
-        if self.kernel == "triton" and logits.is_cuda:
+        if self.runs_kernel(logits.is_cuda):
             ids, weights = _lynx_triton.affinity_binning(
                 logits, router_ids, routing.weights, ctx.real, ctx.exact, ctx.slot_table, self.alpha, self.beta,
                 scale, self.resident_weight * top, self.router.normalize)

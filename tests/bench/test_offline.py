@@ -221,7 +221,8 @@ def test_axes_trained_predictor_ablations_and_lynx_variants():
     swept = axes.load_selector_arg("lynx:alpha=1.5:beta=3", engine)
     assert (swept.alpha, swept.beta, swept.resident_weight) == (1.5, 3, 0)
     assert axes.Configuration(routing="lynx:w=4").request_routing == "lynx"
-    assert axes.load_selector_arg("lynx:kernel=torch", engine) == plain
+    assert plain.kernel == "auto" and axes.load_selector_arg("lynx:kernel=auto", engine) == plain
+    assert axes.load_selector_arg("lynx:kernel=torch", engine).kernel == "torch"
     for bad, match in (("lynx:gamma=1", "takes alpha=A"), ("lynx:beta=two", "must be a number"),
                        ("lynx:alpha=-1", "alpha must be"), ("lynx:kernel=cuda", "kernel must be")):
         with pytest.raises(ConfigError, match=match):

@@ -23,7 +23,7 @@ needs_triton = pytest.mark.skipif(not _lynx_triton.available(), reason="needs Tr
 
 def case(T, E, K, alpha, beta, normalize, dtype, seed, w=0, device="cpu"):
     spec = RouterSpec(K, normalize, dtype != torch.float32)
-    torch_sel = AffinityBinning(alpha, beta, spec, w)
+    torch_sel = AffinityBinning(alpha, beta, spec, w, kernel="torch")  # the reference, on any device
     logits = router_logits(T, E, seed=1000 * T + E + seed, dtype=dtype).to(device)
     r = route(logits, spec)
     g = np.random.default_rng(seed)
@@ -71,7 +71,7 @@ def test_the_kernel_is_cache_aware_as_the_torch_selector_is(w):
 @interpret
 def test_ties_break_the_same_way():
     spec = RouterSpec(4, True, True)
-    sel = AffinityBinning(3.0, 2, spec)
+    sel = AffinityBinning(3.0, 2, spec, kernel="torch")
     logits = (torch.randint(-4, 4, (32, 32)).float() / 4).to(torch.bfloat16)  # few distinct values: many ties
     T = 32
     check_same(sel, route(logits, spec), SelectionContext(False, torch.ones(T, dtype=torch.bool),
@@ -85,6 +85,19 @@ def test_the_kernel_is_refused_without_triton_or_with_an_unknown_name(monkeypatc
     monkeypatch.setattr(_lynx_triton, "triton", None)
     with pytest.raises(ConfigError, match="needs Triton"):
         AffinityBinning(3.0, 2, spec, kernel="triton")
+    assert AffinityBinning(3.0, 2, spec).kernel == "auto", "without Triton the default falls back to torch's"
+
+
+def test_auto_runs_the_kernel_only_on_cuda_with_triton(monkeypatch):
+    """`auto` (the default) takes the Triton kernel where it can run, the torch selector elsewhere."""
+    spec = RouterSpec(4, True, False)
+    monkeypatch.setattr(_lynx_triton, "available", lambda: True)
+    auto, torch_rule = AffinityBinning(3.0, 2, spec), AffinityBinning(3.0, 2, spec, kernel="torch")
+    assert auto.runs_kernel(True) and not auto.runs_kernel(False)
+    assert not torch_rule.runs_kernel(True)
+    assert AffinityBinning(3.0, 2, spec, kernel="triton").runs_kernel(True)
+    monkeypatch.setattr(_lynx_triton, "available", lambda: False)
+    assert not auto.runs_kernel(True), "no Triton: torch's rule"
 
 
 @needs_triton
