@@ -42,7 +42,9 @@ class RouteAwarePolicy:
             raise ValueError(f"max_decode_wait must be >= 0, got {max_decode_wait}")
         self.max_decode_wait = max_decode_wait
         self.distinct_weight = distinct_weight  # cost of a new distinct but resident expert, vs 1 for a load
-        self._table: dict[int, np.ndarray] = {}  # token id -> [L, E]: how often each expert took it, decayed
+        # the per-token table: token id -> its row of `_tab` [rows, L, E], how often each expert took it, decayed
+        self._row: dict[int, int] = {}
+        self._tab: np.ndarray | None = None
 
     def wait_bound(self, num_running: int, batch: int) -> int:
         """The most steps a running sequence may sit out between two of its tokens."""
@@ -57,27 +59,34 @@ class RouteAwarePolicy:
             return StepPlan(decode=list(running))
         waits = np.array([ctx.step - s.last_step - 1 for s in running])
         bound = self.wait_bound(len(running), M)
+        order = np.argsort(-waits, kind="stable")  # the longest waiting first: the tie-break everywhere below
         # sequences at their bound go first, the longest waiting of them if there are more than fit
-        due = [int(i) for i in np.argsort(-waits, kind="stable") if waits[i] >= bound][:M]
-        chosen = set(due)
-        sigs = self._signatures(running, ctx)  # [N, L*E]: how likely each sequence routes to each expert
-        covered = sigs[due].max(axis=0) if due else np.zeros(sigs.shape[1])
+        due = [int(i) for i in order if waits[i] >= bound][:M]
+        sigs = self._signatures(running, ctx)[order]  # [N, L*E] in wait order: how likely each routes to each expert
+        taken = np.zeros(len(running), dtype=bool)  # in wait order
+        rank = np.empty(len(running), dtype=np.int64)
+        rank[order] = np.arange(len(running))
+        taken[rank[due]] = True
+        covered = sigs[taken].max(axis=0) if due else np.zeros(sigs.shape[1])
         resident = ctx.residency.reshape(-1).astype(np.float64) if ctx.residency is not None else None
         free = covered if resident is None else np.maximum(covered, resident)
-        order = np.argsort(-waits, kind="stable")  # tie-break: the longest waiting first
-        while len(chosen) < M:
-            cand = np.array([i for i in order if i not in chosen])
-            loads = sigs[cand] @ (1.0 - free)  # how much it adds that is neither resident nor needed yet
-            cost = loads if not self.distinct_weight else loads + self.distinct_weight * (sigs[cand] @ (1.0 - covered))
-            pick = int(cand[int(np.argmin(cost))])  # argmin keeps the first of equals: the longest waiting
-            chosen.add(pick)
+        for _ in range(M - len(due)):
+            loads = sigs @ (1.0 - free)  # how much each adds that is neither resident nor needed yet
+            cost = loads if not self.distinct_weight else loads + self.distinct_weight * (sigs @ (1.0 - covered))
+            # costs equal to 1e-9 are ties whatever the rounding of their sums, and argmin keeps the first of
+            # equals: the longest waiting
+            cost = np.round(cost, 9)
+            cost[taken] = np.inf
+            pick = int(np.argmin(cost))
+            taken[pick] = True
             covered = np.maximum(covered, sigs[pick])
             free = np.maximum(free, sigs[pick])
+        chosen = set(order[taken].tolist())
         return StepPlan(decode=[s for i, s in enumerate(running) if i in chosen])
 
     def _signatures(self, running: list[Sequence], ctx: SchedulerContext) -> np.ndarray:
         """Each sequence's expected experts, [N, L*E] in [0, 1]; a sequence with no signature yet expects none."""
-        shape = next(iter(ctx.predictions.values()), next(iter(self._table.values()), ctx.residency))
+        shape = next(iter(ctx.predictions.values()), ctx.residency if self._tab is None else self._tab[0])
         routed = [s.last_routes for s in running if s.last_routes is not None]
         if shape is not None:
             L, E = shape.shape
@@ -86,16 +95,19 @@ class RouteAwarePolicy:
         else:
             return np.zeros((len(running), 1))
         sigs = np.zeros((len(running), L, E))
-        for i, s in enumerate(running):
-            p = ctx.predictions.get(s.request_id)
-            if p is not None:
-                sigs[i] = p
-                continue
-            if s.last_routes is not None:
-                np.put_along_axis(sigs[i], s.last_routes.astype(np.int64), 1.0, axis=1)
-            known = self._table.get(s.last_token)
-            if known is not None:
-                sigs[i] = self.TABLE_SHARE * known + (1 - self.TABLE_SHARE) * sigs[i]
+        routed = [i for i, s in enumerate(running) if s.last_routes is not None]
+        if routed:
+            routes = np.stack([running[i].last_routes for i in routed]).astype(np.int64)  # [n, L, K]
+            hot = np.zeros((len(routed), L, E))
+            np.put_along_axis(hot, routes, 1.0, axis=2)
+            sigs[routed] = hot
+        rows = np.array([self._row.get(s.last_token, -1) for s in running])
+        at = np.flatnonzero(rows >= 0)
+        if len(at):
+            sigs[at] = self.TABLE_SHARE * self._tab[rows[at]] + (1 - self.TABLE_SHARE) * sigs[at]
+        predicted = [(i, p) for i, p in enumerate(ctx.predictions.get(s.request_id) for s in running) if p is not None]
+        if predicted:  # a predictor's scores replace the signature
+            sigs[[i for i, _ in predicted]] = np.stack([p for _, p in predicted])
         return sigs.reshape(len(running), L * E)
 
     def update(self, step: StepView, routes: StepRoutes) -> None:
@@ -105,12 +117,29 @@ class RouteAwarePolicy:
         E = routes.used.shape[1]
         tokens = np.concatenate([np.asarray(t) for t in step.input_ids])
         ids = np.concatenate([routes.ids[:, r] for r in routes.rows], axis=1)  # [L, n, K], in input order
-        hot = np.zeros((len(tokens), L, E))
-        np.put_along_axis(hot, ids.transpose(1, 0, 2).astype(np.int64), 1.0, axis=2)
         unique, where = np.unique(tokens, return_inverse=True)
-        mean = np.zeros((len(unique), L, E))
-        np.add.at(mean, where, hot)
+        # how many of each token's occurrences took each expert: a token's K picks are distinct experts, so
+        # counting (occurrence, layer, expert) triples counts occurrences
+        flat = (where[None, :, None] * L + np.arange(L)[:, None, None]) * E + ids.astype(np.int64)
+        mean = np.bincount(flat.reshape(-1), minlength=len(unique) * L * E).reshape(len(unique), L, E).astype(np.float64)
         mean /= np.bincount(where)[:, None, None]
-        for token, seen in zip(unique.tolist(), mean):
-            old = self._table.get(token)
-            self._table[token] = seen if old is None else self.TABLE_DECAY * old + (1 - self.TABLE_DECAY) * seen
+        rows = np.array([self._row.get(t, -1) for t in unique.tolist()])
+        known = rows >= 0
+        if known.any():
+            self._tab[rows[known]] = (self.TABLE_DECAY * self._tab[rows[known]]
+                                      + (1 - self.TABLE_DECAY) * mean[known])
+        fresh = unique[~known].tolist()
+        if fresh:
+            first = len(self._row)
+            self._grow(first + len(fresh), L, E)
+            self._row.update(zip(fresh, range(first, first + len(fresh))))
+            self._tab[first : first + len(fresh)] = mean[~known]
+
+    def _grow(self, rows: int, L: int, E: int) -> None:
+        """Room for `rows` tokens in the table (doubling, so that learning a new token costs O(1) on average)."""
+        if self._tab is None:
+            self._tab = np.zeros((max(rows, 64), L, E))
+        elif rows > len(self._tab):
+            grown = np.zeros((max(rows, 2 * len(self._tab)), L, E))
+            grown[: len(self._tab)] = self._tab
+            self._tab = grown

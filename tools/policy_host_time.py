@@ -1,0 +1,93 @@
+"""Host time of the route-aware scheduling policy per step, at the bench model's shape, on this machine's CPU.
+
+    PYTHONPATH=. python3 tools/policy_host_time.py [--running 128,256] [--steps 60]
+
+A decode step's plan() over N running sequences (max_batch_size 32, 12 MoE layers x 64 experts, top-8, a token
+table of 500 learned tokens, 16 slots a layer resident) and update() after a decode step of 32 tokens and after a
+prefill step of 25 prompts x 160 tokens. Routes are random: the figure is the policy's cost, not its choice; the
+picks' digest shows whether two versions of the policy chose alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+
+import numpy as np
+
+from moeflow.engine.policies.route_aware import RouteAwarePolicy
+from moeflow.engine.scheduler import MeasuredCosts, SchedulerContext
+from moeflow.routing.predictors.base import StepView
+from moeflow.routing.record import StepRoutes
+
+L, E, K, M, VOCAB = 12, 64, 8, 32, 500
+
+
+class _Seq:
+    def __init__(self, i: int, routes: np.ndarray, token: int):
+        self.request_id, self.last_routes, self.last_step, self.prompt_ids, self.last_token = str(i), routes, -1, [0], token
+
+
+def _routes(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.argsort(rng.random((n, L, E)), axis=2)[:, :, :K]
+
+
+def _learned_policy(rng: np.random.Generator) -> RouteAwarePolicy:
+    policy = RouteAwarePolicy()
+    tokens = tuple((t,) for t in range(VOCAB))
+    ids = _routes(rng, VOCAB).transpose(1, 0, 2)  # [L, T, K]
+    policy.update(StepView(0, False, tuple(map(str, range(VOCAB))), tokens, (1,) * VOCAB),
+                  StepRoutes(ids, ids, np.zeros((L, E), dtype=bool), [slice(t, t + 1) for t in range(VOCAB)]))
+    return policy
+
+
+def time_plan(n: int, steps: int) -> tuple[float, str]:
+    rng = np.random.default_rng(0)
+    policy = _learned_policy(rng)
+    seqs = [_Seq(i, r, int(rng.integers(0, VOCAB))) for i, r in enumerate(_routes(rng, n))]
+    residency = np.zeros((L, E), dtype=bool)
+    residency[:, :16] = True
+    spent, digest = 0.0, hashlib.sha1()
+    for step in range(steps):
+        ctx = SchedulerContext(step=step, free_kv_rows=0, max_num_batched_tokens=4096, max_batch_size=M,
+                               residency=residency, signatures={}, predictions={}, costs=MeasuredCosts())
+        t0 = time.perf_counter()
+        plan = policy.plan([], seqs, ctx)
+        spent += time.perf_counter() - t0
+        digest.update(",".join(s.request_id for s in plan.decode).encode())
+        for s, r in zip(plan.decode, _routes(rng, len(plan.decode))):
+            s.last_step, s.last_token, s.last_routes = step, int(rng.integers(0, VOCAB)), r
+    return spent / steps, digest.hexdigest()[:12]
+
+
+def time_update(sequences: int, tokens_each: int, reps: int) -> float:
+    rng = np.random.default_rng(1)
+    policy = _learned_policy(rng)
+    T = sequences * tokens_each
+    ids = _routes(rng, T).transpose(1, 0, 2)
+    view = StepView(1, tokens_each > 1, tuple(map(str, range(sequences))),
+                    tuple(tuple(int(t) for t in rng.integers(0, VOCAB, tokens_each)) for _ in range(sequences)),
+                    (tokens_each,) * sequences)
+    routes = StepRoutes(ids, ids, np.zeros((L, E), dtype=bool),
+                        [slice(i * tokens_each, (i + 1) * tokens_each) for i in range(sequences)])
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        policy.update(view, routes)
+    return (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--running", default="128,256", help="running sequences N to plan over (comma list)")
+    p.add_argument("--steps", type=int, default=60)
+    args = p.parse_args()
+    for n in (int(x) for x in args.running.split(",")):
+        seconds, digest = time_plan(n, args.steps)
+        print(f"plan, {n} running, {M} a step: {seconds * 1e3:.2f} ms (picks {digest})")
+    print(f"update after a decode step of {M} tokens: {time_update(M, 1, 50) * 1e3:.2f} ms")
+    print(f"update after a prefill step of 25 x 160 tokens: {time_update(25, 160, 3) * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
