@@ -18,9 +18,15 @@ says which experts a compute enqueued after it covers.
 
 When the budget holds every expert, the pool is filled once at start-up with a fixed
 mapping and the MoE layers read it through the device-side table with no host round trip.
+
+The miss path and the planner's calls run on the host between a router and its experts, up to
+hundreds of times a step, so what they ask is kept up to date as slots change rather than
+recomputed: `_idle` (which experts eviction may take) and `_live` (the table the device shows).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -53,6 +59,7 @@ class ExpertCache:
         # strided views over the pool: slot s's gate_up is [2I, H], its down [H, I]
         self.w_gate_up = self.pool[:, : 2 * IH].view(num_slots, 2 * store.width, store.hidden)
         self.w_down = self.pool[:, 2 * IH :].view(num_slots, store.hidden, store.width)
+        self._slot_views = self.pool.unbind(0)  # each slot's row, made once rather than per copy
         self.transfer = TransferEngine(device, num_slots)
         self.fully_resident = num_slots >= L * E
         # the device's image of slot_of, so kernels map (layer, expert) -> slot without the host;
@@ -60,6 +67,7 @@ class ExpertCache:
         self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
         self._staging = [torch.empty(L, E, dtype=torch.int32, pin_memory=pin) for _ in range(8 if pin else 1)]
+        self._staging_host = [t.numpy() for t in self._staging]  # numpy views of the same memory
         self._staging_done = [torch.cuda.Event() if pin else None for _ in self._staging]
         self._next_staging = 0
         self._empty(policy)
@@ -73,10 +81,13 @@ class ExpertCache:
         self.owner: list[tuple[int, int] | None] = [None] * S  # (layer, expert) per slot
         self._state = np.zeros(S, dtype=np.int8)
         self._pins = np.zeros(S, dtype=np.int64)
+        self._idle = np.zeros((L, E), dtype=bool)  # resident and pinned by no compute: what eviction may take
+        self._live = np.full((L, E), -1, dtype=np.int32)  # slot_of where the slot is LIVE, else -1: the device table
         self._unused_prefetch = np.zeros(S, dtype=bool)  # filled by a prefetch and not used since
         self._free = list(range(S - 1, -1, -1))
         self._held = np.zeros(L, dtype=np.int64)
         self._protected = np.zeros((L, E), dtype=bool)
+        self._unprotected = ~self._protected
         self._priority: np.ndarray | None = None  # [L, E] eviction order a planner sets; None: the policy's alone
         self.quota = self.equal_quotas(S, L)
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
@@ -98,9 +109,9 @@ class ExpertCache:
             li = self._ordinal[layer]
             for e in range(self.num_experts):
                 slot = li * self.num_experts + e
-                self.pool[slot].copy_(self.store.get(layer, e), non_blocking=True)
+                self._slot_views[slot].copy_(self.store.get(layer, e), non_blocking=True)
                 self._assign(slot, layer, e)
-                self._state[slot] = LIVE
+                self._go_live(slot)
         self._free.clear()
         self.stats.preload_bytes = len(self.layers) * self.num_experts * self.expert_bytes
         self.upload_slot_table()
@@ -141,11 +152,10 @@ class ExpertCache:
         stats = self.stats.per_layer[layer]
         got: dict[int, int] = {}
         missing = []
-        for e in experts:
-            slot = int(self.slot_of[li, e])
+        for e, slot in zip(experts, self.slot_of[li, experts].tolist()):
             if slot >= 0:
                 got[e] = slot
-                self._pins[slot] += 1
+                self._pin(slot, li, e)
                 self.policy.touch(li, e)
                 if self._unused_prefetch[slot]:
                     self._unused_prefetch[slot] = False
@@ -154,21 +164,22 @@ class ExpertCache:
                 missing.append(e)
         stats.hits += len(got)
         loads = []
+        take = self._take_slots(li)
         for e in missing:
-            slot = self._take_slot(li)
+            slot = next(take)
             if slot is None:
                 break
             self._assign(slot, layer, e)
-            self._state[slot] = LIVE
+            self._go_live(slot)
             got[e] = slot
-            self._pins[slot] += 1
+            self._pin(slot, li, e)
             self.policy.touch(li, e)
-            loads.append((slot, self.pool[slot], self.store.get(layer, e)))
+            loads.append((slot, self._slot_views[slot], self.store.get(layer, e)))
         stats.misses += len(loads)
         stats.bytes_moved += len(loads) * self.expert_bytes
         self.transfer.copy_many(loads, Priority.DEMAND, tag=layer)
         self._went_live(self.transfer.wait_for(list(got.values()), tag=layer))
-        self._went_live(self.transfer.issue_prefetches(limit=self.PREFETCHES_PER_LAYER))
+        self.issue_prefetches(self.PREFETCHES_PER_LAYER)
         self.upload_slot_table()
         return got
 
@@ -176,21 +187,21 @@ class ExpertCache:
         self.transfer.mark_read(slots)
         for s in slots:
             self._pins[s] -= 1
+            owner = self.owner[s]
+            if owner is not None and self._pins[s] == 0:
+                self._idle[self._ordinal[owner[0]], owner[1]] = True
 
     def prepare_compute(self, layer: int) -> None:
         """Before a compute that reads `layer`'s experts through the device table, enqueued before the host
         knows which it will read: bring the table up to date, and make the compute stream wait for the
         fills of every slot the table shows for the layer."""
         self.upload_slot_table()
-        li = self._ordinal[layer]
-        slots = self.slot_of[li]
-        live = slots[(slots >= 0)]
-        self.transfer.wait_for([int(s) for s in live if self._state[s] == LIVE], tag=layer)
+        live = self._live[self._ordinal[layer]]
+        self.transfer.wait_for(live[live >= 0].tolist(), tag=layer)
 
     def computable(self, layer: int, experts: list[int]) -> bool:
         """Whether a compute enqueued after `prepare_compute(layer)` (and no cache change since) covered `experts`."""
-        slots = self.slot_of[self._ordinal[layer], experts]
-        return bool((slots >= 0).all() and (self._state[slots] == LIVE).all())
+        return bool((self._live[self._ordinal[layer], experts] >= 0).all())
 
     # -- planning: what a predictor's scores turn into ---------------------------------------
 
@@ -198,7 +209,8 @@ class ExpertCache:
         """Per-layer slot targets for the coming steps (by MoE layer ordinal). They steer which layer gives up a
         slot; a layer is never emptied below them by another layer's miss."""
         q = np.asarray(quotas, dtype=np.int64)
-        if q.shape != (len(self.layers),) or (q < 0).any() or q.sum() > self.num_slots:
+        counts = q.tolist()  # checked on a list: a planner sets them after every router
+        if q.shape != (len(self.layers),) or min(counts) < 0 or sum(counts) > self.num_slots:
             raise ValueError(f"quotas must be {len(self.layers)} non-negative counts summing to at most "
                              f"{self.num_slots} slots, got {q.tolist()}")
         self.quota = q
@@ -206,6 +218,7 @@ class ExpertCache:
     def protect(self, mask: np.ndarray | None) -> None:
         """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing."""
         self._protected = np.zeros_like(self._protected) if mask is None else np.asarray(mask, dtype=bool)
+        self._unprotected = ~self._protected
 
     def prioritize(self, priority: np.ndarray | None) -> None:
         """Eviction priorities ([L, E], higher: keep longer) for the coming steps; None: none. Among the experts a
@@ -222,17 +235,20 @@ class ExpertCache:
         returns how many loads were queued.
         """
         li = self._ordinal[layer]
-        keep = self._protected[li].copy()
-        keep[experts] = True
+        spare = None  # what may go for them: neither protected nor predicted (made at the first eviction)
+        quota = int(self.quota[li])
         loads, load_scores = [], []
         for i, e in enumerate(experts):
             if self.slot_of[li, e] >= 0:
                 continue
-            if self._free and self._held[li] < self.quota[li]:
+            if self._free and self._held[li] < quota:
                 slot = self._free.pop()
             else:
-                candidates = self._evictable(li) & ~keep
-                if not candidates.any():
+                if spare is None:
+                    spare = self._unprotected[li].copy()
+                    spare[experts] = False
+                candidates = self._idle[li] & spare
+                if not np.count_nonzero(candidates):  # (count_nonzero: a third of any()'s host time)
                     break
                 slot = int(self.slot_of[li, self._choose(li, candidates)])
                 self._evict(slot)
@@ -240,13 +256,15 @@ class ExpertCache:
             self._state[slot] = QUEUED
             self._unused_prefetch[slot] = True
             self.policy.touch(li, e)
-            loads.append((slot, self.pool[slot], self.store.get(layer, e)))
+            loads.append((slot, self._slot_views[slot], self.store.get(layer, e)))
             load_scores.append(scores[i] if scores is not None else 0.0)
         self.transfer.copy_many(loads, Priority.PREFETCH, deadline=deadline, scores=load_scores)
         return len(loads)
 
     def issue_prefetches(self, limit: int | None = None) -> int:
         """Start up to `limit` queued prefetches now (earliest deadline first); returns how many."""
+        if not self.transfer.num_queued:
+            return 0
         issued = self.transfer.issue_prefetches(limit)
         self._went_live(issued)
         return len(issued)
@@ -282,8 +300,7 @@ class ExpertCache:
         done = self._staging_done[i]
         if done is not None:
             done.synchronize()  # the copy that last read this staging buffer has run
-        live = np.where(self.slot_of >= 0, self._state[np.maximum(self.slot_of, 0)] == LIVE, False)
-        np.copyto(self._staging[i].numpy(), np.where(live, self.slot_of, -1), casting="unsafe")
+        np.copyto(self._staging_host[i], self._live)
         self.slot_table.copy_(self._staging[i], non_blocking=done is not None)
         if done is not None:
             done.record()
@@ -292,13 +309,11 @@ class ExpertCache:
     def _went_live(self, slots: list[int]) -> None:
         """Queued prefetches into `slots` were issued: the device table may show them from now on."""
         for s in slots:
-            self._state[s] = LIVE
+            self._go_live(s)
             layer = self.owner[s][0]
             st = self.stats.per_layer[layer]
             st.prefetches += 1
             st.prefetch_bytes += self.expert_bytes
-        if slots:
-            self._table_dirty = True
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -306,8 +321,20 @@ class ExpertCache:
         li = self._ordinal[layer]
         self.owner[slot] = (layer, expert)
         self.slot_of[li, expert] = slot
+        self._idle[li, expert] = self._pins[slot] == 0
         self._held[li] += 1
         self._table_dirty = True
+
+    def _go_live(self, slot: int) -> None:
+        """The fill of an assigned slot is ordered (or done): the device table shows it from now on."""
+        self._state[slot] = LIVE
+        layer, expert = self.owner[slot]
+        self._live[self._ordinal[layer], expert] = slot
+        self._table_dirty = True
+
+    def _pin(self, slot: int, li: int, expert: int) -> None:
+        self._pins[slot] += 1
+        self._idle[li, expert] = False
 
     def _evict(self, slot: int) -> None:
         layer, expert = self.owner[slot]
@@ -316,6 +343,8 @@ class ExpertCache:
             self.stats.per_layer[layer].wasted_prefetches += 1
         self.owner[slot] = None
         self.slot_of[li, expert] = -1
+        self._idle[li, expert] = False
+        self._live[li, expert] = -1
         self._state[slot] = FREE
         self._unused_prefetch[slot] = False
         self._held[li] -= 1
@@ -323,43 +352,60 @@ class ExpertCache:
         self.policy.forget(li, expert)
         self.transfer.cancel(slot)  # a prefetch into it that was never issued is stale now
 
-    def _evictable(self, li: int) -> np.ndarray:
-        """Bool mask over layer li's experts: resident and not pinned by a compute in flight."""
-        slots = self.slot_of[li]
-        return (slots >= 0) & (self._pins[np.maximum(slots, 0)] == 0)
-
-    def _victim(self, li: int) -> int | None:
-        """The slot layer li gives up: an unprotected evictable expert if it has one, else any evictable one."""
-        candidates = self._evictable(li)
-        if not candidates.any():
-            return None
-        spare = candidates & ~self._protected[li]
-        return int(self.slot_of[li, self._choose(li, spare if spare.any() else candidates)])
+    def _victim(self, li: int) -> int:
+        """The slot layer li gives up, which must have an evictable expert: an unprotected one if it has one."""
+        candidates = self._idle[li]
+        spare = candidates & self._unprotected[li]
+        return int(self.slot_of[li, self._choose(li, spare if np.count_nonzero(spare) else candidates)])
 
     def _choose(self, li: int, candidates: np.ndarray) -> int:
         """Layer li's expert to evict among `candidates`: the lowest priority; ties, or no priorities, to the policy."""
         if self._priority is not None:
             p = np.where(candidates, self._priority[li], np.inf)
-            candidates = candidates & (p == p.min())
+            lowest = p == p.min()  # only candidates, unless every candidate's priority is inf
+            if np.count_nonzero(lowest) == 1:  # no tie for the policy to break (most evictions)
+                return int(lowest.argmax())
+            candidates = candidates & lowest
         return self.policy.victim(li, candidates)
 
-    def _take_slot(self, li: int) -> int | None:
-        """A free slot, or one freed by evicting an unpinned expert; None if every slot is pinned.
+    def _take_slots(self, li: int) -> Iterator[int | None]:
+        """Slots for layer li's misses, one per next(): a free slot, or one freed by evicting an unpinned expert;
+        None once every slot is pinned.
 
         A layer at its quota evicts its own; a layer under it takes from the layers most over
-        theirs. Only when those have nothing evictable does any other layer give a slot.
+        theirs. Only when those have nothing evictable does any other layer give a slot. Each
+        slot given must be assigned to li before the next is asked for: the layers' excesses
+        and whether each has anything evictable are then followed across takes, not recomputed.
         """
-        if self._free:
-            return self._free.pop()
-        over = self._held - self.quota
-        by_excess = sorted(range(len(self.layers)), key=lambda j: -over[j])
-        preferred = [li] if over[li] >= 0 else [j for j in by_excess if over[j] > 0] + [li]
-        for j in preferred + by_excess:
+        while self._free:
+            yield self._free.pop()
+        over = (self._held - self.quota).tolist()
+        can = self._idle.any(axis=1).tolist()
+        while True:
+            j = self._donor(li, over, can)
+            if j is None:
+                yield None
+                return
             slot = self._victim(j)
-            if slot is not None:
-                self._evict(slot)
-                return slot
-        return None
+            self._evict(slot)
+            over[j] -= 1
+            can[j] = np.count_nonzero(self._idle[j]) > 0
+            yield slot
+            over[li] += 1  # the caller assigned the slot to li
+
+    @staticmethod
+    def _donor(li: int, over: list[int], can: list[bool]) -> int | None:
+        """The layer that gives layer li a slot, from each layer's excess over its quota and whether it has an
+        evictable expert (can): li under its quota takes from the layer most over its quota that can, the first
+        of equals; else li gives its own if it can; else whichever layer can, the most over its quota first."""
+        if over[li] < 0:
+            giving = [j for j in range(len(over)) if over[j] > 0 and can[j]]
+            if giving:
+                return max(giving, key=over.__getitem__)
+        if can[li]:
+            return li
+        giving = [j for j in range(len(over)) if can[j]]
+        return max(giving, key=over.__getitem__) if giving else None
 
     # -- accounting ------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ the planner only chooses what is resident when, so outputs are identical with it
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from moeflow.experts.cache import ExpertCache
@@ -41,6 +43,44 @@ def _unpack(scores: np.ndarray | Prediction) -> tuple[np.ndarray, np.ndarray | N
         nxt = getattr(scores, "next_scores", None)
         return np.asarray(scores.scores, dtype=np.float64), None if nxt is None else np.asarray(nxt, dtype=np.float64)
     return np.asarray(scores, dtype=np.float64), None
+
+
+def _best(v: np.ndarray, n: int) -> np.ndarray:
+    """Flat indices (in no set order) of the n highest of v, the ones the first n of a stable sort of -v would be
+    (ties: the lower index first). A selection finds them in one pass over the step's L*E values; only when the
+    n-th value ties with one left out (or is NaN) does the choice among equals need the stable sort."""
+    neg = -v.ravel()
+    if n >= neg.size:
+        return np.arange(neg.size)
+    order = np.argpartition(neg, n - 1)
+    if np.count_nonzero(neg <= neg[order[n - 1]]) != n:
+        return np.argsort(neg, kind="stable")[:n]
+    return order[:n]
+
+
+def _trim(counts: list[int], floor: int, excess: int) -> list[int]:
+    """Take `excess` back from `counts`, one at a time from the count most above `floor` (the first of equals), in
+    one pass: the largest come down to a common level t, and what is left is taken one each from the first of
+    those at t."""
+    if excess <= 0:
+        return counts
+    over = [n - floor for n in counts]
+    top = sorted(over, reverse=True)
+    acc = 0
+    for k in range(1, len(top) + 1):  # the k largest, brought down to the next one, give at least `excess`
+        acc += top[k - 1]
+        if acc - k * (top[k] if k < len(top) else 0) >= excess:
+            break
+    t = -((excess - acc) // k)  # the lowest level the k largest can come down to: ceil((acc - excess) / k)
+    left = excess - (acc - k * t)
+    out = []
+    for n, o in zip(counts, over):
+        if o >= t:
+            n -= o - t  # down to the common level
+            if left:
+                n, left = n - 1, left - 1
+        out.append(n)
+    return out
 
 
 class ExpertFlowPlanner:
@@ -85,36 +125,37 @@ class ExpertFlowPlanner:
             self._reuse = np.zeros_like(scores)
         self._routed, self._queued_to = -1, -1
         cache.drop_prefetches()  # the last step's unissued guesses are stale
+        v = self.value()  # read by quotas and protection alike
         if self.quotas:
-            cache.set_quotas(self.demand_quotas(cache, scores))
-        self._guard(cache)
+            cache.set_quotas(self.demand_quotas(cache, scores, v))
+        self._guard(cache, v)
         if self.prefetch:
             self._queue(cache, 0, min(len(cache.layers), self.lookahead) - 1)
-            cache.issue_prefetches(self._issue_now(cache))
+            if cache.transfer.num_queued:
+                cache.issue_prefetches(self._issue_now(cache))
 
     def value(self) -> np.ndarray:
         """[L, E] what keeping each expert is worth: its chance of use this step (layers not routed yet) or, failing
         that, at the next (the moving average of the routes, discounted)."""
         later = self._reuse if self._next is None else np.maximum(self._reuse, self._next)
         w = self.reuse_weight * later
-        v = 1.0 - (1.0 - np.clip(self._scores, 0.0, 1.0)) * (1.0 - w)
+        v = 1.0 - (1.0 - self._scores.clip(0.0, 1.0)) * (1.0 - w)
         done = self._routed + 1
         v[:done] = w[:done]
         return v
 
-    def demand_quotas(self, cache: ExpertCache, scores: np.ndarray) -> np.ndarray:
-        """Slots per layer: a floor each, the rest where keeping an expert is worth most."""
+    def demand_quotas(self, cache: ExpertCache, scores: np.ndarray, value: np.ndarray | None = None) -> np.ndarray:
+        """Slots per layer: a floor each, the rest where keeping an expert is worth most (`value`: this
+        step's self.value(), when the caller has it)."""
         L, E, S = len(cache.layers), cache.num_experts, cache.num_slots
         k = self._top_k(cache, scores)
-        floor = np.full(L, min(k, S // L), dtype=np.int64)
         if self.quota_mode == "value":
-            v = self.value()
-            order = np.argsort(-v, axis=None, kind="stable")
-            q = np.bincount(order[:S] // E, minlength=L)
-            q = np.maximum(q, floor)
-            while q.sum() > S:  # the floors took more: trim the layers with most
-                q[np.argmax(q - floor)] -= 1
-            return q
+            f = min(k, S // L)
+            v = self.value() if value is None else value
+            q = np.maximum(np.bincount(_best(v, S) // E, minlength=L), f).tolist()
+            # the floors took more: trim the layers with most above their floor, the first of equals first
+            return np.array(_trim(q, f, sum(q) - S), dtype=np.int64)
+        floor = np.full(L, min(k, S // L), dtype=np.int64)
         demand = np.clip(scores.sum(axis=1), 1e-6, None)
         spare = S - int(floor.sum())
         want = floor + spare * demand / demand.sum()
@@ -138,31 +179,32 @@ class ExpertFlowPlanner:
     def _issue_now(self, cache: ExpertCache) -> int:
         if self.issue_now is not None:
             return self.issue_now
-        return max(2, int(np.ceil(self._scores[0].clip(0, 1).sum())))  # about one layer's worth
+        return max(2, math.ceil(self._scores[0].clip(0, 1).sum()))  # about one layer's worth
 
     # -- protection and eviction order -------------------------------------------------------------
 
-    def _guard(self, cache: ExpertCache) -> None:
+    def _guard(self, cache: ExpertCache, value: np.ndarray) -> None:
         """Protection and priorities from the current scores: layers not routed yet by their chance of use this
-        step, routed ones by their chance of reuse at the next."""
+        step, routed ones by their chance of reuse at the next (`value`, this step's self.value())."""
         if not self.protect:
             return
         mask = self._scores >= self.protect_at
         mask[: self._routed + 1] = False  # a routed layer is not needed again this step
         cache.protect(mask)
-        cache.prioritize(np.floor(self.value() * self.levels) / self.levels)
+        cache.prioritize(np.floor(value * self.levels) / self.levels)
 
     # -- prefetch ------------------------------------------------------------------------------------
 
     def _queue(self, cache: ExpertCache, first: int, last: int) -> None:
         """Queue the likely, not yet resident experts of layers first..last (by ordinal), best first."""
-        resident = cache.residency()
         for li in range(first, last + 1):
             s = self._scores[li]
-            order = np.argsort(-s, kind="stable")
-            order = order[(s[order] >= self.prefetch_at) & ~resident[li, order]]
+            # the few likely ones not resident (nor on their way), then sorted: the same order as sorting all E
+            # and keeping those
+            order = ((s >= self.prefetch_at) & (cache.slot_of[li] < 0)).nonzero()[0]
             room = int(cache.quota[li])
             if len(order) and room > 0:
+                order = order[np.argsort(-s[order], kind="stable")]
                 cache.enqueue_prefetch(cache.layers[li], order[:room].tolist(), deadline=li,
                                        scores=s[order[:room]].tolist())
         self._queued_to = max(self._queued_to, last)
@@ -173,17 +215,19 @@ class ExpertFlowPlanner:
         """MoE layer ordinal `layer` routed to `used`; scores: the predictor's refined [L, E] (or its Prediction)."""
         if self._scores is None:
             return
-        if scores is not None:
-            scores, _ = _unpack(scores)
+        if isinstance(scores, Prediction):
+            scores = scores.scores  # only its rows after `layer` are read: cast as they are copied
         L = len(cache.layers)
         self._routed = layer
-        hot = np.zeros(cache.num_experts)
-        hot[used] = 1.0
-        self._reuse[layer] = self.reuse_decay * self._reuse[layer] + (1 - self.reuse_decay) * hot
+        used_ids = np.asarray(used, dtype=np.intp)
+        # decay * reuse + (1 - decay) * (1 where used, else 0), in place: the same floats
+        reuse = self._reuse[layer]
+        reuse *= self.reuse_decay
+        reuse[used_ids] += 1 - self.reuse_decay
         if self.correct and scores is not None:
-            self._scores[layer + 1 :] = np.asarray(scores, dtype=np.float64)[layer + 1 :]
+            self._scores[layer + 1 :] = scores[layer + 1 :]
         self._scores[layer] = 0.0
-        self._scores[layer, used] = 1.0
+        self._scores[layer, used_ids] = 1.0
         if self.prefetch:
             cache.drop_prefetches(cache.layers[layer])  # guesses for this layer the router did not take
             if self.correct and scores is not None:
@@ -199,14 +243,16 @@ class ExpertFlowPlanner:
                         cache.drop_prefetches(cache.layers[li], stale)
                 if self._queued_to > layer:
                     self._queue(cache, layer + 1, self._queued_to)
+        v = self.value()
         if self.quotas and self.requota:
-            cache.set_quotas(self.demand_quotas(cache, self._scores))
-        self._guard(cache)
+            cache.set_quotas(self.demand_quotas(cache, self._scores, v))
+        self._guard(cache, v)
         if self.prefetch:
             last = min(L - 1, layer + self.lookahead)
             if last > self._queued_to:
                 self._queue(cache, self._queued_to + 1, last)
-            n = self.issue_per_layer
-            if n is None:
-                n = max(2, int(np.ceil(self._scores[min(L - 1, layer + 1)].clip(0, 1).sum())))
-            cache.issue_prefetches(n)
+            if cache.transfer.num_queued:
+                n = self.issue_per_layer
+                if n is None:
+                    n = max(2, math.ceil(self._scores[min(L - 1, layer + 1)].clip(0, 1).sum()))
+                cache.issue_prefetches(n)
