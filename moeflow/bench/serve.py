@@ -174,6 +174,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"server expert cache during the run: {cache['hits']:.0f} hits, {cache['misses']:.0f} misses "
               f"({cache['hit_rate']:.1%}), {cache['bytes_moved'] / 2**20:.1f} MiB moved host->device, "
               f"{cache['stall_s'] * 1e3:.1f} ms stalled")
+    for kind, st in result.get("server_steps", {}).items():
+        if st["steps"]:
+            print(f"server {kind} steps: {st['steps']:.0f}, {st['seconds'] / st['steps'] * 1e3:.1f} ms mean, "
+                  f"{st['over_250ms']:.0f} over 250 ms")
     if args.result_file:
         args.result_file.write_text(json.dumps(result, indent=2))
         print(f"results written to {args.result_file}", file=sys.stderr)
@@ -216,7 +220,7 @@ async def _run(args: argparse.Namespace) -> dict:
             else:
                 tokenize = _server_tokenizer(base, headers, card["id"])
         requests = await asyncio.to_thread(sample_requests, args, args.vocab_size or card.get("vocab_size"), tokenize)
-        before = await _expert_cache(session, base)
+        before = await _server_counters(session, base)
 
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         bar = tqdm(total=len(requests), desc="requests", unit="req", disable=args.disable_tqdm)
@@ -240,7 +244,7 @@ async def _run(args: argparse.Namespace) -> dict:
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-        after = await _expert_cache(session, base)
+        after = await _server_counters(session, base)
 
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -254,8 +258,12 @@ async def _run(args: argparse.Namespace) -> dict:
     }
     if before is not None and after is not None:
         delta = {k: after[k] - before[k] for k in after}
-        seen = delta["hits"] + delta["misses"]
-        result["server_expert_cache"] = {**delta, "hit_rate": delta["hits"] / seen if seen else 1.0}
+        cache = {k: delta[k] for k in _CACHE_COUNTERS.values()}
+        seen = cache["hits"] + cache["misses"]
+        result["server_expert_cache"] = {**cache, "hit_rate": cache["hits"] / seen if seen else 1.0}
+        result["server_steps"] = {kind: {"steps": delta[f"{kind}_steps"], "seconds": delta[f"{kind}_s"],
+                                         "over_250ms": delta[f"{kind}_steps_over_250ms"]}
+                                  for kind in ("prefill", "decode")}
     return result
 
 
@@ -315,13 +323,16 @@ async def _send(session, base: str, model: str, req: BenchRequest, t0: float):
     return record
 
 
-async def _expert_cache(session, base: str) -> dict | None:
-    """Totals of moeflow's expert-cache counters on the server's /metrics, or None if it has none."""
+_CACHE_COUNTERS = {"moeflow:expert_cache_hits": "hits", "moeflow:expert_cache_misses": "misses",
+                   "moeflow:expert_bytes_moved": "bytes_moved", "moeflow:expert_stall_seconds": "stall_s"}
+
+
+async def _server_counters(session, base: str) -> dict | None:
+    """Totals of moeflow's expert-cache counters and its step-time histogram (steps, seconds and steps over
+    250 ms, per kind) on the server's /metrics, or None if it has none."""
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
-    names = {"moeflow:expert_cache_hits": "hits", "moeflow:expert_cache_misses": "misses",
-             "moeflow:expert_bytes_moved": "bytes_moved", "moeflow:expert_stall_seconds": "stall_s"}
     try:
         async with session.get(f"{base}/metrics") as r:
             if r.status != 200:
@@ -329,10 +340,22 @@ async def _expert_cache(session, base: str) -> dict | None:
             text = await r.text()
     except (aiohttp.ClientError, UnicodeDecodeError):
         return None
-    totals = dict.fromkeys(names.values(), 0.0)
+    totals = dict.fromkeys(_CACHE_COUNTERS.values(), 0.0)
+    steps = {(kind, part): 0.0 for kind in ("prefill", "decode") for part in ("count", "sum", "quick")}
     found = False
     for family in text_string_to_metric_families(text):
-        if family.name in names:
+        if family.name in _CACHE_COUNTERS:
             found = True
-            totals[names[family.name]] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+            totals[_CACHE_COUNTERS[family.name]] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        elif family.name == "moeflow:step_duration_seconds":
+            for sample in family.samples:
+                kind = sample.labels.get("kind")
+                part = sample.name.rsplit("_", 1)[-1]  # count, sum or bucket
+                if part == "bucket" and float(sample.labels.get("le", "inf")) == 0.25:
+                    part = "quick"  # steps of at most 250 ms
+                if (kind, part) in steps:
+                    steps[kind, part] += sample.value
+    for kind in ("prefill", "decode"):
+        totals.update({f"{kind}_steps": steps[kind, "count"], f"{kind}_s": steps[kind, "sum"],
+                       f"{kind}_steps_over_250ms": steps[kind, "count"] - steps[kind, "quick"]})
     return totals if found else None

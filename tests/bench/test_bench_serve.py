@@ -61,6 +61,10 @@ def test_random_dataset_report(live_server, tmp_path, capsys):
         assert req["ttft_s"] < req["latency_s"]
     cache = r["server_expert_cache"]  # a 25% budget misses
     assert cache["misses"] > 0 and 0 <= cache["hit_rate"] < 1 and cache["bytes_moved"] > 0
+    steps = r["server_steps"]  # the run's own steps: 20 prefills at most, 7 decode steps a request at least
+    assert 1 <= steps["prefill"]["steps"] <= 20 and steps["decode"]["steps"] >= 7
+    assert steps["decode"]["seconds"] > 0 and 0 <= steps["decode"]["over_250ms"] <= steps["decode"]["steps"]
+    assert "server decode steps:" in table
     assert live_server.wait_idle()
 
 
