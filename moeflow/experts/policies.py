@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+_NEVER = np.iinfo(np.int64).max  # a rank no candidate has: non-candidates never win the argmin
+
 
 class EvictionPolicy(Protocol):
     def touch(self, li: int, expert: int) -> None:
@@ -37,7 +39,7 @@ class LRUPolicy:
         self._last[li, expert] = 0
 
     def victim(self, li: int, candidates: np.ndarray) -> int:
-        return int(np.where(candidates, self._last[li], np.iinfo(np.int64).max).argmin())
+        return int(np.where(candidates, self._last[li], _NEVER).argmin())
 
 
 class LFUPolicy:
@@ -56,7 +58,7 @@ class LFUPolicy:
         self._recency.forget(li, expert)
 
     def victim(self, li: int, candidates: np.ndarray) -> int:
-        counts = np.where(candidates, self._count[li], np.iinfo(np.int64).max)
+        counts = np.where(candidates, self._count[li], _NEVER)
         return self._recency.victim(li, candidates & (counts == counts.min()))
 
 
