@@ -5,7 +5,8 @@ kernel regime pays once: the fused expert kernels compile the tile configuration
 slot (experts/kernels/triton_moe.pick_config has three regimes), attention and the dense GEMMs choose and
 initialise their kernels, and the caching allocator grows to the step's size. On the H200 the first 32
 requests to a fresh server waited 384 ms for a prefill that the same server ran in 73 ms later on
-(docs/benchmarks/2026-12-02-h200-serve-text, serve-100-random.json).
+(docs/benchmarks/2026-12-02-h200-serve-text, serve-100-random.json); with this warm-up, 170-177 ms
+(docs/benchmarks/2026-12-02-h200-session3).
 
 `warm_prefill` runs the model runner's prefill on dummy prompts whose token counts grow by 4x from 16 to the
 step's token budget, through the code a request's prefill takes, and leaves the engine as it found it: the KV
