@@ -4,7 +4,7 @@
 
 A decode step's plan() over N running sequences (max_batch_size 32, 12 MoE layers x 64 experts, top-8, a token
 table of 500 learned tokens, 16 slots a layer resident) and update() after a decode step of 32 tokens and after a
-prefill step of 25 prompts x 160 tokens. Routes are random: the figure is the policy's cost, not its choice; the
+prefill step of 25 prompts x 160 tokens drawn from 8,192 token ids. Routes are random: the figure is the policy's cost, not its choice; the
 picks' digest shows whether two versions of the policy chose alike.
 """
 
@@ -22,6 +22,7 @@ from moeflow.routing.predictors.base import StepView
 from moeflow.routing.record import StepRoutes
 
 L, E, K, M, VOCAB = 12, 64, 8, 32, 500
+PROMPT_VOCAB = 8192  # prompts draw from the bench model's whole vocabulary: most of their tokens are new to the table
 
 
 class _Seq:
@@ -67,7 +68,8 @@ def time_update(sequences: int, tokens_each: int, reps: int) -> float:
     T = sequences * tokens_each
     ids = _routes(rng, T).transpose(1, 0, 2)
     view = StepView(1, tokens_each > 1, tuple(map(str, range(sequences))),
-                    tuple(tuple(int(t) for t in rng.integers(0, VOCAB, tokens_each)) for _ in range(sequences)),
+                    tuple(tuple(int(t) for t in rng.integers(0, PROMPT_VOCAB if tokens_each > 1 else VOCAB, tokens_each))
+                          for _ in range(sequences)),
                     (tokens_each,) * sequences)
     routes = StepRoutes(ids, ids, np.zeros((L, E), dtype=bool),
                         [slice(i * tokens_each, (i + 1) * tokens_each) for i in range(sequences)])
