@@ -4,7 +4,7 @@ Shapes: L MoE layers, E experts per layer, S slots, each slot one expert (3*I*H 
 
 The pool maps (layer, expert) -> slot. Every layer has a quota of slots (equal shares by
 default; a planner may rebalance them by predicted demand each step). A layer under its quota
-takes a slot from the layer most over its quota; a layer at its quota evicts one of its own
+takes a slot from the layer most over its quota (quotas.py); a layer at its quota evicts one of its own
 experts, chosen by the eviction policy, sparing the experts a planner protects and taking the
 lowest of a planner's priorities first, when it has set any. Slots a compute
 still reads are pinned and never evicted.
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from moeflow.experts.policies import EvictionPolicy
+from moeflow.experts.quotas import donor_layer, equal_quotas
 from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
 from moeflow.experts.transfer import Priority, TransferEngine
@@ -89,15 +90,9 @@ class ExpertCache:
         self._protected = np.zeros((L, E), dtype=bool)
         self._unprotected = ~self._protected
         self._priority: np.ndarray | None = None  # [L, E] eviction order a planner sets; None: the policy's alone
-        self.quota = self.equal_quotas(S, L)
+        self.quota = equal_quotas(S, L)
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         self._table_dirty = True
-
-    @staticmethod
-    def equal_quotas(num_slots: int, num_layers: int) -> np.ndarray:
-        q = np.full(num_layers, num_slots // num_layers, dtype=np.int64)
-        q[: num_slots % num_layers] += 1
-        return q
 
     def ordinal(self, layer: int) -> int:
         return self._ordinal[layer]
@@ -382,7 +377,7 @@ class ExpertCache:
         over = (self._held - self.quota).tolist()
         can = self._idle.any(axis=1).tolist()
         while True:
-            j = self._donor(li, over, can)
+            j = donor_layer(li, over, can)
             if j is None:
                 yield None
                 return
@@ -392,20 +387,6 @@ class ExpertCache:
             can[j] = np.count_nonzero(self._idle[j]) > 0
             yield slot
             over[li] += 1  # the caller assigned the slot to li
-
-    @staticmethod
-    def _donor(li: int, over: list[int], can: list[bool]) -> int | None:
-        """The layer that gives layer li a slot, from each layer's excess over its quota and whether it has an
-        evictable expert (can): li under its quota takes from the layer most over its quota that can, the first
-        of equals; else li gives its own if it can; else whichever layer can, the most over its quota first."""
-        if over[li] < 0:
-            giving = [j for j in range(len(over)) if over[j] > 0 and can[j]]
-            if giving:
-                return max(giving, key=over.__getitem__)
-        if can[li]:
-            return li
-        giving = [j for j in range(len(over)) if can[j]]
-        return max(giving, key=over.__getitem__) if giving else None
 
     # -- accounting ------------------------------------------------------------------------
 

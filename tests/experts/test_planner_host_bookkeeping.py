@@ -12,6 +12,7 @@ from moeflow.assets import default_model_dir
 from moeflow.experts.cache import LIVE, ExpertCache
 from moeflow.experts.policies import make_policy
 from moeflow.experts.predictive import ExpertFlowPlanner, _best, _trim
+from moeflow.experts.quotas import donor_layer
 from moeflow.experts.replay import FakeStore, decode_steps, replay
 from moeflow.weights.checkpoint import Checkpoint
 
@@ -94,7 +95,7 @@ def test_donor_is_the_layer_the_sorted_rule_picks():
         over = rng.integers(-3, 4, size=L).tolist()
         can = (rng.random(L) < 0.6).tolist()
         li = int(rng.integers(0, L))
-        assert ExpertCache._donor(li, over, can) == donor_by_sorting(li, over, can)
+        assert donor_layer(li, over, can) == donor_by_sorting(li, over, can)
 
 
 class QuotaCache:
