@@ -138,7 +138,7 @@ class LLMEngine:
         self.runner.slot_table = None if self.cache.fully_resident else self.cache.slot_table
         self._capture_graphs()
         if self.device.type == "cuda":  # so that the first requests pay no one-time prefill cost
-            self.warmup_s = warm_prefill(self)
+            self.warmup_s = warm_prefill(self, cache_config)
 
     def set_predictor(self, predictor: Predictor | None, planner: Planner | None = None) -> None:
         """Install a predictor (None: load on demand) and the planner that turns its scores into cache moves
@@ -366,23 +366,18 @@ class LLMEngine:
         if self.cache.fully_resident:
             self.cache.count_resident_step(routes.used)
         self.cache.collect_stats()
+        self.costs.observe(batch.is_prefill, batch.num_tokens, elapsed)
         if batch.is_prefill:
             c["prefill_s"] += elapsed
             c["prompt_tokens"] += batch.num_tokens
-            per_token = elapsed / batch.num_tokens
-            p = self.costs.prefill_s_per_token
-            self.costs.prefill_s_per_token = per_token if p is None else 0.8 * p + 0.2 * per_token
         else:
-            B = len(batch.seqs)
             c["decode_s"] += elapsed
-            c["decode_tokens"] += B
+            c["decode_tokens"] += len(batch.seqs)
             c["decode_steps"] += 1
             c["layer_steps"] += routes.used.shape[0]
             c["distinct_experts"] += int(routes.used.sum())
             c["picks"] += routes.ids.size
             c["remapped_picks"] += routes.num_remapped
-            d = self.costs.decode_step_s.get(B)
-            self.costs.decode_step_s[B] = elapsed if d is None else 0.8 * d + 0.2 * elapsed
             for s in batch.seqs:
                 if s.last_step >= 0 and s.output_ids:
                     s.decode_waits.append(self._step_index - s.last_step - 1)

@@ -54,6 +54,15 @@ class MeasuredCosts:
     expert_bytes: int = 0
     load_bytes_per_s: float | None = None  # host->device bandwidth the expert copies achieved
 
+    def observe(self, is_prefill: bool, num_tokens: int, seconds: float) -> None:
+        """A step of `num_tokens` (a decode step: one per sequence) took `seconds`: moving averages, 0.2 new."""
+        if is_prefill:
+            per_token, p = seconds / num_tokens, self.prefill_s_per_token
+            self.prefill_s_per_token = per_token if p is None else 0.8 * p + 0.2 * per_token
+        else:
+            d = self.decode_step_s.get(num_tokens)
+            self.decode_step_s[num_tokens] = seconds if d is None else 0.8 * d + 0.2 * seconds
+
 
 @dataclass
 class SchedulerContext:

@@ -12,8 +12,9 @@ requests to a fresh server waited 384 ms for a prefill that the same server ran 
 step's token budget, through the code a request's prefill takes, and leaves the engine as it found it: the KV
 rows it wrote are free (a request's prefill writes its own row from position 0, and decode reads no further
 than the sequence's length), the route record is rewritten by the next step, no route listener hears it, and
-an on-demand expert cache is emptied afterwards (contents and statistics), so nothing that a run measures or
-decides sees the warm-up. Tokens are never sampled and no counter moves.
+the expert pool is then reset in place as the engine resets a pool of the same size (`reset_expert_cache`:
+contents, statistics and policy new, graphs kept), so nothing that a run measures or decides sees the warm-up.
+Tokens are never sampled and no counter moves.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeflow.config import CacheConfig
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.sampling import SamplingParams
 
@@ -66,8 +68,9 @@ def warmup_sizes(budget: int, max_len: int, rows: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def warm_prefill(engine: LLMEngine) -> float:
-    """Run the prefill path once per warm-up size (see the module's text); returns the seconds it took."""
+def warm_prefill(engine: LLMEngine, cache_config: CacheConfig) -> float:
+    """Run the prefill path once per warm-up size (see the module's text), then reset the pool of `cache_config`
+    in place; returns the seconds it took."""
     t0 = time.perf_counter()
     experts, vocab = engine.model.experts, engine.spec.vocab_size
     listener, experts.route_listener = experts.route_listener, None
@@ -84,10 +87,8 @@ def warm_prefill(engine: LLMEngine) -> float:
     finally:
         experts.route_listener = listener
     if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    cache = engine.cache
-    if not cache.fully_resident:  # empty, with a new policy of the same kind (make_policy's signature)
-        cache.clear(type(cache.policy)(len(cache.layers), cache.num_experts))
+        torch.cuda.synchronize(engine.device)  # the figure covers the device's work too
+    engine.reset_expert_cache(cache_config)  # the same pool size: emptied in place, its graphs kept
     seconds = time.perf_counter() - t0
     log.info("prefill warm-up: %d steps of %d-%d tokens in %.2f s", len(steps), sum(steps[0]), sum(steps[-1]), seconds)
     return seconds

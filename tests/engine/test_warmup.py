@@ -33,7 +33,7 @@ def _run(budget: str, warm: bool) -> tuple[list[list[int]], dict, list, float]:
     llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=128, max_num_seqs=4,
               expert_budget=budget)
     engine = llm.engine
-    seconds = warm_prefill(engine) if warm else 0.0
+    seconds = warm_prefill(engine, engine.config.cache) if warm else 0.0
     counters = dict(engine.counters)
     stats = [dataclasses.asdict(s) for s in engine.cache.stats.per_layer.values()]
     prompts = heldout_prompts(llm.tokenizer, 4)
