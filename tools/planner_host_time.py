@@ -149,12 +149,8 @@ def main() -> None:
     eb = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
     pred_dir = args.predictor or find_predictor(model)
     data = RouteData.from_traces([Trace.load(args.trace)])
-    slices, n = [], 0
-    for s in data.sequence_slices():
-        if n >= args.tokens:
-            break
-        slices.append(s)
-        n += s.stop - s.start
+    slices = data.first_sequences(args.tokens)
+    n = sum(s.stop - s.start for s in slices)
     rows = []
     for budget in args.budgets.split(","):
         # as `moeflow predictor eval` sizes the pool: at least one top-k

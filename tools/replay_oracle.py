@@ -77,12 +77,8 @@ def main() -> None:
     L, E = spec.num_moe_layers, spec.num_experts
     eb = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
     data = RouteData.from_traces([Trace.load(args.trace)])
-    slices, n = [], 0
-    for s in data.sequence_slices():
-        if n >= args.tokens:
-            break
-        slices.append(s)
-        n += s.stop - s.start
+    slices = data.first_sequences(args.tokens)
+    n = sum(s.stop - s.start for s in slices)
     slots = ExpertBudget.parse(args.budget).num_slots(expert_bytes=eb, num_moe_layers=L, num_experts=E)
     steps = decode_steps(data.token_ids, data.routes, slices, args.batch, E)
     opt = belady(steps, slots, eb, spec.moe_layers).bytes_per_token

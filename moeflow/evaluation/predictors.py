@@ -162,15 +162,7 @@ def replay_cache(pred_path, checkpoint, data: RouteData, budgets: Sequence[str],
     spec = checkpoint.spec
     L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
     expert_bytes = spec.expert_bytes(torch.empty((), dtype=checkpoint.tensor_dtype).element_size())
-    slices = data.sequence_slices()
-    if max_tokens is not None:
-        kept, n = [], 0
-        for s in slices:
-            if n >= max_tokens:
-                break
-            kept.append(s)
-            n += s.stop - s.start
-        slices = kept
+    slices = data.first_sequences(max_tokens)
     rows: list[dict] = []
     for budget in budgets:
         slots = max(K, ExpertBudget.parse(budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=L,

@@ -234,3 +234,15 @@ def test_the_look_ahead_head_learns_the_experts_of_the_next_horizon_tokens_of_th
     with pytest.raises(ConfigError, match="horizon must be at least 1"):
         train(Checkpoint(default_model_dir()), [], TrainOptions(horizon=0), torch.device("cpu"))
 
+
+
+def test_first_sequences_stop_at_the_sequence_that_reaches_the_token_count():
+    routes = np.zeros((7, 1, 1), dtype=np.int16)
+    starts = np.array([True, False, False, True, False, True, False])  # sequences of 3, 2 and 2 tokens
+    data = RouteData(np.arange(7), np.full(7, -1), routes, starts, np.zeros(7, dtype=np.int64),
+                     np.zeros(7, dtype=np.int64), ["d"], 4)
+    assert data.first_sequences(None) == data.sequence_slices()
+    assert data.first_sequences(1) == [slice(0, 3)], "a sequence is never cut"
+    assert data.first_sequences(3) == [slice(0, 3)]
+    assert data.first_sequences(4) == [slice(0, 3), slice(3, 5)]
+    assert data.first_sequences(100) == data.sequence_slices()

@@ -142,6 +142,19 @@ class RouteData:
         ends = np.concatenate([bounds[1:], [self.num_tokens]])
         return [slice(int(a), int(b)) for a, b in zip(bounds, ends)]
 
+    def first_sequences(self, max_tokens: int | None) -> list[slice]:
+        """The first whole sequences, up to the one that reaches `max_tokens` (None: all of them)."""
+        slices = self.sequence_slices()
+        if max_tokens is None:
+            return slices
+        kept, n = [], 0
+        for s in slices:
+            if n >= max_tokens:
+                break
+            kept.append(s)
+            n += s.stop - s.start
+        return kept
+
 
 @dataclass
 class TrainOptions:
