@@ -50,6 +50,14 @@ if [ -d .whl ] && [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH="$root:/tmp/site"
 moeflow() { python3 -m moeflow.cli "$@"; }
+offline() {  # offline DIR NAME TIMEOUT ARGS...: bench offline on the bench model's text workload into DIR/NAME
+    local dir=$1 name=$2 limit=$3
+    shift 3
+    timeout "$limit" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
+        --baselines "" "$@" --out "$dir/$name" > "$dir/$name.log" 2>&1
+    grep -h "^moeflow" "$dir/$name.log" | cut -c1-120
+    rm -f "$dir/$name"/*.png
+}
 
 case "$part" in
 1)
@@ -229,24 +237,18 @@ case "$part" in
     p=$w/p6
     mkdir -p "$p"
     pack() { tar czf "$out/p6.tgz" -C "$w" p6; }
-    git -C "$root" rev-parse HEAD > "$p/commit.txt" 2>/dev/null || cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"  # COMMIT: a clean export
     moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
         --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1
     tail -2 "$p/train_log.txt"
     [ -f "$BENCH_MODEL/config.json" ] || exit 3
     cp "$BENCH_MODEL"/training_log.json "$p/" 2>/dev/null
     pack
-    timeout "${LYNX_TIMEOUT:-80}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
-        --data "$w/corpus" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 --baselines "" \
-        --routing exact,lynx,lynx:kernel=triton --out "$p/lynx100" > "$p/lynx100.log" 2>&1
-    grep -h "^moeflow" "$p/lynx100.log" | cut -c1-120
-    rm -f "$p"/lynx100/*.png
+    offline "$p" lynx100 "${LYNX_TIMEOUT:-80}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx,lynx:kernel=triton
     pack
-    timeout "${SCHED_TIMEOUT:-330}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
-        --data "$w/corpus" --budgets 25% --batch-sizes 256 --max-num-seqs 256 --max-batch-size 32 \
-        --batches-per-cell 1 --baselines "" --scheduling fcfs,route-aware --out "$p/sched25" > "$p/sched25.log" 2>&1
-    grep -h "^moeflow" "$p/sched25.log" | cut -c1-120
-    rm -f "$p"/sched25/*.png
+    offline "$p" sched25 "${SCHED_TIMEOUT:-330}" --budgets 25% --batch-sizes 256 --max-num-seqs 256 \
+        --max-batch-size 32 --batches-per-cell 1 --scheduling fcfs,route-aware
     pack
     ;;
 7)
@@ -258,17 +260,11 @@ case "$part" in
         timeout "${SERVE_ALL_TIMEOUT:-230}" tools/gpu_suite.sh serve "$p/serve" > "$p/serve.log" 2>&1
     grep -h "^== \|Output token throughput\|Median TTFT\|P99 TTFT" "$p/serve.log"
     pack
-    timeout "${LYNX_TIMEOUT:-70}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
-        --data "$w/corpus" --budgets 25% --batch-sizes 32 --batches-per-cell 2 --baselines "" \
-        --routing exact,lynx,lynx:kernel=triton,lynx:w=4:kernel=triton --out "$p/lynx25" > "$p/lynx25.log" 2>&1
-    grep -h "^moeflow" "$p/lynx25.log" | cut -c1-120
-    rm -f "$p"/lynx25/*.png
+    offline "$p" lynx25 "${LYNX_TIMEOUT:-70}" --budgets 25% --batch-sizes 32 --batches-per-cell 2 \
+        --routing exact,lynx,lynx:kernel=triton,lynx:w=4:kernel=triton
     pack
-    timeout "${SCHED_TIMEOUT:-330}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
-        --data "$w/corpus" --budgets 10% --batch-sizes 256 --max-num-seqs 256 --max-batch-size 32 \
-        --batches-per-cell 1 --baselines "" --scheduling fcfs,route-aware --out "$p/sched10" > "$p/sched10.log" 2>&1
-    grep -h "^moeflow" "$p/sched10.log" | cut -c1-120
-    rm -f "$p"/sched10/*.png
+    offline "$p" sched10 "${SCHED_TIMEOUT:-330}" --budgets 10% --batch-sizes 256 --max-num-seqs 256 \
+        --max-batch-size 32 --batches-per-cell 1 --scheduling fcfs,route-aware
     pack
     ;;
 esac
