@@ -178,6 +178,10 @@ def main(args: argparse.Namespace) -> int:
         if st["steps"]:
             print(f"server {kind} steps: {st['steps']:.0f}, {st['seconds'] / st['steps'] * 1e3:.1f} ms mean, "
                   f"{st['over_250ms']:.0f} over 250 ms")
+    gc_ = result.get("server_gc")
+    if gc_ and gc_["collections"]:
+        print(f"server garbage collections: {gc_['collections']:.0f} ({gc_['full']:.0f} full), "
+              f"{gc_['seconds'] * 1e3:.1f} ms in all, {gc_['over_50ms']:.0f} over 50 ms")
     if args.result_file:
         args.result_file.write_text(json.dumps(result, indent=2))
         print(f"results written to {args.result_file}", file=sys.stderr)
@@ -264,6 +268,8 @@ async def _run(args: argparse.Namespace) -> dict:
         result["server_steps"] = {kind: {"steps": delta[f"{kind}_steps"], "seconds": delta[f"{kind}_s"],
                                          "over_250ms": delta[f"{kind}_steps_over_250ms"]}
                                   for kind in ("prefill", "decode")}
+        result["server_gc"] = {"collections": delta["gc_collections"], "full": delta["gc_full"],
+                               "seconds": delta["gc_s"], "over_50ms": delta["gc_over_50ms"]}
     return result
 
 
@@ -328,8 +334,9 @@ _CACHE_COUNTERS = {"moeflow:expert_cache_hits": "hits", "moeflow:expert_cache_mi
 
 
 async def _server_counters(session, base: str) -> dict | None:
-    """Totals of moeflow's expert-cache counters and its step-time histogram (steps, seconds and steps over
-    250 ms, per kind) on the server's /metrics, or None if it has none."""
+    """Totals of moeflow's expert-cache counters, its step-time histogram (steps, seconds and steps over
+    250 ms, per kind) and its garbage-collection pauses (collections, full ones, seconds, pauses over 50 ms)
+    on the server's /metrics, or None if it has none."""
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -342,6 +349,7 @@ async def _server_counters(session, base: str) -> dict | None:
         return None
     totals = dict.fromkeys(_CACHE_COUNTERS.values(), 0.0)
     steps = {(kind, part): 0.0 for kind in ("prefill", "decode") for part in ("count", "sum", "quick")}
+    pauses = dict.fromkeys(("gc_collections", "gc_full", "gc_s", "gc_quick"), 0.0)
     found = False
     for family in text_string_to_metric_families(text):
         if family.name in _CACHE_COUNTERS:
@@ -355,7 +363,19 @@ async def _server_counters(session, base: str) -> dict | None:
                     part = "quick"  # steps of at most 250 ms
                 if (kind, part) in steps:
                     steps[kind, part] += sample.value
+        elif family.name == "moeflow:gc_pause_seconds":
+            for sample in family.samples:
+                part = sample.name.rsplit("_", 1)[-1]
+                if part == "count":
+                    pauses["gc_collections"] += sample.value
+                    pauses["gc_full"] += sample.value if sample.labels.get("generation") == "2" else 0.0
+                elif part == "sum":
+                    pauses["gc_s"] += sample.value
+                elif part == "bucket" and float(sample.labels.get("le", "inf")) == 0.05:
+                    pauses["gc_quick"] += sample.value
     for kind in ("prefill", "decode"):
         totals.update({f"{kind}_steps": steps[kind, "count"], f"{kind}_s": steps[kind, "sum"],
                        f"{kind}_steps_over_250ms": steps[kind, "count"] - steps[kind, "quick"]})
+    totals.update({k: pauses[k] for k in ("gc_collections", "gc_full", "gc_s")},
+                  gc_over_50ms=pauses["gc_collections"] - pauses["gc_quick"])
     return totals if found else None

@@ -52,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from moeflow.server.app import create_app
     from moeflow.server.draining import DrainingServer
     from moeflow.server.engine_client import EngineClient
+    from moeflow.server.gc_pauses import freeze_start_up_heap
     from moeflow.server.http import uvicorn_config
     from moeflow.server.metrics import ServerMetrics
     from moeflow.server.settings import ServerSettings
@@ -65,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
                               header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                               default_routing=args.default_routing)
     engine = LLM(str(model_dir), **kwargs).engine
+    freeze_start_up_heap()  # the engine and everything built with it live as long as the process
     client = EngineClient(engine, max_queue=settings.max_queue, metrics=ServerMetrics(settings.served_model_name))
     client.start()
     try:

@@ -123,6 +123,8 @@ class EngineClient:
     # -- lifecycle (any thread) -----------------------------------------------------------------
 
     def start(self) -> None:
+        if self.metrics:
+            self.metrics.gc.install()  # collections pause the engine thread too: time them while it runs
         self._thread = threading.Thread(target=self._run, name="moeflow-engine", daemon=True)
         self._thread.start()
 
@@ -133,6 +135,8 @@ class EngineClient:
         self._command("stop")
         self._thread.join(timeout)
         self._thread = None
+        if self.metrics:
+            self.metrics.gc.remove()
 
     @property
     def alive(self) -> bool:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from moeflow.outputs import RequestOutput
+from moeflow.server.gc_pauses import GCPauses
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -23,6 +24,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 480.0, 960.0, 1920.0, 7680.0)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 2.5,
                  5.0, 10.0)  # bench serve reads the 0.25 s one
+_GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # bench serve reads 0.05
 _CACHE_FIELDS = ("hits", "misses", "bytes_moved", "prefetch_bytes", "stall_s", "prefetch_hits",
                  "wasted_prefetches")
 
@@ -71,6 +73,10 @@ class ServerMetrics:
         self.step_time = Histogram("moeflow:step_duration_seconds", "One engine step, scheduling to its tokens on the "
                                    "host, by kind (prefill or decode)", (*m, "kind"), buckets=_STEP_BUCKETS,
                                    registry=r)
+        self.gc_pause = Histogram("moeflow:gc_pause_seconds", "One garbage collection, which stops every thread, "
+                                  "by generation (2: a full one)", (*m, "generation"), buckets=_GC_BUCKETS,
+                                  registry=r)
+        self.gc = GCPauses()  # the engine client installs it while its thread runs
         self.model_name = model_name
         self._counters = {}
         self._cache: dict[int, tuple] = {}
@@ -101,8 +107,13 @@ class ServerMetrics:
         self._last_token.pop(request_id, None)
         self.success.labels(self.model_name, reason).inc()
 
+    def _take_gc_pauses(self) -> None:
+        for generation, seconds in self.gc.take():
+            self.gc_pause.labels(self.model_name, str(generation)).observe(seconds)
+
     def step_done(self, engine, outputs: list[RequestOutput]) -> None:
         name = self.model_name
+        self._take_gc_pauses()
         c, before = engine.counters, self._counters
         self.prompt_tokens.labels(name).inc(max(0, c["prompt_tokens"] - before.get("prompt_tokens", 0)))
         self.generation_tokens.labels(name).inc(max(0, c["generated_tokens"] - before.get("generated_tokens", 0)))
@@ -144,6 +155,7 @@ class ServerMetrics:
             self._cache[layer] = now
 
     def render(self) -> bytes:
+        self._take_gc_pauses()
         return generate_latest(self.registry)
 
 

@@ -65,6 +65,9 @@ def test_random_dataset_report(live_server, tmp_path, capsys):
     assert 1 <= steps["prefill"]["steps"] <= 20 and steps["decode"]["steps"] >= 7
     assert steps["decode"]["seconds"] > 0 and 0 <= steps["decode"]["over_250ms"] <= steps["decode"]["steps"]
     assert "server decode steps:" in table
+    pauses = r["server_gc"]  # the live server times its collections; a run allocates enough for some
+    assert pauses["collections"] > 0 and pauses["seconds"] > 0 and 0 <= pauses["full"] <= pauses["collections"]
+    assert "server garbage collections:" in table
     assert live_server.wait_idle()
 
 

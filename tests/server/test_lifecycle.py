@@ -240,3 +240,4 @@ def test_a_second_sigterm_ends_every_request_with_an_error_and_exits_nonzero(mod
         assert error["code"] == "server_shutting_down" and len(events) < 480
     assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "server_shutting_down"
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    assert "start-up objects frozen" in log, log  # the server froze its start-up heap before serving
