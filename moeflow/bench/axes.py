@@ -69,6 +69,24 @@ def grid(predictors: list[str], routings: list[str], schedulings: list[str]) -> 
     return [Configuration(p, r, s) for p, r, s in itertools.product(predictors, routings, schedulings)]
 
 
+def listed(texts: list[str]) -> list[Configuration]:
+    """Configurations named whole, `PREDICTOR/ROUTING/SCHEDULING` each (as the report labels them), the first the
+    baseline: for comparisons that are not a product of the three axes (a predictor's directory may hold
+    slashes; routing and scheduling values never do)."""
+    out = []
+    for text in texts:
+        parts = text.rsplit("/", 2)
+        if len(parts) != 3 or not all(parts):
+            raise ConfigError(f"--configurations {text!r}: name each as PREDICTOR/ROUTING/SCHEDULING, e.g. "
+                              "none/exact/fcfs")
+        out.append(Configuration(*parts))
+    if not out:
+        raise ConfigError("--configurations needs at least one configuration")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--configurations names a configuration twice: {','.join(texts)}")
+    return out
+
+
 def with_ablations(predictors: list[str]) -> list[str]:
     """`predictors` with, after each trained predictor's directory, that directory with each part off."""
     out = []

@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "defaults, w=0: plain LYNX; w>0: cache-aware, resident experts earn w bin-0 votes; "
                         "kernel=triton: the rule in one launch per layer)")
     g.add_argument("--scheduling", type=_csv(str), default=["fcfs"], help="comma list: fcfs, route-aware")
+    g.add_argument("--configurations", type=_csv(str), default=None,
+                   help="comma list of whole configurations, PREDICTOR/ROUTING/SCHEDULING each (e.g. "
+                        "none/exact/fcfs,PRED_DIR/exact/route-aware), in place of the three lists' product; the "
+                        "first is the baseline")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences running at once (default: the largest batch size)")
     g.add_argument("--max-batch-size", type=int, default=None,
@@ -174,8 +178,14 @@ def main(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    predictors = axes.with_ablations(args.predictors) if args.ablations else args.predictors
-    configurations = axes.grid(predictors, args.routing, args.scheduling)
+    if args.configurations is not None:
+        if args.ablations or (args.predictors, args.routing, args.scheduling) != (["none"], ["exact"], ["fcfs"]):
+            raise ConfigError("--configurations names whole configurations: leave out --predictors, --routing, "
+                              "--scheduling and --ablations")
+        configurations = axes.listed(args.configurations)
+    else:
+        predictors = axes.with_ablations(args.predictors) if args.ablations else args.predictors
+        configurations = axes.grid(predictors, args.routing, args.scheduling)
 
     checkpoint, model_dir = None, args.model
     if args.synthetic:
@@ -344,6 +354,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         skip |= {"prompt_len"}
     else:
         skip |= {"data", "min_prompt_len", "max_prompt_len", "temperature", "top_p"}
+    if args.configurations is not None:  # the three lists' defaults would make the command refuse itself
+        skip |= {"predictors", "routing", "scheduling"}
     parts = []
     for k, v in vars(args).items():
         if k in skip or v is None or v is False or (k == "device" and v == "cuda"):

@@ -251,3 +251,31 @@ def test_a_cell_larger_than_a_decode_step_and_than_the_kv_rows(checkpoint):
     assert r.decode_tokens == 6 * 3 and len(r.distinct_tokens) == 6 and r.prompt_tokens == 6 * 6
     assert r.decode_steps >= 9, "two sequences per decode step at most"
     assert 0 < r.belady_misses <= r.misses and r.graph_captures == 0
+
+
+def test_whole_configurations_in_place_of_the_product(tmp_path, capsys):
+    confs = axes.listed(["none/exact/fcfs", f"{tmp_path}/pred:no-quotas/lynx:w=4/route-aware"])
+    assert [(c.predictor, c.routing, c.scheduling) for c in confs] == [
+        ("none", "exact", "fcfs"), (f"{tmp_path}/pred:no-quotas", "lynx:w=4", "route-aware")]
+    for bad, why in ((["none/exact"], "PREDICTOR/ROUTING/SCHEDULING"), (["none//fcfs"], "PREDICTOR/ROUTING"),
+                     ([], "at least one"), (["none/exact/fcfs", "none/exact/fcfs"], "twice")):
+        with pytest.raises(ConfigError, match=why):
+            axes.listed(bad)
+    common = ["bench", "offline", "--model", str(default_model_dir()), "--device", "cpu", "--dtype", "float32",
+              "--data", str(HELDOUT), "--min-prompt-len", "8", "--max-prompt-len", "16", "--budgets", "25%",
+              "--batch-sizes", "4", "--max-batch-size", "2", "--batches-per-cell", "1", "--output-len", "3",
+              "--baselines", ""]
+    rc = moeflow_main([*common, "--configurations", "none/exact/fcfs", "--scheduling", "route-aware",
+                       "--out", str(tmp_path / "x")])
+    assert rc == 2 and "leave out --predictors, --routing, --scheduling" in capsys.readouterr().err
+    out = tmp_path / "r"
+    rc = moeflow_main([*common, "--configurations", "none/exact/fcfs,previous/exact/route-aware", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "results.json").read_text())
+    assert [(c["predictor"], c["scheduling"]) for c in report["meta"]["configurations"]] == [
+        ("none", "fcfs"), ("previous", "route-aware")], "as listed, not their product"
+    runs = {r["config"]: r for r in report["runs"] if r["system"] == "moeflow"}
+    assert sorted(runs) == ["none/exact/fcfs", "previous/exact/route-aware"]
+    assert runs["previous/exact/route-aware"]["vs_base_same_tokens"] == 1.0
+    command = report["meta"]["command"]  # runs again as written
+    assert "--configurations none/exact/fcfs,previous/exact/route-aware" in command and "--routing" not in command
