@@ -31,6 +31,18 @@
 #                                prompts) with the start-up prefill warm-up; LYNX at 25% batch 32 with the
 #                                Triton selector; route-aware against fcfs at 10%
 #
+# The fourth session's (2026-12-02), after `tools/gpu_suite.sh tests` in a call of its own, on one machine:
+#
+#   tools/gpu_session.sh 8 OUT   train the bench model; serve it at 32 streams on the text workload (100% and
+#                                25%) with the start-up heap frozen and the collector's pauses in /metrics
+#   tools/gpu_session.sh 9 OUT   traces of the corpus train split (1,500 documents a domain, up to 1M tokens)
+#                                and test split; predictors trained from them (six domains; five, python_docs
+#                                held out), 16 epochs; `predictor eval` on the CPU cores meanwhile; ExpertFlow
+#                                against LRU at 25% and 10%, batch 1 and 8
+#   tools/gpu_session.sh 10 OUT  route-aware scheduling with the predictive cache: 256 requests,
+#                                max_num_seqs 256, max_batch_size 32 at 25%, $CONFIGS (default fcfs with LRU,
+#                                route-aware with LRU, route-aware with the part-9 predictor)
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -265,6 +277,74 @@ case "$part" in
     pack
     offline "$p" sched10 "${SCHED_TIMEOUT:-330}" --budgets 10% --batch-sizes 256 --max-num-seqs 256 \
         --max-batch-size 32 --batches-per-cell 1 --scheduling fcfs,route-aware
+    pack
+    ;;
+8)
+    p=$w/p8
+    mkdir -p "$p"
+    pack() { tar czf "$out/p8.tgz" -C "$w" p8; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
+        --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1
+    tail -2 "$p/train_log.txt"
+    [ -f "$BENCH_MODEL/config.json" ] || exit 3
+    cp "$BENCH_MODEL"/training_log.json "$p/" 2>/dev/null
+    pack
+    SERVE_BUDGETS="100% 25%" SERVE_DATASETS="${SERVE_DATASETS:-text}" SERVE_PROMPTS=160 SERVE_TIMEOUT=75 \
+        CORPUS_TGZ=.carry/corpus.tgz timeout "${SERVE_ALL_TIMEOUT:-200}" tools/gpu_suite.sh serve "$p/serve" \
+        > "$p/serve.log" 2>&1
+    grep -h "^== \|Output token throughput\|Median TTFT\|P99 TTFT\|^server" "$p/serve.log"
+    pack
+    ;;
+9)
+    [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
+    p=$w/p9
+    mkdir -p "$p"
+    pack() { tar czf "$out/p9.tgz" -C "$w" p9; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    python3 tools/corpus_sample.py "$w/corpus" train 1500 > "$w/train_sample.jsonl"
+    python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
+    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens 1000000 --max-seq-len 256 \
+        --device cuda --out "$w/train.npz" > "$p/trace.log" 2>&1
+    moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
+        --out "$w/test.npz" >> "$p/trace.log" 2>&1
+    grep -h '^{' "$p/trace.log"
+    mkdir -p "$w/pred"
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
+        --epochs "${PRED_EPOCHS:-16}" --max-minutes 1.5 --no-progress > "$p/pred_train.log" 2>&1 &
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
+        --holdout-domain python_docs --device cuda --epochs "${PRED_EPOCHS:-16}" --max-minutes 1.5 --no-progress \
+        > "$p/pred_train_ho.log" 2>&1 &
+    wait
+    tail -qn1 "$p/pred_train.log" "$p/pred_train_ho.log" | cut -c1-300
+    cp -r "$w/pred" "$p/pred"
+    pack
+    ev() { timeout "${EVAL_TIMEOUT:-250}" python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" \
+        --trace "$w/test.npz" --replay-tokens 3000 --threads 3 --json "$@"; }
+    ev "$w/pred/bench" --budgets 25% --batch-sizes 1 > "$p/eval_25_b1.json" 2> "$p/eval_25_b1.err" &
+    ev "$w/pred/bench" --budgets 25% --batch-sizes 8 > "$p/eval_25_b8.json" 2> "$p/eval_25_b8.err" &
+    ev "$w/pred/bench-no-python_docs" --domains python_docs --budgets 25% --batch-sizes 1 > "$p/eval_ho.json" \
+        2> "$p/eval_ho.err" &
+    offline "$p" ef25 "${EF_TIMEOUT:-150}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$w/pred/bench"
+    pack
+    offline "$p" ef10 "${EF_TIMEOUT:-150}" --budgets 10% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$w/pred/bench"
+    pack
+    wait
+    for f in "$p"/eval_*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], \
+        d['recall'], d['cache'])" "$f" 2>/dev/null | cut -c1-400; done
+    pack
+    ;;
+10)
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 9 first)" >&2; exit 3; }
+    p=$w/p10
+    mkdir -p "$p"
+    pack() { tar czf "$out/p10.tgz" -C "$w" p10; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    offline "$p" sched25 "${SCHED_TIMEOUT:-560}" --budgets 25% --batch-sizes 256 --max-num-seqs 256 \
+        --max-batch-size 32 --batches-per-cell 1 \
+        --configurations "${CONFIGS:-none/exact/fcfs,none/exact/route-aware,$w/pred/bench/exact/route-aware}"
     pack
     ;;
 esac

@@ -22,7 +22,7 @@
 #   serve    moeflow serve on the bench model (left in $BENCH_MODEL by the bench stage on the same machine, else
 #            trained first, which needs CORPUS_TGZ) at each of $SERVE_BUDGETS (default 25% and 100%), loaded by
 #            moeflow bench serve with random prompts and with the text workload (the corpus test split when
-#            CORPUS_TGZ is given, else the committed held-out documents)
+#            CORPUS_TGZ is given, else the committed held-out documents; $SERVE_DATASETS picks either)
 #            (needs fastapi, uvicorn, pydantic and opentelemetry-api importable)
 #   mixtral  moeflow bench offline on a random model of Mixtral-8x7B's shape (about 94 GB in bfloat16)
 #
@@ -129,7 +129,7 @@ for _ in range(240):
     except OSError:
         time.sleep(0.5)
 PY
-        for dataset in random text; do
+        for dataset in ${SERVE_DATASETS:-random text}; do
             if [ $dataset = random ]; then set -- --dataset random --input-len 128; else
                 set -- --dataset text --data "$data"; fi
             echo "== budget $budget, dataset $dataset" | tee -a "$work/r/serve.txt"
