@@ -35,10 +35,12 @@
 #
 #   tools/gpu_session.sh 8 OUT   train the bench model; serve it at 32 streams on the text workload (100% and
 #                                25%) with the start-up heap frozen and the collector's pauses in /metrics
-#   tools/gpu_session.sh 9 OUT   traces of the corpus train split (1,500 documents a domain, up to 1M tokens)
-#                                and test split; predictors trained from them (six domains; five, python_docs
-#                                held out), 16 epochs; `predictor eval` on the CPU cores meanwhile; ExpertFlow
-#                                against LRU at 25% and 10%, batch 1 and 8
+#   tools/gpu_session.sh 9 OUT   traces of the corpus train split (400 documents a domain, 300,000 tokens) and
+#                                test split; predictors trained from them (six domains; five, python_docs held
+#                                out); `predictor eval` on the CPU cores meanwhile; ExpertFlow against LRU at 25%
+#                                and 10%, batch 1 and 8. (On 2026-12-02 it ran with a 1M-token trace, 16 epochs,
+#                                and ran out of a 420 s call before its first result: the trace, router logits
+#                                included, is written compressed and read back by both trainings.)
 #   tools/gpu_session.sh 10 OUT  route-aware scheduling with the predictive cache: 256 requests,
 #                                max_num_seqs 256, max_batch_size 32 at 25%, $CONFIGS (default fcfs with LRU,
 #                                route-aware with LRU, route-aware with the part-9 predictor)
@@ -302,18 +304,19 @@ case "$part" in
     mkdir -p "$p"
     pack() { tar czf "$out/p9.tgz" -C "$w" p9; }
     cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
-    python3 tools/corpus_sample.py "$w/corpus" train 1500 > "$w/train_sample.jsonl"
+    python3 tools/corpus_sample.py "$w/corpus" train "${TRAIN_DOCS:-400}" > "$w/train_sample.jsonl"
     python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
-    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens 1000000 --max-seq-len 256 \
+    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens "${TRAIN_TOKENS:-300000}" --max-seq-len 256 \
         --device cuda --out "$w/train.npz" > "$p/trace.log" 2>&1
     moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
         --out "$w/test.npz" >> "$p/trace.log" 2>&1
     grep -h '^{' "$p/trace.log"
+    pack
     mkdir -p "$w/pred"
     moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
-        --epochs "${PRED_EPOCHS:-16}" --max-minutes 1.5 --no-progress > "$p/pred_train.log" 2>&1 &
+        --epochs "${PRED_EPOCHS:-8}" --max-minutes 0.9 --no-progress > "$p/pred_train.log" 2>&1 &
     moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
-        --holdout-domain python_docs --device cuda --epochs "${PRED_EPOCHS:-16}" --max-minutes 1.5 --no-progress \
+        --holdout-domain python_docs --device cuda --epochs "${PRED_EPOCHS:-8}" --max-minutes 0.9 --no-progress \
         > "$p/pred_train_ho.log" 2>&1 &
     wait
     tail -qn1 "$p/pred_train.log" "$p/pred_train_ho.log" | cut -c1-300
