@@ -117,23 +117,23 @@ class RouteAwarePolicy:
         E = routes.used.shape[1]
         tokens = np.concatenate([np.asarray(t) for t in step.input_ids])
         ids = np.concatenate([routes.ids[:, r] for r in routes.rows], axis=1)  # [L, n, K], in input order
-        unique, where = np.unique(tokens, return_inverse=True)
-        # how many of each token's occurrences took each expert: a token's K picks are distinct experts, so
-        # counting (occurrence, layer, expert) triples counts occurrences
-        flat = (where[None, :, None] * L + np.arange(L)[:, None, None]) * E + ids.astype(np.int64)
-        mean = np.bincount(flat.reshape(-1), minlength=len(unique) * L * E).reshape(len(unique), L, E).astype(np.float64)
-        mean /= np.bincount(where)[:, None, None]
+        unique, where, occurrences = np.unique(tokens, return_inverse=True, return_counts=True)
         rows = np.array([self._row.get(t, -1) for t in unique.tolist()])
         known = rows >= 0
         if known.any():
-            self._tab[rows[known]] = (self.TABLE_DECAY * self._tab[rows[known]]
-                                      + (1 - self.TABLE_DECAY) * mean[known])
+            self._tab[rows[known]] *= self.TABLE_DECAY
         fresh = unique[~known].tolist()
         if fresh:
             first = len(self._row)
-            self._grow(first + len(fresh), L, E)
+            self._grow(first + len(fresh), L, E)  # new rows are zero
             self._row.update(zip(fresh, range(first, first + len(fresh))))
-            self._tab[first : first + len(fresh)] = mean[~known]
+            rows[~known] = np.arange(first, first + len(fresh))
+        # row = decay * row + (1 - decay) * mean, the mean over the token's occurrences of its one-hot picks (a new
+        # row: the mean itself), added pick by pick: n * L * K entries, not a dense [tokens, L, E] mean
+        share = np.where(known, 1.0 - self.TABLE_DECAY, 1.0) / occurrences
+        flat = (rows[where][None, :, None] * L + np.arange(L)[:, None, None]) * E + ids.astype(np.int64)
+        np.add.at(self._tab.reshape(-1), flat.reshape(-1),
+                  np.broadcast_to(share[where][None, :, None], flat.shape).reshape(-1))
 
     def _grow(self, rows: int, L: int, E: int) -> None:
         """Room for `rows` tokens in the table (doubling, so that learning a new token costs O(1) on average)."""
