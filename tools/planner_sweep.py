@@ -1,0 +1,57 @@
+"""The predictive cache's bytes against Belady's under other planner settings, on a trace (CPU replay).
+
+    PYTHONPATH=. python3 tools/planner_sweep.py TRACE.npz PRED_DIR [--budget 25%] [--batch 1] [--tokens 2000]
+        [SETTINGS ...]
+
+Each SETTINGS is a Python dict of ExpertFlowPlanner keyword arguments (e.g. "{'prefetch_at': 0.95}"; "{}" is the
+default planner). The trace's first sequences up to --tokens are replayed through the real ExpertCache and planner
+with the predictor (experts/replay.py, as `moeflow predictor eval` does), once per setting; each line gives experts
+moved per token as a multiple of Belady's optimal cache of the same slots, and the hit rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+
+import torch
+
+from moeflow.assets import default_model_dir
+from moeflow.config import ExpertBudget
+from moeflow.experts.predictive import ExpertFlowPlanner
+from moeflow.experts.replay import belady, decode_steps, make_cache, replay
+from moeflow.routing.predictors.learned import load_predictor
+from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.traces import Trace
+from moeflow.weights.checkpoint import Checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("predictor")
+    p.add_argument("settings", nargs="*", default=["{}"])
+    p.add_argument("--model", default=str(default_model_dir()))
+    p.add_argument("--budget", default="25%")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=2000)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    ck = Checkpoint(args.model)
+    spec = ck.spec
+    L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
+    expert_bytes = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
+    data = RouteData.from_traces([Trace.load(args.trace)])
+    slots = max(K, ExpertBudget.parse(args.budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=L,
+                                                             num_experts=E))
+    steps = decode_steps(data.token_ids, data.routes, data.first_sequences(args.tokens), args.batch, E)
+    opt = belady(steps, slots, expert_bytes, spec.moe_layers).bytes_per_token
+    for text in args.settings:
+        kwargs = ast.literal_eval(text)
+        r = replay(steps, make_cache(spec, slots, expert_bytes), load_predictor(args.predictor, ck, "cpu"),
+                   ExpertFlowPlanner(**kwargs))
+        print(f"{text}: {r.bytes_per_token / opt:.3f}x Belady, hit rate {r.hit_rate:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
