@@ -178,10 +178,10 @@ def main(args: argparse.Namespace) -> int:
         if st["steps"]:
             print(f"server {kind} steps: {st['steps']:.0f}, {st['seconds'] / st['steps'] * 1e3:.1f} ms mean, "
                   f"{st['over_250ms']:.0f} over 250 ms")
-    gc_ = result.get("server_gc")
-    if gc_ and gc_["collections"]:
-        print(f"server garbage collections: {gc_['collections']:.0f} ({gc_['full']:.0f} full), "
-              f"{gc_['seconds'] * 1e3:.1f} ms in all, {gc_['over_50ms']:.0f} over 50 ms")
+    pauses = result.get("server_gc")
+    if pauses and pauses["collections"]:
+        print(f"server garbage collections: {pauses['collections']:.0f} ({pauses['full']:.0f} full), "
+              f"{pauses['seconds'] * 1e3:.1f} ms in all, {pauses['over_50ms']:.0f} over 50 ms")
     if args.result_file:
         args.result_file.write_text(json.dumps(result, indent=2))
         print(f"results written to {args.result_file}", file=sys.stderr)
