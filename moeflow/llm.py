@@ -41,6 +41,7 @@ class LLM:
         max_num_batched_tokens: int = 4096,
         predictor: str | Predictor | None = None,
         scheduling: str = "fcfs",
+        max_decode_wait: int = 4,
         routing_modes: tuple[str, ...] = ("exact", "lynx"),
         seed: int = 0,
         enforce_eager: bool = False,
@@ -49,6 +50,8 @@ class LLM:
     ):
         """max_num_seqs: sequences running at once (KV-cache rows; default max_batch_size, else 16);
         max_batch_size: the most sequences one decode step takes (default max_num_seqs).
+        max_decode_wait: with scheduling="route-aware", the most steps a running sequence may sit out beyond its
+        round-robin share of the decode steps (fairness: time per output token stays within that of fcfs's).
         predictor: None (load experts on demand), a built-in name ("previous", "frequency"), or a Predictor.
         routing_modes: what requests may ask for with SamplingParams.routing ("lynx": batch-aware expert reduction,
         approximate; its decode graphs are captured at start-up too)."""
@@ -57,6 +60,7 @@ class LLM:
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
             max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
             cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), scheduler=scheduling,
+            max_decode_wait=max_decode_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
             allow_nonfinite_weights=allow_nonfinite_weights,

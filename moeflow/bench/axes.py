@@ -166,9 +166,17 @@ def load_scheduling_arg(text: str, spec):
     the engine is built with the first configuration's policy)."""
     from moeflow.engine.policies import POLICIES
 
+    name, _, rest = text.partition(":")
+    if name == "route-aware" and rest:
+        key, _, value = rest.partition("=")
+        if key != "wait" or not value.isdigit():
+            raise ConfigError(f"--scheduling {text!r}: route-aware takes one option, wait=W (steps a sequence may "
+                              "wait beyond its round-robin share, W >= 0)")
+        return POLICIES[name](max_decode_wait=int(value))
     if text in POLICIES:
         return POLICIES[text]()
-    raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)}")
+    raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)} "
+                      "(route-aware[:wait=W])")
 
 
 def check(configurations: list[Configuration], engine) -> None:
@@ -183,9 +191,9 @@ def check(configurations: list[Configuration], engine) -> None:
 
 
 def apply(configuration: Configuration, engine) -> None:
-    """Set the engine up for `configuration` (between runs: nothing may be running): a new predictor, with no
-    history; the selector and the scheduling policy only when they change, since a new selector captures the
-    decode graphs again."""
+    """Set the engine up for `configuration` (between runs: nothing may be running): a new predictor and a new
+    scheduling policy, with no history (route-aware's token table is learned in the run's own warm-up); the
+    selector only when it changes, since a new selector captures the decode graphs again."""
     text = configuration.predictor
     engine.set_predictor(load_predictor_arg(text, engine), load_planner_arg(text))
     # exact requests run the exact graphs whatever selector the engine offers, so only a missing one is set
@@ -193,5 +201,4 @@ def apply(configuration: Configuration, engine) -> None:
         selector = load_selector_arg(configuration.routing, engine)
         if engine.selector != selector:
             engine.set_selector(selector)
-    if engine.scheduler.policy.name != configuration.scheduling:
-        engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))
+    engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))

@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list: exact, lynx[:alpha=A][:beta=B][:w=W][:kernel=torch|triton] (the model's "
                         "defaults, w=0: plain LYNX; w>0: cache-aware, resident experts earn w bin-0 votes; "
                         "kernel=triton: the rule in one launch per layer)")
-    g.add_argument("--scheduling", type=_csv(str), default=["fcfs"], help="comma list: fcfs, route-aware")
+    g.add_argument("--scheduling", type=_csv(str), default=["fcfs"],
+                   help="comma list: fcfs, route-aware[:wait=W] (W: steps a sequence may wait beyond its "
+                        "round-robin share; default the engine's, 4)")
     g.add_argument("--configurations", type=_csv(str), default=None,
                    help="comma list of whole configurations, PREDICTOR/ROUTING/SCHEDULING each (e.g. "
                         "none/exact/fcfs,PRED_DIR/exact/route-aware), in place of the three lists' product; the "

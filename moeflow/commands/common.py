@@ -44,6 +44,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "demand); the tokens are the same with any")
     g.add_argument("--scheduling", default="fcfs", choices=["fcfs", "route-aware"],
                    help="scheduling policy (default: %(default)s); route-aware picks decode batches by route")
+    g.add_argument("--max-decode-wait", type=int, default=4,
+                   help="route-aware: the most steps a running sequence may sit out beyond its round-robin share "
+                        "of the decode steps (default: %(default)s)")
     g.add_argument("--routing-modes", default="exact,lynx",
                    help="routing requests may ask for: exact, and lynx (approximate batch-aware expert reduction); "
                         "default: %(default)s")
@@ -56,6 +59,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(expert_budget=args.expert_budget, eviction=args.eviction, device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
-                predictor=args.predictor, scheduling=args.scheduling,
+                predictor=args.predictor, scheduling=args.scheduling, max_decode_wait=args.max_decode_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
                 enforce_eager=args.enforce_eager, allow_nonfinite_weights=args.allow_nonfinite_weights)

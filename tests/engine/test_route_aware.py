@@ -79,3 +79,25 @@ def test_route_aware_is_exact_and_moves_fewer_bytes_than_fcfs():
     tokens, aware = decode_bytes("route-aware", prompts, 12)
     assert tokens == fcfs_tokens
     assert aware <= 0.8 * fcfs, (aware, fcfs, aware / fcfs)
+
+
+def test_the_wait_bound_is_set_from_llm_the_cli_and_the_bench(capsys):
+    from moeflow.bench import axes
+    from moeflow.cli import build_parser
+    from moeflow.commands.common import engine_kwargs
+    from moeflow.errors import ConfigError
+
+    llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=32, max_num_seqs=2,
+              scheduling="route-aware", max_decode_wait=7)
+    assert llm.engine.scheduler.policy.max_decode_wait == 7
+    with pytest.raises(ConfigError, match="max_decode_wait must be >= 0"):
+        LLM(str(default_model_dir()), device="cpu", max_model_len=32, scheduling="route-aware", max_decode_wait=-1)
+    args = build_parser().parse_args(["serve", "--scheduling", "route-aware", "--max-decode-wait", "2"])
+    assert engine_kwargs(args)["max_decode_wait"] == 2
+    assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["max_decode_wait"] == 4
+    spec = llm.engine.spec
+    assert axes.load_scheduling_arg("route-aware:wait=9", spec).max_decode_wait == 9
+    assert axes.load_scheduling_arg("route-aware", spec).max_decode_wait == 4
+    for bad in ("route-aware:w=9", "route-aware:wait=-1", "fcfs:wait=1"):
+        with pytest.raises(ConfigError, match="route-aware"):
+            axes.load_scheduling_arg(bad, spec)
