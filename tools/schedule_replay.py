@@ -1,0 +1,138 @@
+"""How many bytes decode scheduling could save: fcfs, route-aware, and route-aware told each next route exactly.
+
+    PYTHONPATH=. python3 tools/schedule_replay.py TRACE.npz [--model DIR] [--budget 25%] [--running 64]
+        [--batch 16] [--prompt 64] [--tokens 64] [--waits 4]
+
+Exact decoding gives a sequence the same tokens whatever the schedule, so the route of its j-th decode step is
+fixed: here it is the route of token prompt+j of one of the trace's sequences (the trace's text stands in for what
+the model generates). `--running` sequences decode `--tokens` steps each, at most `--batch` a step, through the
+real ExpertCache (on-demand loading, LRU) and the real scheduling policies (engine/policies); the route-aware
+policy learns its token table from the prompts' routes first, as it does from a prefill. The oracle is the same
+policy whose every signature is the sequence's true next route (a predictor that is always right). Each line:
+expert bytes moved per decode token, against fcfs's, and Belady's optimal cache of the same slots on the same
+schedule (what the best eviction could add to that schedule). Moves no weights and runs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeflow.assets import default_model_dir
+from moeflow.config import ExpertBudget
+from moeflow.engine.policies import FCFSPolicy, RouteAwarePolicy
+from moeflow.engine.scheduler import SchedulerContext
+from moeflow.experts.replay import ReplayStep, belady, make_cache, replay
+from moeflow.routing.predictors.base import StepView
+from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.record import StepRoutes
+from moeflow.routing.traces import Trace
+from moeflow.weights.checkpoint import Checkpoint
+
+
+@dataclass
+class _Seq:
+    """What a scheduling policy reads of a running sequence."""
+
+    request_id: str
+    start: int  # the trace row of its first token
+    done: int = 0  # decode steps taken
+    last_step: int = -1
+    last_token: int = 0
+    last_routes: np.ndarray | None = None
+
+
+def _step(view: StepView, ids: np.ndarray, E: int) -> ReplayStep:
+    """ids [L, B, K] -> the step as the engine shows it (one token per sequence)."""
+    used = np.zeros((ids.shape[0], E), dtype=bool)
+    np.put_along_axis(used, ids.reshape(ids.shape[0], -1).astype(np.int64), True, axis=1)
+    return ReplayStep(view, StepRoutes(ids, ids, used, [slice(b, b + 1) for b in range(ids.shape[1])]))
+
+
+def simulate(data: RouteData, starts: list[int], policy, oracle: bool, spec, slots: int, expert_bytes: int,
+             batch: int, prompt: int, tokens: int) -> tuple[float, float]:
+    """(bytes per decode token, Belady's bytes per decode token on the same schedule)."""
+    L, E = data.num_layers, data.num_experts
+    seqs = [_Seq(f"s{i}", s) for i, s in enumerate(starts)]
+    # the prompts, as one prefill step: the policy learns their routes
+    rows = [np.arange(s, s + prompt) for s in starts]
+    prefill = _step(StepView(0, True, tuple(s.request_id for s in seqs),
+                             tuple(tuple(data.token_ids[r].tolist()) for r in rows), (prompt,) * len(seqs)),
+                    data.routes[np.concatenate(rows)].transpose(1, 0, 2), E)
+    policy.update(prefill.view, StepRoutes(prefill.routes.ids, None, prefill.routes.used,
+                                           [slice(i * prompt, (i + 1) * prompt) for i in range(len(seqs))]))
+    for s in seqs:
+        s.last_token = int(data.token_ids[s.start + prompt])
+        s.last_routes = data.routes[s.start + prompt - 1]
+    cache = make_cache(spec, slots, expert_bytes)
+    steps, step = [], 1
+    while True:
+        running = [s for s in seqs if s.done < tokens]
+        if not running:
+            break
+        predictions = {}
+        if oracle:
+            for s in running:
+                hot = np.zeros((L, E))
+                np.put_along_axis(hot, data.routes[s.start + prompt + s.done].astype(np.int64), 1.0, axis=1)
+                predictions[s.request_id] = hot
+        ctx = SchedulerContext(step, 0, 0, batch, cache.residency(), {}, predictions, None)
+        chosen = policy.plan([], running, ctx).decode
+        at = [s.start + prompt + s.done for s in chosen]
+        view = StepView(step, False, tuple(s.request_id for s in chosen),
+                        tuple((int(data.token_ids[r]),) for r in at), tuple(prompt + s.done + 1 for s in chosen))
+        st = _step(view, data.routes[at].transpose(1, 0, 2).astype(np.int16), E)
+        replay([st], cache)
+        policy.update(view, st.routes)
+        steps.append(st)
+        for s, r in zip(chosen, at):
+            s.done, s.last_step, s.last_routes = s.done + 1, step, data.routes[r]
+            s.last_token = int(data.token_ids[r + 1])
+        step += 1
+    n = len(seqs) * tokens
+    opt = belady(steps, slots, expert_bytes, spec.moe_layers)
+    return cache.stats.total().bytes_moved / n, opt.stats.bytes_moved / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("--model", default=str(default_model_dir()))
+    p.add_argument("--budget", default="25%")
+    p.add_argument("--running", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--waits", default="4", help="route-aware's max_decode_wait values to try (comma list)")
+    args = p.parse_args()
+    ck = Checkpoint(args.model)
+    spec = ck.spec
+    L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
+    expert_bytes = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
+    data = RouteData.from_traces([Trace.load(args.trace)])
+    slots = max(K, ExpertBudget.parse(args.budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=L,
+                                                             num_experts=E))
+    need = args.prompt + args.tokens + 1
+    long_enough = [s.start for s in data.sequence_slices() if s.stop - s.start >= need]
+    if len(long_enough) < args.running:
+        raise SystemExit(f"the trace has {len(long_enough)} sequences of {need}+ tokens, fewer than --running")
+    # spread over the trace, which takes its domains in turn
+    starts = [long_enough[i] for i in np.linspace(0, len(long_enough) - 1, args.running).astype(int)]
+    run = lambda policy, oracle=False: simulate(data, starts, policy, oracle, spec, slots, expert_bytes, args.batch,
+                                                args.prompt, args.tokens)
+    base, base_opt = run(FCFSPolicy())
+    print(f"{args.running} sequences, {args.batch} a step, {args.tokens} tokens each, {args.budget} "
+          f"({slots} slots); bytes per decode token / fcfs's, and Belady's on the same schedule / fcfs's LRU")
+    print(f"fcfs: 1.000, Belady {base_opt / base:.3f}")
+    for wait in (int(w) for w in args.waits.split(",")):
+        for oracle in (False, True):
+            moved, opt = run(RouteAwarePolicy(max_decode_wait=wait), oracle)
+            name = f"route-aware{' oracle' if oracle else ''} wait {wait}"
+            print(f"{name}: {moved / base:.3f}, Belady {opt / base:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
