@@ -17,9 +17,8 @@ import ast
 import torch
 
 from moeflow.assets import default_model_dir
-from moeflow.config import ExpertBudget
 from moeflow.experts.predictive import ExpertFlowPlanner
-from moeflow.experts.replay import belady, decode_steps, make_cache, replay
+from moeflow.experts.replay import belady, decode_steps, make_cache, pool_at, replay
 from moeflow.routing.predictors.learned import load_predictor
 from moeflow.routing.predictors.training import RouteData
 from moeflow.routing.traces import Trace
@@ -39,11 +38,9 @@ def main() -> None:
     torch.set_num_threads(1)
     ck = Checkpoint(args.model)
     spec = ck.spec
-    L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
-    expert_bytes = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
+    E = spec.num_experts
+    slots, expert_bytes = pool_at(ck, args.budget)
     data = RouteData.from_traces([Trace.load(args.trace)])
-    slots = max(K, ExpertBudget.parse(args.budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=L,
-                                                             num_experts=E))
     steps = decode_steps(data.token_ids, data.routes, data.first_sequences(args.tokens), args.batch, E)
     opt = belady(steps, slots, expert_bytes, spec.moe_layers).bytes_per_token
     for text in args.settings:

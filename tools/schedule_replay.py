@@ -19,13 +19,11 @@ import argparse
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from moeflow.assets import default_model_dir
-from moeflow.config import ExpertBudget
 from moeflow.engine.policies import FCFSPolicy, RouteAwarePolicy
 from moeflow.engine.scheduler import SchedulerContext
-from moeflow.experts.replay import ReplayStep, belady, make_cache, replay
+from moeflow.experts.replay import ReplayStep, belady, make_cache, pool_at, replay
 from moeflow.routing.predictors.base import StepView
 from moeflow.routing.predictors.training import RouteData
 from moeflow.routing.record import StepRoutes
@@ -110,11 +108,8 @@ def main() -> None:
     args = p.parse_args()
     ck = Checkpoint(args.model)
     spec = ck.spec
-    L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
-    expert_bytes = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
+    slots, expert_bytes = pool_at(ck, args.budget)
     data = RouteData.from_traces([Trace.load(args.trace)])
-    slots = max(K, ExpertBudget.parse(args.budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=L,
-                                                             num_experts=E))
     need = args.prompt + args.tokens + 1
     long_enough = [s.start for s in data.sequence_slices() if s.stop - s.start >= need]
     if len(long_enough) < args.running:

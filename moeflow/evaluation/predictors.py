@@ -154,19 +154,16 @@ def replay_cache(pred_path, checkpoint, data: RouteData, budgets: Sequence[str],
                  progress: bool = False) -> list[dict]:
     """Hit rate and bytes per token of each policy, budget and batch size, on `data`'s sequences (the first
     `max_tokens` tokens' worth)."""
-    from moeflow.config import ExpertBudget
     from moeflow.experts.predictive import ExpertFlowPlanner
-    from moeflow.experts.replay import belady, decode_steps, make_cache, replay
+    from moeflow.experts.replay import belady, decode_steps, make_cache, pool_at, replay
     from moeflow.routing.predictors.learned import load_predictor
 
     spec = checkpoint.spec
-    L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
-    expert_bytes = spec.expert_bytes(torch.empty((), dtype=checkpoint.tensor_dtype).element_size())
+    E = spec.num_experts
     slices = data.first_sequences(max_tokens)
     rows: list[dict] = []
     for budget in budgets:
-        slots = max(K, ExpertBudget.parse(budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=L,
-                                                              num_experts=E))
+        slots, expert_bytes = pool_at(checkpoint, budget)
         for B in batch_sizes:
             steps = decode_steps(data.token_ids, data.routes, slices, B, E)
             results = {}

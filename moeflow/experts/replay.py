@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from moeflow.architectures.spec import ModelSpec
+from moeflow.config import ExpertBudget
 from moeflow.experts.belady import belady_misses
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.planning import Planner
@@ -47,6 +48,16 @@ class FakeStore:
 
     def get(self, layer: int, expert: int) -> torch.Tensor:
         return self._buffer
+
+
+def pool_at(checkpoint, budget: str) -> tuple[int, int]:
+    """(slots, bytes of one expert) of a replay's pool at `budget` for the model `checkpoint` holds: at least one
+    token's top-k, as `moeflow predictor eval` sizes it."""
+    spec = checkpoint.spec
+    expert_bytes = spec.expert_bytes(torch.empty((), dtype=checkpoint.tensor_dtype).element_size())
+    slots = ExpertBudget.parse(budget).num_slots(expert_bytes=expert_bytes, num_moe_layers=spec.num_moe_layers,
+                                                 num_experts=spec.num_experts)
+    return max(spec.router.top_k, slots), expert_bytes
 
 
 def make_cache(spec: ModelSpec, num_slots: int, expert_bytes: int, eviction: str = "lru") -> ExpertCache:
