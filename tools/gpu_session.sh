@@ -73,6 +73,14 @@ offline() {  # offline DIR NAME TIMEOUT ARGS...: bench offline on the bench mode
     rm -f "$dir/$name"/*.png
 }
 
+train_bench() {  # train_bench DIR: the bench model into $BENCH_MODEL, its logs into DIR; stop if none was written
+    moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
+        --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$1/train_log.txt" 2>&1
+    tail -2 "$1/train_log.txt"
+    [ -f "$BENCH_MODEL/config.json" ] || exit 3
+    cp "$BENCH_MODEL"/training_log.json "$1/" 2>/dev/null
+}
+
 case "$part" in
 1)
     (moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
@@ -252,11 +260,7 @@ case "$part" in
     mkdir -p "$p"
     pack() { tar czf "$out/p6.tgz" -C "$w" p6; }
     cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"  # COMMIT: a clean export
-    moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
-        --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1
-    tail -2 "$p/train_log.txt"
-    [ -f "$BENCH_MODEL/config.json" ] || exit 3
-    cp "$BENCH_MODEL"/training_log.json "$p/" 2>/dev/null
+    train_bench "$p"
     pack
     offline "$p" lynx100 "${LYNX_TIMEOUT:-80}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
         --routing exact,lynx,lynx:kernel=triton
@@ -286,11 +290,7 @@ case "$part" in
     mkdir -p "$p"
     pack() { tar czf "$out/p8.tgz" -C "$w" p8; }
     cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
-    moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
-        --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1
-    tail -2 "$p/train_log.txt"
-    [ -f "$BENCH_MODEL/config.json" ] || exit 3
-    cp "$BENCH_MODEL"/training_log.json "$p/" 2>/dev/null
+    train_bench "$p"
     pack
     SERVE_BUDGETS="100% 25%" SERVE_DATASETS="${SERVE_DATASETS:-text}" SERVE_PROMPTS=160 SERVE_TIMEOUT=75 \
         CORPUS_TGZ=.carry/corpus.tgz timeout "${SERVE_ALL_TIMEOUT:-200}" tools/gpu_suite.sh serve "$p/serve" \
