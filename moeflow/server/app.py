@@ -23,7 +23,7 @@ from moeflow.server.engine_client import EngineClient
 from moeflow.server.errors import APIError, from_moeflow_error, install_error_handlers
 from moeflow.server.guard import RequestGuard
 from moeflow.server.inputs import chat_messages, check_model, check_token_ids, messages_weight
-from moeflow.server.logprobs import token_text
+from moeflow.server.logprobs import token_texts
 from moeflow.server.metrics import CONTENT_TYPE
 from moeflow.server.offload import CpuPool
 from moeflow.server.protocol import (
@@ -106,7 +106,7 @@ def create_app(client: EngineClient, settings: ServerSettings) -> FastAPI:
         except RequestError as exc:
             param = "prompt" if isinstance(body, TokenizeCompletionRequest) else "messages"
             raise from_moeflow_error(exc, param) from None
-        strs = [token_text(tokenizer, t) for t in ids] if body.return_token_strs else None
+        strs = token_texts(tokenizer, ids) if body.return_token_strs else None
         # made without validating what the tokenizer made: a million ids would hold the GIL for it
         return TokenizeResponse.model_construct(count=len(ids), max_model_len=client.max_model_len, tokens=ids,
                                                 token_strs=strs)

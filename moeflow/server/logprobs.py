@@ -21,6 +21,13 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def token_texts(tokenizer: Tokenizer, token_ids: list[int]) -> list[str]:
+    """token_text of each id, each distinct id decoded once: a long prompt repeats its vocabulary many times over,
+    and a decode call per id held the GIL long enough (1 MiB of text, ~370,000 calls) to stall the engine thread."""
+    text = {t: token_text(tokenizer, t) for t in set(token_ids)}
+    return [text[t] for t in token_ids]
+
+
 def _lp(x: float) -> float:
     return max(x, FLOOR)
 

@@ -305,10 +305,14 @@ def test_routing_and_request_hints(http, offline_llm):
 
 
 def test_tokenize_round_trip(http, offline_llm):
-    text = "hello world, bonjour le monde"
+    from moeflow.server.logprobs import token_text
+
+    text = "hello world, bonjour le monde, hello world"  # ids repeat: each distinct one is decoded once
     r = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False, "return_token_strs": True}).json()
     assert r["tokens"] == offline_llm.tokenizer.encode(text, add_special_tokens=False)
+    assert len(set(r["tokens"])) < len(r["tokens"])
     assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 512 and "".join(r["token_strs"]) == text
+    assert r["token_strs"] == [token_text(offline_llm.tokenizer, t) for t in r["tokens"]]
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] == len(chat["tokens"]) > 2
