@@ -84,7 +84,9 @@ class Trace:
 
     def save(self, path: str | Path) -> None:
         arrays = {name: getattr(self, name) for name in FIELDS}
-        np.savez_compressed(path, meta=np.array(json.dumps(self.meta)), **arrays)
+        # uncompressed: float16 router logits hardly compress. A 1M-token trace of moeflow-tiny on this project's
+        # CPU: 553 MB written in 25 s and read in 3.8 s compressed, 654 MB in 1.1 s and read in 1.1 s plain
+        np.savez(path, meta=np.array(json.dumps(self.meta)), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
