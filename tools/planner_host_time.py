@@ -36,10 +36,9 @@ import numpy as np
 import torch
 
 from moeflow.assets import default_model_dir
-from moeflow.config import ExpertBudget
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.predictive import ExpertFlowPlanner
-from moeflow.experts.replay import ReplayStep, decode_steps, make_cache, replay
+from moeflow.experts.replay import ReplayStep, decode_steps, make_cache, pool_at, replay
 from moeflow.experts.stats import LayerStats
 from moeflow.routing.predictors.learned import load_predictor
 from moeflow.routing.predictors.net import find_predictor
@@ -146,15 +145,13 @@ def main() -> None:
     ck = Checkpoint(model)
     spec = ck.spec
     L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
-    eb = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
     pred_dir = args.predictor or find_predictor(model)
     data = RouteData.from_traces([Trace.load(args.trace)])
     slices = data.first_sequences(args.tokens)
     n = sum(s.stop - s.start for s in slices)
     rows = []
     for budget in args.budgets.split(","):
-        # as `moeflow predictor eval` sizes the pool: at least one top-k
-        slots = max(K, ExpertBudget.parse(budget).num_slots(expert_bytes=eb, num_moe_layers=L, num_experts=E))
+        slots, eb = pool_at(ck, budget)  # as `moeflow predictor eval` sizes the pool
         for B in map(int, args.batches.split(",")):
             steps = decode_steps(data.token_ids, data.routes, slices, B, E)
             runs = [one_replay(steps, spec, slots, eb, pred_dir, ck) for _ in range(max(1, args.repeat))]

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from moeflow.assets import default_model_dir
-from moeflow.config import ExpertBudget
 from moeflow.experts.predictive import ExpertFlowPlanner
-from moeflow.experts.replay import belady, decode_steps, make_cache, replay
+from moeflow.experts.replay import belady, decode_steps, make_cache, pool_at, replay
 from moeflow.routing.predictors.base import Prediction
 from moeflow.routing.predictors.learned import load_predictor
 from moeflow.routing.predictors.net import find_predictor
@@ -74,12 +73,11 @@ def main() -> None:
     model = args.model or default_model_dir()
     ck = Checkpoint(model)
     spec = ck.spec
-    L, E = spec.num_moe_layers, spec.num_experts
-    eb = spec.expert_bytes(torch.empty((), dtype=ck.tensor_dtype).element_size())
+    E = spec.num_experts
     data = RouteData.from_traces([Trace.load(args.trace)])
     slices = data.first_sequences(args.tokens)
     n = sum(s.stop - s.start for s in slices)
-    slots = ExpertBudget.parse(args.budget).num_slots(expert_bytes=eb, num_moe_layers=L, num_experts=E)
+    slots, eb = pool_at(ck, args.budget)
     steps = decode_steps(data.token_ids, data.routes, slices, args.batch, E)
     opt = belady(steps, slots, eb, spec.moe_layers).bytes_per_token
     print(f"{n} trace tokens, batch {args.batch}, {args.budget} ({slots} slots): experts moved per token x Belady "

@@ -23,7 +23,7 @@ import numpy as np
 from moeflow.assets import default_model_dir
 from moeflow.engine.policies import FCFSPolicy, RouteAwarePolicy
 from moeflow.engine.scheduler import SchedulerContext
-from moeflow.experts.replay import ReplayStep, belady, make_cache, pool_at, replay
+from moeflow.experts.replay import belady, make_cache, pool_at, replay, step_of
 from moeflow.routing.predictors.base import StepView
 from moeflow.routing.predictors.training import RouteData
 from moeflow.routing.record import StepRoutes
@@ -43,13 +43,6 @@ class _Seq:
     last_routes: np.ndarray | None = None
 
 
-def _step(view: StepView, ids: np.ndarray, E: int) -> ReplayStep:
-    """ids [L, B, K] -> the step as the engine shows it (one token per sequence)."""
-    used = np.zeros((ids.shape[0], E), dtype=bool)
-    np.put_along_axis(used, ids.reshape(ids.shape[0], -1).astype(np.int64), True, axis=1)
-    return ReplayStep(view, StepRoutes(ids, ids, used, [slice(b, b + 1) for b in range(ids.shape[1])]))
-
-
 def simulate(data: RouteData, starts: list[int], policy, oracle: bool, spec, slots: int, expert_bytes: int,
              batch: int, prompt: int, tokens: int) -> tuple[float, float]:
     """(bytes per decode token, Belady's bytes per decode token on the same schedule)."""
@@ -57,9 +50,9 @@ def simulate(data: RouteData, starts: list[int], policy, oracle: bool, spec, slo
     seqs = [_Seq(f"s{i}", s) for i, s in enumerate(starts)]
     # the prompts, as one prefill step: the policy learns their routes
     rows = [np.arange(s, s + prompt) for s in starts]
-    prefill = _step(StepView(0, True, tuple(s.request_id for s in seqs),
-                             tuple(tuple(data.token_ids[r].tolist()) for r in rows), (prompt,) * len(seqs)),
-                    data.routes[np.concatenate(rows)].transpose(1, 0, 2), E)
+    prefill = step_of(StepView(0, True, tuple(s.request_id for s in seqs),
+                               tuple(tuple(data.token_ids[r].tolist()) for r in rows), (prompt,) * len(seqs)),
+                      data.routes[np.concatenate(rows)], E)
     policy.update(prefill.view, StepRoutes(prefill.routes.ids, None, prefill.routes.used,
                                            [slice(i * prompt, (i + 1) * prompt) for i in range(len(seqs))]))
     for s in seqs:
@@ -82,7 +75,7 @@ def simulate(data: RouteData, starts: list[int], policy, oracle: bool, spec, slo
         at = [s.start + prompt + s.done for s in chosen]
         view = StepView(step, False, tuple(s.request_id for s in chosen),
                         tuple((int(data.token_ids[r]),) for r in at), tuple(prompt + s.done + 1 for s in chosen))
-        st = _step(view, data.routes[at].transpose(1, 0, 2).astype(np.int16), E)
+        st = step_of(view, data.routes[at], E)
         replay([st], cache)
         policy.update(view, st.routes)
         steps.append(st)

@@ -101,17 +101,23 @@ def decode_steps(token_ids: np.ndarray, routes: np.ndarray, sequences: list[slic
     seq_of = np.full(len(token_ids), -1, dtype=np.int64)
     for i, s in enumerate(sequences):
         seq_of[s] = i
-    L = routes.shape[1]
     out = []
     for rows in lanes(sequences, batch_size):
-        ids = routes[rows].transpose(1, 0, 2).astype(np.int16)  # [L, B, K]
-        used = np.zeros((L, num_experts), dtype=bool)
-        np.put_along_axis(used, ids.reshape(L, -1).astype(np.int64), True, axis=1)
         seqs = seq_of[rows]
         view = StepView(len(out), False, tuple(f"s{q}" for q in seqs), tuple((int(token_ids[r]),) for r in rows),
                         tuple(int(r - sequences[q].start) + 1 for r, q in zip(rows, seqs)))
-        out.append(ReplayStep(view, StepRoutes(ids, ids, used, [slice(b, b + 1) for b in range(len(rows))])))
+        out.append(step_of(view, routes[rows], num_experts))
     return out
+
+
+def step_of(view: StepView, routes: np.ndarray, num_experts: int) -> ReplayStep:
+    """A step of one token per sequence as the engine shows it: `view` and the tokens' routes [n, L, K] (token i
+    is sequence i's), with the step's distinct experts per layer."""
+    ids = routes.transpose(1, 0, 2).astype(np.int16)  # [L, n, K]
+    L = ids.shape[0]
+    used = np.zeros((L, num_experts), dtype=bool)
+    np.put_along_axis(used, ids.reshape(L, -1).astype(np.int64), True, axis=1)
+    return ReplayStep(view, StepRoutes(ids, ids, used, [slice(b, b + 1) for b in range(ids.shape[1])]))
 
 
 @dataclass
