@@ -333,6 +333,21 @@ _CACHE_COUNTERS = {"moeflow:expert_cache_hits": "hits", "moeflow:expert_cache_mi
                    "moeflow:expert_bytes_moved": "bytes_moved", "moeflow:expert_stall_seconds": "stall_s"}
 
 
+def _histogram(family, label: str, within: float) -> dict[str, tuple[float, float, float]]:
+    """A Prometheus histogram's (observations, their sum, observations of at most `within`) per value of `label`."""
+    rows: dict[str, list[float]] = {}
+    for sample in family.samples:
+        row = rows.setdefault(sample.labels.get(label), [0.0, 0.0, 0.0])
+        part = sample.name.rsplit("_", 1)[-1]  # count, sum, bucket (or created)
+        if part == "count":
+            row[0] += sample.value
+        elif part == "sum":
+            row[1] += sample.value
+        elif part == "bucket" and float(sample.labels.get("le", "inf")) == within:
+            row[2] += sample.value
+    return {k: tuple(v) for k, v in rows.items()}
+
+
 async def _server_counters(session, base: str) -> dict | None:
     """Totals of moeflow's expert-cache counters, its step-time histogram (steps, seconds and steps over
     250 ms, per kind) and its garbage-collection pauses (collections, full ones, seconds, pauses over 50 ms)
@@ -348,34 +363,19 @@ async def _server_counters(session, base: str) -> dict | None:
     except (aiohttp.ClientError, UnicodeDecodeError):
         return None
     totals = dict.fromkeys(_CACHE_COUNTERS.values(), 0.0)
-    steps = {(kind, part): 0.0 for kind in ("prefill", "decode") for part in ("count", "sum", "quick")}
-    pauses = dict.fromkeys(("gc_collections", "gc_full", "gc_s", "gc_quick"), 0.0)
+    steps, pauses = {}, {}
     found = False
     for family in text_string_to_metric_families(text):
         if family.name in _CACHE_COUNTERS:
             found = True
             totals[_CACHE_COUNTERS[family.name]] += sum(s.value for s in family.samples if s.name.endswith("_total"))
         elif family.name == "moeflow:step_duration_seconds":
-            for sample in family.samples:
-                kind = sample.labels.get("kind")
-                part = sample.name.rsplit("_", 1)[-1]  # count, sum or bucket
-                if part == "bucket" and float(sample.labels.get("le", "inf")) == 0.25:
-                    part = "quick"  # steps of at most 250 ms
-                if (kind, part) in steps:
-                    steps[kind, part] += sample.value
+            steps = _histogram(family, "kind", within=0.25)
         elif family.name == "moeflow:gc_pause_seconds":
-            for sample in family.samples:
-                part = sample.name.rsplit("_", 1)[-1]
-                if part == "count":
-                    pauses["gc_collections"] += sample.value
-                    pauses["gc_full"] += sample.value if sample.labels.get("generation") == "2" else 0.0
-                elif part == "sum":
-                    pauses["gc_s"] += sample.value
-                elif part == "bucket" and float(sample.labels.get("le", "inf")) == 0.05:
-                    pauses["gc_quick"] += sample.value
+            pauses = _histogram(family, "generation", within=0.05)
     for kind in ("prefill", "decode"):
-        totals.update({f"{kind}_steps": steps[kind, "count"], f"{kind}_s": steps[kind, "sum"],
-                       f"{kind}_steps_over_250ms": steps[kind, "count"] - steps[kind, "quick"]})
-    totals.update({k: pauses[k] for k in ("gc_collections", "gc_full", "gc_s")},
-                  gc_over_50ms=pauses["gc_collections"] - pauses["gc_quick"])
+        count, seconds, quick = steps.get(kind, (0.0, 0.0, 0.0))
+        totals.update({f"{kind}_steps": count, f"{kind}_s": seconds, f"{kind}_steps_over_250ms": count - quick})
+    count, seconds, quick = (sum(column) for column in zip((0.0, 0.0, 0.0), *pauses.values()))
+    totals.update(gc_collections=count, gc_full=pauses.get("2", (0.0,))[0], gc_s=seconds, gc_over_50ms=count - quick)
     return totals if found else None

@@ -136,3 +136,21 @@ def test_text_dataset_against_the_server(live_server, tmp_path):
 def test_unreachable_server_is_a_clear_error(capsys):
     rc = moeflow_main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--disable-tqdm"])
     assert rc == 2 and "cannot reach the server" in capsys.readouterr().err
+
+
+def test_server_histograms_are_read_per_label_with_their_quick_share():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moeflow.bench.serve import _histogram
+    from moeflow.server.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    for kind, seconds in (("prefill", 0.1), ("prefill", 0.3), ("decode", 0.01), ("decode", 0.02), ("decode", 0.5)):
+        m.step_time.labels("m", kind).observe(seconds)
+    m.gc_pause.labels("m", "2").observe(0.08)
+    m.gc_pause.labels("m", "0").observe(0.001)
+    families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    steps = _histogram(families["moeflow:step_duration_seconds"], "kind", within=0.25)
+    assert steps["prefill"] == pytest.approx((2, 0.4, 1)) and steps["decode"] == pytest.approx((3, 0.53, 2))
+    pauses = _histogram(families["moeflow:gc_pause_seconds"], "generation", within=0.05)
+    assert pauses["2"] == pytest.approx((1, 0.08, 0)) and pauses["0"] == pytest.approx((1, 0.001, 1))
