@@ -210,8 +210,11 @@ class OffloadedDecodeGraphs(_DecodeGraphs):
         pieces = self._pieces[b, self.selector if selected else None]
         moe_layers = self.model.spec.moe_layers
         cache, record = self.experts.cache, self.model.record
+        self.experts.forget_pending()
         for k, piece in enumerate(pieces):
             piece.replay()
+            # the layer before is heard now, while the device runs the stretch just replayed
+            self.experts.hear_pending()
             if k == len(moe_layers):
                 break
             record.layer_published()

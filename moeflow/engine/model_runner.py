@@ -17,6 +17,7 @@ from moeflow.engine.cuda_graphs import OffloadedDecodeGraphs, ResidentDecodeGrap
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.scheduler import ScheduledBatch
 from moeflow.engine.sequence import Sequence
+from moeflow.experts.compute import CachedExperts
 from moeflow.models.model import ForwardBatch, MoEModel
 from moeflow.routing.selection import Selector
 
@@ -77,6 +78,9 @@ class ModelRunner:
                                      [s.kv_row for s in seqs], exact)
             return StepLogits(logits, {}, self.graphs.staged_rows, selected,
                               [slice(i, i + 1) for i in range(len(seqs))])
+        experts = self.model.experts if isinstance(self.model.experts, CachedExperts) else None
+        if experts is not None:
+            experts.forget_pending()
         fb = self.prepare_prefill(seqs) if batch.is_prefill else self.prepare_decode(seqs)
         T = sum(fb.lengths)
         self.model.record.set_rows(T, T, None if exact is None else
@@ -86,6 +90,8 @@ class ModelRunner:
         self.model.record.stage(T, selected)
         ends = torch.tensor(fb.lengths).cumsum(0)
         last = self.model.logits(hidden[(ends - 1).to(self.device)])
+        if experts is not None:
+            experts.hear_pending()  # the last MoE layer, while the device computes the logits
         rows = [slice(int(e) - n, int(e)) for e, n in zip(ends, fb.lengths)]
         prompt: dict[int, torch.Tensor] = {}
         if batch.is_prefill:

@@ -27,12 +27,32 @@ class CachedExperts:
     CUDA and the plain-torch reference elsewhere. `route_listener(layer, experts)`, when set, hears
     each offloaded layer's distinct experts once the host knows them and their loads are ordered (where
     a planner corrects its prefetches for the layers still to come); it never changes what runs.
+
+    The listener hears a layer late, on purpose: not as soon as the layer's experts are enqueued, but once
+    the next stretch of the model (up to the next router) is enqueued too, just before the host waits for
+    that router (`hear_pending`, called here and by the step's runner at its end). Its host work (a
+    planner's correction, a few hundred microseconds) then runs while the device computes that stretch,
+    where before the device sat idle behind it. It still runs before the next layer's experts are
+    acquired, so every choice the cache makes, and so every byte it moves, is the same either way
+    (`defer_listener = False` restores the immediate call, for comparison).
     """
 
     def __init__(self, cache: ExpertCache, backend: str = "auto"):
         self.cache = cache
         self.backend = backend
         self.route_listener: RouteListener | None = None
+        self.defer_listener = True
+        self._pending: tuple[int, list[int]] | None = None  # the routed layer the listener has not heard yet
+
+    def hear_pending(self) -> None:
+        """Tell the route listener about the last routed layer, if it has not heard of it yet."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self.route_listener is not None:
+            self.route_listener(*pending)
+
+    def forget_pending(self) -> None:
+        """Drop a routed layer not heard yet (a step that failed midway leaves one behind)."""
+        self._pending = None
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -40,6 +60,7 @@ class CachedExperts:
             slot_ids = cache.slot_table[cache.ordinal(layer)][topk_ids]
             return fused_moe(x, slot_ids, topk_weights, cache.w_gate_up, cache.w_down, backend=self.backend)
         T, K = topk_ids.shape
+        self.hear_pending()  # the layer before: its planning overlaps this layer's attention and router
         rows = torch.zeros(T, K, x.shape[-1], dtype=torch.float32, device=x.device)
         table = cache.slot_table[cache.ordinal(layer)]
 
@@ -77,6 +98,8 @@ class CachedExperts:
                 cache.release(list(got.values()))
                 todo = [e for e in todo if e not in got]
         # heard once the layer's own loads are ordered, so what the listener plans for later layers
-        # neither delays nor disturbs them
+        # neither delays nor disturbs them; by default later still (the class docstring says when)
         if self.route_listener is not None:
-            self.route_listener(layer, needed)
+            self._pending = (layer, needed)
+            if not self.defer_listener:
+                self.hear_pending()

@@ -1,0 +1,96 @@
+"""The predictive cache's correction heard late against heard at once, beside LRU, on the text workload.
+
+    PYTHONPATH=. python3 tools/overlap_ab.py MODEL_DIR --predictor PRED_DIR --corpus CORPUS_DIR --out RESULT.json
+        [--budgets 25%,10%] [--batch-sizes 1,8] [--rounds 3]
+
+Three arms on one engine per budget, the same requests (the text workload: corpus test-split prompts of
+64-256 tokens, temperature 0.8, top_p 0.95, a seed per request, 64 output tokens, EOS ignored):
+
+- `lru`: no predictor; experts load on demand, least recently used out first;
+- `now`: the learned predictor and ExpertFlow's planner, the route listener called as soon as a layer's
+  experts are enqueued (`CachedExperts.defer_listener = False`): the device waits while the host corrects;
+- `late`: the same, the listener called once the next stretch of the model is enqueued too (the default),
+  so the correction runs while the device computes.
+
+The arms alternate within each round and each reports its best round's decode tokens/s, with MB moved per
+output token and the host time of the predictor and planner as a share of decode time. The script asserts
+that all three arms give the same tokens and that `now` and `late` move the same bytes (the deferral changes
+when the host plans, never what the cache does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def main() -> None:
+    from moeflow import LLM
+    from moeflow.bench import axes
+    from moeflow.bench.runs import run_moeflow
+    from moeflow.bench.workload import TextWorkload, load_documents
+
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--predictor", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--budgets", default="25%,10%")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches), device=args.device,
+              dtype="bfloat16" if cuda else "float32")
+    engine = llm.engine
+    workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
+    confs = {"lru": axes.listed(["none/exact/fcfs"])[0], "now": axes.listed([f"{args.predictor}/exact/fcfs"])[0]}
+    confs["late"] = confs["now"]
+    results = []
+    for budget in args.budgets.split(","):
+        for batch in batches:
+            timed = [workload.requests(0, batch)]
+            warm = workload.requests(batch, batch)
+            runs = {name: [] for name in confs}
+            last = {}
+            for _ in range(args.rounds):
+                for name, conf in confs.items():
+                    axes.apply(conf, engine)  # a new predictor, with no history, for every run
+                    engine.model.experts.defer_listener = name != "now"
+                    r = run_moeflow(engine, budget, timed, warm, configuration=conf.as_dict())
+                    runs[name].append(r.decode_tokens_per_s)
+                    last[name] = r
+                    print(json.dumps({"budget": budget, "batch": batch, "arm": name,
+                                      "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
+                                      "mb_per_token": round(r.bytes_per_token / 1e6, 2),
+                                      "stall_share": round(r.stall_share, 4),
+                                      "predictor_share": round(r.predictor_s / r.decode_s, 4)}), flush=True)
+            assert last["now"].outputs == last["late"].outputs == last["lru"].outputs, "the model's own tokens"
+            assert last["now"].bytes_moved == last["late"].bytes_moved, "the deferral moves the same bytes"
+            best = {name: max(v) for name, v in runs.items()}
+            row = {"budget": budget, "batch": batch, "rounds": runs,
+                   **{f"{n}_tokens_per_s": best[n] for n in runs},
+                   **{f"{n}_median_tokens_per_s": statistics.median(runs[n]) for n in runs},
+                   **{f"{n}_mb_per_token": last[n].bytes_per_token / 1e6 for n in runs},
+                   **{f"{n}_stall_share": last[n].stall_share for n in runs},
+                   **{f"{n}_predictor_share": last[n].predictor_s / last[n].decode_s for n in ("now", "late")},
+                   "belady_mb_per_token": (last["lru"].belady_bytes_per_token or 0) / 1e6,
+                   "late_over_now": best["late"] / best["now"], "late_over_lru": best["late"] / best["lru"],
+                   "now_over_lru": best["now"] / best["lru"]}
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+    engine.model.experts.defer_listener = True
+    with open(args.out, "w") as f:
+        device = torch.cuda.get_device_name() if cuda else "cpu"
+        json.dump({"model": args.model, "predictor": args.predictor, "device": device, "torch": torch.__version__,
+                   "rounds": args.rounds, "workload": workload.describe(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
