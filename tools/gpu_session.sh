@@ -45,6 +45,14 @@
 #                                max_num_seqs 256, max_batch_size 32 at 25%, $CONFIGS (default fcfs with LRU,
 #                                route-aware with LRU, route-aware with the part-9 predictor)
 #
+# The fifth session's (2026-12-02), on one machine:
+#
+#   tools/gpu_session.sh 11 OUT  train the bench model; the GPU tests of the deferred route listener and of the
+#                                predictive cache's exactness under graphs; part 9's traces and predictors; the
+#                                correction heard late against heard at once, beside LRU (tools/overlap_ab.py,
+#                                25%, batch 1 and 8)
+#   tools/gpu_session.sh 10 OUT  as above, on the same machine
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -339,7 +347,50 @@ case "$part" in
         d['recall'], d['cache'])" "$f" 2>/dev/null | cut -c1-400; done
     pack
     ;;
+11)
+    p=$w/p11
+    mkdir -p "$p"
+    pack() { tar czf "$out/p11.tgz" -C "$w" p11; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    train_bench "$p"
+    pack
+    timeout "${TESTS_TIMEOUT:-110}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/experts/test_deferred_listener.py \
+        tests/experts/test_predictive.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -3 "$p/gpu_tests.log"
+    pack
+    python3 tools/corpus_sample.py "$w/corpus" train 400 > "$w/train_sample.jsonl"
+    python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
+    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens 300000 --max-seq-len 256 \
+        --device cuda --out "$w/train.npz" > "$p/trace.log" 2>&1
+    moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
+        --out "$w/test.npz" >> "$p/trace.log" 2>&1
+    grep -h '^{' "$p/trace.log"
+    mkdir -p "$w/pred"
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
+        --epochs 8 --max-minutes 0.9 --no-progress > "$p/pred_train.log" 2>&1 &
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
+        --holdout-domain python_docs --device cuda --epochs 8 --max-minutes 0.9 --no-progress \
+        > "$p/pred_train_ho.log" 2>&1 &
+    wait
+    tail -qn1 "$p/pred_train.log" "$p/pred_train_ho.log" | cut -c1-300
+    cp -r "$w/pred" "$p/pred"
+    pack
+    timeout "${AB_TIMEOUT:-150}" python3 tools/overlap_ab.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
+        --corpus "$w/corpus" --budgets 25% --batch-sizes 1,8 --rounds "${AB_ROUNDS:-2}" --out "$p/overlap_ab.json" \
+        > "$p/overlap_ab.log" 2>&1
+    grep -h '"late_over_now"' "$p/overlap_ab.log" | cut -c1-400
+    pack
+    ;;
 10)
+    if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
+        for d in bench bench-no-python_docs; do
+            dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
+            timeout 300 python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" --trace "$w/test.npz" \
+                --budgets 25% --batch-sizes 8 --replay-tokens 1500 --threads 2 --json $dom "$w/pred/$d" \
+                > "$w/eval_$d.json" 2> "$w/eval_$d.err" &
+        done
+    fi
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 9 first)" >&2; exit 3; }
     p=$w/p10
     mkdir -p "$p"
@@ -348,6 +399,9 @@ case "$part" in
     offline "$p" sched25 "${SCHED_TIMEOUT:-560}" --budgets 25% --batch-sizes 256 --max-num-seqs 256 \
         --max-batch-size 32 --batches-per-cell 1 \
         --configurations "${CONFIGS:-none/exact/fcfs,none/exact/route-aware,$w/pred/bench/exact/route-aware}"
+    pack
+    wait
+    cp "$w"/eval_*.json "$w"/eval_*.err "$p/" 2>/dev/null
     pack
     ;;
 esac
