@@ -89,6 +89,25 @@ train_bench() {  # train_bench DIR: the bench model into $BENCH_MODEL, its logs 
     cp "$BENCH_MODEL"/training_log.json "$1/" 2>/dev/null
 }
 
+traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
+    python3 tools/corpus_sample.py "$w/corpus" train "${TRAIN_DOCS:-400}" > "$w/train_sample.jsonl"
+    python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
+    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens "${TRAIN_TOKENS:-300000}" --max-seq-len 256 \
+        --device cuda --out "$w/train.npz" > "$1/trace.log" 2>&1
+    moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
+        --out "$w/test.npz" >> "$1/trace.log" 2>&1
+    grep -h '^{' "$1/trace.log"
+    mkdir -p "$w/pred"
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
+        --epochs "${PRED_EPOCHS:-8}" --max-minutes 0.9 --no-progress > "$1/pred_train.log" 2>&1 &
+    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
+        --holdout-domain python_docs --device cuda --epochs "${PRED_EPOCHS:-8}" --max-minutes 0.9 --no-progress \
+        > "$1/pred_train_ho.log" 2>&1 &
+    wait
+    tail -qn1 "$1/pred_train.log" "$1/pred_train_ho.log" | cut -c1-300
+    cp -r "$w/pred" "$1/pred"
+}
+
 case "$part" in
 1)
     (moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
@@ -312,23 +331,7 @@ case "$part" in
     mkdir -p "$p"
     pack() { tar czf "$out/p9.tgz" -C "$w" p9; }
     cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
-    python3 tools/corpus_sample.py "$w/corpus" train "${TRAIN_DOCS:-400}" > "$w/train_sample.jsonl"
-    python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
-    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens "${TRAIN_TOKENS:-300000}" --max-seq-len 256 \
-        --device cuda --out "$w/train.npz" > "$p/trace.log" 2>&1
-    moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
-        --out "$w/test.npz" >> "$p/trace.log" 2>&1
-    grep -h '^{' "$p/trace.log"
-    pack
-    mkdir -p "$w/pred"
-    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
-        --epochs "${PRED_EPOCHS:-8}" --max-minutes 0.9 --no-progress > "$p/pred_train.log" 2>&1 &
-    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
-        --holdout-domain python_docs --device cuda --epochs "${PRED_EPOCHS:-8}" --max-minutes 0.9 --no-progress \
-        > "$p/pred_train_ho.log" 2>&1 &
-    wait
-    tail -qn1 "$p/pred_train.log" "$p/pred_train_ho.log" | cut -c1-300
-    cp -r "$w/pred" "$p/pred"
+    traces_and_predictors "$p"
     pack
     ev() { timeout "${EVAL_TIMEOUT:-250}" python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" \
         --trace "$w/test.npz" --replay-tokens 3000 --threads 3 --json "$@"; }
@@ -359,22 +362,7 @@ case "$part" in
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -3 "$p/gpu_tests.log"
     pack
-    python3 tools/corpus_sample.py "$w/corpus" train 400 > "$w/train_sample.jsonl"
-    python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
-    moeflow trace "$BENCH_MODEL" --data "$w/train_sample.jsonl" --max-tokens 300000 --max-seq-len 256 \
-        --device cuda --out "$w/train.npz" > "$p/trace.log" 2>&1
-    moeflow trace "$BENCH_MODEL" --data "$w/test_sample.jsonl" --max-tokens 80000 --max-seq-len 256 --device cuda \
-        --out "$w/test.npz" >> "$p/trace.log" 2>&1
-    grep -h '^{' "$p/trace.log"
-    mkdir -p "$w/pred"
-    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench" --device cuda \
-        --epochs 8 --max-minutes 0.9 --no-progress > "$p/pred_train.log" 2>&1 &
-    moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-no-python_docs" \
-        --holdout-domain python_docs --device cuda --epochs 8 --max-minutes 0.9 --no-progress \
-        > "$p/pred_train_ho.log" 2>&1 &
-    wait
-    tail -qn1 "$p/pred_train.log" "$p/pred_train_ho.log" | cut -c1-300
-    cp -r "$w/pred" "$p/pred"
+    traces_and_predictors "$p"
     pack
     timeout "${AB_TIMEOUT:-150}" python3 tools/overlap_ab.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
         --corpus "$w/corpus" --budgets 25% --batch-sizes 1,8 --rounds "${AB_ROUNDS:-2}" --out "$p/overlap_ab.json" \
