@@ -53,6 +53,12 @@
 #                                25%, batch 1 and 8)
 #   tools/gpu_session.sh 10 OUT  as above, on the same machine
 #
+# The sixth session's (2026-12-05):
+#
+#   tools/gpu_session.sh 12 OUT  train the bench model (TRAIN_MINUTES, default 4); part 9's traces and predictors;
+#                                where a decode step's host time goes, LRU beside the predictive cache at 25%,
+#                                batch 1 and 8, with a cProfile of each (tools/host_profile.py)
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -368,6 +374,20 @@ case "$part" in
         --corpus "$w/corpus" --budgets 25% --batch-sizes 1,8 --rounds "${AB_ROUNDS:-2}" --out "$p/overlap_ab.json" \
         > "$p/overlap_ab.log" 2>&1
     grep -h '"late_over_now"' "$p/overlap_ab.log" | cut -c1-400
+    pack
+    ;;
+12)  # the sixth session's first call: where a predictive decode step's host time goes
+    p=$w/p12
+    mkdir -p "$p"
+    pack() { tar czf "$out/p12.tgz" -C "$w" p12; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    train_bench "$p"
+    pack
+    traces_and_predictors "$p"
+    pack
+    timeout "${PROFILE_TIMEOUT:-200}" python3 tools/host_profile.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
+        --corpus "$w/corpus" --budget 25% --batch-sizes 1,8 --out "$p/profile" > "$p/host_profile.log" 2>&1
+    cut -c1-600 "$p/host_profile.log"
     pack
     ;;
 10)

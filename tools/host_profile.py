@@ -1,0 +1,83 @@
+"""Where an offloaded decode step's host time goes, LRU beside the predictive cache, on the text workload.
+
+    PYTHONPATH=. python3 tools/host_profile.py MODEL_DIR --predictor PRED_DIR --corpus CORPUS_DIR --out DIR
+        [--budget 25%] [--batch-sizes 1,8] [--top 45]
+
+For each batch size, on one engine and the same requests (the text workload: corpus test-split prompts of
+64-256 tokens, temperature 0.8, top_p 0.95, a seed per request, 64 output tokens): LRU, then the learned
+predictor with ExpertFlow's planner, each timed as `bench offline` times it; then the predictive run once more
+under cProfile. Writes DIR/profile.json (tokens/s, MB per token, stall and predictor shares) and, per batch size,
+DIR/cprofile-bN.txt: the host functions by own time and by cumulative time. cProfile slows Python code, not
+device work, so its shares overstate the host; they say where the host time is, the timed runs say how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from moeflow import LLM
+    from moeflow.bench import axes
+    from moeflow.bench.runs import run_moeflow
+    from moeflow.bench.workload import TextWorkload, load_documents
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--predictor", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget", default="25%")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--top", type=int, default=45)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches), device=args.device,
+              dtype="bfloat16" if cuda else "float32")
+    engine = llm.engine
+    workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
+    confs = {"lru": axes.listed(["none/exact/fcfs"])[0], "predictive": axes.listed([f"{args.predictor}/exact/fcfs"])[0]}
+    rows = []
+    for batch in batches:
+        timed = [workload.requests(0, batch)]
+        warm = workload.requests(batch, batch)
+        row = {"budget": args.budget, "batch": batch}
+        for name, conf in confs.items():
+            axes.apply(conf, engine)
+            r = run_moeflow(engine, args.budget, timed, warm, configuration=conf.as_dict())
+            row[name] = {"decode_tokens_per_s": r.decode_tokens_per_s, "mb_per_token": r.bytes_per_token / 1e6,
+                         "stall_share": r.stall_share, "predictor_share": r.predictor_s / r.decode_s,
+                         "decode_ms_per_step": 1e3 * r.decode_s / max(1, r.decode_steps)}
+        axes.apply(confs["predictive"], engine)
+        prof = cProfile.Profile()
+        prof.enable()
+        r = run_moeflow(engine, args.budget, timed, warm, configuration=confs["predictive"].as_dict())
+        prof.disable()
+        row["profiled"] = {"decode_tokens_per_s": r.decode_tokens_per_s, "decode_steps": r.decode_steps,
+                           "predictor_share": r.predictor_s / r.decode_s}
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(args.top)
+        stats.sort_stats("cumulative").print_stats(args.top)
+        (args.out / f"cprofile-b{batch}.txt").write_text(text.getvalue())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    (args.out / "profile.json").write_text(json.dumps({
+        "model": args.model, "predictor": args.predictor, "device": device, "torch": torch.__version__,
+        "workload": workload.describe(), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
