@@ -20,14 +20,14 @@ DEFAULT_MAX_MODEL_LEN = 4096
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device; use device='cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices")
     if device.type == "cuda" and device.index is None:
+        # an explicit index: torch.cuda calls given a device without one look the current device up each time
+        # (tens of microseconds, and the transfer engine makes a few dozen such calls per decode step)
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 

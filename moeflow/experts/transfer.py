@@ -31,8 +31,10 @@ class Priority(IntEnum):
 
 class TransferEngine:
     def __init__(self, device: torch.device, num_slots: int):
-        self.device = device
         self.is_cuda = device.type == "cuda"
+        if self.is_cuda and device.index is None:  # torch.cuda's calls are slow to resolve a device without one
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._fill_done: list[torch.cuda.Event | None] = [None] * num_slots
         self._read_done: list[torch.cuda.Event | None] = [None] * num_slots
@@ -70,7 +72,11 @@ class TransferEngine:
             if tag >= 0:  # a demand fill on the CPU is a stall for the layer that waits on it
                 self._stall_cpu[tag] = self._stall_cpu.get(tag, 0.0) + time.perf_counter() - t0
             return
-        with torch.cuda.stream(self.stream):
+        # onto the copy stream and back by hand: `with torch.cuda.stream(...)` looks the current device up on
+        # every entry, which costs more host time than the copies' own calls
+        compute = torch.cuda.current_stream(self.device)
+        torch.cuda.set_stream(self.stream)
+        try:
             waited = set()
             for slot, dst, src in loads:
                 read = self._read_done[slot]
@@ -80,6 +86,8 @@ class TransferEngine:
                 dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()  # one event marks every fill of this batch
             done.record(self.stream)
+        finally:
+            torch.cuda.set_stream(compute)
         for slot, _, _ in loads:
             self._fill_done[slot] = done
 
