@@ -210,15 +210,32 @@ class ExpertCache:
                              f"{self.num_slots} slots, got {q.tolist()}")
         self.quota = q
 
-    def protect(self, mask: np.ndarray | None) -> None:
-        """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing."""
-        self._protected = np.zeros_like(self._protected) if mask is None else np.asarray(mask, dtype=bool)
-        self._unprotected = ~self._protected
+    def protect(self, mask: np.ndarray | None, first: int = 0) -> None:
+        """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing. With `first`,
+        `mask` holds rows first.. only (MoE layer ordinals) and the rows before keep what they had: a planner
+        correcting course as layers route changes only the rows of the layers still to come."""
+        if mask is None:
+            self._protected = np.zeros_like(self._protected)
+            self._unprotected = ~self._protected
+        elif first == 0:
+            self._protected = np.array(mask, dtype=bool)  # a copy: later row updates write into it
+            self._unprotected = ~self._protected
+        else:
+            self._protected[first:] = mask
+            np.logical_not(self._protected[first:], out=self._unprotected[first:])
 
-    def prioritize(self, priority: np.ndarray | None) -> None:
+    def prioritize(self, priority: np.ndarray | None, first: int = 0) -> None:
         """Eviction priorities ([L, E], higher: keep longer) for the coming steps; None: none. Among the experts a
-        layer may give up, the lowest-priority go first and the eviction policy breaks ties."""
-        self._priority = None if priority is None else np.asarray(priority, dtype=np.float64)
+        layer may give up, the lowest-priority go first and the eviction policy breaks ties. With `first`, as for
+        `protect`: rows first.. only, over priorities set before."""
+        if priority is None:
+            self._priority = None
+        elif first == 0:
+            self._priority = np.array(priority, dtype=np.float64)
+        elif self._priority is None:
+            raise ValueError("prioritize: rows can only update priorities already set for every layer")
+        else:
+            self._priority[first:] = priority
 
     def enqueue_prefetch(self, layer: int, experts: list[int], deadline: int = 0,
                          scores: list[float] | None = None) -> int:

@@ -112,6 +112,27 @@ def test_correction_replans_later_layers_from_refined_scores():
     assert (1, 1) in queued and (1, 3) not in queued, "correction off: the plan made before the step stands"
 
 
+def test_protection_and_priorities_take_rows_from_a_layer_on():
+    cache = toy_cache(6)
+    mask, prio = np.zeros((L, E), dtype=bool), np.zeros((L, E))
+    mask[0, 1] = mask[2, 3] = True
+    prio[0, 0], prio[2, 2] = 0.5, 0.25
+    cache.protect(mask)
+    cache.prioritize(prio)
+    mask[0, 1] = False  # the cache holds copies: the caller's arrays are its own again
+    prio[0, 0] = 0.0
+    assert cache._protected[0, 1] and cache._priority[0, 0] == 0.5
+    cache.protect(np.ones((L - 1, E), dtype=bool), first=1)
+    cache.prioritize(np.full((L - 1, E), 0.75), first=1)
+    assert cache._protected[0].tolist() == [False, True] + [False] * (E - 2), "rows before `first` kept"
+    assert cache._protected[1:].all() and not cache._unprotected[1:].any()
+    assert cache._unprotected[0].tolist() == [True, False] + [True] * (E - 2)
+    assert cache._priority[0, 0] == 0.5 and (cache._priority[1:] == 0.75).all()
+    cache.prioritize(None)
+    with pytest.raises(ValueError, match="already set for every layer"):
+        cache.prioritize(np.zeros((L - 1, E)), first=1)
+
+
 def test_priorities_order_eviction_and_ties_fall_to_lru():
     cache = toy_cache(6)
     use(cache, 0, [0])

@@ -15,6 +15,7 @@ from moeflow.assets import default_model_dir
 from moeflow.errors import ConfigError
 from moeflow.routing.predictors import LearnedPredictor, RequestView, StepView, find_predictor, load_predictor
 from moeflow.evaluation.predictors import best_baseline, learned_scorer, score, score_baselines
+from moeflow.routing.predictors.learned import union
 from moeflow.routing.predictors.net import PredictorFiles
 from moeflow.routing.predictors.training import RouteData, TrainOptions, train
 from moeflow.routing.record import StepRoutes
@@ -149,6 +150,9 @@ def test_runtime_predictor_tracks_requests_and_refines(tiny):
     assert set(np.flatnonzero(r.scores[0] > 0.99)) == set(route), "a routed layer's scores are its route"
     assert not np.allclose(r.scores[1], p.scores[1]), "the next layer is sharpened"
     assert np.allclose(r.scores[2:], p.scores[2:])
+    r2 = pred.refine(step, 1, [route, [int(e) for e in np.argsort(-r.scores[1])[:K]]])
+    per = pred._step[3]
+    assert np.array_equal(r2.scores, union(per).astype(np.float32)), "the rows kept in place are the whole union's"
     pred.finished("a")
     pred.finished("b")
     assert not pred._seqs

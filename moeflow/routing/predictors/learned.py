@@ -139,7 +139,9 @@ class LearnedPredictor(PredictorBase):
         # host copy for refine(), which runs where the host waits on a router
         self.transition = net.transition.detach().float().cpu().numpy()
         self._seqs: dict[str, _Sequence] = {}
-        self._step: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None  # (step index, logits, hist, probs)
+        # this decode step's (index, logits, hist, probs [B, L, E], their union [L, E]); refine() updates the last
+        # two in place, row by row, as layers route
+        self._step: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.recall = np.array(layer_recall if layer_recall else [0.5] * self.L, dtype=np.float64)  # [L] running
 
     # -- requests ----------------------------------------------------------------------------
@@ -207,40 +209,44 @@ class LearnedPredictor(PredictorBase):
             ends = np.cumsum(counts)
             per = np.stack([union(p[e - n : e]) for e, n in zip(ends, counts)])
             nxt = p_next[ends - 1]  # the first decode token follows the last prompt token
-            self._step = None
         else:
             per = self.calibration.apply(z, hist) if self.adapt else sigmoid(z)
             nxt = sigmoid(z_next)
-            self._step = (step.index, z, hist, per)
-        return LearnedPrediction(scores=union(per).astype(np.float32), per_request=per.astype(np.float32),
+        scores = union(per).astype(np.float32)
+        self._step = None if step.is_prefill else (step.index, z, hist, per, scores.copy())
+        return LearnedPrediction(scores=scores, per_request=per.astype(np.float32),
                                  confidence=self.recall.astype(np.float32), next_scores=union(nxt).astype(np.float32))
 
     # -- as each layer routes ----------------------------------------------------------------
 
     def refine(self, step: StepView, layer: int, routes_so_far: list[list[int]]) -> Prediction | None:
-        """Layer `layer` has routed: sharpen the next layer's scores with its route (T_{layer+1} @ route)."""
+        """Layer `layer` has routed: sharpen the next layer's scores with its route (T_{layer+1} @ route).
+
+        Only the rows of `layer` and the next change, so only they are recomputed, in place: this runs on the
+        host between a router and the next layer's experts, a dozen times a step. The Prediction returned holds
+        views of this step's arrays, valid until the next refine or predict; it carries no per-request scores
+        (no one reads them mid-step)."""
         if self._step is None or self._step[0] != step.index or layer + 1 >= self.L:
             return None
-        _, z, hist, per = self._step
+        _, z, hist, per, scores = self._step
         used = np.zeros(self.E, dtype=bool)
         used[routes_so_far[layer]] = True
         # each sequence's expected route at `layer` within what the batch used (its exact route at batch 1)
-        q = np.where(used[None, :], per[:, layer], 0.0)
-        q = np.minimum(1.0, q * (self.K / np.maximum(q.sum(-1, keepdims=True), 1e-9)))
         if per.shape[0] == 1:
             q = used[None, :].astype(np.float64)
+        else:
+            q = np.where(used[None, :], per[:, layer], 0.0)
+            q = np.minimum(1.0, q * (self.K / np.maximum(q.sum(-1, keepdims=True), 1e-9)))
         nxt = layer + 1
         z_next = z[:, nxt] + q @ self.transition[nxt - 1]
-        per = per.copy()
         if self.adapt:
-            m = self.calibration.mix[nxt]
+            m = 1.0 / (1.0 + np.exp(-self.calibration.theta[nxt]))  # calibration.mix[nxt], for one layer
             per[:, nxt] = (1 - m) * sigmoid(z_next + self.calibration.bias[nxt]) + m * np.minimum(hist[:, nxt], 1.0)
         else:
             per[:, nxt] = sigmoid(z_next)
         per[:, layer] = np.where(used[None, :], np.maximum(per[:, layer], q), 0.0)
-        self._step = (step.index, z, hist, per)
-        return Prediction(scores=union(per).astype(np.float32), per_request=per.astype(np.float32),
-                          confidence=self.recall.astype(np.float32))
+        scores[layer : nxt + 1] = union(per[:, layer : nxt + 1])
+        return Prediction(scores=scores, confidence=self.recall)
 
     # -- after the step -----------------------------------------------------------------------
 
@@ -248,7 +254,7 @@ class LearnedPredictor(PredictorBase):
         L, E, d = self.L, self.E, self.cfg.hist_decay
         ids = routes.router_ids  # what the router chose: the routing the predictor learns
         if self._step is not None and self._step[0] == step.index and not step.is_prefill:
-            _, z, hist, per = self._step
+            _, z, hist, per, _ = self._step
             actual = np.zeros((len(step.request_ids), L, E), dtype=np.float32)
             last_rows = [r.stop - 1 for r in routes.rows]
             np.put_along_axis(actual, ids[:, last_rows].transpose(1, 0, 2).astype(np.int64), 1.0, axis=2)
