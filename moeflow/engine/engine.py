@@ -143,10 +143,14 @@ class LLMEngine:
     def set_predictor(self, predictor: Predictor | None, planner: Planner | None = None) -> None:
         """Install a predictor (None: load on demand) and the planner that turns its scores into cache moves
         (default: ExpertFlow's predictive cache for a learned predictor, plain prefetching for the others).
-        Graphs stay as they are: a predictor runs on the host around the step and never inside it."""
+        The decode graphs stay as they are: a predictor runs around the step and never inside it; on CUDA a
+        predictor that can (the learned one) captures its own forward as graphs, one per batch bucket."""
         if self.has_unfinished_requests():
             raise RequestError("the predictor can only be replaced while no request is running")
         self.predictor = predictor
+        capture = getattr(predictor, "capture_graphs", None)
+        if capture is not None and self.device.type == "cuda" and not self.config.enforce_eager:
+            capture(batch_buckets(self.max_batch_size))
         if planner is None:
             planner = ExpertFlowPlanner() if isinstance(predictor, LearnedPredictor) else PrefetchTop()
         self.planner = planner

@@ -250,3 +250,34 @@ def test_first_sequences_stop_at_the_sequence_that_reaches_the_token_count():
     assert data.first_sequences(3) == [slice(0, 3)]
     assert data.first_sequences(4) == [slice(0, 3), slice(3, 5)]
     assert data.first_sequences(100) == data.sequence_slices()
+
+
+def test_the_forward_stays_eager_off_cuda(tiny):
+    pred = load_predictor(SHIPPED, tiny)
+    pred.capture_graphs((1, 2, 4))
+    assert pred._graphed is None, "no graphs on the CPU"
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_forward_equals_the_eager_one(tiny):
+    """The forward replayed from a CUDA graph (padded to its bucket) gives the eager forward's logits, for each
+    bucket, for fresh features on every call, and a forward of more rows than the largest bucket stays eager."""
+    pred = load_predictor(SHIPPED, tiny, "cuda")
+    L, E = pred.L, pred.E
+    rng = np.random.default_rng(0)
+
+    def features(n: int):
+        cur = rng.integers(0, 8192, n).tolist()
+        prev = [-1] + rng.integers(0, 8192, n - 1).tolist()
+        last = (rng.random((n, L * E)) < 0.12).astype(np.float32)
+        hist = rng.random((n, L * E)).astype(np.float32) * last
+        return cur, prev, last, hist
+
+    cases = [features(n) for n in (1, 2, 3, 4, 1, 7)]
+    eager = [pred.logits(*f) for f in cases]
+    pred.capture_graphs((1, 2, 4))
+    assert pred._graphed is not None and not pred._graphed.fits(7)
+    for f, want in zip(cases, eager):
+        got = pred.logits(*f)
+        assert got.shape == want.shape
+        assert np.allclose(got, want, rtol=1e-4, atol=1e-4), float(np.abs(got - want).max())

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from moeflow.routing.predictors.base import Prediction, PredictorBase, RequestView, StepView
-from moeflow.routing.predictors.net import PredictorFiles, RouteNet, check_model, normalized_embedding
+from moeflow.routing.predictors.graphed import GraphedForward, route_logits
+from moeflow.routing.predictors.net import PredictorFiles, RouteNet, check_model
 from moeflow.routing.record import StepRoutes
 
 PREFILL_TOKENS = 512  # a prefill's prediction covers at most its last this many prompt tokens
@@ -142,6 +143,7 @@ class LearnedPredictor(PredictorBase):
         # this decode step's (index, logits, hist, probs [B, L, E], their union [L, E]); refine() updates the last
         # two in place, row by row, as layers route
         self._step: tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._graphed: GraphedForward | None = None  # the forward as CUDA graphs, once capture_graphs() ran
         self.recall = np.array(layer_recall if layer_recall else [0.5] * self.L, dtype=np.float64)  # [L] running
 
     # -- requests ----------------------------------------------------------------------------
@@ -187,14 +189,22 @@ class LearnedPredictor(PredictorBase):
         return (s.ema / (1.0 - self.cfg.hist_decay ** s.seen)).astype(np.float32)
 
     @torch.inference_mode()
+    def capture_graphs(self, buckets: tuple[int, ...]) -> None:
+        """On CUDA: capture the forward for up to each of `buckets` rows as a CUDA graph (graphed.py); forwards of
+        more rows (a prefill, or a scheduler scoring every running sequence) stay eager."""
+        if self.device.type == "cuda" and buckets:
+            self._graphed = GraphedForward(self.net, self.embedding, self.device, buckets)
+
+    @torch.inference_mode()
     def logits(self, cur: list[int], prev: list[int], last: np.ndarray, hist: np.ndarray) -> np.ndarray:
         """The network's logits [N, 2, L, E] for N rows of features (one forward on the predictor's device)."""
-        dev = self.device
-        ids = torch.tensor([cur, prev], dtype=torch.int64).to(dev, non_blocking=True)
-        dense = torch.from_numpy(np.concatenate([last, hist], axis=1)).to(dev, non_blocking=True)
-        LE = self.L * self.E
-        z = self.net(normalized_embedding(self.embedding, ids[0]), normalized_embedding(self.embedding, ids[1]),
-                     dense[:, :LE], dense[:, LE:])
+        dense = np.concatenate([last, hist], axis=1)
+        if self._graphed is not None and self._graphed.fits(len(cur)):
+            z = self._graphed(cur, prev, dense)
+        else:
+            dev = self.device
+            ids = torch.tensor([cur, prev], dtype=torch.int64).to(dev, non_blocking=True)
+            z = route_logits(self.net, self.embedding, ids, torch.from_numpy(dense).to(dev, non_blocking=True))
         return z.float().cpu().numpy()
 
     def predict(self, step: StepView) -> Prediction | None:
