@@ -58,6 +58,13 @@
 #   tools/gpu_session.sh 12 OUT  train the bench model (TRAIN_MINUTES, default 4); part 9's traces and predictors;
 #                                where a decode step's host time goes, LRU beside the predictive cache at 25%,
 #                                batch 1 and 8, with a cProfile of each (tools/host_profile.py)
+#   tools/gpu_session.sh 13 OUT  train the bench model; part 9's traces and predictors; tools/host_profile.py on
+#                                this tree and on the tree before this session's host-time changes
+#                                (.carry/before: `git archive 6da1729 moeflow tools/host_profile.py`, less the
+#                                bundled model), one after the other on the same model and predictor
+#   tools/gpu_session.sh 14 OUT  on the same machine: bench offline, LRU against ExpertFlow at 25% and 10%, batch 1
+#                                and 8; `predictor eval` of both predictors on the CPU cores meanwhile; then the GPU
+#                                tests of the predictor, the predictive cache, the copy stream and the listener
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -388,6 +395,50 @@ case "$part" in
     timeout "${PROFILE_TIMEOUT:-200}" python3 tools/host_profile.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
         --corpus "$w/corpus" --budget 25% --batch-sizes 1,8 --out "$p/profile" > "$p/host_profile.log" 2>&1
     cut -c1-600 "$p/host_profile.log"
+    pack
+    ;;
+13)  # the host-time changes against the tree before them (.carry/before), same machine, model and predictor
+    p=$w/p13
+    mkdir -p "$p"
+    pack() { tar czf "$out/p13.tgz" -C "$w" p13; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    train_bench "$p"
+    pack
+    traces_and_predictors "$p"
+    pack
+    for tree in before after; do
+        src=$root; [ "$tree" = before ] && src=$root/.carry/before
+        PYTHONPATH="$src:/tmp/site" timeout "${PROFILE_TIMEOUT:-150}" python3 "$src/tools/host_profile.py" "$BENCH_MODEL" \
+            --predictor "$w/pred/bench" --corpus "$w/corpus" --budget 25% --batch-sizes 1,8 --out "$p/profile-$tree" \
+            > "$p/host_profile-$tree.log" 2>&1
+        echo "$tree"; grep -h '^{' "$p/host_profile-$tree.log" | cut -c1-420
+        pack
+    done
+    ;;
+14)  # on the machine part 13 left: ExpertFlow against LRU at 25% and 10% (bench offline), the predictors'
+     # recall in domain and held out on the CPU cores meanwhile, then the GPU tests of this session's changes
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 13 first)" >&2; exit 3; }
+    p=$w/p14
+    mkdir -p "$p"
+    pack() { tar czf "$out/p14.tgz" -C "$w" p14; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    for d in bench bench-no-python_docs; do
+        dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
+        timeout 400 python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" --trace "$w/test.npz" \
+            --budgets 25% --batch-sizes 1,8 --replay-tokens 1500 --threads 2 --json $dom "$w/pred/$d" \
+            > "$p/eval_$d.json" 2> "$p/eval_$d.err" &
+    done
+    offline "$p" ef "${EF_TIMEOUT:-300}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$w/pred/bench"
+    pack
+    timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
+        tests/routing/test_learned_predictor.py tests/experts/test_predictive.py tests/engine/test_gpu.py \
+        tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -3 "$p/gpu_tests.log"
+    wait
+    for f in "$p"/eval_*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], \
+        d['recall'], d['cache'])" "$f" 2>/dev/null | cut -c1-400; done
     pack
     ;;
 10)
