@@ -5,13 +5,14 @@ is the baseline configuration that the report compares the others with, cell by 
 batch, same prompts). Each axis value is turned into an engine object by one loader here, the one place
 to wire a new predictor, selector or scheduling policy into the benchmark:
 
-    load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART]
+    load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART][:KEY=V...]
     load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton]
     load_scheduling_arg(text, spec)    fcfs | route-aware
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
 switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
-adapt (the predictor's online adaptation). `lynx` takes the model's (alpha, beta) defaults and w = 0 (plain
+adapt (the predictor's online adaptation); `PRED_DIR:KEY=V[:KEY=V]` sets the planner's numeric settings
+(PLANNER_SETTINGS: prefetch_at, lookahead, ...) for a sweep, beside or without a `no-PART`. `lynx` takes the model's (alpha, beta) defaults and w = 0 (plain
 LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes; `kernel` picks how the rule
 runs: `triton` in one launch per layer (routing/_lynx_triton.py), `torch` in thirty small operations, `auto`
 (the default) Triton's where it is installed.
@@ -27,6 +28,9 @@ from moeflow.errors import ConfigError
 
 PLANNER_PARTS = ("quotas", "protect", "prefetch", "correct")
 ABLATIONS = PLANNER_PARTS + ("adapt",)
+# ExpertFlowPlanner's numeric settings a `--predictors PRED_DIR:KEY=V` value may set, for sweeps
+PLANNER_SETTINGS = {"prefetch_at": float, "protect_at": float, "lookahead": int, "issue_now": int,
+                    "issue_per_layer": int, "reuse_weight": float, "reuse_decay": float, "levels": int}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +101,24 @@ def with_ablations(predictors: list[str]) -> list[str]:
     return out
 
 
-def _predictor_dir(text: str) -> tuple[Path, str | None]:
-    path, sep, part = text.partition(":")
-    if sep:
-        if not part.startswith("no-") or part[3:] not in ABLATIONS:
+def _predictor_dir(text: str) -> tuple[Path, str | None, dict[str, float | int]]:
+    """PRED_DIR[:no-PART][:SETTING=V...] -> (the directory, the part switched off or None, planner settings)."""
+    path, *items = text.split(":")
+    part, settings = None, {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if eq and key in PLANNER_SETTINGS:
+            try:
+                settings[key] = PLANNER_SETTINGS[key](value)
+            except ValueError:
+                raise ConfigError(f"--predictors {text}: {key} must be a number, got {value!r}") from None
+        elif not eq and part is None and item.startswith("no-") and item[3:] in ABLATIONS:
+            part = item[3:]
+        else:
             raise ConfigError(f"--predictors {text}: after ':' name one part to switch off, one of "
-                              + ", ".join(f"no-{p}" for p in ABLATIONS))
-        part = part[3:]
-    return Path(path), part or None
+                              + ", ".join(f"no-{p}" for p in ABLATIONS) + ", or set one of the predictive cache's "
+                              "settings, " + ", ".join(f"{k}=V" for k in PLANNER_SETTINGS) + f"; got {item!r}")
+    return Path(path), part, settings
 
 
 def load_predictor_arg(text: str, engine):
@@ -116,7 +130,7 @@ def load_predictor_arg(text: str, engine):
         return None
     if text in BUILTIN:
         return make_predictor(text, engine.spec)
-    path, part = _predictor_dir(text)
+    path, part, _ = _predictor_dir(text)
     if path.is_dir():
         from moeflow.routing.predictors import load_predictor
 
@@ -127,15 +141,15 @@ def load_predictor_arg(text: str, engine):
 
 def load_planner_arg(text: str):
     """The planner for `--predictors` value `text`: None (the engine's default for the predictor) unless it
-    switches off one of the predictive cache's parts."""
+    switches off one of the predictive cache's parts or sets one of its settings."""
     if text == "none" or ":" not in text:
         return None
     from moeflow.experts.predictive import ExpertFlowPlanner
 
-    _, part = _predictor_dir(text)
-    if part not in PLANNER_PARTS:
+    _, part, settings = _predictor_dir(text)
+    if part not in PLANNER_PARTS and not settings:
         return None
-    return ExpertFlowPlanner(**{part: False})
+    return ExpertFlowPlanner(**({part: False} if part in PLANNER_PARTS else {}), **settings)
 
 
 def load_selector_arg(text: str, engine):

@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32])
     g.add_argument("--predictors", type=_csv(str), default=["none"],
                    help="comma list: none, previous, frequency, a trained predictor's directory (PRED_DIR:no-PART "
-                        "switches off one part of the predictive cache: quotas, protect, prefetch, correct, adapt); "
+                        "switches off one part of the predictive cache: quotas, protect, prefetch, correct, adapt; "
+                        "PRED_DIR:KEY=V sets one of its settings, e.g. :prefetch_at=0.6:lookahead=3); "
                         "the first is the baseline")
     g.add_argument("--ablations", action="store_true",
                    help="after each trained predictor in --predictors, run it with each part switched off in turn")
