@@ -65,6 +65,10 @@
 #   tools/gpu_session.sh 14 OUT  on the same machine: bench offline, LRU against ExpertFlow at 25% and 10%, batch 1
 #                                and 8; `predictor eval` of both predictors on the CPU cores meanwhile; then the GPU
 #                                tests of the predictor, the predictive cache, the copy stream and the listener
+#   tools/gpu_session.sh 15 OUT  train the bench model; the GPU tests of the two copy streams; part 9's traces and
+#                                predictors; demand misses on a stream of their own against one stream for all
+#                                copies, LRU and predictive, 25% and 10%, batch 1 and 8 (tools/demand_stream_ab.py);
+#                                the prefetch threshold and lookahead swept against LRU (bench offline)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -439,6 +443,32 @@ case "$part" in
     wait
     for f in "$p"/eval_*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], \
         d['recall'], d['cache'])" "$f" 2>/dev/null | cut -c1-400; done
+    pack
+    ;;
+15)  # one call: the GPU tests of the two copy streams, then demand misses on their own stream against one stream
+     # (tools/demand_stream_ab.py), and a sweep of the predictive cache's prefetch settings against LRU
+    p=$w/p15
+    mkdir -p "$p"
+    pack() { tar czf "$out/p15.tgz" -C "$w" p15; }
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    train_bench "$p"
+    pack
+    timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
+        tests/routing/test_learned_predictor.py tests/experts/test_predictive.py tests/engine/test_gpu.py \
+        tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -3 "$p/gpu_tests.log"
+    pack
+    traces_and_predictors "$p"
+    pack
+    timeout "${AB_TIMEOUT:-170}" python3 tools/demand_stream_ab.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
+        --corpus "$w/corpus" --budgets 25%,10% --batch-sizes 1,8 --rounds 2 --out "$p/demand_stream_ab.json" \
+        > "$p/demand_stream_ab.log" 2>&1
+    grep -h '"pred_two_over_one"' "$p/demand_stream_ab.log" | cut -c1-500
+    pack
+    P=$w/pred/bench
+    offline "$p" sweep "${SWEEP_TIMEOUT:-150}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 1 \
+        --predictors "none,$P,$P:prefetch_at=0.6,$P:prefetch_at=0.4,$P:prefetch_at=0.6:lookahead=4"
     pack
     ;;
 10)

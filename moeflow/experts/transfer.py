@@ -1,15 +1,18 @@
 """TransferEngine: copies expert buffers from the host store into device slots.
 
-On CUDA every fill runs on one dedicated copy stream; each batch of fills records one event,
-which every slot it filled keeps. The compute stream waits only on the events of the slots
-it is about to read, so a layer whose experts are resident never waits, and no device-wide
-synchronisation happens per expert.
-A slot is refilled only after the compute that last read it has finished (its read event).
+On CUDA fills run on two dedicated copy streams, one for demand misses and one for prefetches; each
+batch of fills records one event, which every slot it filled keeps. The compute stream waits only on
+the events of the slots it is about to read, so a layer whose experts are resident never waits, and no
+device-wide synchronisation happens per expert.
+A slot is refilled only after the compute that last read it has finished (its read event), and after
+its last fill, when that ran on the other stream.
 
 Demand misses are issued at once; prefetches queue in software, ordered by deadline (the MoE
 layer that will need them, earliest first) and then by score (most likely first), and are issued
-a few at a time behind them, so a demand miss never waits behind more than the prefetches
-already issued. A queued prefetch whose prediction went stale can be cancelled before it is issued.
+a few at a time. A queued prefetch whose prediction went stale can be cancelled before it is issued.
+Issued prefetches run on their own stream, so a demand miss does not wait behind them: the two streams'
+copies run side by side on the GPU's copy engines and share the host link
+(`separate_demand = False` puts both on one stream, in issue order, for comparison).
 
 On the CPU the same calls copy synchronously and the wait is the copy itself.
 """
@@ -35,8 +38,14 @@ class TransferEngine:
         if self.is_cuda and device.index is None:  # torch.cuda's calls are slow to resolve a device without one
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.stream = torch.cuda.Stream(device) if self.is_cuda else None  # prefetches
+        # demand misses: their own stream, at the highest priority CUDA gives a stream
+        self.demand_stream = torch.cuda.Stream(device, priority=-1) if self.is_cuda else None
+        self.separate_demand = True
         self._fill_done: list[torch.cuda.Event | None] = [None] * num_slots
+        # every slot's last fill and the stream it ran on, kept after the compute has waited for it: a fill on the
+        # other stream must not overtake it
+        self._last_fill: list[tuple[torch.cuda.Event, torch.cuda.Stream] | None] = [None] * num_slots
         self._read_done: list[torch.cuda.Event | None] = [None] * num_slots
         self._queued: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # slot -> (ticket, dst, src)
         self._order: list[tuple[int, float, int, int]] = []  # heap of (deadline, -score, ticket, slot)
@@ -60,9 +69,9 @@ class TransferEngine:
             return
         for slot, _, _ in loads:
             self._queued.pop(slot, None)
-        self._issue(loads, tag)
+        self._issue(loads, tag, Priority.DEMAND)
 
-    def _issue(self, loads: list[tuple[int, torch.Tensor, torch.Tensor]], tag: int) -> None:
+    def _issue(self, loads: list[tuple[int, torch.Tensor, torch.Tensor]], tag: int, priority: Priority) -> None:
         if not loads:
             return
         if not self.is_cuda:
@@ -74,22 +83,25 @@ class TransferEngine:
             return
         # onto the copy stream and back by hand: `with torch.cuda.stream(...)` looks the current device up on
         # every entry, which costs more host time than the copies' own calls
+        stream = self.demand_stream if priority == Priority.DEMAND and self.separate_demand else self.stream
         compute = torch.cuda.current_stream(self.device)
-        torch.cuda.set_stream(self.stream)
+        torch.cuda.set_stream(stream)
         try:
             waited = set()
             for slot, dst, src in loads:
-                read = self._read_done[slot]
-                if read is not None and id(read) not in waited:
-                    self.stream.wait_event(read)
-                    waited.add(id(read))
+                read, last = self._read_done[slot], self._last_fill[slot]
+                for event in (read, None if last is None or last[1] is stream else last[0]):
+                    if event is not None and id(event) not in waited:
+                        stream.wait_event(event)
+                        waited.add(id(event))
                 dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()  # one event marks every fill of this batch
-            done.record(self.stream)
+            done.record(stream)
         finally:
             torch.cuda.set_stream(compute)
         for slot, _, _ in loads:
             self._fill_done[slot] = done
+            self._last_fill[slot] = (done, stream)
 
     def issue_prefetches(self, limit: int | None = None) -> list[int]:
         """Issue up to `limit` queued prefetches (all if None), earliest deadline first; returns their slots."""
@@ -101,7 +113,7 @@ class TransferEngine:
                 continue
             del self._queued[slot]
             batch.append((slot, entry[1], entry[2]))
-        self._issue(batch, tag=-1)
+        self._issue(batch, -1, Priority.PREFETCH)
         return [slot for slot, _, _ in batch]
 
     @property
@@ -125,7 +137,7 @@ class TransferEngine:
         """Make the current (compute) stream wait until `slots` are filled. Returns the slots whose queued
         prefetch had to be issued now (promoted to demand)."""
         promoted = [s for s in slots if s in self._queued]
-        self._issue([(s, *self._queued.pop(s)[1:]) for s in promoted], tag)
+        self._issue([(s, *self._queued.pop(s)[1:]) for s in promoted], tag, Priority.DEMAND)
         if not self.is_cuda:
             return promoted
         pending = [s for s in slots if self._fill_done[s] is not None]
@@ -169,6 +181,7 @@ class TransferEngine:
     def synchronize(self) -> None:
         if self.is_cuda:
             self.stream.synchronize()
+            self.demand_stream.synchronize()
 
     def reset(self) -> None:
         """Forget every fill: wait for the issued ones, drop the queued prefetches. Read events are kept, so
@@ -177,3 +190,4 @@ class TransferEngine:
         self._queued.clear()
         self._order.clear()
         self._fill_done = [None] * len(self._fill_done)
+        self._last_fill = [None] * len(self._last_fill)

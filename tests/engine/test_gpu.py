@@ -104,6 +104,43 @@ def test_host_store_is_pinned_and_expert_copies_run_on_their_own_stream(checkpoi
     assert h2d_streams.count(copy_only.pop()) == out.stats.cache.misses, "one copy per expert load"
 
 
+def copy_streams(prof, tmp_path) -> dict[int, int]:
+    """Host-to-device copies per stream, of the streams that run no kernel (the transfer engine's)."""
+    trace = tmp_path / "copies.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernel_streams = {e["args"]["stream"] for e in events if e.get("cat") == "kernel"}
+    out: dict[int, int] = {}
+    for e in events:
+        if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "") and e["args"]["stream"] not in kernel_streams:
+            out[e["args"]["stream"]] = out.get(e["args"]["stream"], 0) + 1
+    return out
+
+
+def test_demand_misses_and_prefetches_copy_on_streams_of_their_own(tmp_path):
+    """With the learned predictor, prefetches and demand misses copy on two streams (a miss never queues behind
+    issued prefetches); one stream for both when asked, with the same tokens and the same copies."""
+    from moeflow.assets import default_model_dir
+
+    llm = LLM(str(default_model_dir()), device="cuda", dtype="float32", expert_budget="25%", max_model_len=256,
+              max_batch_size=4, predictor="auto")
+    prompts = ["The history of Paris", "def main():", "Once upon a time", "La ciudad de"]
+    runs = {}
+    for separate in (True, False):
+        llm.engine.cache.transfer.separate_demand = separate
+        llm.engine.reset_expert_cache(llm.engine.config.cache)  # emptied in place: the setting stays
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = llm.generate(prompts, greedy(16))
+        c = out.stats.cache
+        runs[separate] = ([o.outputs[0].token_ids for o in out], c.misses, c.prefetches, copy_streams(prof, tmp_path))
+    (tokens, misses, prefetches, streams), (tokens1, misses1, prefetches1, streams1) = runs[True], runs[False]
+    assert misses > 0 and prefetches > 0
+    assert tokens1 == tokens and (misses1, prefetches1) == (misses, prefetches)
+    assert len(streams) == 2 and min(streams.values()) > 0, streams
+    assert sum(streams.values()) == misses + prefetches, "one copy per expert load"
+    assert len(streams1) == 1 and sum(streams1.values()) == misses + prefetches
+
+
 @pytest.mark.parametrize("eager", [True, False])
 def test_no_device_wide_synchronisation_per_expert(eager, checkpoint, monkeypatch):
     """The host waits for a router's choice (an event), never for the whole device or a whole stream."""

@@ -1,0 +1,92 @@
+"""Demand misses on their own copy stream against one stream for every copy, LRU and the predictive cache, on the
+text workload.
+
+    PYTHONPATH=. python3 tools/demand_stream_ab.py MODEL_DIR --predictor PRED_DIR --corpus CORPUS_DIR --out RESULT.json
+        [--budgets 25%,10%] [--batch-sizes 1,8] [--rounds 2]
+
+Four arms on one engine per budget and batch size, the same requests (the text workload: corpus test-split prompts
+of 64-256 tokens, temperature 0.8, top_p 0.95, a seed per request, 64 output tokens, EOS ignored): LRU and the
+learned predictor with ExpertFlow's planner, each with `TransferEngine.separate_demand` off (every copy on one
+stream, in issue order: a demand miss waits behind the prefetches issued before it) and on (the default). The
+arms alternate within each round; each reports its best round's decode tokens/s, with MB moved per output token
+and the compute stream's stall share. The script asserts that every arm gives the same tokens and that the two
+stream settings move the same bytes (they change when copies run, never which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def main() -> None:
+    from moeflow import LLM
+    from moeflow.bench import axes
+    from moeflow.bench.runs import run_moeflow
+    from moeflow.bench.workload import TextWorkload, load_documents
+    from moeflow.config import CacheConfig, ExpertBudget
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--predictor", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--budgets", default="25%,10%")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--output-len", type=int, default=64)
+    args = p.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches), dtype="bfloat16")
+    engine = llm.engine
+    workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
+    lru, pred = axes.listed(["none/exact/fcfs"])[0], axes.listed([f"{args.predictor}/exact/fcfs"])[0]
+    arms = {"lru-one": (lru, False), "lru-two": (lru, True), "pred-one": (pred, False), "pred-two": (pred, True)}
+    results = []
+    for budget in args.budgets.split(","):
+        for batch in batches:
+            timed = [workload.requests(0, batch)]
+            warm = workload.requests(batch, batch)
+            runs = {name: [] for name in arms}
+            last = {}
+            for _ in range(args.rounds):
+                for name, (conf, separate) in arms.items():
+                    axes.apply(conf, engine)  # a new predictor, with no history, for every run
+                    # a pool of this budget first (a new size makes a new cache), then the setting on it: the run
+                    # empties this pool in place and keeps its transfer engine
+                    engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse(budget)))
+                    engine.cache.transfer.separate_demand = separate
+                    r = run_moeflow(engine, budget, timed, warm, configuration=conf.as_dict())
+                    runs[name].append(r.decode_tokens_per_s)
+                    last[name] = r
+                    print(json.dumps({"budget": budget, "batch": batch, "arm": name,
+                                      "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
+                                      "mb_per_token": round(r.bytes_per_token / 1e6, 2),
+                                      "stall_share": round(r.stall_share, 4)}), flush=True)
+            assert len({tuple(map(tuple, r.outputs)) for r in last.values()}) == 1, "the model's own tokens"
+            for kind in ("lru", "pred"):
+                assert last[f"{kind}-one"].bytes_moved == last[f"{kind}-two"].bytes_moved, "same copies"
+            best = {name: max(v) for name, v in runs.items()}
+            row = {"budget": budget, "batch": batch, "rounds": runs,
+                   **{f"{n}_tokens_per_s": best[n] for n in runs},
+                   **{f"{n}_median_tokens_per_s": statistics.median(runs[n]) for n in runs},
+                   **{f"{n}_mb_per_token": last[n].bytes_per_token / 1e6 for n in runs},
+                   **{f"{n}_stall_share": last[n].stall_share for n in runs},
+                   "belady_mb_per_token": (last["lru-one"].belady_bytes_per_token or 0) / 1e6,
+                   "lru_two_over_one": best["lru-two"] / best["lru-one"],
+                   "pred_two_over_one": best["pred-two"] / best["pred-one"],
+                   "pred_two_over_lru_two": best["pred-two"] / best["lru-two"]}
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+    engine.cache.transfer.separate_demand = True
+    with open(args.out, "w") as f:
+        json.dump({"model": args.model, "predictor": args.predictor, "device": torch.cuda.get_device_name(),
+                   "torch": torch.__version__, "rounds": args.rounds, "workload": workload.describe(),
+                   "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
