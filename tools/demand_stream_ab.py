@@ -40,7 +40,9 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches), dtype="bfloat16")
+    cuda = torch.cuda.is_available()  # on a CPU the two settings are the same code: a dry run of the tool
+    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches),
+              dtype="bfloat16" if cuda else "float32")
     engine = llm.engine
     workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
     lru, pred = axes.listed(["none/exact/fcfs"])[0], axes.listed([f"{args.predictor}/exact/fcfs"])[0]
@@ -83,7 +85,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
     engine.cache.transfer.separate_demand = True
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "predictor": args.predictor, "device": torch.cuda.get_device_name(),
+        json.dump({"model": args.model, "predictor": args.predictor, "device": torch.cuda.get_device_name() if cuda else "cpu",
                    "torch": torch.__version__, "rounds": args.rounds, "workload": workload.describe(),
                    "results": results}, f, indent=1)
 
