@@ -135,10 +135,11 @@ def test_demand_misses_and_prefetches_copy_on_streams_of_their_own(tmp_path):
         runs[separate] = ([o.outputs[0].token_ids for o in out], c.misses, c.prefetches, copy_streams(prof, tmp_path))
     (tokens, misses, prefetches, streams), (tokens1, misses1, prefetches1, streams1) = runs[True], runs[False]
     assert misses > 0 and prefetches > 0
-    assert tokens1 == tokens and (misses1, prefetches1) == (misses, prefetches)
+    # (the counts of the two runs may differ: the predictor adapts online from the first run's routes)
+    assert tokens1 == tokens
     assert len(streams) == 2 and min(streams.values()) > 0, streams
     assert sum(streams.values()) == misses + prefetches, "one copy per expert load"
-    assert len(streams1) == 1 and sum(streams1.values()) == misses + prefetches
+    assert len(streams1) == 1 and sum(streams1.values()) == misses1 + prefetches1, (streams1, misses1, prefetches1)
 
 
 @pytest.mark.parametrize("eager", [True, False])
