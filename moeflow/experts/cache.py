@@ -6,8 +6,9 @@ The pool maps (layer, expert) -> slot. Every layer has a quota of slots (equal s
 default; a planner may rebalance them by predicted demand each step). A layer under its quota
 takes a slot from the layer most over its quota (quotas.py); a layer at its quota evicts one of its own
 experts, chosen by the eviction policy, sparing the experts a planner protects and taking the
-lowest of a planner's priorities first, when it has set any. Slots a compute
-still reads are pinned and never evicted.
+lowest of a planner's priorities first, when it has set any. A planner may share the slots by value
+instead (`share_by_value`): a slot then comes from the least valuable evictable expert of any layer above
+a floor. Slots a compute still reads are pinned and never evicted.
 
 Where an expert lives has one authority, the host's `slot_of`, and the device's `slot_table` is
 its image for the kernels. A slot whose prefetch is still queued (its copy not yet issued) is
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from moeflow.experts.policies import EvictionPolicy
-from moeflow.experts.quotas import donor_layer, equal_quotas
+from moeflow.experts.quotas import donor_layer, equal_quotas, least_valuable
 from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
 from moeflow.experts.transfer import Priority, TransferEngine
@@ -49,6 +50,7 @@ class ExpertCache:
         self.store = store
         self.layers = store.layers
         self.num_experts = E = store.num_experts
+        self.top_k = store.top_k
         self.num_slots = num_slots
         self.expert_bytes = store.expert_bytes
         self.device = device
@@ -91,6 +93,8 @@ class ExpertCache:
         self._unprotected = ~self._protected
         self._priority: np.ndarray | None = None  # [L, E] eviction order a planner sets; None: the policy's alone
         self.quota = equal_quotas(S, L)
+        self._floor: int | None = None  # share_by_value's floor; None: slots are shared by quota
+        self._margin = 0.0
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         self._table_dirty = True
 
@@ -210,6 +214,13 @@ class ExpertCache:
                              f"{self.num_slots} slots, got {q.tolist()}")
         self.quota = q
 
+    def share_by_value(self, floor: int | None, prefetch_margin: float = 0.25) -> None:
+        """Share slots between layers by value rather than by quota (a planner's choice; None: by quota again).
+        While priorities are set, a slot any layer needs comes from the least valuable evictable expert of that
+        layer or of any layer holding more than `floor` slots (quotas.least_valuable), and a prefetch takes one
+        only if that expert is worth less than `prefetch_margin` times the prefetched expert's score."""
+        self._floor, self._margin = floor, prefetch_margin
+
     def protect(self, mask: np.ndarray | None, first: int = 0) -> None:
         """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing. With `first`,
         `mask` holds rows first.. only (MoE layer ordinals) and the rows before keep what they had: a planner
@@ -249,12 +260,21 @@ class ExpertCache:
         li = self._ordinal[layer]
         spare = None  # what may go for them: neither protected nor predicted (made at the first eviction)
         quota = int(self.quota[li])
+        by_value = self._floor is not None and self._priority is not None
         loads, load_scores = [], []
         for i, e in enumerate(experts):
             if self.slot_of[li, e] >= 0:
                 continue
-            if self._free and self._held[li] < quota:
+            score = scores[i] if scores is not None else 0.0
+            if self._free and (by_value or self._held[li] < quota):
                 slot = self._free.pop()
+            elif by_value:
+                victim = least_valuable(li, self._idle, self._unprotected, self._held, self._floor, self._priority,
+                                        self.policy, exclude=experts, below=self._margin * score)
+                if victim is None:
+                    break
+                slot = int(self.slot_of[victim])
+                self._evict(slot)
             else:
                 if spare is None:
                     spare = self._unprotected[li].copy()
@@ -269,7 +289,7 @@ class ExpertCache:
             self._unused_prefetch[slot] = True
             self.policy.touch(li, e)
             loads.append((slot, self._slot_views[slot], self.store.get(layer, e)))
-            load_scores.append(scores[i] if scores is not None else 0.0)
+            load_scores.append(score)
         self.transfer.copy_many(loads, Priority.PREFETCH, deadline=deadline, scores=load_scores)
         return len(loads)
 
@@ -391,6 +411,14 @@ class ExpertCache:
         """
         while self._free:
             yield self._free.pop()
+        if self._floor is not None and self._priority is not None:
+            while (victim := least_valuable(li, self._idle, self._unprotected, self._held, self._floor,
+                                            self._priority, self.policy)) is not None:
+                slot = int(self.slot_of[victim])
+                self._evict(slot)
+                yield slot
+            yield None
+            return
         over = (self._held - self.quota).tolist()
         can = self._idle.any(axis=1).tolist()
         while True:

@@ -1,7 +1,8 @@
 """Eviction policies for the expert cache.
 
 A policy only ranks; the cache decides which layer gives up a slot (by per-layer quota)
-and asks the policy which of that layer's evictable experts should go. Rankings live in
+and asks the policy which of that layer's evictable experts should go (or, when a planner shares slots
+by value, which of equally valued experts of any layer). Rankings live in
 [layer, expert] arrays, so choosing a victim is one vectorised pass over a layer's experts
 rather than a Python loop: the miss path runs hundreds of times per step at large batches.
 """
@@ -25,6 +26,9 @@ class EvictionPolicy(Protocol):
     def victim(self, li: int, candidates: np.ndarray) -> int:
         """The expert to evict among `candidates` (a bool mask over the layer's experts, not all False)."""
 
+    def victim_anywhere(self, candidates: np.ndarray) -> tuple[int, int]:
+        """(layer ordinal, expert) to evict among `candidates`, a bool mask [L, E] over every layer, not all False."""
+
 
 class LRUPolicy:
     def __init__(self, num_layers: int, num_experts: int):
@@ -40,6 +44,10 @@ class LRUPolicy:
 
     def victim(self, li: int, candidates: np.ndarray) -> int:
         return int(np.where(candidates, self._last[li], _NEVER).argmin())
+
+    def victim_anywhere(self, candidates: np.ndarray) -> tuple[int, int]:
+        flat = int(np.where(candidates, self._last, _NEVER).argmin())  # one clock for every layer
+        return divmod(flat, candidates.shape[1])
 
 
 class LFUPolicy:
@@ -60,6 +68,10 @@ class LFUPolicy:
     def victim(self, li: int, candidates: np.ndarray) -> int:
         counts = np.where(candidates, self._count[li], _NEVER)
         return self._recency.victim(li, candidates & (counts == counts.min()))
+
+    def victim_anywhere(self, candidates: np.ndarray) -> tuple[int, int]:
+        counts = np.where(candidates, self._count, _NEVER)
+        return self._recency.victim_anywhere(candidates & (counts == counts.min()))
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}

@@ -5,13 +5,18 @@ Shapes: L MoE layers, E experts per layer, S slots, K top-k.
 Before each step, from the predictor's scores (scores[l, e]: the chance that some token of the step picks expert e
 of layer l), and after each offloaded layer's router, from the real route and the predictor's refined scores:
 
-(a) quotas: each layer's share of the S slots follows its predicted demand (the expected number of distinct
-    experts it will use, sum_e scores[l, e]). Every layer keeps a floor of min(K, S // L) slots, one token's
-    top-k where the budget allows it; when S < L*K (10% of 12 x 64 with top-8 is 76 slots < 96) the floor is
-    S // L and a layer that needs more takes slots from layers over their quotas, as the cache already does.
-    Quotas are set once per step, before it; `requota=True` sets them again after every router too, which
-    moved 0.75% fewer bytes in a replay of moeflow-tiny at 25% batch 1 (none at batch 8) and costs the host
-    about half of each correction's time (a selection over all L*E values and a trim per router).
+(a) quotas: each layer's share of the S slots follows the value of keeping its experts (below). Every layer
+    keeps a floor of min(K, S // L) slots, one token's top-k where the budget allows it (when S < L*K, as at 10%
+    of 12 x 64 with top-8, the floor is S // L). By default (`by_value`) the slots are shared by value itself: a
+    miss or a prefetch of any layer takes the least valuable evictable expert of any layer above its floor
+    (ExpertCache.share_by_value), and a prefetch only one worth less than a quarter of its own chance
+    (`prefetch_margin`). Replaying moeflow-tiny's test trace at 25% this moved 1.49x Belady's bytes at batch 1
+    and 1.21x at batch 8, against 1.60x and 1.24x with count quotas; told every route of this step and the next
+    four, the same planner moves 1.12x with it and 1.61x without. The per-layer counts (`quota_mode` "value": a
+    layer's share of the S most valuable experts; "demand": of the expected number of distinct experts) still
+    bound each layer's prefetches, and with `by_value=False` they are the quotas a layer under its own takes
+    slots back by, from the layers most over theirs. Counts are set once per step, before it; `requota=True`
+    sets them again after every router too (a selection over all L*E values and a trim per router).
 (b) eviction: the experts predicted for the step (score >= protect_at) are protected, and among the rest the
     least likely go first: the cache's priorities are the scores, coarsened to `levels` steps so that recency
     (LRU) still orders experts of about equal chance. A layer that has routed keeps, as its experts' priority,
@@ -92,9 +97,10 @@ class ExpertFlowPlanner:
     def __init__(self, quotas: bool = True, protect: bool = True, prefetch: bool = True, correct: bool = True, *,
                  protect_at: float = 0.5, prefetch_at: float = 0.8, lookahead: int = 2, issue_now: int | None = None,
                  issue_per_layer: int | None = None, levels: int = 64, reuse_decay: float = 0.97,
-                 reuse_weight: float = 0.5,
+                 reuse_weight: float = 0.5, by_value: bool = True, prefetch_margin: float = 0.25,
                  quota_mode: str = "value", requota: bool = False):
         self.quotas, self.protect, self.prefetch, self.correct = quotas, protect, prefetch, correct
+        self.by_value, self.prefetch_margin = by_value, prefetch_margin
         self.reuse_decay, self.reuse_weight, self.quota_mode = reuse_decay, reuse_weight, quota_mode
         self.requota = requota
         self.protect_at, self.prefetch_at = protect_at, prefetch_at
@@ -132,6 +138,10 @@ class ExpertFlowPlanner:
         v = self._value = self.value()  # read by quotas and protection alike
         if self.quotas:
             cache.set_quotas(self.demand_quotas(cache, scores, v))
+        floor = min(cache.top_k, cache.num_slots // len(cache.layers))  # one token's top-k, as the budget allows
+        # slots shared by value needs the priorities protection sets
+        by_value = self.quotas and self.by_value and self.protect
+        cache.share_by_value(floor if by_value else None, self.prefetch_margin)
         self._guard(cache, v, 0)
         if self.prefetch:
             self._queue(cache, 0, min(len(cache.layers), self.lookahead) - 1)

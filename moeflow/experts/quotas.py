@@ -1,7 +1,9 @@
-"""Per-layer slot quotas: how an expert cache's slots are shared between its MoE layers.
+"""How an expert cache's slots are shared between its MoE layers.
 
-Every layer has a quota of slots (equal by default; a planner may set them per step). When a layer needs a slot
-and none is free, `donor_layer` says which layer gives one up: the cache then evicts from that layer.
+By quota (the default): every layer has a quota of slots (equal by default; a planner may set them per step).
+When a layer needs a slot and none is free, `donor_layer` says which layer gives one up: the cache then evicts
+from that layer. By value (a planner's choice, `ExpertCache.share_by_value`): the slot comes from the least
+valuable evictable expert of any layer above a floor, `least_valuable`.
 """
 
 from __future__ import annotations
@@ -28,3 +30,36 @@ def donor_layer(li: int, over: list[int], can: list[bool]) -> int | None:
         return li
     giving = [j for j in range(len(over)) if can[j]]
     return max(giving, key=over.__getitem__) if giving else None
+
+
+def least_valuable(li: int, idle: np.ndarray, unprotected: np.ndarray, held: np.ndarray, floor: int,
+                   priority: np.ndarray, policy, exclude: list[int] | None = None,
+                   below: float | None = None) -> tuple[int, int] | None:
+    """When a planner shares slots by value instead of by quota: the (layer ordinal, expert) that gives layer li
+    a slot, the least valuable (`priority` [L, E]) of the evictable experts (`idle` [L, E]) of li itself or of any
+    layer holding more than `floor` slots, unprotected ones first; equals go to the eviction policy, across layers.
+
+    `exclude`: experts of li that may not go (those being loaded); `below`: a prefetch's bound, only an unprotected
+    expert worth less than this may go for it, and None is returned when there is none."""
+    may_give = held > floor
+    may_give[li] = held[li] > 0
+    candidates = idle & may_give[:, None]
+    if exclude is not None:
+        candidates[li, exclude] = False
+    spare = candidates & unprotected
+    if np.count_nonzero(spare):
+        candidates = spare
+    elif below is not None:
+        return None
+    elif not np.count_nonzero(candidates):
+        if not idle.any():
+            return None
+        candidates = idle  # every layer at its floor: any evictable expert, so that a miss is always served
+    p = np.where(candidates, priority, np.inf)
+    lowest = p.min()
+    if below is not None and lowest >= below:
+        return None
+    ties = p == lowest
+    if np.count_nonzero(ties) == 1:
+        return divmod(int(ties.argmax()), ties.shape[1])
+    return policy.victim_anywhere(ties)

@@ -40,6 +40,7 @@ class FakeStore:
     def __init__(self, spec: ModelSpec, expert_bytes: int):
         self.layers = spec.moe_layers
         self.num_experts = spec.num_experts
+        self.top_k = spec.router.top_k
         self.hidden = self.width = 1
         self.numel = 3
         self.dtype = torch.float32

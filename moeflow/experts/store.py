@@ -44,6 +44,7 @@ class ExpertStore:
         self.allow_nonfinite = allow_nonfinite
         self.layers = spec.moe_layers
         self.num_experts = spec.num_experts
+        self.top_k = spec.router.top_k
         self.hidden, self.width = spec.hidden_size, spec.expert_width
         self.numel = spec.expert_numel()
         self.dtype = dtype

@@ -90,9 +90,10 @@ def decisions(slots: int, batch: int) -> dict:
     def snapshot(_: int) -> None:
         h.update(cache.slot_of.astype(np.int64).tobytes())
 
-    # quotas set again after every router, as the planner did by default when these figures were taken: the
-    # path with the most decisions in it
-    r = replay(steps, cache, ScriptedPredictor(steps), ExpertFlowPlanner(requota=True), on_step=snapshot)
+    # slots shared by count quotas, set again after every router, as the planner did by default when these
+    # figures were taken: the path with the most decisions in it
+    r = replay(steps, cache, ScriptedPredictor(steps), ExpertFlowPlanner(requota=True, by_value=False),
+               on_step=snapshot)
     return {"stats": [getattr(r.stats, f) for f in FIELDS], "slot_of_digest": h.hexdigest()[:16]}
 
 

@@ -112,6 +112,46 @@ def test_correction_replans_later_layers_from_refined_scores():
     assert (1, 1) in queued and (1, 3) not in queued, "correction off: the plan made before the step stands"
 
 
+def test_slots_follow_value_across_layers_above_a_floor():
+    """By value (the default): a miss takes the least valuable evictable expert of its own layer or of any layer
+    holding more than one token's top-k, and a layer at that floor gives nothing to another layer's miss."""
+    cache = toy_cache(8)
+    use(cache, 0, [0, 1, 2])
+    use(cache, 1, [0, 1, 2])
+    use(cache, 2, [0, 1])  # the pool is full; layer 2 holds its floor, K = 2
+    planner = ExpertFlowPlanner(prefetch=False)
+    planner.plan(cache, scores_for({0: {e: 0.9 for e in range(4)}, 1: {0: 0.9, 1: 0.9, 2: 0.3}, 2: {0: 0.9}}))
+    use(cache, 0, [3])
+    assert cache.slot_of[0, 3] >= 0 and cache.slot_of[1, 2] == -1, "layer 1's unlikely expert gave its slot"
+    assert cache.slot_of[2, 1] >= 0, "not layer 2's, less likely still: layer 2 holds no more than its floor"
+    assert (cache.slot_of[0, :3] >= 0).all() and (cache.slot_of[1, :2] >= 0).all()
+    use(cache, 1, [3])  # nothing unprotected is left: the least recently used likely expert above a floor goes
+    assert cache.slot_of[1, 3] >= 0 and cache.slot_of[0, 0] == -1
+    assert (cache.slot_of[2, :2] >= 0).all(), "a layer at its floor keeps its slots"
+    quota = toy_cache(8)
+    for layer, experts in ((0, [0, 1, 2]), (1, [0, 1, 2]), (2, [0, 1])):
+        use(quota, layer, experts)
+    ExpertFlowPlanner(prefetch=False, by_value=False).plan(
+        quota, scores_for({0: {e: 0.9 for e in range(4)}, 1: {0: 0.9, 1: 0.9}, 2: {0: 0.9, 1: 0.9}}))
+    use(quota, 1, [3])
+    assert quota.slot_of[1, 2] == -1, "by quota, a layer at its quota evicts its own"
+
+
+def test_a_prefetch_takes_only_a_slot_worth_far_less_than_itself():
+    def planned(low: float) -> ExpertCache:
+        cache = toy_cache(6)
+        for layer in range(L):
+            use(cache, layer, [0, 1])  # full, every layer at its floor: only a layer's own slots can go
+        ExpertFlowPlanner(lookahead=3, issue_now=0, protect_at=0.95).plan(
+            cache, scores_for({0: {0: 0.9, 1: 0.9}, 1: {0: 0.9, 1: low, 4: 0.99}, 2: {0: 0.9, 1: 0.9}}))
+        return cache
+
+    kept = planned(0.3)  # 0.3 is not below a quarter of 0.99
+    assert kept.slot_of[1, 4] == -1 and kept.slot_of[1, 1] >= 0
+    taken = planned(0.2)
+    assert taken.slot_of[1, 4] >= 0 and taken.slot_of[1, 1] == -1 and taken.transfer.num_queued == 1
+
+
 def test_protection_and_priorities_take_rows_from_a_layer_on():
     cache = toy_cache(6)
     mask, prio = np.zeros((L, E), dtype=bool), np.zeros((L, E))
