@@ -28,9 +28,18 @@ from moeflow.errors import ConfigError
 
 PLANNER_PARTS = ("quotas", "protect", "prefetch", "correct")
 ABLATIONS = PLANNER_PARTS + ("adapt",)
-# ExpertFlowPlanner's numeric settings a `--predictors PRED_DIR:KEY=V` value may set, for sweeps
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
+
+
+# ExpertFlowPlanner's settings a `--predictors PRED_DIR:KEY=V` value may set, for sweeps (by_value: 0 or 1)
 PLANNER_SETTINGS = {"prefetch_at": float, "protect_at": float, "lookahead": int, "issue_now": int,
-                    "issue_per_layer": int, "reuse_weight": float, "reuse_decay": float, "levels": int}
+                    "issue_per_layer": int, "reuse_weight": float, "reuse_decay": float, "levels": int,
+                    "prefetch_margin": float, "by_value": _flag}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +120,7 @@ def _predictor_dir(text: str) -> tuple[Path, str | None, dict[str, float | int]]
             try:
                 settings[key] = PLANNER_SETTINGS[key](value)
             except ValueError:
-                raise ConfigError(f"--predictors {text}: {key} must be a number, got {value!r}") from None
+                raise ConfigError(f"--predictors {text}: {key} must be a number (by_value: 0 or 1), got {value!r}") from None
         elif not eq and part is None and item.startswith("no-") and item[3:] in ABLATIONS:
             part = item[3:]
         else:

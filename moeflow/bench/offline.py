@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--predictors", type=_csv(str), default=["none"],
                    help="comma list: none, previous, frequency, a trained predictor's directory (PRED_DIR:no-PART "
                         "switches off one part of the predictive cache: quotas, protect, prefetch, correct, adapt; "
-                        "PRED_DIR:KEY=V sets one of its settings, e.g. :prefetch_at=0.6:lookahead=3); "
+                        "PRED_DIR:KEY=V sets one of its settings, e.g. :prefetch_at=0.6:lookahead=3 or :by_value=0); "
                         "the first is the baseline")
     g.add_argument("--ablations", action="store_true",
                    help="after each trained predictor in --predictors, run it with each part switched off in turn")

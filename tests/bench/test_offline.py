@@ -213,11 +213,13 @@ def test_axes_trained_predictor_ablations_and_lynx_variants():
     assert isinstance(engine.planner, ExpertFlowPlanner) and not engine.planner.protect
     tuned = axes.load_planner_arg(f"{pred}:prefetch_at=0.6:lookahead=3")
     assert (tuned.prefetch_at, tuned.lookahead) == (0.6, 3) and all(tuned.parts.values())
+    assert axes.load_planner_arg(f"{pred}:by_value=0").by_value is False
     both = axes.load_planner_arg(f"{pred}:no-correct:issue_now=4")
     assert both.issue_now == 4 and not both.correct and both.prefetch
     assert axes.load_predictor_arg(f"{pred}:no-adapt:prefetch_at=0.5", engine).adapt is False
     for bad, match in ((f"{pred}:lookahead=two", "lookahead must be a number"),
                        (f"{pred}:brakes=1", "set one of the predictive cache's settings"),
+                       (f"{pred}:by_value=yes", "by_value: 0 or 1"),
                        (f"{pred}:no-quotas:no-correct", "got 'no-correct'")):
         with pytest.raises(ConfigError, match=match):
             axes.load_planner_arg(bad)
