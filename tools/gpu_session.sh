@@ -74,7 +74,11 @@
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
 #
-# Needs .carry/corpus.tgz (corpus/ and tokenizer/) and, for serving, .whl (fastapi and its needs).
+# Needs .carry/corpus.tgz (corpus/ and tokenizer/) and, for serving, .whl (fastapi and its needs). Write the commit
+# here before each call (`git rev-parse HEAD > COMMIT`, untracked, so it travels with the tree): the device's .git
+# is not this checkout's, so a COMMIT written there names a stale commit (as on 2026-12-05).
+# Part 15 ran out of its 600 s on an H100 on 2026-12-05 before its sweep: tests, traces, the A/B and the sweep need
+# two calls there (TESTS_TIMEOUT=150 and SWEEP_TIMEOUT as a second call on the same machine).
 set -uo pipefail
 part=$1 out=$2
 mkdir -p "$out"
