@@ -93,6 +93,12 @@ if [ -d .whl ] && [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH="$root:/tmp/site"
 moeflow() { python3 -m moeflow.cli "$@"; }
+begin() {  # begin NAME: this part's results folder, $p = $w/NAME, with the commit it ran; pack puts it in $OUT/NAME.tgz
+    name=$1 p=$w/$1
+    mkdir -p "$p"
+    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+}
+pack() { tar czf "$out/$name.tgz" -C "$w" "$name"; }
 offline() {  # offline DIR NAME TIMEOUT ARGS...: bench offline on the bench model's text workload into DIR/NAME
     local dir=$1 name=$2 limit=$3
     shift 3
@@ -166,9 +172,7 @@ case "$part" in
     grep -h "TTFT\|tokens/s" "$w/p2/serve.log" | head -20
     ;;
 3)
-    p=$w/p3
-    mkdir -p "$p"
-    pack() { tar czf "$out/p3.tgz" -C "$w" p3; }
+    begin p3
     (moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
         --max-minutes "${TRAIN_MINUTES:-4}" --no-progress > "$p/train_log.txt" 2>&1; echo "train rc $?" >> "$p/train_log.txt") &
     trainer=$!
@@ -219,9 +223,7 @@ case "$part" in
     ;;
 4)
     [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
-    p=$w/p4
-    mkdir -p "$p"
-    pack() { tar czf "$out/p4.tgz" -C "$w" p4; }
+    begin p4
     timeout 75 python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
         --budgets 10% --batch-sizes 1,8 --batches-per-cell 2 --baselines "" --predictors "none,$w/pred/bench" \
         --out "$p/ef10" > "$p/ef10.log" 2>&1
@@ -270,9 +272,7 @@ case "$part" in
     ;;
 5)
     [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
-    p=$w/p5
-    mkdir -p "$p"
-    pack() { tar czf "$out/p5.tgz" -C "$w" p5; }
+    begin p5
     for budget in ${SCHED_BUDGETS:-25% 10%}; do
         timeout "${SCHED_TIMEOUT:-330}" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text \
             --data "$w/corpus" --budgets "$budget" --batch-sizes 256 --max-num-seqs 256 --max-batch-size 32 \
@@ -304,10 +304,7 @@ case "$part" in
     fi
     ;;
 6)
-    p=$w/p6
-    mkdir -p "$p"
-    pack() { tar czf "$out/p6.tgz" -C "$w" p6; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"  # COMMIT: a clean export
+    begin p6
     train_bench "$p"
     pack
     offline "$p" lynx100 "${LYNX_TIMEOUT:-80}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
@@ -319,9 +316,7 @@ case "$part" in
     ;;
 7)
     [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
-    p=$w/p7
-    mkdir -p "$p"
-    pack() { tar czf "$out/p7.tgz" -C "$w" p7; }
+    begin p7
     SERVE_BUDGETS="100% 25%" SERVE_PROMPTS=160 SERVE_TIMEOUT=75 CORPUS_TGZ=.carry/corpus.tgz \
         timeout "${SERVE_ALL_TIMEOUT:-230}" tools/gpu_suite.sh serve "$p/serve" > "$p/serve.log" 2>&1
     grep -h "^== \|Output token throughput\|Median TTFT\|P99 TTFT" "$p/serve.log"
@@ -334,10 +329,7 @@ case "$part" in
     pack
     ;;
 8)
-    p=$w/p8
-    mkdir -p "$p"
-    pack() { tar czf "$out/p8.tgz" -C "$w" p8; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p8
     train_bench "$p"
     pack
     SERVE_BUDGETS="100% 25%" SERVE_DATASETS="${SERVE_DATASETS:-text}" SERVE_PROMPTS=160 SERVE_TIMEOUT=75 \
@@ -348,10 +340,7 @@ case "$part" in
     ;;
 9)
     [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine" >&2; exit 3; }
-    p=$w/p9
-    mkdir -p "$p"
-    pack() { tar czf "$out/p9.tgz" -C "$w" p9; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p9
     traces_and_predictors "$p"
     pack
     ev() { timeout "${EVAL_TIMEOUT:-250}" python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" \
@@ -372,10 +361,7 @@ case "$part" in
     pack
     ;;
 11)
-    p=$w/p11
-    mkdir -p "$p"
-    pack() { tar czf "$out/p11.tgz" -C "$w" p11; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p11
     train_bench "$p"
     pack
     timeout "${TESTS_TIMEOUT:-110}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/experts/test_deferred_listener.py \
@@ -392,10 +378,7 @@ case "$part" in
     pack
     ;;
 12)  # the sixth session's first call: where a predictive decode step's host time goes
-    p=$w/p12
-    mkdir -p "$p"
-    pack() { tar czf "$out/p12.tgz" -C "$w" p12; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p12
     train_bench "$p"
     pack
     traces_and_predictors "$p"
@@ -406,10 +389,7 @@ case "$part" in
     pack
     ;;
 13)  # the host-time changes against the tree before them (.carry/before), same machine, model and predictor
-    p=$w/p13
-    mkdir -p "$p"
-    pack() { tar czf "$out/p13.tgz" -C "$w" p13; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p13
     train_bench "$p"
     pack
     traces_and_predictors "$p"
@@ -426,10 +406,7 @@ case "$part" in
 14)  # on the machine part 13 left: ExpertFlow against LRU at 25% and 10% (bench offline), the predictors'
      # recall in domain and held out on the CPU cores meanwhile, then the GPU tests of this session's changes
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 13 first)" >&2; exit 3; }
-    p=$w/p14
-    mkdir -p "$p"
-    pack() { tar czf "$out/p14.tgz" -C "$w" p14; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p14
     for d in bench bench-no-python_docs; do
         dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
         timeout 400 python3 -m moeflow.cli predictor eval --model "$BENCH_MODEL" --trace "$w/test.npz" \
@@ -451,10 +428,7 @@ case "$part" in
     ;;
 15)  # one call: the GPU tests of the two copy streams, then demand misses on their own stream against one stream
      # (tools/demand_stream_ab.py), and a sweep of the predictive cache's prefetch settings against LRU
-    p=$w/p15
-    mkdir -p "$p"
-    pack() { tar czf "$out/p15.tgz" -C "$w" p15; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p15
     train_bench "$p"
     pack
     timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
@@ -485,10 +459,7 @@ case "$part" in
         done
     fi
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 9 first)" >&2; exit 3; }
-    p=$w/p10
-    mkdir -p "$p"
-    pack() { tar czf "$out/p10.tgz" -C "$w" p10; }
-    cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
+    begin p10
     offline "$p" sched25 "${SCHED_TIMEOUT:-560}" --budgets 25% --batch-sizes 256 --max-num-seqs 256 \
         --max-batch-size 32 --batches-per-cell 1 \
         --configurations "${CONFIGS:-none/exact/fcfs,none/exact/route-aware,$w/pred/bench/exact/route-aware}"
