@@ -23,10 +23,8 @@ import torch
 
 
 def main() -> None:
-    from moeflow import LLM
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow
-    from moeflow.bench.workload import TextWorkload, load_documents
+    from moeflow.bench.runs import run_moeflow, text_engine
     from moeflow.config import CacheConfig, ExpertBudget
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,11 +38,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    cuda = torch.cuda.is_available()  # on a CPU the two settings are the same code: a dry run of the tool
-    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches),
-              dtype="bfloat16" if cuda else "float32")
-    engine = llm.engine
-    workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
+    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len)
+    engine = llm.engine  # on a CPU the two stream settings are the same code: a dry run of the tool
     lru, pred = axes.listed(["none/exact/fcfs"])[0], axes.listed([f"{args.predictor}/exact/fcfs"])[0]
     arms = {"lru-one": (lru, False), "lru-two": (lru, True), "pred-one": (pred, False), "pred-two": (pred, True)}
     results = []
@@ -85,9 +80,9 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
     engine.cache.transfer.separate_demand = True
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "predictor": args.predictor, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                   "torch": torch.__version__, "rounds": args.rounds, "workload": workload.describe(),
-                   "results": results}, f, indent=1)
+        device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+        json.dump({"model": args.model, "predictor": args.predictor, "device": device, "torch": torch.__version__,
+                   "rounds": args.rounds, "workload": workload.describe(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,8 @@ import torch
 
 
 def main() -> None:
-    from moeflow import LLM
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow
-    from moeflow.bench.workload import TextWorkload, load_documents
+    from moeflow.bench.runs import run_moeflow, text_engine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -42,11 +40,8 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches), device=args.device,
-              dtype="bfloat16" if cuda else "float32")
+    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len, args.device)
     engine = llm.engine
-    workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
     confs = {"lru": axes.listed(["none/exact/fcfs"])[0], "predictive": axes.listed([f"{args.predictor}/exact/fcfs"])[0]}
     rows = []
     for batch in batches:
@@ -73,7 +68,7 @@ def main() -> None:
         (args.out / f"cprofile-b{batch}.txt").write_text(text.getvalue())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
     (args.out / "profile.json").write_text(json.dumps({
         "model": args.model, "predictor": args.predictor, "device": device, "torch": torch.__version__,
         "workload": workload.describe(), "rows": rows}, indent=1) + "\n")

@@ -28,10 +28,8 @@ import torch
 
 
 def main() -> None:
-    from moeflow import LLM
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow
-    from moeflow.bench.workload import TextWorkload, load_documents
+    from moeflow.bench.runs import run_moeflow, text_engine
 
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -45,11 +43,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    llm = LLM(args.model, max_model_len=256 + args.output_len + 8, max_batch_size=max(batches), device=args.device,
-              dtype="bfloat16" if cuda else "float32")
+    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len, args.device)
     engine = llm.engine
-    workload = TextWorkload(load_documents(args.corpus), llm.tokenizer.encode, output_len=args.output_len)
     confs = {"lru": axes.listed(["none/exact/fcfs"])[0], "now": axes.listed([f"{args.predictor}/exact/fcfs"])[0]}
     confs["late"] = confs["now"]
     results = []
@@ -87,7 +82,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
     engine.model.experts.defer_listener = True
     with open(args.out, "w") as f:
-        device = torch.cuda.get_device_name() if cuda else "cpu"
+        device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
         json.dump({"model": args.model, "predictor": args.predictor, "device": device, "torch": torch.__version__,
                    "rounds": args.rounds, "workload": workload.describe(), "results": results}, f, indent=1)
 

@@ -108,6 +108,19 @@ class RunResult:
                     "distinct_tokens_min": min(tokens) if tokens else None}
 
 
+def text_engine(model: str, corpus: str, max_batch: int, output_len: int = 64, device: str = "auto"):
+    """(LLM, TextWorkload): an engine on `model` sized for the text workload's prompts (up to 256 tokens) and
+    `output_len` more, bfloat16 on CUDA and float32 elsewhere, and the workload of the corpus in `corpus`; what the
+    side-by-side tools under tools/ start from."""
+    from moeflow.bench.workload import TextWorkload, load_documents
+    from moeflow.llm import LLM
+
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    llm = LLM(model, max_model_len=256 + output_len + 8, max_batch_size=max_batch, device=device,
+              dtype="bfloat16" if cuda else "float32")
+    return llm, TextWorkload(load_documents(corpus), llm.tokenizer.encode, output_len=output_len)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
