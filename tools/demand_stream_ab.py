@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow, text_engine
+    from moeflow.bench.runs import alternate, arm_columns, text_engine
     from moeflow.config import CacheConfig, ExpertBudget
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -42,37 +41,28 @@ def main() -> None:
     engine = llm.engine  # on a CPU the two stream settings are the same code: a dry run of the tool
     lru, pred = axes.listed(["none/exact/fcfs"])[0], axes.listed([f"{args.predictor}/exact/fcfs"])[0]
     arms = {"lru-one": (lru, False), "lru-two": (lru, True), "pred-one": (pred, False), "pred-two": (pred, True)}
+
+    def streams(budget: str, separate: bool):
+        def setup() -> None:
+            # a pool of this budget first (a new size makes a new cache), then the setting on it: the run empties
+            # this pool in place and keeps its transfer engine
+            engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse(budget)))
+            engine.cache.transfer.separate_demand = separate
+        return setup
+
     results = []
     for budget in args.budgets.split(","):
         for batch in batches:
             timed = [workload.requests(0, batch)]
             warm = workload.requests(batch, batch)
-            runs = {name: [] for name in arms}
-            last = {}
-            for _ in range(args.rounds):
-                for name, (conf, separate) in arms.items():
-                    axes.apply(conf, engine)  # a new predictor, with no history, for every run
-                    # a pool of this budget first (a new size makes a new cache), then the setting on it: the run
-                    # empties this pool in place and keeps its transfer engine
-                    engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse(budget)))
-                    engine.cache.transfer.separate_demand = separate
-                    r = run_moeflow(engine, budget, timed, warm, configuration=conf.as_dict())
-                    runs[name].append(r.decode_tokens_per_s)
-                    last[name] = r
-                    print(json.dumps({"budget": budget, "batch": batch, "arm": name,
-                                      "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
-                                      "mb_per_token": round(r.bytes_per_token / 1e6, 2),
-                                      "stall_share": round(r.stall_share, 4)}), flush=True)
+            runs, last = alternate(engine, {name: (conf, streams(budget, separate)) for name, (conf, separate)
+                                            in arms.items()}, budget, timed, warm, args.rounds,
+                                   {"budget": budget, "batch": batch})
             assert len({tuple(map(tuple, r.outputs)) for r in last.values()}) == 1, "the model's own tokens"
             for kind in ("lru", "pred"):
                 assert last[f"{kind}-one"].bytes_moved == last[f"{kind}-two"].bytes_moved, "same copies"
             best = {name: max(v) for name, v in runs.items()}
-            row = {"budget": budget, "batch": batch, "rounds": runs,
-                   **{f"{n}_tokens_per_s": best[n] for n in runs},
-                   **{f"{n}_median_tokens_per_s": statistics.median(runs[n]) for n in runs},
-                   **{f"{n}_mb_per_token": last[n].bytes_per_token / 1e6 for n in runs},
-                   **{f"{n}_stall_share": last[n].stall_share for n in runs},
-                   "belady_mb_per_token": (last["lru-one"].belady_bytes_per_token or 0) / 1e6,
+            row = {"budget": budget, "batch": batch, **arm_columns(runs, last),
                    "lru_two_over_one": best["lru-two"] / best["lru-one"],
                    "pred_two_over_one": best["pred-two"] / best["pred-one"],
                    "pred_two_over_lru_two": best["pred-two"] / best["lru-two"]}

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow, text_engine
+    from moeflow.bench.runs import alternate, arm_columns, text_engine
 
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -52,30 +51,13 @@ def main() -> None:
         for batch in batches:
             timed = [workload.requests(0, batch)]
             warm = workload.requests(batch, batch)
-            runs = {name: [] for name in confs}
-            last = {}
-            for _ in range(args.rounds):
-                for name, conf in confs.items():
-                    axes.apply(conf, engine)  # a new predictor, with no history, for every run
-                    engine.model.experts.defer_listener = name != "now"
-                    r = run_moeflow(engine, budget, timed, warm, configuration=conf.as_dict())
-                    runs[name].append(r.decode_tokens_per_s)
-                    last[name] = r
-                    print(json.dumps({"budget": budget, "batch": batch, "arm": name,
-                                      "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
-                                      "mb_per_token": round(r.bytes_per_token / 1e6, 2),
-                                      "stall_share": round(r.stall_share, 4),
-                                      "predictor_share": round(r.predictor_s / r.decode_s, 4)}), flush=True)
+            arms = {name: (conf, lambda late=name != "now": setattr(engine.model.experts, "defer_listener", late))
+                    for name, conf in confs.items()}
+            runs, last = alternate(engine, arms, budget, timed, warm, args.rounds, {"budget": budget, "batch": batch})
             assert last["now"].outputs == last["late"].outputs == last["lru"].outputs, "the model's own tokens"
             assert last["now"].bytes_moved == last["late"].bytes_moved, "the deferral moves the same bytes"
             best = {name: max(v) for name, v in runs.items()}
-            row = {"budget": budget, "batch": batch, "rounds": runs,
-                   **{f"{n}_tokens_per_s": best[n] for n in runs},
-                   **{f"{n}_median_tokens_per_s": statistics.median(runs[n]) for n in runs},
-                   **{f"{n}_mb_per_token": last[n].bytes_per_token / 1e6 for n in runs},
-                   **{f"{n}_stall_share": last[n].stall_share for n in runs},
-                   **{f"{n}_predictor_share": last[n].predictor_s / last[n].decode_s for n in ("now", "late")},
-                   "belady_mb_per_token": (last["lru"].belady_bytes_per_token or 0) / 1e6,
+            row = {"budget": budget, "batch": batch, **arm_columns(runs, last),
                    "late_over_now": best["late"] / best["now"], "late_over_lru": best["late"] / best["lru"],
                    "now_over_lru": best["now"] / best["lru"]}
             results.append(row)

@@ -121,6 +121,45 @@ def text_engine(model: str, corpus: str, max_batch: int, output_len: int = 64, d
     return llm, TextWorkload(load_documents(corpus), llm.tokenizer.encode, output_len=output_len)
 
 
+def alternate(engine: LLMEngine, arms: dict, budget: str, timed: list[list[Request]], warmup: list[Request],
+              rounds: int, tag: dict) -> tuple[dict[str, list[float]], dict[str, RunResult]]:
+    """An A/B of a few arms on one engine and the same requests: each round runs every arm once, in turn. `arms`
+    maps a name to (its bench Configuration, a set-up called once the configuration is applied: what the A/B
+    switches). Prints one JSON line per run (with `tag`); returns every round's decode tokens/s per arm and each
+    arm's last RunResult."""
+    import json
+
+    from moeflow.bench import axes
+
+    runs: dict[str, list[float]] = {name: [] for name in arms}
+    last: dict[str, RunResult] = {}
+    for _ in range(rounds):
+        for name, (conf, setup) in arms.items():
+            axes.apply(conf, engine)  # a new predictor, with no history, for every run
+            setup()
+            r = run_moeflow(engine, budget, timed, warmup, configuration=conf.as_dict())
+            runs[name].append(r.decode_tokens_per_s)
+            last[name] = r
+            print(json.dumps({**tag, "arm": name, "decode_tokens_per_s": round(r.decode_tokens_per_s, 2),
+                              "mb_per_token": round(r.bytes_per_token / 1e6, 2), "stall_share": round(r.stall_share, 4),
+                              "predictor_share": round(r.predictor_s / r.decode_s, 4)}), flush=True)
+    return runs, last
+
+
+def arm_columns(runs: dict[str, list[float]], last: dict[str, RunResult]) -> dict:
+    """`alternate`'s result as one row's columns: per arm its best and median round, MB per token, stall share and
+    predictor share, with Belady's MB per token on the same uses."""
+    import statistics
+
+    first = next(iter(last.values()))
+    return {"rounds": runs, **{f"{n}_tokens_per_s": max(v) for n, v in runs.items()},
+            **{f"{n}_median_tokens_per_s": statistics.median(v) for n, v in runs.items()},
+            **{f"{n}_mb_per_token": r.bytes_per_token / 1e6 for n, r in last.items()},
+            **{f"{n}_stall_share": r.stall_share for n, r in last.items()},
+            **{f"{n}_predictor_share": r.predictor_s / r.decode_s for n, r in last.items()},
+            "belady_mb_per_token": (first.belady_bytes_per_token or 0) / 1e6}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -86,3 +86,25 @@ def test_synthetic_workload_is_labelled_degenerate():
     assert SyntheticWorkload(1000, prompt_len=16, output_len=8, seed=1).requests(2, 2) == reqs[2:]
     assert w.degenerate and "degenerate" in w.note and "loop" in w.note
     assert w.describe()["routing"] == "degenerate" and "greedy" in describe_line(w.describe())
+
+
+def test_side_by_side_arms_on_one_engine():
+    """bench.runs.text_engine, alternate and arm_columns, as the A/B tools under tools/ use them: each arm's set-up
+    runs after its configuration is applied and before its run, every round, and the columns summarise the runs."""
+    from moeflow.bench import axes
+    from moeflow.bench.runs import alternate, arm_columns, text_engine
+
+    llm, workload = text_engine(str(default_model_dir()), str(HELDOUT), 2, output_len=3, device="cpu")
+    engine = llm.engine
+    assert engine.max_model_len == 256 + 3 + 8 and workload.output_len == 3
+    seen = []
+    lru = axes.listed(["none/exact/fcfs"])[0]
+    arms = {"a": (lru, lambda: seen.append(("a", engine.predictor))),
+            "b": (axes.listed(["frequency/exact/fcfs"])[0], lambda: seen.append(("b", engine.predictor.name)))}
+    batch = workload.requests(0, 2)
+    runs, last = alternate(engine, arms, "25%", [batch], workload.requests(2, 2), 2, {"batch": 2})
+    assert seen == [("a", None), ("b", "frequency")] * 2, "each set-up after its configuration, every round"
+    assert {n: len(v) for n, v in runs.items()} == {"a": 2, "b": 2} and last["a"].outputs == last["b"].outputs
+    cols = arm_columns(runs, last)
+    assert cols["a_tokens_per_s"] == max(runs["a"]) and cols["b_predictor_share"] >= 0
+    assert cols["a_mb_per_token"] == last["a"].bytes_per_token / 1e6 and cols["belady_mb_per_token"] > 0
