@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import alternate, arm_columns, text_engine
+    from moeflow.bench.runs import alternate, arm_columns, text_engine, write_ab
     from moeflow.config import CacheConfig, ExpertBudget
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,10 +67,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
     engine.cache.transfer.separate_demand = True
-    with open(args.out, "w") as f:
-        device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
-        json.dump({"model": args.model, "predictor": args.predictor, "device": device, "torch": torch.__version__,
-                   "rounds": args.rounds, "workload": workload.describe(), "results": results}, f, indent=1)
+    write_ab(args.out, engine, workload, args.rounds, results, model=args.model, predictor=args.predictor)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ begin() {  # begin NAME: this part's results folder, $p = $w/NAME, with the comm
     cp "$root/COMMIT" "$p/commit.txt" 2>/dev/null || git -C "$root" rev-parse HEAD > "$p/commit.txt"
 }
 pack() { tar czf "$out/$name.tgz" -C "$w" "$name"; }
+session6_tests() {  # session6_tests TIMEOUT: the GPU tests of the sixth session's changes into $p/gpu_tests.log
+    timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
+        tests/routing/test_learned_predictor.py tests/experts/test_predictive.py tests/engine/test_gpu.py \
+        tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -3 "$p/gpu_tests.log"
+}
 offline() {  # offline DIR NAME TIMEOUT ARGS...: bench offline on the bench model's text workload into DIR/NAME
     local dir=$1 name=$2 limit=$3
     shift 3
@@ -416,11 +423,7 @@ case "$part" in
     offline "$p" ef "${EF_TIMEOUT:-300}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$w/pred/bench"
     pack
-    timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
-        tests/routing/test_learned_predictor.py tests/experts/test_predictive.py tests/engine/test_gpu.py \
-        tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
-    echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -3 "$p/gpu_tests.log"
+    session6_tests "${TESTS_TIMEOUT:-200}"
     wait
     for f in "$p"/eval_*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], \
         d['recall'], d['cache'])" "$f" 2>/dev/null | cut -c1-400; done
@@ -431,11 +434,7 @@ case "$part" in
     begin p15
     train_bench "$p"
     pack
-    timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
-        tests/routing/test_learned_predictor.py tests/experts/test_predictive.py tests/engine/test_gpu.py \
-        tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
-    echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -3 "$p/gpu_tests.log"
+    session6_tests "${TESTS_TIMEOUT:-100}"
     pack
     traces_and_predictors "$p"
     pack

@@ -160,6 +160,16 @@ def arm_columns(runs: dict[str, list[float]], last: dict[str, RunResult]) -> dic
             "belady_mb_per_token": (first.belady_bytes_per_token or 0) / 1e6}
 
 
+def write_ab(path: str, engine: LLMEngine, workload, rounds: int, results: list[dict], **about) -> None:
+    """An A/B tool's results as JSON: `about` (model, predictor, ...), the device and torch, the workload, rows."""
+    import json
+
+    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    with open(path, "w") as f:
+        json.dump({**about, "device": device, "torch": torch.__version__, "rounds": rounds,
+                   "workload": workload.describe(), "results": results}, f, indent=1)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
