@@ -69,6 +69,9 @@
 #                                predictors; demand misses on a stream of their own against one stream for all
 #                                copies, LRU and predictive, 25% and 10%, batch 1 and 8 (tools/demand_stream_ab.py);
 #                                the prefetch threshold and lookahead swept against LRU (bench offline)
+#   tools/gpu_session.sh 16 OUT  (not run yet) train the bench model; part 9's traces and predictors; slots shared
+#                                by value against count quotas beside LRU at 25% and 10%, batch 1 and 8; the GPU
+#                                tests of this session's changes
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -446,6 +449,19 @@ case "$part" in
     P=$w/pred/bench
     offline "$p" sweep "${SWEEP_TIMEOUT:-150}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 1 \
         --predictors "none,$P,$P:prefetch_at=0.6,$P:prefetch_at=0.4,$P:prefetch_at=0.6:lookahead=4"
+    pack
+    ;;
+16)  # for the next session (about 8 minutes on an H100): slots shared by value against count quotas on the GPU,
+     # the issue's cells, then the GPU tests of what changed since the last of them ran (the CPU replay only so far)
+    begin p16
+    train_bench "$p"
+    pack
+    traces_and_predictors "$p"
+    pack
+    offline "$p" byvalue "${EF_TIMEOUT:-200}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 1 \
+        --predictors "none,$w/pred/bench,$w/pred/bench:by_value=0"
+    pack
+    session6_tests "${TESTS_TIMEOUT:-150}"
     pack
     ;;
 10)
