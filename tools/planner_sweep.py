@@ -1,7 +1,7 @@
 """The predictive cache's bytes against Belady's under other planner settings, on a trace (CPU replay).
 
     PYTHONPATH=. python3 tools/planner_sweep.py TRACE.npz PRED_DIR [--budget 25%] [--batch 1] [--tokens 2000]
-        [SETTINGS ...]
+        [--domain NAME] [SETTINGS ...]
 
 Each SETTINGS is a Python dict of ExpertFlowPlanner keyword arguments (e.g. "{'prefetch_at': 0.95}"; "{}" is the
 default planner). The trace's first sequences up to --tokens are replayed through the real ExpertCache and planner
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 
+import numpy as np
 import torch
 
 from moeflow.assets import default_model_dir
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--budget", default="25%")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=2000)
+    p.add_argument("--domain", default=None, help="replay only this domain's sequences (a held-out domain, say)")
     args = p.parse_args()
     torch.set_num_threads(1)
     ck = Checkpoint(args.model)
@@ -41,6 +43,8 @@ def main() -> None:
     E = spec.num_experts
     slots, expert_bytes = pool_at(ck, args.budget)
     data = RouteData.from_traces([Trace.load(args.trace)])
+    if args.domain is not None:
+        data = data.select(np.flatnonzero(data.domains == data.domain_names.index(args.domain)))
     steps = decode_steps(data.token_ids, data.routes, data.first_sequences(args.tokens), args.batch, E)
     opt = belady(steps, slots, expert_bytes, spec.moe_layers).bytes_per_token
     for text in args.settings:
