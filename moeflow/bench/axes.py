@@ -11,9 +11,9 @@ to wire a new predictor, selector or scheduling policy into the benchmark:
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
 switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
-adapt (the predictor's online adaptation); `PRED_DIR:KEY=V[:KEY=V]` sets the planner's numeric settings
-(PLANNER_SETTINGS: prefetch_at, lookahead, ...) for a sweep, beside or without a `no-PART`. `lynx` takes the model's (alpha, beta) defaults and w = 0 (plain
-LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes; `kernel` picks how the rule
+adapt (the predictor's online adaptation); `PRED_DIR:KEY=V[:KEY=V]` sets the planner's settings
+(PLANNER_SETTINGS: prefetch_at, lookahead, by_value, ...) for a sweep, beside or without a `no-PART`. `lynx`
+takes the model's (alpha, beta) defaults and w = 0 (plain LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes; `kernel` picks how the rule
 runs: `triton` in one launch per layer (routing/_lynx_triton.py), `torch` in thirty small operations, `auto`
 (the default) Triton's where it is installed.
 """
@@ -120,7 +120,8 @@ def _predictor_dir(text: str) -> tuple[Path, str | None, dict[str, float | int]]
             try:
                 settings[key] = PLANNER_SETTINGS[key](value)
             except ValueError:
-                raise ConfigError(f"--predictors {text}: {key} must be a number (by_value: 0 or 1), got {value!r}") from None
+                raise ConfigError(f"--predictors {text}: {key} must be a number (by_value: 0 or 1), "
+                                  f"got {value!r}") from None
         elif not eq and part is None and item.startswith("no-") and item[3:] in ABLATIONS:
             part = item[3:]
         else:

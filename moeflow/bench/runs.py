@@ -10,17 +10,21 @@ engine ran it as one, and its wall time (scheduling included) and expert traffic
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
-from moeflow.experts.belady import belady_misses
-from moeflow.bench.workload import Request
+from moeflow.bench import axes
+from moeflow.bench.workload import Request, TextWorkload, load_documents
 from moeflow.config import CacheConfig, ExpertBudget
 from moeflow.engine.engine import LLMEngine
+from moeflow.experts.belady import belady_misses
 from moeflow.experts.stats import LayerStats
+from moeflow.llm import LLM
 
 WARMUP_TOKENS = 3  # a prefill and two decode steps at the batch's size
 
@@ -112,9 +116,6 @@ def text_engine(model: str, corpus: str, max_batch: int, output_len: int = 64, d
     """(LLM, TextWorkload): an engine on `model` sized for the text workload's prompts (up to 256 tokens) and
     `output_len` more, bfloat16 on CUDA and float32 elsewhere, and the workload of the corpus in `corpus`; what the
     side-by-side tools under tools/ start from."""
-    from moeflow.bench.workload import TextWorkload, load_documents
-    from moeflow.llm import LLM
-
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     llm = LLM(model, max_model_len=256 + output_len + 8, max_batch_size=max_batch, device=device,
               dtype="bfloat16" if cuda else "float32")
@@ -127,10 +128,6 @@ def alternate(engine: LLMEngine, arms: dict, budget: str, timed: list[list[Reque
     maps a name to (its bench Configuration, a set-up called once the configuration is applied: what the A/B
     switches). Prints one JSON line per run (with `tag`); returns every round's decode tokens/s per arm and each
     arm's last RunResult."""
-    import json
-
-    from moeflow.bench import axes
-
     runs: dict[str, list[float]] = {name: [] for name in arms}
     last: dict[str, RunResult] = {}
     for _ in range(rounds):
@@ -149,8 +146,6 @@ def alternate(engine: LLMEngine, arms: dict, budget: str, timed: list[list[Reque
 def arm_columns(runs: dict[str, list[float]], last: dict[str, RunResult]) -> dict:
     """`alternate`'s result as one row's columns: per arm its best and median round, MB per token, stall share and
     predictor share, with Belady's MB per token on the same uses."""
-    import statistics
-
     first = next(iter(last.values()))
     return {"rounds": runs, **{f"{n}_tokens_per_s": max(v) for n, v in runs.items()},
             **{f"{n}_median_tokens_per_s": statistics.median(v) for n, v in runs.items()},
@@ -162,8 +157,6 @@ def arm_columns(runs: dict[str, list[float]], last: dict[str, RunResult]) -> dic
 
 def write_ab(path: str, engine: LLMEngine, workload, rounds: int, results: list[dict], **about) -> None:
     """An A/B tool's results as JSON: `about` (model, predictor, ...), the device and torch, the workload, rows."""
-    import json
-
     device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     with open(path, "w") as f:
         json.dump({**about, "device": device, "torch": torch.__version__, "rounds": rounds,
