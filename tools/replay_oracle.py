@@ -1,7 +1,7 @@
 """How close ExpertFlow's predictive cache can get to Belady if its predictions were perfect.
 
     PYTHONPATH=. python3 tools/replay_oracle.py TRACE.npz [--model DIR] [--predictor PRED_DIR] [--budget 25%]
-        [--batch 1] [--tokens 2000]
+        [--batch 1] [--tokens 2000] [--by-value 0|1]
 
 Replays the trace's decode steps through the real ExpertCache and ExpertFlowPlanner (experts/replay.py, as
 `moeflow predictor eval` does) with, in turn: LRU; the trained predictor; an oracle that knows this step's routes;
@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--horizons", default="1,2,4,8,16")
+    p.add_argument("--by-value", type=int, choices=(0, 1), default=1,
+                   help="ExpertFlowPlanner(by_value=...): 0 shares slots by count quotas, as before 2026-12-05")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = args.model or default_model_dir()
@@ -83,6 +85,9 @@ def main() -> None:
     print(f"{n} trace tokens, batch {args.batch}, {args.budget} ({slots} slots): experts moved per token x Belady "
           f"({opt / eb:.2f} experts/token)")
 
+    def planner() -> ExpertFlowPlanner:
+        return ExpertFlowPlanner(by_value=bool(args.by_value))
+
     def show(label, r):
         print(f"  {label:<40} {r.bytes_per_token / opt:6.3f}x   hit rate {r.hit_rate:.3f}", flush=True)
 
@@ -90,11 +95,11 @@ def main() -> None:
     pred_dir = args.predictor or find_predictor(model)
     if pred_dir is not None:
         show("trained predictor", replay(steps, make_cache(spec, slots, eb), load_predictor(pred_dir, ck),
-                                         ExpertFlowPlanner()))
-    show("oracle: this step", replay(steps, make_cache(spec, slots, eb), Oracle(steps, 0), ExpertFlowPlanner()))
+                                         planner()))
+    show("oracle: this step", replay(steps, make_cache(spec, slots, eb), Oracle(steps, 0), planner()))
     for h in map(int, args.horizons.split(",")):
         show(f"oracle: this step and the next {h}", replay(steps, make_cache(spec, slots, eb), Oracle(steps, h),
-                                                          ExpertFlowPlanner()))
+                                                          planner()))
 
 
 if __name__ == "__main__":
