@@ -15,8 +15,9 @@ of layer l), and after each offloaded layer's router, from the real route and th
     four, the same planner moves 1.12x with it and 1.27x without (tools/replay_oracle.py --by-value 1|0). The
     per-layer counts (`quota_mode` "value": a layer's share of the S most valuable experts; "demand": of the
     expected number of distinct experts) still bound each layer's prefetches, and with `by_value=False` they
-    are the quotas a layer under its own takes slots back by, from the layers most over theirs. Counts are set once per step, before it; `requota=True`
-    sets them again after every router too (a selection over all L*E values and a trim per router).
+    are the quotas a layer under its own takes slots back by, from the layers most over theirs. Counts are
+    set once per step, before it; `requota=True` sets them again after every router too (a selection over all
+    L*E values and a trim per router).
 (b) eviction: the experts predicted for the step (score >= protect_at) are protected, and among the rest the
     least likely go first: the cache's priorities are the scores, coarsened to `levels` steps so that recency
     (LRU) still orders experts of about equal chance. A layer that has routed keeps, as its experts' priority,
