@@ -45,6 +45,7 @@ class LLM:
         routing_modes: tuple[str, ...] = ("exact", "lynx"),
         seed: int = 0,
         enforce_eager: bool = False,
+        fused_ops: bool = False,
         skip_tokenizer_init: bool = False,
         allow_nonfinite_weights: bool = False,
     ):
@@ -54,7 +55,9 @@ class LLM:
         round-robin share of the decode steps (fairness: time per output token stays within that of fcfs's).
         predictor: None (load experts on demand), a built-in name ("previous", "frequency"), or a Predictor.
         routing_modes: what requests may ask for with SamplingParams.routing ("lynx": batch-aware expert reduction,
-        approximate; its decode graphs are captured at start-up too)."""
+        approximate; its decode graphs are captured at start-up too).
+        fused_ops: run a step's norms, router, QK norm, rotary embedding and KV-cache write as fused kernels
+        (CUDA with Triton; models/fused_decode.py), a few launches a layer instead of dozens."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
@@ -63,7 +66,7 @@ class LLM:
             max_decode_wait=max_decode_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
-            allow_nonfinite_weights=allow_nonfinite_weights,
+            fused_ops=fused_ops, allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,
                                 predictor=None if predictor is None or isinstance(predictor, str) else predictor)

@@ -73,6 +73,14 @@
 #                                by value against count quotas beside LRU at 25% and 10%, batch 1 and 8; the GPU
 #                                tests of this session's changes
 #
+# The seventh session's (2026-12-05; no GPU was lent, so not run yet):
+#
+#   tools/gpu_session.sh 17 OUT  the fused decode ops' GPU tests; tools/kernel_profile.py (random weights: kernels,
+#                                GPU busy time and step time, resident, batch 1/32/64, exact and LYNX, without and
+#                                with fused ops)
+#   tools/gpu_session.sh 18 OUT  train the bench model; bench offline resident at batch 1/32/64, exact and LYNX,
+#                                and LRU at 25% batch 1/8, each without and with --fused-ops
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -463,6 +471,36 @@ case "$part" in
     pack
     session6_tests "${TESTS_TIMEOUT:-150}"
     pack
+    ;;
+17)  # for the next session (about 5 minutes with the start): the fused decode ops (models/fused_decode.py)
+     # first on a GPU: their tests, then where a resident step's kernels and time go without and with them
+     # (random weights of the bench model's shapes: no training)
+    begin p17
+    timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_fused_decode.py \
+        tests/models/test_decode_attention.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -3 "$p/gpu_tests.log"
+    pack
+    timeout "${PROFILE_TIMEOUT:-200}" python3 tools/kernel_profile.py --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
+    grep -A14 "^| batch" "$p/kernel_profile/kernel_profile.md"
+    pack
+    ;;
+18)  # then (about 9 minutes): the trained bench model resident at batch 1, 32 and 64, exact and LYNX, without and
+     # with fused ops (issue 13's resident target); LRU at 25%, batch 1 and 8, without and with them
+    begin p18
+    train_bench "$p"
+    pack
+    for f in 0 1; do
+        fused=""; [ "$f" = 1 ] && fused=--fused-ops
+        offline "$p" "resident-fused$f" "${RESIDENT_TIMEOUT:-130}" --budgets 100% --batch-sizes 1,32,64 \
+            --batches-per-cell 2 --routing exact,lynx $fused
+        pack
+    done
+    for f in 0 1; do
+        fused=""; [ "$f" = 1 ] && fused=--fused-ops
+        offline "$p" "lru25-fused$f" "${LRU_TIMEOUT:-60}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 $fused
+        pack
+    done
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)

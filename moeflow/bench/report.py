@@ -145,7 +145,7 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
     if meta.get("engine"):
         e = meta["engine"]
         lines.append(f"- engine: {e['max_num_seqs']} sequences at once, at most {e['max_batch_size']} per decode step, "
-                     f"{e['eviction']} eviction; batch = requests per timed batch")
+                     f"{e['eviction']} eviction{', fused ops' if e.get('fused_ops') else ''}; batch = requests per timed batch")
         if e.get("graph_captures_total"):
             lines.append(f"- set-up: {e['graph_captures_total']} decode graphs captured over the run, in "
                          f"{e['graph_capture_s']:.1f} s; the last pool's graphs hold "

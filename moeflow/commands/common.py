@@ -52,6 +52,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     g.add_argument("--enforce-eager", action="store_true", help="never replay decode steps as CUDA graphs")
+    g.add_argument("--fused-ops", action="store_true",
+                   help="run each layer's norms, router, QK norm, rotary embedding and KV-cache write as fused "
+                        "Triton kernels (CUDA): a few launches a layer instead of dozens")
     g.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load weights holding NaN or Inf instead of refusing the checkpoint")
 
@@ -61,4 +64,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
                 predictor=args.predictor, scheduling=args.scheduling, max_decode_wait=args.max_decode_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
-                enforce_eager=args.enforce_eager, allow_nonfinite_weights=args.allow_nonfinite_weights)
+                enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, allow_nonfinite_weights=args.allow_nonfinite_weights)

@@ -77,7 +77,8 @@ class LLMEngine:
         capacity = max(config.max_num_batched_tokens, self.max_model_len, batch_buckets(self.max_batch_size)[-1])
         self.record = RouteRecord(spec.num_moe_layers, spec.router.top_k, spec.num_experts, capacity, weight_dtype,
                                   self.device)
-        self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len, self.record)
+        self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len, self.record,
+                              fused=config.fused_ops)
         self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from moeflow.architectures.spec import ModelSpec
+from moeflow.errors import ConfigError
+from moeflow.models import fused_decode
 from moeflow.models.decode_attention import decode_attention
 from moeflow.models.layers import PREFILL_SDPA_BACKENDS, Rotary, attend_decode, attend_prefill, dense_mlp, rms_norm
 from moeflow.routing.record import RouteRecord
@@ -47,7 +49,13 @@ class ForwardBatch:
 
 class MoEModel:
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                 max_model_len: int, record: RouteRecord):
+                 max_model_len: int, record: RouteRecord, fused: bool = False):
+        """fused: run the norms, the router and (in decode) the QK norm, rotary and KV write as the fused
+        kernels of fused_decode.py; the q, k and v projections then share one weight (their three entries in
+        `w` become views of it)."""
+        if fused and not fused_decode.fused_available(device):
+            raise ConfigError(f"fused_ops needs Triton and a CUDA device (device {device})")
+        self.fused = fused
         self.spec = spec
         self.dtype, self.device = dtype, device
         self.scale = spec.head_dim ** -0.5
@@ -59,6 +67,25 @@ class MoEModel:
         self.moe_ordinal = {l: i for i, l in enumerate(spec.moe_layers)}
         self.experts: ExpertsFn | None = None
         self.record = record  # every router writes its choice here (routing/record.py)
+        self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = self._fuse_qkv() if fused else {}
+
+    def _fuse_qkv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer, (the q, k and v projection weights stacked [(N + 2G) * D, H], their biases or None); the
+        separate entries of `w` become views of the stack, so no weight is held twice."""
+        out = {}
+        for layer in range(self.spec.num_layers):
+            p = f"model.layers.{layer}.self_attn"
+            stacked = {}
+            for kind in ("weight", "bias") if self.spec.qkv_bias else ("weight",):
+                names = [f"{p}.{x}_proj.{kind}" for x in "qkv"]
+                stacked[kind] = torch.cat([self.w[n] for n in names])
+                at = 0
+                for n in names:
+                    rows = self.w[n].shape[0]
+                    self.w[n] = stacked[kind][at : at + rows]
+                    at += rows
+            out[layer] = (stacked["weight"], stacked.get("bias"))
+        return out
 
     @staticmethod
     def _dense_names(checkpoint: Checkpoint) -> list[str]:
@@ -93,7 +120,12 @@ class MoEModel:
         return F.embedding(input_ids, self.w["model.embed_tokens.weight"])
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return rms_norm(h, self.w["model.norm.weight"], self.spec.rms_norm_eps)
+        return self._norm(h, "model.norm.weight")
+
+    def _norm(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        if self.fused:
+            return fused_decode.rms_norm(h, self.w[name], self.spec.rms_norm_eps)[1]
+        return rms_norm(h, self.w[name], self.spec.rms_norm_eps)
 
     def dense_layers(self, start: int, stop: int, h: torch.Tensor, batch: ForwardBatch,
                      kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -110,7 +142,11 @@ class MoEModel:
         li, T, record = self.moe_ordinal[layer], r.shape[0], self.record
         logits = F.linear(r, self.w[f"{self.moe_prefix[layer]}.gate.weight"])
         record.keep_logits(li, logits)
-        routing = route(logits, self.spec.router, out=record.router_out(li, T))
+        if self.fused:
+            ids, weights = fused_decode.route_into(logits, self.spec.router, record.router_out(li, T))
+            routing = Routing(ids, weights, logits)
+        else:
+            routing = route(logits, self.spec.router, out=record.router_out(li, T))
         if batch.selector is not None:
             table = batch.slot_table[li] if batch.slot_table is not None else None
             chosen = batch.selector.select(layer, routing, SelectionContext(batch.is_prefill, record.real[:T],
@@ -130,8 +166,11 @@ class MoEModel:
     def _attention_block(self, layer: int, h: torch.Tensor, batch: ForwardBatch,
                          kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         p = f"model.layers.{layer}"
-        h = h + self._attention(layer, rms_norm(h, self.w[f"{p}.input_layernorm.weight"], self.spec.rms_norm_eps),
-                                batch, kv)
+        attended = self._attention(layer, self._norm(h, f"{p}.input_layernorm.weight"), batch, kv)
+        if self.fused:  # the residual add and the norm in one kernel
+            return fused_decode.rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], self.spec.rms_norm_eps,
+                                         attended)
+        h = h + attended
         return h, rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,6 +183,8 @@ class MoEModel:
                    kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s, p = self.spec, f"model.layers.{layer}.self_attn"
         T = x.shape[0]
+        if self.fused and not batch.is_prefill:
+            return self._fused_decode_attention(layer, x, batch, kv)
         q = self._linear(x, f"{p}.q_proj", s.qkv_bias)
         k = self._linear(x, f"{p}.k_proj", s.qkv_bias)
         v = self._linear(x, f"{p}.v_proj", s.qkv_bias)
@@ -182,6 +223,20 @@ class MoEModel:
                 C = batch.max_context
                 o = attend_decode(q, k_cache[rows, :, :C], v_cache[rows, :, :C], batch.context_lens_t, self.scale,
                                   window)
+        return self._linear(o, f"{p}.o_proj", s.o_bias)
+
+    def _fused_decode_attention(self, layer: int, x: torch.Tensor, batch: ForwardBatch,
+                                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """_attention's decode branch with one projection for q, k and v and one kernel from there to the
+        cache (fused_decode.qk_rope_store)."""
+        s, p = self.spec, f"model.layers.{layer}.self_attn"
+        weight, bias = self.qkv[layer]
+        k_cache, v_cache = kv[0][layer], kv[1][layer]
+        norms = (self.w[f"{p}.q_norm.weight"], self.w[f"{p}.k_norm.weight"]) if s.qk_norm != "none" else (None, None)
+        q = fused_decode.qk_rope_store(F.linear(x, weight, bias), s, batch.positions, batch.kv_rows_t, self.rotary,
+                                       *norms, k_cache, v_cache)
+        o = decode_attention(q, k_cache, v_cache, batch.kv_rows_t, batch.context_lens_t, self.scale,
+                             s.sliding_window[layer])
         return self._linear(o, f"{p}.o_proj", s.o_bias)
 
     def _dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:

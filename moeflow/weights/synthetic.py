@@ -31,6 +31,15 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
         hidden_act="silu", attention_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
     ),
+    # the trained bench model's shapes (moeflow.train.presets "bench") with random weights: 12 layers of 64
+    # experts, top-8, 2048 x 768; for kernel timings, which do not depend on what the weights learned
+    "bench-12l": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=32000, hidden_size=2048,
+        num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, head_dim=128, num_experts=64,
+        num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, norm_topk_prob=True,
+        max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        hidden_act="silu", attention_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
+    ),
     # Mixtral-8x7B: 32 layers of 8 experts 4096 x 14336, about 94 GB in bfloat16
     "mixtral-8x7b": dict(
         architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,

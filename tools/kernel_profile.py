@@ -1,0 +1,167 @@
+"""Where a resident decode step's GPU time goes: kernels per step, their summed time against the step's wall
+time, and the kernels grouped by name (torch.profiler with CUDA activity over replayed decode graphs).
+
+    python tools/kernel_profile.py [--batch-sizes 1,32,64] [--routing exact,lynx] [--fused-ops 0,1] [--steps 20]
+                                   [--out DIR]
+
+Model: random weights of the bench model's shapes (`SyntheticCheckpoint.preset("bench-12l")`: 12 layers,
+64 experts, top-8, 2048 x 768, 16 query and 4 KV heads of 128), bfloat16, every expert resident. The kernels
+a step runs and their sizes do not depend on trained weights; how many experts a batch touches does (random
+routing touches more), so the expert kernels' share here is an upper bound of the trained model's.
+
+For each engine (`--fused-ops 0,1`: without and with EngineConfig.fused_ops, one after the other in this
+process), batch size and routing mode: B requests of 128-token prompts are prefilled and decoded a few warm
+steps; `--steps` decode steps are timed (synchronised, no profiler), then the same number profiled. The
+report (`kernel_profile.json`, `kernel_profile.md`) gives per step: wall time, GPU busy time (summed kernel
+durations), kernel count, and the top kernels by time with their count per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _requests(engine, n: int, prompt_len: int, routing: str, start: int):
+    import numpy as np
+
+    from moeflow.sampling import SamplingParams
+
+    rng = np.random.default_rng(start)
+    for i in range(n):
+        ids = rng.integers(1, engine.spec.vocab_size, prompt_len).tolist()
+        engine.add_request(f"r{start}-{i}", ids, SamplingParams(max_tokens=10_000, temperature=0.0,
+                                                                  ignore_eos=True, routing=routing))
+
+
+def _decode_ready(engine, n: int) -> None:
+    """Step until all n requests have left prefill (one decode step each at least)."""
+    for _ in range(1000):
+        engine.step()
+        if engine.num_waiting == 0 and engine.num_running == n:
+            engine.step()
+            return
+    raise RuntimeError("requests never reached decode")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _kernel_name(name: str) -> str:
+    """Group kernels whose names differ only in template arguments."""
+    for cut in ("<", "("):
+        if cut in name:
+            name = name[: name.index(cut)]
+    return name[:90]
+
+
+def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, seed: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    _requests(engine, batch, prompt_len, routing, seed)
+    _decode_ready(engine, batch)
+    for _ in range(3):
+        engine.step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync()
+    wall = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync()
+    for rid in list(engine._seqs):
+        engine.abort_request(rid)
+    engine.step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        by_name[_kernel_name(e.name)].append(e.device_time_total if hasattr(e, "device_time_total")
+                                             else e.cuda_time_total)
+    busy_us = sum(sum(v) for v in by_name.values()) / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "batch": batch, "routing": routing, "steps": steps,
+        "wall_ms_per_step": round(wall * 1e3, 3),
+        "gpu_busy_ms_per_step": round(busy_us / 1e3, 3),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "top": [{"kernel": k, "per_step": round(len(v) / steps, 1), "us_per_step": round(sum(v) / steps, 1),
+                 "mean_us": round(sum(v) / len(v), 2)} for k, v in top],
+    }
+
+
+def main() -> None:
+    from moeflow.bench.axes import load_selector_arg
+    from moeflow.config import EngineConfig
+    from moeflow.engine.engine import LLMEngine
+    from moeflow.weights.synthetic import SyntheticCheckpoint
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,32,64")
+    p.add_argument("--routing", default="exact,lynx")
+    p.add_argument("--fused-ops", default="0,1", help="engines to profile: 0 without fused ops, 1 with")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--preset", default="bench-12l")
+    p.add_argument("--device", default="cuda", help="cpu runs the same steps (a smoke test: no kernels are seen)")
+    p.add_argument("--out", type=Path, default=Path("kernel_profile"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    routings = args.routing.split(",")
+    device = torch.device(args.device)
+    checkpoint = SyntheticCheckpoint.preset(args.preset, seed=0, dtype=torch.bfloat16, device=device)
+    cells = []
+    for fused in (bool(int(f)) for f in args.fused_ops.split(",")):
+        engine = LLMEngine(EngineConfig(model="<synthetic>", device=args.device, dtype="bfloat16",
+                                        max_model_len=args.prompt_len + 256, max_num_seqs=max(batches),
+                                        max_num_batched_tokens=max(4096, args.prompt_len * max(batches)),
+                                        fused_ops=fused),
+                           skip_tokenizer_init=True, checkpoint=checkpoint)
+        engine.store.fill_all(progress=False)
+        if any(r != "exact" for r in routings):
+            engine.set_selector(load_selector_arg(next(r for r in routings if r != "exact"), engine))
+        for b in batches:
+            for r in routings:
+                cell = profile_cell(engine, b, r.split(":", 1)[0], args.steps, args.prompt_len, seed=len(cells))
+                cell["fused_ops"] = fused
+                cells.append(cell)
+                print(json.dumps({k: v for k, v in cell.items() if k != "top"}), flush=True)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "model": f"{args.preset} (random)", "prompt_len": args.prompt_len, "cells": cells}
+    (args.out / "kernel_profile.json").write_text(json.dumps(meta, indent=2))
+    lines = [f"# Resident decode kernels ({meta['device']}, torch {meta['torch']}, {meta['model']})", "",
+             "| batch | routing | fused ops | ms a step | GPU busy ms | kernels a step | step vs unfused |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    unfused = {(c["batch"], c["routing"]): c["wall_ms_per_step"] for c in cells if not c["fused_ops"]}
+    for c in cells:
+        base = unfused.get((c["batch"], c["routing"]))
+        ratio = f"{base / c['wall_ms_per_step']:.2f}x" if base and c["fused_ops"] else ""
+        lines.append(f"| {c['batch']} | {c['routing']} | {'on' if c['fused_ops'] else 'off'} | {c['wall_ms_per_step']} "
+                     f"| {c['gpu_busy_ms_per_step']} | {c['kernels_per_step']} | {ratio} |")
+    lines.append("")
+    for c in cells:
+        lines += [f"## batch {c['batch']}, {c['routing']}, fused ops {'on' if c['fused_ops'] else 'off'}: "
+                  f"{c['wall_ms_per_step']} ms a step, GPU busy "
+                  f"{c['gpu_busy_ms_per_step']} ms, {c['kernels_per_step']} kernels", "",
+                  "| kernel | per step | us per step | mean us |", "|---|---:|---:|---:|"]
+        lines += [f"| `{t['kernel']}` | {t['per_step']} | {t['us_per_step']} | {t['mean_us']} |" for t in c["top"]]
+        lines.append("")
+    (args.out / "kernel_profile.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
