@@ -78,8 +78,11 @@
 #   tools/gpu_session.sh 17 OUT  the fused decode ops' GPU tests; tools/kernel_profile.py (random weights: kernels,
 #                                GPU busy time and step time, resident, batch 1/32/64, exact and LYNX, without and
 #                                with fused ops)
-#   tools/gpu_session.sh 18 OUT  train the bench model; bench offline resident at batch 1/32/64, exact and LYNX,
-#                                and LRU at 25% batch 1/8, each without and with --fused-ops
+#   tools/gpu_session.sh 18 OUT  train the bench model; bench offline resident at batch 32/64, exact and LYNX,
+#                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them); the
+#                                perplexity of those settings on five domains and on python_docs held out
+#   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
+#                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -485,20 +488,36 @@ case "$part" in
     grep -A14 "^| batch" "$p/kernel_profile/kernel_profile.md"
     pack
     ;;
-18)  # then (about 9 minutes): the trained bench model resident at batch 1, 32 and 64, exact and LYNX, without and
-     # with fused ops (issue 13's resident target); LRU at 25%, batch 1 and 8, without and with them
+18)  # then (about 9 minutes): train the bench model; resident at batch 32 and 64, exact and LYNX, without fused
+     # ops and with them, with them also at the more aggressive (alpha, beta) of the 2026-12-02 sweep, (5, 2) and
+     # (3, 1) (+0.65% and +0.74% perplexity there): issue 13's resident target
     begin p18
     train_bench "$p"
     pack
+    offline "$p" resident-fused0 "${RESIDENT_TIMEOUT:-120}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx
+    pack
+    offline "$p" resident-fused1 "${RESIDENT_TIMEOUT:-160}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx,lynx:alpha=5:beta=2,lynx:alpha=3:beta=1 --fused-ops
+    pack
+    ;;
+19)  # on the same machine (about 7 minutes): the accuracy of LYNX at alpha 3, 4, 5 and beta 1, 2 on five domains
+     # of the test split and on python_docs held out (issue 13's bound: <= 1% perplexity); LRU at 25%, batch 1
+     # and 8, without and with fused ops
+    [ -f "$BENCH_MODEL/config.json" ] || { echo "no bench model on this machine (part 18 first)" >&2; exit 3; }
+    begin p19
+    five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
+    timeout 150 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 3,4,5 --beta 1,2 --device cuda > "$p/sweep_test.jsonl" \
+        2> "$p/sweep_test.err"
+    timeout 110 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs --max-docs 102 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 3,4,5 --beta 1,2 --device cuda > "$p/sweep_python_docs.jsonl" \
+        2> "$p/sweep_python_docs.err"
+    tail -n 9 "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-160
+    pack
     for f in 0 1; do
         fused=""; [ "$f" = 1 ] && fused=--fused-ops
-        offline "$p" "resident-fused$f" "${RESIDENT_TIMEOUT:-130}" --budgets 100% --batch-sizes 1,32,64 \
-            --batches-per-cell 2 --routing exact,lynx $fused
-        pack
-    done
-    for f in 0 1; do
-        fused=""; [ "$f" = 1 ] && fused=--fused-ops
-        offline "$p" "lru25-fused$f" "${LRU_TIMEOUT:-60}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 $fused
+        offline "$p" "lru25-fused$f" "${LRU_TIMEOUT:-80}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 $fused
         pack
     done
     ;;
