@@ -83,6 +83,8 @@
 #                                perplexity of those settings on five domains and on python_docs held out
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
+#   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
+#                                against LRU at 25%, batch 1 and 8, that part 15 ran out of time for
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -520,6 +522,15 @@ case "$part" in
         offline "$p" "lru25-fused$f" "${LRU_TIMEOUT:-80}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 $fused
         pack
     done
+    ;;
+20)  # on part 16's machine (about 4 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
+     # and deeper prefetches (what would keep the copy engine busy through a batch-1 step) against LRU
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 16 first)" >&2; exit 3; }
+    begin p20
+    P=$w/pred/bench
+    offline "$p" sweep "${SWEEP_TIMEOUT:-220}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4"
+    pack
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
