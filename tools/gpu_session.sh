@@ -79,8 +79,7 @@
 #                                GPU busy time and step time, resident, batch 1/32/64, exact and LYNX, without and
 #                                with fused ops)
 #   tools/gpu_session.sh 18 OUT  train the bench model; bench offline resident at batch 32/64, exact and LYNX,
-#                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them); the
-#                                perplexity of those settings on five domains and on python_docs held out
+#                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them)
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
