@@ -83,7 +83,8 @@
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
-#                                against LRU at 25%, batch 1 and 8, that part 15 ran out of time for
+#                                that part 15 ran out of time for, and prefetches across the step's end
+#                                (cross_step), against LRU at 25%, batch 1 and 8
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -522,13 +523,14 @@ case "$part" in
         pack
     done
     ;;
-20)  # on part 16's machine (about 4 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
-     # and deeper prefetches (what would keep the copy engine busy through a batch-1 step) against LRU
+20)  # on part 16's machine (about 5 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
+     # and deeper prefetches, and prefetches across the step's end (what would keep the copy engine busy through
+     # a batch-1 step), against LRU
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 16 first)" >&2; exit 3; }
     begin p20
     P=$w/pred/bench
-    offline "$p" sweep "${SWEEP_TIMEOUT:-220}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
-        --predictors "none,$P,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4"
+    offline "$p" sweep "${SWEEP_TIMEOUT:-260}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:cross_step=1,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4"
     pack
     ;;
 10)

@@ -28,6 +28,9 @@ of layer l), and after each offloaded layer's router, from the real route and th
     start at once; as each layer routes, the layer `lookahead` ahead is queued and a bounded number more are
     issued, so copies overlap the compute of the layers before them while a demand miss waits behind few.
     Prefetches a layer no longer needs once it has routed are dropped; the last step's unissued ones too.
+    With `cross_step`, once the last layer has routed, the first `lookahead` layers' likely experts of the step
+    after (the predictor's next_scores, where it gives them) are queued and issued at once, so the copy engine
+    works through the step's end (the last layer, sampling, the next prediction and plan) instead of idling.
 (d) correction: when a layer routes, the predictor's refined scores re-plan the layers still to come: their
     queued prefetches are dropped and queued again from the refined scores, and their protection and
     priorities follow.
@@ -99,11 +102,11 @@ class ExpertFlowPlanner:
                  protect_at: float = 0.5, prefetch_at: float = 0.8, lookahead: int = 2, issue_now: int | None = None,
                  issue_per_layer: int | None = None, levels: int = 64, reuse_decay: float = 0.97,
                  reuse_weight: float = 0.5, by_value: bool = True, prefetch_margin: float = 0.25,
-                 quota_mode: str = "value", requota: bool = False):
+                 quota_mode: str = "value", requota: bool = False, cross_step: bool = False):
         self.quotas, self.protect, self.prefetch, self.correct = quotas, protect, prefetch, correct
         self.by_value, self.prefetch_margin = by_value, prefetch_margin
         self.reuse_decay, self.reuse_weight, self.quota_mode = reuse_decay, reuse_weight, quota_mode
-        self.requota = requota
+        self.requota, self.cross_step = requota, cross_step
         self.protect_at, self.prefetch_at = protect_at, prefetch_at
         self.lookahead = max(1, lookahead)
         self.issue_now, self.issue_per_layer = issue_now, issue_per_layer
@@ -214,10 +217,11 @@ class ExpertFlowPlanner:
 
     # -- prefetch ------------------------------------------------------------------------------------
 
-    def _queue(self, cache: ExpertCache, first: int, last: int) -> None:
-        """Queue the likely, not yet resident experts of layers first..last (by ordinal), best first."""
+    def _queue(self, cache: ExpertCache, first: int, last: int, scores: np.ndarray | None = None) -> None:
+        """Queue the likely, not yet resident experts of layers first..last (by ordinal), best first, by this
+        step's scores (or `scores`: the next step's, queued across the step's end)."""
         for li in range(first, last + 1):
-            s = self._scores[li]
+            s = (self._scores if scores is None else scores)[li]
             # the few likely ones not resident (nor on their way), then sorted: the same order as sorting all E
             # and keeping those
             order = ((s >= self.prefetch_at) & (cache.slot_of[li] < 0)).nonzero()[0]
@@ -226,7 +230,8 @@ class ExpertFlowPlanner:
                 order = order[np.argsort(-s[order], kind="stable")]
                 cache.enqueue_prefetch(cache.layers[li], order[:room].tolist(), deadline=li,
                                        scores=s[order[:room]].tolist())
-        self._queued_to = max(self._queued_to, last)
+        if scores is None:
+            self._queued_to = max(self._queued_to, last)
 
     # -- as each layer routes ---------------------------------------------------------------------------
 
@@ -274,7 +279,10 @@ class ExpertFlowPlanner:
             last = min(L - 1, layer + self.lookahead)
             if last > self._queued_to:
                 self._queue(cache, self._queued_to + 1, last)
-            if cache.transfer.num_queued:
+            if layer == L - 1 and self.cross_step and self._next is not None:
+                self._queue(cache, 0, min(L, self.lookahead) - 1, self._next)
+                cache.issue_prefetches()  # nothing of this step is left to wait behind them
+            elif cache.transfer.num_queued:
                 n = self.issue_per_layer
                 if n is None:
                     n = max(2, math.ceil(self._scores[min(L - 1, layer + 1)].clip(0, 1).sum()))

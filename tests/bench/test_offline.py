@@ -214,6 +214,7 @@ def test_axes_trained_predictor_ablations_and_lynx_variants():
     tuned = axes.load_planner_arg(f"{pred}:prefetch_at=0.6:lookahead=3")
     assert (tuned.prefetch_at, tuned.lookahead) == (0.6, 3) and all(tuned.parts.values())
     assert axes.load_planner_arg(f"{pred}:by_value=0").by_value is False
+    assert axes.load_planner_arg(f"{pred}:cross_step=1").cross_step is True
     both = axes.load_planner_arg(f"{pred}:no-correct:issue_now=4")
     assert both.issue_now == 4 and not both.correct and both.prefetch
     assert axes.load_predictor_arg(f"{pred}:no-adapt:prefetch_at=0.5", engine).adapt is False

@@ -95,6 +95,30 @@ def test_prefetches_go_out_in_layer_order_a_few_at_a_time():
     assert off.transfer.num_queued == 0 and off.stats.total().prefetches == 0
 
 
+def test_cross_step_prefetch_starts_the_next_steps_first_layers_once_the_last_has_routed():
+    from moeflow.routing.predictors.learned import LearnedPrediction
+
+    this = scores_for({0: {0: 0.9}, 1: {1: 0.9}, 2: {2: 0.9}})
+    nxt = scores_for({0: {4: 0.95}, 1: {5: 0.9}, 2: {3: 0.9}})
+    for cross in (True, False):
+        cache = toy_cache(9)
+        planner = ExpertFlowPlanner(lookahead=2, cross_step=cross)
+        planner.plan(cache, LearnedPrediction(this, next_scores=nxt))
+        for li in range(L):
+            use(cache, li, [li])
+            before = cache.stats.total().prefetches
+            planner.refine(cache, li, [li], None)
+            if li < L - 1:
+                assert cache.slot_of[0, 4] == -1, "nothing of the next step before the last layer routes"
+        owners = {cache.owner[s] for s in range(9) if cache.owner[s] is not None}
+        started = cache.stats.total().prefetches - before
+        if cross:
+            assert {(0, 4), (1, 5)} <= owners and (2, 3) not in owners, "the first `lookahead` layers, by next_scores"
+            assert started == 2 and cache.transfer.num_queued == 0, "issued at once: nothing of the step is left"
+        else:
+            assert (0, 4) not in owners and (1, 5) not in owners and started == 0
+
+
 def test_correction_replans_later_layers_from_refined_scores():
     cache = toy_cache(6)
     planner = ExpertFlowPlanner(protect=False, quotas=False, lookahead=3, issue_now=0, issue_per_layer=0)
@@ -226,14 +250,16 @@ def reference() -> list[list[int]]:
 
 
 @pytest.mark.parametrize("budget,off", [("1/layer", None), ("10%", None), ("25%", None), ("50%", None),
-                                        ("100%", None), ("1/layer", "adapt")]
+                                        ("100%", None), ("1/layer", "adapt"), ("10%", "cross_step"),
+                                        ("25%", "cross_step")]
                          + [(b, p) for b in ("25%", "1/layer") for p in PARTS])
 def test_tokens_are_the_same_with_the_learned_predictor(budget, off, reference):
+    """`off` names the part switched off ("cross_step": the one that is off by default, switched on)."""
     llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, expert_budget=budget)
     engine = llm.engine
     pred = load_predictor(default_model_dir() / "predictor", Checkpoint(default_model_dir()), adapt=off != "adapt")
     engine.set_predictor(pred)
-    engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS})
+    engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS}, cross_step=off == "cross_step")
     assert greedy_tokens(llm) == reference
     if budget not in ("100%",) and off != "prefetch":
         assert llm.last_stats.cache.prefetches > 0
@@ -253,14 +279,14 @@ def gpu_reference() -> list[list[int]]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget", ["1/layer", "10%", "25%", "50%", "100%"])
-@pytest.mark.parametrize("off", [None, *PARTS, "adapt"])
+@pytest.mark.parametrize("off", [None, *PARTS, "adapt", "cross_step"])
 def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, off, gpu_reference):
     llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget=budget)
     assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
     pred = load_predictor(default_model_dir() / "predictor", llm.engine.checkpoint, llm.engine.device,
                           adapt=off != "adapt")
     llm.engine.set_predictor(pred)
-    llm.engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS})
+    llm.engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS}, cross_step=off == "cross_step")
     assert greedy_tokens(llm) == gpu_reference
     if budget != "100%" and off != "prefetch":
         assert llm.last_stats.cache.prefetches > 0
