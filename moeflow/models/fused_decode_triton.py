@@ -90,6 +90,12 @@ def _rotate(x1, x2, c1, c2, s1, s2, DT: tl.constexpr):
 
 
 @triton.jit
+def _clip(x, clip, DT: tl.constexpr):
+    """x clamped to [-clip, clip], in the model dtype (torch's clamp: exact, the bound rounded to the dtype)."""
+    return tl.minimum(tl.maximum(x, -clip), clip).to(DT)
+
+
+@triton.jit
 def _norm_halves(x1, x2, w_ptr, heads, dd, n_elems, eps, NORM: tl.constexpr, HEAD_STRIDE: tl.constexpr,
                  HALF: tl.constexpr, DT: tl.constexpr):
     """RMSNorm of [heads, D] held as two [heads, HALF] halves: per head (weight [D]) or over all (weight
@@ -138,8 +144,7 @@ def _qk_kernel(
     q1 = tl.load(base + qh * D + dd, mask=q_ok, other=0.0)
     q2 = tl.load(base + qh * D + HALF + dd, mask=q_ok, other=0.0)
     if CLIP:
-        q1 = tl.minimum(tl.maximum(q1, -clip), clip).to(DT)
-        q2 = tl.minimum(tl.maximum(q2, -clip), clip).to(DT)
+        q1, q2 = _clip(q1, clip, DT), _clip(q2, clip, DT)
     if NORM != 0:
         q1, q2 = _norm_halves(q1, q2, qn_ptr, tl.where(q_ok, qh, 0), tl.where(q_ok, dd, 0),
                               D if NORM == 1 else N * D, eps, NORM, D, HALF, DT)
@@ -156,10 +161,8 @@ def _qk_kernel(
     v1 = tl.load(base + (N + G + kh) * D + dd, mask=k_ok, other=0.0)
     v2 = tl.load(base + (N + G + kh) * D + HALF + dd, mask=k_ok, other=0.0)
     if CLIP:
-        k1 = tl.minimum(tl.maximum(k1, -clip), clip).to(DT)
-        k2 = tl.minimum(tl.maximum(k2, -clip), clip).to(DT)
-        v1 = tl.minimum(tl.maximum(v1, -clip), clip).to(DT)
-        v2 = tl.minimum(tl.maximum(v2, -clip), clip).to(DT)
+        k1, k2 = _clip(k1, clip, DT), _clip(k2, clip, DT)
+        v1, v2 = _clip(v1, clip, DT), _clip(v2, clip, DT)
     if NORM != 0:
         k1, k2 = _norm_halves(k1, k2, kn_ptr, tl.where(k_ok, kh, 0), tl.where(k_ok, dd, 0),
                               D if NORM == 1 else G * D, eps, NORM, D, HALF, DT)
