@@ -257,19 +257,20 @@ def test_gpu_kernels_match_torch_in_bfloat16():
 @pytest.mark.skipif(not CUDA or not triton_available(), reason="needs a CUDA device and Triton")
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"])
 def test_gpu_engine_with_fused_ops_decodes_as_without(checkpoint, family):
-    """bfloat16 on CUDA with decode graphs, at a quarter of the experts: greedy tokens of the fused engine
-    against the unfused one over 12 steps (random weights: rounding may flip a near tie late, so the first
-    half must agree and the log-probabilities stay close where the tokens agree)."""
+    """float32 on CUDA with decode graphs, at a quarter of the experts: greedy tokens of the fused engine
+    against the unfused one over 12 steps (the two differ only in the order of float32 sums, so on random
+    weights a near tie may still flip late: the first two thirds must agree)."""
     from moeflow.llm import LLM
     from moeflow.sampling import SamplingParams
 
     outs = []
     for fused in (True, False):
-        llm = LLM(str(checkpoint(family)), device="cuda", dtype="bfloat16", fused_ops=fused, max_num_seqs=4,
+        llm = LLM(str(checkpoint(family)), device="cuda", dtype="float32", fused_ops=fused, max_num_seqs=4,
                   expert_budget="25%")
+        assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
         out = llm.generate(["the cat sat on", "a b c d e f g", "hello", "one two"],
                            SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
         outs.append([o.outputs[0].token_ids for o in out])
         del llm
     for a, b in zip(*outs):
-        assert a[:6] == b[:6]
+        assert a[:8] == b[:8]
