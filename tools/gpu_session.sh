@@ -84,7 +84,8 @@
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
 #                                that part 15 ran out of time for, and prefetches across the step's end
-#                                (cross_step), against LRU at 25%, batch 1 and 8
+#                                (cross_step), against LRU at 25%, batch 1 and 8; where in a step the copy
+#                                engine idles for each (tools/copy_timeline.py)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -523,7 +524,7 @@ case "$part" in
         pack
     done
     ;;
-20)  # on part 16's machine (about 5 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
+20)  # on part 16's machine (about 8 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
      # and deeper prefetches, and prefetches across the step's end (what would keep the copy engine busy through
      # a batch-1 step), against LRU
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 16 first)" >&2; exit 3; }
@@ -531,6 +532,12 @@ case "$part" in
     P=$w/pred/bench
     offline "$p" sweep "${SWEEP_TIMEOUT:-260}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$P,$P:cross_step=1,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4"
+    pack
+    for b in 1 8; do  # where in a step the copy engine waits, LRU against the predictive cache
+        timeout 120 python3 tools/copy_timeline.py "$BENCH_MODEL" --predictor "$P" --corpus "$w/corpus" \
+            --batch "$b" --out "$p/timeline-b$b" > "$p/timeline-b$b.log" 2>&1
+        grep -h '^{' "$p/timeline-b$b.log"
+    done
     pack
     ;;
 10)
