@@ -107,7 +107,7 @@ class ExpertCache:
         for layer in self.layers:
             li = self._ordinal[layer]
             for e in range(self.num_experts):
-                slot = li * self.num_experts + e
+                slot = li * self.num_experts + e  # the order layer_weights reads
                 self._slot_views[slot].copy_(self.store.get(layer, e), non_blocking=True)
                 self._assign(slot, layer, e)
                 self._go_live(slot)
@@ -116,6 +116,14 @@ class ExpertCache:
         self.upload_slot_table()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    def layer_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fully resident pool's (w_gate_up, w_down) views of `layer`'s experts, indexed by expert id: _preload
+        puts expert e of the layer with ordinal li in slot li * E + e, so the slice needs no slot table."""
+        if not self.fully_resident:
+            raise RuntimeError("expert cache: only a fully resident pool holds each layer's experts in order")
+        first = self._ordinal[layer] * self.num_experts
+        return self.w_gate_up[first : first + self.num_experts], self.w_down[first : first + self.num_experts]
 
     def count_resident_step(self, used: np.ndarray) -> None:
         """A fully resident pool's hits, from a step's RouteRecord: used [L, E], each layer's distinct experts."""

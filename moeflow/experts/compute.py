@@ -56,9 +56,10 @@ class CachedExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         cache = self.cache
-        if cache.fully_resident:  # no host round trip: the slot of every expert is fixed
-            slot_ids = cache.slot_table[cache.ordinal(layer)][topk_ids]
-            return fused_moe(x, slot_ids, topk_weights, cache.w_gate_up, cache.w_down, backend=self.backend)
+        if cache.fully_resident:  # no host round trip: the layer's experts sit in its own slice of the pool
+            w_gate_up, w_down = cache.layer_weights(layer)
+            return fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, backend=self.backend,
+                             tile_slots=cache.num_slots)
         T, K = topk_ids.shape
         self.hear_pending()  # the layer before: its planning overlaps this layer's attention and router
         rows = torch.zeros(T, K, x.shape[-1], dtype=torch.float32, device=x.device)

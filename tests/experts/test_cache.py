@@ -102,6 +102,12 @@ def test_full_budget_preloads_a_fixed_table():
     assert cache.fully_resident and source.reads == 18
     assert cache.slot_table.tolist() == [[l * 6 + e for e in range(6)] for l in range(3)]
     assert cache.stats.preload_bytes == 18 * cache.expert_bytes
+    for layer, li in ((0, 0), (2, 2)):
+        gate_up, down = cache.layer_weights(layer)  # the layer's slice, indexed by expert id
+        assert torch.equal(gate_up, cache.w_gate_up[cache.slot_table[li].long()])
+        assert torch.equal(down, cache.w_down[cache.slot_table[li].long()])
+    with pytest.raises(RuntimeError, match="only a fully resident pool"):
+        make_cache(slots=6)[0].layer_weights(0)
 
 
 def test_prefetch_queues_within_quota_and_demand_promotes_it():

@@ -388,6 +388,21 @@ def test_interpret_triton_matches_reference(T, K, H, I, S, dtype):
 
 
 @interpret
+def test_interpret_a_layers_slice_of_the_pool_with_the_pools_tiles_is_bitwise_the_whole_pool():
+    """What a fully resident layer runs (compute.py): its experts' slice of the pool, expert ids as slot ids, tiles
+    chosen for the whole pool, against the whole pool with the slot ids of that slice."""
+    T, K, H, I, E, layers = 9, 2, 32, 16, 6, 3
+    x, ids, w, pool = make_case(T, K, H, I, E * layers, seed=5, drop=0.0)
+    ids = ids % E  # this layer's expert ids
+    gu, d = pool_views(pool, H, I)
+    li = 1
+    whole = fused_moe(x, ids + li * E, w, gu, d, backend="triton")
+    sliced = fused_moe(x, ids, w, gu[li * E : (li + 1) * E], d[li * E : (li + 1) * E], backend="triton",
+                       tile_slots=E * layers)
+    assert torch.equal(sliced, whole)
+
+
+@interpret
 @pytest.mark.parametrize("bm", [16, 32, 64])
 def test_interpret_many_pairs_per_slot_and_partial_tiles(bm):
     """Several BM-blocks per slot, a slot with no pairs, dropped picks, H and I off every tile size."""

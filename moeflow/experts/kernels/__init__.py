@@ -60,12 +60,19 @@ def fused_moe_rows(x, slot_ids, weights, w_gate_up, w_down, rows, *, backend: st
     return reference_rows(x, slot_ids, weights, w_gate_up, w_down, rows)
 
 
-def fused_moe(x, slot_ids, weights, w_gate_up, w_down, *, backend: str = "auto") -> torch.Tensor:
+def fused_moe(x, slot_ids, weights, w_gate_up, w_down, *, backend: str = "auto",
+              tile_slots: int | None = None) -> torch.Tensor:
+    """`tile_slots`: the pool size the Triton kernels choose their tiles for (default: S, the slots given). A caller
+    that passes a slice of a larger pool passes the pool's size, so the tiles, and with them the rounding, are
+    the ones a call over the whole pool would use."""
     name = resolve_backend(x, backend)
     if name == "triton":
-        from moeflow.experts.kernels.triton_moe import moe_triton
+        from moeflow.experts.kernels.triton_moe import moe_triton, pick_config
 
-        return moe_triton(x, slot_ids, weights, w_gate_up, w_down)
+        config = None
+        if tile_slots is not None:
+            config = pick_config(slot_ids.numel(), tile_slots, x.shape[-1], w_down.shape[2], x.dtype)
+        return moe_triton(x, slot_ids, weights, w_gate_up, w_down, config=config)
     if name == "grouped":
         from moeflow.experts.kernels.grouped import moe_grouped
 
