@@ -23,15 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_NONE, NORM_PER_HEAD, NORM_FULL = 0, 1, 2
-
-
 def _warps(n: int) -> int:
     return 4 if n <= 2048 else 8
 
 
 def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def _unit_stride(**tensors: torch.Tensor) -> None:
+    """The kernels step through each tensor's last dimension one element at a time."""
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dimension, got strides {t.stride()}")
 
 
 # ---------------------------------------------------------------------------------------------- rms norm
@@ -61,6 +65,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
                     delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta or x, its RMSNorm) for x [T, H]; the first is x itself when delta is None."""
     T, H = x.shape
+    if weight.shape != (H,) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}, delta "
+                         f"{None if delta is None else tuple(delta.shape)}")
+    _unit_stride(x=x, weight=weight, **({} if delta is None else {"delta": delta}))
     out = torch.empty(T, H, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     total = torch.empty_like(x) if delta is not None else x
     if T == 0:
@@ -180,6 +188,10 @@ def qk_rope_store_triton(qkv, num_heads, num_kv_heads, head_dim, positions, rows
     """q [T, N, D] from qkv [T, (N + 2G) * D]; k and v written into the caches [R, G, M, D] (see the module)."""
     T = qkv.shape[0]
     N, G, D = num_heads, num_kv_heads, head_dim
+    if qkv.shape[1] != (N + 2 * G) * D or D % 2 or k_cache.shape[1:] != (G, k_cache.shape[2], D):
+        raise ValueError(f"qk_rope_store: qkv {tuple(qkv.shape)} and cache {tuple(k_cache.shape)} do not fit "
+                         f"{N} query and {G} KV heads of {D} (an even head dim)")
+    _unit_stride(qkv=qkv, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
     q = torch.empty(T, N, D, dtype=qkv.dtype, device=qkv.device)
     if T == 0:
         return q
@@ -234,6 +246,10 @@ def _route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_l, stride_i, stride_w,
 def route_triton(logits: torch.Tensor, top_k: int, normalize: bool, ids: torch.Tensor, weights: torch.Tensor) -> None:
     """Write the top-k of softmax(logits [T, E]) into ids [T, K] (int64) and weights [T, K] (any float dtype)."""
     T, E = logits.shape
+    if ids.shape != (T, top_k) or weights.shape != (T, top_k) or not 1 <= top_k <= E:
+        raise ValueError(f"route: logits {tuple(logits.shape)}, top_k {top_k}, ids {tuple(ids.shape)}, "
+                         f"weights {tuple(weights.shape)}")
+    _unit_stride(logits=logits, ids=ids, weights=weights)
     if T == 0:
         return
     with _device(logits):

@@ -175,6 +175,23 @@ def test_interpret_model_with_fused_ops_decodes_as_without(checkpoint, family):
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-4, rtol=1e-4)
 
 
+@needs_triton
+def test_launchers_refuse_shapes_and_layouts_the_kernels_cannot_read():
+    from moeflow.models import fused_decode_triton as k
+
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="rms_norm"):
+        k.rms_norm_triton(x, torch.ones(6), 1e-6)
+    with pytest.raises(ValueError, match="unit stride"):
+        k.rms_norm_triton(torch.zeros(8, 4).t(), torch.ones(8), 1e-6)
+    qkv, pos, rows, rot, qn, kn, kc, vc = qk_case(2, 4, 2, 16, "none", None, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        k.qk_rope_store_triton(qkv, 4, 1, 16, pos, rows, rot.cos, rot.sin, None, None, 0, 1e-6, None, kc, vc)
+    ids, weights = torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="route"):
+        k.route_triton(torch.zeros(3, 8), 4, True, ids, weights)
+
+
 # ---------------------------------------------------------------------------------------------- compiled
 
 
