@@ -134,6 +134,7 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
     fused_ops: bool = False  # True: norms, router, QK norm + rotary + KV write as fused kernels (CUDA, Triton)
+    gate_ahead: bool = False  # True: each MoE layer guesses the next one's experts with its router (the planner's)
     allow_nonfinite_weights: bool = False  # True: load weights holding NaN or Inf instead of refusing them
 
     def __post_init__(self) -> None:

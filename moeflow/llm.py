@@ -46,6 +46,7 @@ class LLM:
         seed: int = 0,
         enforce_eager: bool = False,
         fused_ops: bool = False,
+        gate_ahead: bool = False,
         skip_tokenizer_init: bool = False,
         allow_nonfinite_weights: bool = False,
     ):
@@ -57,7 +58,9 @@ class LLM:
         routing_modes: what requests may ask for with SamplingParams.routing ("lynx": batch-aware expert reduction,
         approximate; its decode graphs are captured at start-up too).
         fused_ops: run a step's norms, router, QK norm, rotary embedding and KV-cache write as fused kernels
-        (CUDA with Triton; models/fused_decode.py), a few launches a layer instead of dozens."""
+        (CUDA with Triton; models/fused_decode.py), a few launches a layer instead of dozens.
+        gate_ahead: each MoE layer also guesses the next layer's experts with that layer's router, for the
+        predictive cache's correction (ExpertFlowPlanner); the tokens are the same either way."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
@@ -66,7 +69,7 @@ class LLM:
             max_decode_wait=max_decode_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
-            fused_ops=fused_ops, allow_nonfinite_weights=allow_nonfinite_weights,
+            fused_ops=fused_ops, gate_ahead=gate_ahead, allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,
                                 predictor=None if predictor is None or isinstance(predictor, str) else predictor)

@@ -84,8 +84,8 @@
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
 #                                that part 15 ran out of time for, and prefetches across the step's end
-#                                (cross_step), against LRU at 25%, batch 1 and 8; where in a step the copy
-#                                engine idles for each (tools/copy_timeline.py)
+#                                (cross_step), against LRU at 25%, batch 1 and 8; the model's gate ahead
+#                                (--gate-ahead); where in a step the copy engine idles (tools/copy_timeline.py)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -524,14 +524,18 @@ case "$part" in
         pack
     done
     ;;
-20)  # on part 16's machine (about 8 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
+20)  # on part 16's machine (about 9 minutes): the prefetch sweep part 15 ran out of time for, at 25%: earlier
      # and deeper prefetches, and prefetches across the step's end (what would keep the copy engine busy through
      # a batch-1 step), against LRU
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 16 first)" >&2; exit 3; }
     begin p20
     P=$w/pred/bench
-    offline "$p" sweep "${SWEEP_TIMEOUT:-260}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+    offline "$p" sweep "${SWEEP_TIMEOUT:-230}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$P,$P:cross_step=1,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4"
+    pack
+    # the model's gate ahead for the correction step (its CPU replay: more prefetch hits, more bytes at weight 1)
+    offline "$p" gate-ahead "${GATE_TIMEOUT:-150}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:ahead_weight=1" --gate-ahead
     pack
     for b in 1 8; do  # where in a step the copy engine waits, LRU against the predictive cache
         timeout 120 python3 tools/copy_timeline.py "$BENCH_MODEL" --predictor "$P" --corpus "$w/corpus" \

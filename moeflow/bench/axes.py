@@ -39,7 +39,8 @@ def _flag(text: str) -> bool:
 # ExpertFlowPlanner's settings a `--predictors PRED_DIR:KEY=V` value may set, for sweeps (by_value: 0 or 1)
 PLANNER_SETTINGS = {"prefetch_at": float, "protect_at": float, "lookahead": int, "issue_now": int,
                     "issue_per_layer": int, "reuse_weight": float, "reuse_decay": float, "levels": int,
-                    "prefetch_margin": float, "by_value": _flag, "cross_step": _flag}
+                    "prefetch_margin": float, "by_value": _flag, "cross_step": _flag,
+                    "ahead_weight": float}
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run, no floors
     p.add_argument("--fused-ops", action="store_true",
                    help="the engine runs its norms, router, QK norm, rotary and KV write as fused kernels")
+    p.add_argument("--gate-ahead", action="store_true",
+                   help="each MoE layer guesses the next one's experts with its router, for the predictive cache")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
     p.add_argument("--title", default=None)
 
@@ -209,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
     config = EngineConfig(model=model_dir or "<synthetic>", device=args.device, dtype=args.dtype,
                           max_model_len=prompt_len + args.output_len + 8, max_num_seqs=rows,
                           max_batch_size=args.max_batch_size, max_num_batched_tokens=rows * prompt_len,
-                          cache=CacheConfig(budget=start_budget), fused_ops=args.fused_ops)
+                          cache=CacheConfig(budget=start_budget), fused_ops=args.fused_ops,
+                          gate_ahead=args.gate_ahead)
     policy = axes.load_scheduling_arg(configurations[0].scheduling, checkpoint.spec)
     engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint, scheduling=policy)
     spec = engine.spec
@@ -264,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
         "workload": workload.describe(), "workload_note": workload.note, "batches_per_cell": args.batches_per_cell,
         "configurations": [c.as_dict() for c in configurations],
         "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
-                   "fused_ops": args.fused_ops, "graph_captures_total": captures, "graph_capture_s": capture_s,
+                   "fused_ops": args.fused_ops, "gate_ahead": args.gate_ahead, "graph_captures_total": captures, "graph_capture_s": capture_s,
                    "graph_memory_bytes": graph_bytes, "prefill_warmup_s": warmup_s},
     }
     write_report(out, meta, results, args.accelerate_budget)

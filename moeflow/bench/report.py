@@ -144,8 +144,10 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
              "cell with their figures summed, the expert cache emptied in place before every offloaded batch"]
     if meta.get("engine"):
         e = meta["engine"]
+        extras = "".join(f", {name}" for key, name in (("fused_ops", "fused ops"), ("gate_ahead", "gate ahead"))
+                         if e.get(key))
         lines.append(f"- engine: {e['max_num_seqs']} sequences at once, at most {e['max_batch_size']} per decode step, "
-                     f"{e['eviction']} eviction{', fused ops' if e.get('fused_ops') else ''}; batch = requests per timed batch")
+                     f"{e['eviction']} eviction{extras}; batch = requests per timed batch")
         if e.get("graph_captures_total"):
             lines.append(f"- set-up: {e['graph_captures_total']} decode graphs captured over the run, in "
                          f"{e['graph_capture_s']:.1f} s; the last pool's graphs hold "

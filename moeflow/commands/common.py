@@ -55,6 +55,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-ops", action="store_true",
                    help="run each layer's norms, router, QK norm, rotary embedding and KV-cache write as fused "
                         "Triton kernels (CUDA): a few launches a layer instead of dozens")
+    g.add_argument("--gate-ahead", action="store_true",
+                   help="each MoE layer also guesses the next layer's experts with that layer's router, for the "
+                        "predictive cache's correction (with --predictor); the tokens are the same")
     g.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load weights holding NaN or Inf instead of refusing the checkpoint")
 
@@ -64,4 +67,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
                 predictor=args.predictor, scheduling=args.scheduling, max_decode_wait=args.max_decode_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
-                enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, allow_nonfinite_weights=args.allow_nonfinite_weights)
+                enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, gate_ahead=args.gate_ahead,
+                allow_nonfinite_weights=args.allow_nonfinite_weights)

@@ -78,7 +78,7 @@ class LLMEngine:
         self.record = RouteRecord(spec.num_moe_layers, spec.router.top_k, spec.num_experts, capacity, weight_dtype,
                                   self.device)
         self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len, self.record,
-                              fused=config.fused_ops)
+                              fused=config.fused_ops, gate_ahead=config.gate_ahead)
         self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)
@@ -363,7 +363,11 @@ class LLMEngine:
         scores = None
         if refine is not None and getattr(self.planner, "uses_refined", True):
             scores = refine(self._view, li, self._routed)
-        self.planner.refine(self.cache, li, used, scores)
+        if self.model.ahead_gate and li + 1 < self.spec.num_moe_layers and getattr(self.planner, "uses_ahead", False):
+            ahead = self.model.record.layer_ahead(li, published=self.runner.graph_step)
+            self.planner.refine(self.cache, li, used, scores, ahead=ahead)
+        else:
+            self.planner.refine(self.cache, li, used, scores)
         self._predictor_s += time.perf_counter() - tp
 
     def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:

@@ -39,6 +39,7 @@ class ModelRunner:
         self.graphs: ResidentDecodeGraphs | OffloadedDecodeGraphs | None = None  # set by the engine
         self.context_buckets = context_buckets(kv.max_len)
         self.slot_table: torch.Tensor | None = None  # the expert cache's device table; None when all resident
+        self.graph_step = False  # the step running now replays decode graphs
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -73,7 +74,9 @@ class ModelRunner:
         if selector is None:
             exact = None
         selected = exact is not None
-        if self.graphs is not None and not batch.is_prefill:
+        # a replayed decode step publishes each layer's experts to the host (RouteRecord.publish_layer)
+        self.graph_step = self.graphs is not None and not batch.is_prefill
+        if self.graph_step:
             logits = self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
                                      [s.kv_row for s in seqs], exact)
             return StepLogits(logits, {}, self.graphs.staged_rows, selected,

@@ -33,7 +33,11 @@ of layer l), and after each offloaded layer's router, from the real route and th
     works through the step's end (the last layer, sampling, the next prediction and plan) instead of idling.
 (d) correction: when a layer routes, the predictor's refined scores re-plan the layers still to come: their
     queued prefetches are dropped and queued again from the refined scores, and their protection and
-    priorities follow.
+    priorities follow. With the model's gate ahead on (`MoEModel(gate_ahead=True)`), the next layer's guess
+    from its own router on this layer's MoE input joins them (`ahead`: how many of the step's rows it gives
+    each expert): an expert c rows name has that layer's chance 1 - (1 - a)^c, with a the share of the gate's
+    guesses the layer's router has confirmed so far (0.8 until it has routed once), mixed into the refined
+    score with weight `ahead_weight`.
 (e) online adaptation lives in the predictor (LearnedPredictor(adapt=...)); the planner only reads its scores.
 
 Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
@@ -102,11 +106,15 @@ class ExpertFlowPlanner:
                  protect_at: float = 0.5, prefetch_at: float = 0.8, lookahead: int = 2, issue_now: int | None = None,
                  issue_per_layer: int | None = None, levels: int = 64, reuse_decay: float = 0.97,
                  reuse_weight: float = 0.5, by_value: bool = True, prefetch_margin: float = 0.25,
-                 quota_mode: str = "value", requota: bool = False, cross_step: bool = False):
+                 quota_mode: str = "value", requota: bool = False, cross_step: bool = False,
+                 ahead_weight: float = 0.5):
         self.quotas, self.protect, self.prefetch, self.correct = quotas, protect, prefetch, correct
         self.by_value, self.prefetch_margin = by_value, prefetch_margin
         self.reuse_decay, self.reuse_weight, self.quota_mode = reuse_decay, reuse_weight, quota_mode
         self.requota, self.cross_step = requota, cross_step
+        self.ahead_weight = ahead_weight
+        self._ahead_precision: np.ndarray | None = None  # [L] the share of the gate ahead's guesses confirmed
+        self._ahead_guess: tuple[int, np.ndarray] | None = None  # (layer, the experts the gate ahead named)
         self.protect_at, self.prefetch_at = protect_at, prefetch_at
         self.lookahead = max(1, lookahead)
         self.issue_now, self.issue_per_layer = issue_now, issue_per_layer
@@ -123,6 +131,8 @@ class ExpertFlowPlanner:
         """Correction is the one part that reads the predictor's refined scores."""
         return self.correct
 
+    uses_ahead = True  # refine() takes the model's gate-ahead counts for the next layer, when there are any
+
     @property
     def parts(self) -> dict[str, bool]:
         return {"quotas": self.quotas, "protect": self.protect, "prefetch": self.prefetch, "correct": self.correct}
@@ -138,6 +148,7 @@ class ExpertFlowPlanner:
         if self._reuse is None or self._reuse.shape != scores.shape:
             self._reuse = np.zeros_like(scores)
         self._routed, self._queued_to = -1, -1
+        self._ahead_guess = None
         cache.drop_prefetches()  # the last step's unissued guesses are stale
         v = self._value = self.value()  # read by quotas and protection alike
         if self.quotas:
@@ -235,8 +246,28 @@ class ExpertFlowPlanner:
 
     # -- as each layer routes ---------------------------------------------------------------------------
 
-    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | Prediction | None) -> None:
-        """MoE layer ordinal `layer` routed to `used`; scores: the predictor's refined [L, E] (or its Prediction)."""
+    def _score_guess(self, layer: int, used_ids: np.ndarray) -> None:
+        """The gate ahead's guess for `layer`, if it made one, against what the router chose: the layer's share
+        of confirmed guesses moves a tenth of the way to this step's."""
+        guess, self._ahead_guess = self._ahead_guess, None
+        if guess is None or guess[0] != layer or not len(guess[1]):
+            return
+        hit = np.isin(guess[1], used_ids).mean()
+        self._ahead_precision[layer] += 0.1 * (hit - self._ahead_precision[layer])
+
+    def _merge_ahead(self, li: int, counts: np.ndarray) -> None:
+        """Mix the gate ahead's chance for layer li into its scores (the class docstring's rule)."""
+        if self._ahead_precision is None or len(self._ahead_precision) != self._scores.shape[0]:
+            self._ahead_precision = np.full(self._scores.shape[0], 0.8)
+        chance = 1.0 - (1.0 - self._ahead_precision[li]) ** counts
+        w = self.ahead_weight
+        self._scores[li] = (1.0 - w) * self._scores[li] + w * chance
+        self._ahead_guess = (li, np.flatnonzero(counts > 0))
+
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], scores: np.ndarray | Prediction | None,
+               ahead: np.ndarray | None = None) -> None:
+        """MoE layer ordinal `layer` routed to `used`; scores: the predictor's refined [L, E] (or its Prediction);
+        ahead [E]: the model's gate-ahead counts for layer + 1 (how many of the step's rows it gives each expert)."""
         if self._scores is None:
             return
         if isinstance(scores, Prediction):
@@ -253,11 +284,15 @@ class ExpertFlowPlanner:
         reuse[used_ids] += 1 - self.reuse_decay
         if self.correct and scores is not None:
             self._scores[layer + 1 :] = scores[layer + 1 :]
+        self._score_guess(layer, used_ids)
+        if ahead is not None and self.correct and layer + 1 < L:
+            self._merge_ahead(layer + 1, np.asarray(ahead))
         self._scores[layer] = 0.0
         self._scores[layer, used_ids] = 1.0
+        replanned = self.correct and (scores is not None or (ahead is not None and layer + 1 < L))
         if self.prefetch:
             cache.drop_prefetches(cache.layers[layer])  # guesses for this layer the router did not take
-            if self.correct and scores is not None:
+            if replanned:
                 # the queued layers: drop the guesses the refined scores no longer back, queue the new ones
                 queued: dict[int, list[int]] = {}
                 for slot in cache.transfer.queued_slots():

@@ -49,10 +49,13 @@ class ForwardBatch:
 
 class MoEModel:
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                 max_model_len: int, record: RouteRecord, fused: bool = False):
+                 max_model_len: int, record: RouteRecord, fused: bool = False, gate_ahead: bool = False):
         """fused: run the norms, the router and (in decode) the QK norm, rotary and KV write as the fused
         kernels of fused_decode.py; the q, k and v projections then share one weight (their three entries in
-        `w` become views of it)."""
+        `w` become views of it).
+        gate_ahead: each MoE layer but the last also applies the next MoE layer's router to its own MoE input
+        and records the experts that picks (RouteRecord.keep_ahead): a guess at the next layer's route, known
+        one layer early. It never changes what runs."""
         if fused and not fused_decode.fused_available(device):
             raise ConfigError(f"fused_ops needs Triton and a CUDA device (device {device})")
         self.fused = fused
@@ -68,6 +71,22 @@ class MoEModel:
         self.experts: ExpertsFn | None = None
         self.record = record  # every router writes its choice here (routing/record.py)
         self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = self._fuse_qkv() if fused else {}
+        self.ahead_gate: dict[int, torch.Tensor] = self._ahead_gates() if gate_ahead else {}
+
+    def _ahead_gates(self) -> dict[int, torch.Tensor]:
+        """Per MoE ordinal li >= 1, layer li's router weight [E, H] with its RMSNorm weight swapped in for the one
+        of layer li - 1: applied to layer li - 1's MoE input (normalised h times that layer's norm weight) it
+        gives the router's view of h normalised under layer li's own weight (where the previous weight is 0,
+        the column is 0)."""
+        out = {}
+        layers = self.spec.moe_layers
+        for li in range(1, len(layers)):
+            prev = self.w[f"model.layers.{layers[li - 1]}.post_attention_layernorm.weight"].float()
+            cur = self.w[f"model.layers.{layers[li]}.post_attention_layernorm.weight"].float()
+            ratio = torch.where(prev != 0, cur / torch.where(prev != 0, prev, 1.0), 0.0)
+            gate = self.w[f"{self.moe_prefix[layers[li]]}.gate.weight"].float()
+            out[li] = (gate * ratio).to(self.dtype)
+        return out
 
     def _fuse_qkv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """Per layer, (the q, k and v projection weights stacked [(N + 2G) * D, H], their biases or None); the
@@ -147,6 +166,8 @@ class MoEModel:
             routing = Routing(ids, weights, logits)
         else:
             routing = route(logits, self.spec.router, out=record.router_out(li, T))
+        if li + 1 in self.ahead_gate:
+            record.keep_ahead(li + 1, F.linear(r, self.ahead_gate[li + 1]))
         if batch.selector is not None:
             table = batch.slot_table[li] if batch.slot_table is not None else None
             chosen = batch.selector.select(layer, routing, SelectionContext(batch.is_prefill, record.real[:T],

@@ -14,6 +14,10 @@ Offloaded steps need a layer's distinct experts on the host before the step ends
 them): `publish_layer` computes them on the device, copies them to the host and records an event that
 the host waits on, for that layer alone.
 
+With the next layer's gate on (`MoEModel(gate_ahead=True)`), each MoE layer l < L-1 also scores layer l+1's
+experts from its own MoE input (`keep_ahead`): how many real rows' top-k by that score hold each expert. It
+is published with layer l's experts, in the same wait: the host learns a guess at layer l+1 one layer early.
+
 Rows a CUDA graph pads its batch with (copies of the last real row) are never counted: `real` marks the
 rows that are, and padding rows map to a sink column of the `used` table.
 
@@ -80,12 +84,19 @@ class RouteRecord:
         self._stage = torch.zeros(2 * L * N * K + L * (E + 1), dtype=torch.int16, device=device)
         self._host = torch.zeros(self._stage.numel(), dtype=torch.int16, pin_memory=pin)
         self._host_np = self._host.numpy()
-        self._layer_used = torch.zeros(L, E + 1, dtype=torch.int16, pin_memory=pin)
+        # per layer li: its distinct experts (columns 0..E), then the next layer's gate-ahead counts (E+1..2E+1)
+        self._layer_used = torch.zeros(L, 2 * (E + 1), dtype=torch.int16, pin_memory=pin)
         self._layer_used_np = self._layer_used.numpy()
         self._layer_done = torch.cuda.Event() if pin else None
         self._masks_host = torch.zeros(2, N, dtype=torch.bool, pin_memory=pin)
         self.keep_full = False  # also keep weights and router logits (eager steps only: the trace command)
         self._logits: list[torch.Tensor | None] = [None] * L
+        # gate ahead: [L, E + 1] rows whose top-k by the layer's gate on the layer before's MoE input hold each
+        # expert (row 0 unused; column E: the padding sink); the top-k itself, and the ones the counts add
+        self.ahead = torch.zeros(L, E + 1, dtype=torch.int16, device=device)
+        self._ahead_ids = torch.zeros(N, K, dtype=torch.int64, device=device)
+        self._ahead_vals = torch.zeros(N, K, dtype=torch.float32, device=device)
+        self._ones = torch.ones(N * K, dtype=torch.int16, device=device)
 
     # -- written by the model, inside the step --------------------------------------------------
 
@@ -108,6 +119,15 @@ class RouteRecord:
         torch.index_select(weights, 0, src, out=self.selected_weights[li, :T])
         return self.selected_ids[li, :T], self.selected_weights[li, :T]
 
+    def keep_ahead(self, li: int, scores: torch.Tensor) -> None:
+        """Layer li's experts as guessed before its router (scores [T, E], the next layer's gate on the MoE input
+        of layer li - 1): per expert, how many real rows have it in their top-k (graph-capturable)."""
+        T = scores.shape[0]
+        torch.topk(scores.float(), self.top_k, dim=-1, out=(self._ahead_vals[:T], self._ahead_ids[:T]))
+        row = self.ahead[li]
+        row.zero_()
+        row.index_add_(0, self._used_rows(self._ahead_ids[:T], T).flatten(), self._ones[: T * self.top_k])
+
     def _used_rows(self, ids: torch.Tensor, T: int) -> torch.Tensor:
         """ids [..., T, K] with the picks of padding rows sent to the sink column E."""
         return torch.where(self.real[:T, None], ids, self.num_experts)
@@ -119,7 +139,10 @@ class RouteRecord:
         used = self.used[li]
         used.zero_()
         used.scatter_(0, self._used_rows(ids, T).flatten(), 1)
-        self._layer_used[li].copy_(used, non_blocking=True)
+        E = self.num_experts
+        self._layer_used[li, : E + 1].copy_(used, non_blocking=True)
+        if li + 1 < self.num_layers:  # what the gate ahead guessed for the next layer (zeros when it is off)
+            self._layer_used[li, E + 1 :].copy_(self.ahead[li + 1], non_blocking=True)
 
     def layer_published(self) -> None:
         """Mark (on the current stream) the point after the latest `publish_layer`; an event recorded inside a
@@ -132,6 +155,15 @@ class RouteRecord:
         if self._layer_done is not None:
             self._layer_done.synchronize()
         return np.flatnonzero(self._layer_used_np[li, : self.num_experts]).tolist()
+
+    def layer_ahead(self, li: int, published: bool) -> np.ndarray:
+        """[E] how many of the step's rows the gate ahead gave each expert of layer li + 1: from the copy
+        `publish_layer(li)` made (`published`: read after `layer_experts(li)`), else straight from the device
+        (an eager step: a synchronisation of its own)."""
+        E = self.num_experts
+        if published:
+            return self._layer_used_np[li, E + 1 : 2 * E + 1].astype(np.int64)
+        return self.ahead[li + 1, :E].cpu().numpy().astype(np.int64)
 
     # -- the end of the step ----------------------------------------------------------------------
 

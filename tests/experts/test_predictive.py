@@ -119,6 +119,36 @@ def test_cross_step_prefetch_starts_the_next_steps_first_layers_once_the_last_ha
             assert (0, 4) not in owners and (1, 5) not in owners and started == 0
 
 
+def test_the_gate_ahead_raises_the_next_layers_guesses_and_learns_how_far_to_trust_them():
+    cache = toy_cache(9)
+    planner = ExpertFlowPlanner(protect=False, quotas=False, lookahead=1, issue_now=0, issue_per_layer=0)
+    planner.plan(cache, scores_for({0: {0: 0.9}, 1: {1: 0.9}}))
+    use(cache, 0, [0])
+    ahead = np.zeros(E, dtype=np.int64)
+    ahead[4] = 1  # the gate ahead names expert 4 of layer 1 for the step's one row
+    planner.refine(cache, 0, [0], None, ahead=ahead)
+    # 0.5 * 0.01 + 0.5 * (1 - 0.2 ** 1) = 0.405 < prefetch_at: no prefetch from one uncertain guess
+    assert planner._scores[1, 4] == pytest.approx(0.405)
+    ahead[4] = 3  # the next step, three rows: 0.5 * 0.01 + 0.5 * (1 - 0.2 ** 3) = 0.501
+    planner.plan(cache, scores_for({0: {0: 0.9}, 1: {1: 0.9}}))
+    planner.refine(cache, 0, [0], None, ahead=ahead)
+    assert planner._scores[1, 4] == pytest.approx(0.501)
+    use(cache, 1, [4])
+    planner.refine(cache, 1, [4], None)  # the guess came true: the layer's trust moves a tenth towards 1
+    assert planner._ahead_precision[1] == pytest.approx(0.82)
+    sure = ExpertFlowPlanner(protect=False, quotas=False, lookahead=2, issue_now=0, issue_per_layer=0,
+                             ahead_weight=1.0)
+    fresh = toy_cache(9)
+    sure.plan(fresh, scores_for({0: {0: 0.9}}))
+    use(fresh, 0, [0])
+    sure.refine(fresh, 0, [0], None, ahead=ahead)  # weight 1: the gate alone, 0.992 for three rows
+    assert (1, 4) in {fresh.owner[s] for s in fresh.transfer.queued_slots()}, "queued from the gate's guess"
+    off = ExpertFlowPlanner(correct=False)
+    off.plan(toy_cache(9), scores_for({}))
+    off.refine(toy_cache(9), 0, [0], None, ahead=ahead)
+    assert off._scores[1, 4] == pytest.approx(0.01), "correction off: the gate ahead is not heard either"
+
+
 def test_correction_replans_later_layers_from_refined_scores():
     cache = toy_cache(6)
     planner = ExpertFlowPlanner(protect=False, quotas=False, lookahead=3, issue_now=0, issue_per_layer=0)
@@ -251,16 +281,21 @@ def reference() -> list[list[int]]:
 
 @pytest.mark.parametrize("budget,off", [("1/layer", None), ("10%", None), ("25%", None), ("50%", None),
                                         ("100%", None), ("1/layer", "adapt"), ("10%", "cross_step"),
-                                        ("25%", "cross_step")]
+                                        ("25%", "cross_step"), ("10%", "gate_ahead"), ("25%", "gate_ahead")]
                          + [(b, p) for b in ("25%", "1/layer") for p in PARTS])
 def test_tokens_are_the_same_with_the_learned_predictor(budget, off, reference):
-    """`off` names the part switched off ("cross_step": the one that is off by default, switched on)."""
-    llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, expert_budget=budget)
+    """`off` names the part switched off ("cross_step", "gate_ahead": ones that are off by default, switched on)."""
+    llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, expert_budget=budget,
+              gate_ahead=off == "gate_ahead")
     engine = llm.engine
     pred = load_predictor(default_model_dir() / "predictor", Checkpoint(default_model_dir()), adapt=off != "adapt")
     engine.set_predictor(pred)
     engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS}, cross_step=off == "cross_step")
+    heard = []
+    refine = engine.planner.refine
+    engine.planner.refine = lambda *a, ahead=None: (heard.append(ahead is not None), refine(*a, ahead=ahead))
     assert greedy_tokens(llm) == reference
+    assert any(heard) == (off == "gate_ahead"), "the planner hears the gate ahead exactly when it is on"
     if budget not in ("100%",) and off != "prefetch":
         assert llm.last_stats.cache.prefetches > 0
 
@@ -279,9 +314,10 @@ def gpu_reference() -> list[list[int]]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget", ["1/layer", "10%", "25%", "50%", "100%"])
-@pytest.mark.parametrize("off", [None, *PARTS, "adapt", "cross_step"])
+@pytest.mark.parametrize("off", [None, *PARTS, "adapt", "cross_step", "gate_ahead"])
 def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, off, gpu_reference):
-    llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget=budget)
+    llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget=budget,
+              gate_ahead=off == "gate_ahead")
     assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
     pred = load_predictor(default_model_dir() / "predictor", llm.engine.checkpoint, llm.engine.device,
                           adapt=off != "adapt")
@@ -290,3 +326,25 @@ def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, o
     assert greedy_tokens(llm) == gpu_reference
     if budget != "100%" and off != "prefetch":
         assert llm.last_stats.cache.prefetches > 0
+
+
+@pytest.mark.gpu
+def test_gpu_the_gate_ahead_the_planner_hears_is_the_same_from_graphs_and_eager():
+    """Replayed decode graphs publish the gate ahead's counts with each layer's experts (one copy, one wait);
+    eager steps read them from the device: the planner must hear the same either way (float32, so that no
+    near tie in the guesses can flip between the two)."""
+    heard = {}
+    for eager in (False, True):
+        llm = LLM(str(default_model_dir()), device="cuda", dtype="float32", max_model_len=64, expert_budget="25%",
+                  gate_ahead=True, enforce_eager=eager)
+        assert (llm.engine.runner.graphs is None) == eager
+        llm.engine.set_predictor(load_predictor(default_model_dir() / "predictor", llm.engine.checkpoint,
+                                                llm.engine.device))
+        planner = llm.engine.planner = ExpertFlowPlanner()
+        got = heard[eager] = []
+        refine = planner.refine
+        planner.refine = lambda cache, layer, used, scores, ahead=None: (
+            got.append((layer, None if ahead is None else ahead.tolist())), refine(cache, layer, used, scores, ahead))
+        greedy_tokens(llm)
+    assert heard[False] == heard[True]
+    assert sum(a is not None and sum(a) > 0 for _, a in heard[False]) > 10

@@ -53,3 +53,22 @@ def test_selected_padding_rows_take_their_source_row_and_both_choices_are_read()
     assert np.array_equal(routes.ids[0], (np.arange(3 * K).reshape(3, K) % E))
     assert routes.router_ids is not routes.ids and routes.router_ids.shape == (L, 3, K)
     assert routes.num_remapped > 0
+
+
+def test_gate_ahead_counts_real_rows_and_is_published_with_the_layer_before():
+    """keep_ahead(li, scores): per expert, how many real rows have it in their top-k; publish_layer(li - 1) copies
+    those counts beside layer li - 1's experts, and the host reads the same from either place."""
+    rec = record()
+    fill(rec, T=6, real=4)
+    scores = torch.zeros(6, E)
+    scores[:, 3] = 2.0  # every row's best; rows 0-1 next pick 5, rows 2-3 pick 6, padding rows 7
+    scores[:2, 5] = scores[2:4, 6] = scores[4:, 7] = 1.0
+    rec.keep_ahead(1, scores)
+    want = np.zeros(E, dtype=np.int64)
+    want[3], want[5], want[6] = 4, 2, 2
+    assert np.array_equal(rec.layer_ahead(0, published=False), want), "padding rows are never counted"
+    rec.publish_layer(0, rec.ids[0, :6])
+    rec.layer_published()
+    rec.layer_experts(0)
+    assert np.array_equal(rec.layer_ahead(0, published=True), want)
+    rec.publish_layer(L - 1, rec.ids[L - 1, :6])  # the last layer has no next one: nothing to copy, no error
