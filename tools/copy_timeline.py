@@ -16,7 +16,6 @@ than `bench offline`'s; the shares say where the copy engine waits. Writes DIR/c
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -77,13 +76,9 @@ def profile_arm(engine, budget: str, requests, warm) -> dict:
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import text_engine
+    from moeflow.bench.runs import text_engine, text_tool_parser
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--predictor", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p = text_tool_parser(__doc__.split("\n\n")[0], out_type=Path)
     p.add_argument("--budget", default="25%")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--arms", default="none,PRED,PRED:cross_step=1")

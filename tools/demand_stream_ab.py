@@ -15,20 +15,15 @@ stream settings move the same bytes (they change when copies run, never which).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import alternate, arm_columns, text_engine, write_ab
+    from moeflow.bench.runs import alternate, arm_columns, text_engine, text_tool_parser, write_ab
     from moeflow.config import CacheConfig, ExpertBudget
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--predictor", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--out", required=True)
+    p = text_tool_parser(__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="25%,10%")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=2)

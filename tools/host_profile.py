@@ -13,7 +13,6 @@ device work, so its shares overstate the host; they say where the host time is, 
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -25,13 +24,9 @@ import torch
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow, text_engine
+    from moeflow.bench.runs import run_moeflow, text_engine, text_tool_parser
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--predictor", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p = text_tool_parser(__doc__.split("\n\n")[0], out_type=Path)
     p.add_argument("--budget", default="25%")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--output-len", type=int, default=64)

@@ -10,6 +10,7 @@ engine ran it as one, and its wall time (scheduling included) and expert traffic
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -120,6 +121,17 @@ def text_engine(model: str, corpus: str, max_batch: int, output_len: int = 64, d
     llm = LLM(model, max_model_len=256 + output_len + 8, max_batch_size=max_batch, device=device,
               dtype="bfloat16" if cuda else "float32")
     return llm, TextWorkload(load_documents(corpus), llm.tokenizer.encode, output_len=output_len)
+
+
+def text_tool_parser(description: str, out_type=str) -> argparse.ArgumentParser:
+    """The arguments every side-by-side tool under tools/ takes: the model directory, --predictor PRED_DIR,
+    --corpus CORPUS_DIR and --out (a file or a folder, as the tool says); each adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("model")
+    p.add_argument("--predictor", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", type=out_type, required=True)
+    return p
 
 
 def alternate(engine: LLMEngine, arms: dict, budget: str, timed: list[list[Request]], warmup: list[Request],
