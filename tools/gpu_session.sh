@@ -75,9 +75,9 @@
 #
 # The seventh session's (2026-12-05; no GPU was lent, so not run yet):
 #
-#   tools/gpu_session.sh 17 OUT  the fused decode ops' GPU tests; tools/kernel_profile.py (random weights: kernels,
-#                                GPU busy time and step time, resident, batch 1/32/64, exact and LYNX, without and
-#                                with fused ops)
+#   tools/gpu_session.sh 17 OUT  the GPU tests of this session's changes; tools/kernel_profile.py (random weights:
+#                                kernels, GPU busy time and step time, resident, batch 1/32/64, exact and LYNX,
+#                                without and with fused ops)
 #   tools/gpu_session.sh 18 OUT  train the bench model; bench offline resident at batch 32/64, exact and LYNX,
 #                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them)
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
@@ -478,14 +478,20 @@ case "$part" in
     session6_tests "${TESTS_TIMEOUT:-150}"
     pack
     ;;
-17)  # for the next session (about 5 minutes with the start): the fused decode ops (models/fused_decode.py)
+17)  # for the next session (about 8 minutes with the start): the fused decode ops (models/fused_decode.py)
      # first on a GPU: their tests, then where a resident step's kernels and time go without and with them
      # (random weights of the bench model's shapes: no training)
     begin p17
-    timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_fused_decode.py \
-        tests/models/test_decode_attention.py > "$p/gpu_tests.log" 2>&1
+    # the fused ops, the decode attention they feed, graphs against eager and transformers (the resident layers'
+    # pool slices run there too), then the gate ahead's and cross_step's exactness and the gate ahead read
+    # from graphs against eager
+    timeout "${TESTS_TIMEOUT:-170}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_fused_decode.py \
+        tests/models/test_decode_attention.py tests/engine/test_gpu.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -3 "$p/gpu_tests.log"
+    timeout "${PLANNER_TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/experts/test_predictive.py -k "gate_ahead or cross_step" >> "$p/gpu_tests.log" 2>&1
+    echo "planner tests rc $?" >> "$p/gpu_tests.log"
+    grep -h "passed\|failed\|rc " "$p/gpu_tests.log" | tail -6
     pack
     timeout "${PROFILE_TIMEOUT:-200}" python3 tools/kernel_profile.py --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
     grep -A14 "^| batch" "$p/kernel_profile/kernel_profile.md"
