@@ -72,6 +72,7 @@ class MoEModel:
         self.record = record  # every router writes its choice here (routing/record.py)
         self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = self._fuse_qkv() if fused else {}
         self.ahead_gate: dict[int, torch.Tensor] = self._ahead_gates() if gate_ahead else {}
+        record.ahead_on = gate_ahead
 
     def _ahead_gates(self) -> dict[int, torch.Tensor]:
         """Per MoE ordinal li >= 1, layer li's router weight [E, H] with its RMSNorm weight swapped in for the one

@@ -93,6 +93,7 @@ class RouteRecord:
         self._logits: list[torch.Tensor | None] = [None] * L
         # gate ahead: [L, E + 1] rows whose top-k by the layer's gate on the layer before's MoE input hold each
         # expert (row 0 unused; column E: the padding sink); the top-k itself, and the ones the counts add
+        self.ahead_on = False  # set by a model that keeps them: only then does publish_layer copy them too
         self.ahead = torch.zeros(L, E + 1, dtype=torch.int16, device=device)
         self._ahead_ids = torch.zeros(N, K, dtype=torch.int64, device=device)
         self._ahead_vals = torch.zeros(N, K, dtype=torch.float32, device=device)
@@ -141,7 +142,7 @@ class RouteRecord:
         used.scatter_(0, self._used_rows(ids, T).flatten(), 1)
         E = self.num_experts
         self._layer_used[li, : E + 1].copy_(used, non_blocking=True)
-        if li + 1 < self.num_layers:  # what the gate ahead guessed for the next layer (zeros when it is off)
+        if self.ahead_on and li + 1 < self.num_layers:  # what the gate ahead guessed for the next layer
             self._layer_used[li, E + 1 :].copy_(self.ahead[li + 1], non_blocking=True)
 
     def layer_published(self) -> None:

@@ -59,6 +59,7 @@ def test_gate_ahead_counts_real_rows_and_is_published_with_the_layer_before():
     """keep_ahead(li, scores): per expert, how many real rows have it in their top-k; publish_layer(li - 1) copies
     those counts beside layer li - 1's experts, and the host reads the same from either place."""
     rec = record()
+    rec.ahead_on = True
     fill(rec, T=6, real=4)
     scores = torch.zeros(6, E)
     scores[:, 3] = 2.0  # every row's best; rows 0-1 next pick 5, rows 2-3 pick 6, padding rows 7
