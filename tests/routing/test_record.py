@@ -68,6 +68,10 @@ def test_gate_ahead_counts_real_rows_and_is_published_with_the_layer_before():
     want = np.zeros(E, dtype=np.int64)
     want[3], want[5], want[6] = 4, 2, 2
     assert np.array_equal(rec.layer_ahead(0, published=False), want), "padding rows are never counted"
+    rec.ahead_on = False  # a model without the gate ahead: nothing more is copied
+    rec.publish_layer(0, rec.ids[0, :6])
+    assert not rec.layer_ahead(0, published=True).any()
+    rec.ahead_on = True
     rec.publish_layer(0, rec.ids[0, :6])
     rec.layer_published()
     rec.layer_experts(0)
