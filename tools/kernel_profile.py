@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ def main() -> None:
                 cells.append(cell)
                 print(json.dumps({k: v for k, v in cell.items() if k != "top"}), flush=True)
         del engine
+        gc.collect()  # the pool and its pinned store go before the next engine makes its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
