@@ -1,12 +1,13 @@
 """The predictive cache's bytes against Belady's under other planner settings, on a trace (CPU replay).
 
     PYTHONPATH=. python3 tools/planner_sweep.py TRACE.npz PRED_DIR [--budget 25%] [--batch 1] [--tokens 2000]
-        [--domain NAME] [SETTINGS ...]
+        [--domain NAME] [--gate-ahead] [SETTINGS ...]
 
 Each SETTINGS is a Python dict of ExpertFlowPlanner keyword arguments (e.g. "{'prefetch_at': 0.95}"; "{}" is the
 default planner). The trace's first sequences up to --tokens are replayed through the real ExpertCache and planner
 with the predictor (experts/replay.py, as `moeflow predictor eval` does), once per setting; each line gives experts
-moved per token as a multiple of Belady's optimal cache of the same slots, and the hit rate.
+moved per token as a multiple of Belady's optimal cache of the same slots, and the hit rate. --gate-ahead hands
+the planner the trace's gate-ahead guesses, as an engine with `gate_ahead=True` would.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--domain", default=None, help="replay only this domain's sequences (a held-out domain, say)")
+    p.add_argument("--gate-ahead", action="store_true", help="the planner hears the trace's gate-ahead guesses")
     args = p.parse_args()
     torch.set_num_threads(1)
     ck = Checkpoint(args.model)
@@ -45,12 +47,12 @@ def main() -> None:
     data = RouteData.from_traces([Trace.load(args.trace)])
     if args.domain is not None:
         data = data.select(np.flatnonzero(data.domains == data.domain_names.index(args.domain)))
-    steps = decode_steps(data.token_ids, data.routes, data.first_sequences(args.tokens), args.batch, E)
+    steps = decode_steps(data.token_ids, data.routes, data.first_sequences(args.tokens), args.batch, E, data.ahead)
     opt = belady(steps, slots, expert_bytes, spec.moe_layers).bytes_per_token
     for text in args.settings:
         kwargs = ast.literal_eval(text)
         r = replay(steps, make_cache(spec, slots, expert_bytes), load_predictor(args.predictor, ck, "cpu"),
-                   ExpertFlowPlanner(**kwargs))
+                   ExpertFlowPlanner(**kwargs), gate_ahead=args.gate_ahead)
         print(f"{text}: {r.bytes_per_token / opt:.3f}x Belady, hit rate {r.hit_rate:.3f}", flush=True)
 
 

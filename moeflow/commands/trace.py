@@ -48,10 +48,11 @@ def main(args: argparse.Namespace) -> int:
     max_seq_len = min(args.max_seq_len, checkpoint.spec.max_position_embeddings - 1)
     engine = LLMEngine(EngineConfig(model=model_dir, device=args.device, dtype=args.dtype,
                                     max_model_len=max_seq_len + 1, max_num_seqs=args.batch_size,
-                                    max_num_batched_tokens=args.batch_size * max_seq_len, enforce_eager=True),
+                                    max_num_batched_tokens=args.batch_size * max_seq_len, enforce_eager=True,
+                                    gate_ahead=True),
                        checkpoint=checkpoint)
     spec = engine.spec
-    engine.record.keep_full = True  # weights and router logits too (eager prefill steps)
+    engine.record.keep_full = True  # weights, router logits and the gate ahead's guesses too (eager prefill steps)
     steps: list = []
     engine.add_route_listener(lambda step, routes: steps.append(routes))
     builder = TraceBuilder(spec.moe_layers, {
@@ -73,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
             for i, out in enumerate(outs):
                 rows = routes.rows[i]
                 # [L, n, .] -> [n, L, .]
-                stack = [a[:, rows].swapaxes(0, 1) for a in (routes.router_ids, routes.weights, routes.logits)]
+                stack = [a[:, rows].swapaxes(0, 1) for a in (routes.router_ids, routes.weights, routes.logits,
+                                                             routes.ahead_ids)]
                 doc = batch[int(out.request_id)][0]
                 builder.add(doc.doc_id, doc.domain, out.prompt_token_ids, *stack)
                 bar.update(rows.stop - rows.start)

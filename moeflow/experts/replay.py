@@ -96,9 +96,9 @@ def lanes(sequences: list[slice], batch_size: int) -> list[np.ndarray]:
 
 
 def decode_steps(token_ids: np.ndarray, routes: np.ndarray, sequences: list[slice], batch_size: int,
-                 num_experts: int) -> list[ReplayStep]:
+                 num_experts: int, ahead: np.ndarray | None = None) -> list[ReplayStep]:
     """The steps of `lanes` as the engine would show them: StepViews (request id `s<i>` for sequence i) and
-    StepRoutes. routes [N, L, K]."""
+    StepRoutes. routes [N, L, K]; ahead [N, L, K]: the gate ahead's guesses, where the trace has them."""
     seq_of = np.full(len(token_ids), -1, dtype=np.int64)
     for i, s in enumerate(sequences):
         seq_of[s] = i
@@ -107,18 +107,20 @@ def decode_steps(token_ids: np.ndarray, routes: np.ndarray, sequences: list[slic
         seqs = seq_of[rows]
         view = StepView(len(out), False, tuple(f"s{q}" for q in seqs), tuple((int(token_ids[r]),) for r in rows),
                         tuple(int(r - sequences[q].start) + 1 for r, q in zip(rows, seqs)))
-        out.append(step_of(view, routes[rows], num_experts))
+        out.append(step_of(view, routes[rows], num_experts, None if ahead is None else ahead[rows]))
     return out
 
 
-def step_of(view: StepView, routes: np.ndarray, num_experts: int) -> ReplayStep:
+def step_of(view: StepView, routes: np.ndarray, num_experts: int, ahead: np.ndarray | None = None) -> ReplayStep:
     """A step of one token per sequence as the engine shows it: `view` and the tokens' routes [n, L, K] (token i
-    is sequence i's), with the step's distinct experts per layer."""
+    is sequence i's), with the step's distinct experts per layer (and the gate ahead's guesses [n, L, K])."""
     ids = routes.transpose(1, 0, 2).astype(np.int16)  # [L, n, K]
     L = ids.shape[0]
     used = np.zeros((L, num_experts), dtype=bool)
     np.put_along_axis(used, ids.reshape(L, -1).astype(np.int64), True, axis=1)
-    return ReplayStep(view, StepRoutes(ids, ids, used, [slice(b, b + 1) for b in range(ids.shape[1])]))
+    guesses = None if ahead is None else ahead.transpose(1, 0, 2)
+    return ReplayStep(view, StepRoutes(ids, ids, used, [slice(b, b + 1) for b in range(ids.shape[1])],
+                                       ahead_ids=guesses))
 
 
 @dataclass
@@ -145,12 +147,18 @@ class ReplayResult:
 
 def replay(steps: Iterable[ReplayStep], cache: ExpertCache, predictor: Predictor | None = None,
            planner: Planner | None = None, on_step: Callable[[int], None] | None = None,
-           whole_prediction: bool = True) -> ReplayResult:
+           whole_prediction: bool = True, gate_ahead: bool = False) -> ReplayResult:
     """Run `steps` through `cache` as the engine would, with `predictor` and `planner` (both or neither).
-    `whole_prediction`: hand the planner the Prediction itself (False: only its scores array)."""
+    `whole_prediction`: hand the planner the Prediction itself (False: only its scores array).
+    `gate_ahead`: hand a planner that takes them the steps' gate-ahead counts for the next layer, as an engine
+    with `gate_ahead=True` does (the steps must carry the guesses: a trace made by `moeflow trace`)."""
     if (predictor is None) != (planner is None):
         raise ValueError("a replay takes a predictor and a planner together, or neither (on-demand loading)")
     steps = list(steps)
+    takes_ahead = gate_ahead and getattr(planner, "uses_ahead", False)
+    if takes_ahead and any(st.routes.ahead_ids is None for st in steps):
+        raise ValueError("gate_ahead: these steps carry no gate-ahead guesses (traces record them since "
+                         "2026-12-05; trace the model again)")
     last_seen: dict[str, int] = {}
     for i, st in enumerate(steps):
         for rid in st.view.request_ids:
@@ -188,7 +196,11 @@ def replay(steps: Iterable[ReplayStep], cache: ExpertCache, predictor: Predictor
                 refined = refine(view, li, routed) if refine is not None else None
                 if refined is not None and not whole_prediction:
                     refined = refined.scores
-                planner.refine(cache, li, needed, refined)
+                if takes_ahead and li + 1 < len(layers):
+                    guess = routes.ahead_ids[li + 1].ravel().astype(np.int64)
+                    planner.refine(cache, li, needed, refined, ahead=np.bincount(guess, minlength=cache.num_experts))
+                else:
+                    planner.refine(cache, li, needed, refined)
         cache.collect_stats()
         tokens += routes.ids.shape[1]
         if predictor is not None:

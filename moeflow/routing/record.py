@@ -48,6 +48,7 @@ class StepRoutes:
     rows: list[slice]
     weights: np.ndarray | None = None  # [L, T, K] float32, only when the record was asked to keep them
     logits: np.ndarray | None = None  # [L, T, E] float32, likewise
+    ahead_ids: np.ndarray | None = None  # [L, T, K] the gate ahead's guesses (-1 at layer 0), kept likewise
 
     @property
     def num_remapped(self) -> int:
@@ -96,6 +97,7 @@ class RouteRecord:
         self.ahead_on = False  # set by a model that keeps them: only then does publish_layer copy them too
         self.ahead = torch.zeros(L, E + 1, dtype=torch.int16, device=device)
         self._ahead_ids = torch.zeros(N, K, dtype=torch.int64, device=device)
+        self._ahead_kept: list[torch.Tensor | None] = [None] * L  # keep_full: each layer's guesses
         self._ahead_vals = torch.zeros(N, K, dtype=torch.float32, device=device)
         self._ones = torch.ones(N * K, dtype=torch.int16, device=device)
 
@@ -128,6 +130,8 @@ class RouteRecord:
         row = self.ahead[li]
         row.zero_()
         row.index_add_(0, self._used_rows(self._ahead_ids[:T], T).flatten(), self._ones[: T * self.top_k])
+        if self.keep_full:
+            self._ahead_kept[li] = self._ahead_ids[:T].clone()
 
     def _used_rows(self, ids: torch.Tensor, T: int) -> torch.Tensor:
         """ids [..., T, K] with the picks of padding rows sent to the sink column E."""
@@ -194,12 +198,16 @@ class RouteRecord:
         router_ids = h[n : 2 * n].reshape(L, T, K)[:, :real] if selected else ids
         m = 2 * n if selected else n
         used = h[m : m + L * (E + 1)].reshape(L, E + 1)[:, :E] > 0
-        weights = logits = None
+        weights = logits = ahead = None
         if self.keep_full:
             src = self.selected_weights if selected else self.weights
             weights = src[:, :real].float().cpu().numpy()
             logits = np.stack([l[:real].float().cpu().numpy() for l in self._logits])
-        return StepRoutes(ids, router_ids, used, rows, weights, logits)
+            if self.ahead_on:
+                ahead = np.full((L, real, K), -1, dtype=np.int64)
+                for li in range(1, L):
+                    ahead[li] = self._ahead_kept[li][:real].cpu().numpy()
+        return StepRoutes(ids, router_ids, used, rows, weights, logits, ahead)
 
     # -- row masks ----------------------------------------------------------------------------------
 

@@ -99,3 +99,35 @@ def test_belady_is_a_floor_for_lru_and_the_predictive_cache():
     pc = replay(steps, make_cache(spec, slots, 1), load_predictor(model / "predictor", ckpt), ExpertFlowPlanner())
     assert opt.stats.misses <= lru.stats.misses and opt.bytes_moved <= pc.bytes_moved
     assert lru.uses == opt.uses == pc.uses and lru.tokens == n
+
+
+def test_the_replay_hands_the_planner_the_traces_gate_ahead_counts_only_when_asked():
+    model = default_model_dir()
+    ckpt = Checkpoint(model)
+    spec = ckpt.spec
+    rng = np.random.default_rng(1)
+    n, L, E, K = 60, spec.num_moe_layers, spec.num_experts, spec.router.top_k
+    routes = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(n)])
+    ahead = routes.copy()
+    ahead[:, 0] = -1
+    seqs = [slice(0, 30), slice(30, 60)]
+    heard = []
+
+    class Spy(ExpertFlowPlanner):
+        def refine(self, cache, layer, used, scores, ahead=None):
+            heard.append((layer, None if ahead is None else ahead.copy()))
+            super().refine(cache, layer, used, scores, ahead)
+
+    steps = decode_steps(rng.integers(1, 8000, n), routes.astype(np.int16), seqs, 2, E, ahead)
+    pred = load_predictor(model / "predictor", ckpt)
+    replay(steps, make_cache(spec, 64, 1), pred, Spy(), gate_ahead=True)
+    first = steps[0].routes
+    assert heard[0][0] == 0 and heard[0][1].sum() == 2 * K, "two rows' guesses for layer 1"
+    assert np.array_equal(np.flatnonzero(heard[0][1]), np.unique(first.ahead_ids[1]))
+    assert all(a is None for layer, a in heard if layer == L - 1), "the last layer has no next one"
+    heard.clear()
+    replay(steps, make_cache(spec, 64, 1), load_predictor(model / "predictor", ckpt), Spy())
+    assert all(a is None for _, a in heard), "not asked: the planner hears none"
+    bare = decode_steps(rng.integers(1, 8000, n), routes.astype(np.int16), seqs, 2, E)
+    with pytest.raises(ValueError, match="no gate-ahead guesses"):
+        replay(bare, make_cache(spec, 64, 1), load_predictor(model / "predictor", ckpt), Spy(), gate_ahead=True)

@@ -33,9 +33,16 @@ def test_trace_round_trips(tmp_path):
     assert back.meta == {"model": "m"} and back.num_experts == 8 and back.top_k == 2
     assert [(d, dom, s.stop - s.start) for d, dom, s in back.sequences()] == [("d0", "a", 5), ("d1", "b", 3)]
     assert back.expert_load().sum() == 8 * 2 * 2 and back.expert_load("b").sum() == 3 * 2 * 2
+    assert back.ahead_ids is None, "a trace made without the gate ahead's guesses has none"
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a moeflow routing trace"):
         Trace.load(tmp_path / "bad.npz")
+    guessed = TraceBuilder((0, 2), {"model": "m"})
+    for i, n in enumerate((5, 3)):
+        guessed.add(f"d{i}", "a", list(range(n)), rng.integers(0, 8, (n, 2, 2)), rng.random((n, 2, 2)),
+                    rng.standard_normal((n, 2, 8)), ahead_ids=rng.integers(0, 8, (n, 2, 2)))
+    guessed.build().save(tmp_path / "g.npz")
+    assert Trace.load(tmp_path / "g.npz").ahead_ids.shape == (8, 2, 2)
 
 
 def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
@@ -67,3 +74,6 @@ def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
     np.put_along_axis(others, trace.topk_ids.astype(np.int64), -np.inf, axis=-1)
     assert np.all(chosen.min(-1) >= others.max(-1) - 1e-2)
     assert np.all(trace.topk_weights > 0) and np.all(np.diff(trace.topk_weights.astype(np.float32), axis=-1) <= 1e-3)
+    # the gate ahead's guesses: none at the first MoE layer, an expert id at every other
+    assert trace.ahead_ids.shape == trace.topk_ids.shape and (trace.ahead_ids[:, 0] == -1).all()
+    assert 0 <= trace.ahead_ids[:, 1:].min() and trace.ahead_ids[:, 1:].max() < 8

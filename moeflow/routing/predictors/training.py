@@ -48,6 +48,7 @@ class RouteData:
     domains: np.ndarray  # [N] int64 index into domain_names
     domain_names: list[str]
     num_experts: int
+    ahead: np.ndarray | None = None  # [N, L, K] int16: the gate ahead's guesses, where every trace holds them
     _history: dict[float, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -57,6 +58,7 @@ class RouteData:
         first = traces[0]
         names: list[str] = []
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tok", "prev", "routes", "starts", "seq", "dom")}
+        ahead = [t.ahead_ids for t in traces]
         offset = 0
         for t in traces:
             if t.topk_ids.shape[1:] != first.topk_ids.shape[1:] or t.num_experts != first.num_experts:
@@ -81,7 +83,7 @@ class RouteData:
             offset += int(t.seq_ids.max()) + 1 if t.num_tokens else 0
         cat = {k: np.concatenate(v) for k, v in parts.items()}
         return cls(cat["tok"], cat["prev"], cat["routes"], cat["starts"], cat["seq"], cat["dom"], names,
-                   first.num_experts)
+                   first.num_experts, None if any(a is None for a in ahead) else np.concatenate(ahead))
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +100,8 @@ class RouteData:
     def select(self, rows: np.ndarray) -> RouteData:
         """The rows `rows` (whole sequences, in order) as their own RouteData."""
         out = RouteData(self.token_ids[rows], self.prev_ids[rows], self.routes[rows], self.starts[rows],
-                        self.seq_ids[rows], self.domains[rows], self.domain_names, self.num_experts)
+                        self.seq_ids[rows], self.domains[rows], self.domain_names, self.num_experts,
+                        None if self.ahead is None else self.ahead[rows])
         for decay, h in self._history.items():
             out._history[decay] = h[rows]
         return out
