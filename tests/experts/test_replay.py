@@ -81,10 +81,15 @@ def test_lanes_decode_every_row_once_and_refill_finished_lanes():
     assert max(len(s) for s in steps) == 2
 
 
-def test_belady_is_a_floor_for_lru_and_the_predictive_cache():
+def tiny():
+    """The bundled model's directory, checkpoint and spec."""
     model = default_model_dir()
     ckpt = Checkpoint(model)
-    spec = ckpt.spec
+    return model, ckpt, ckpt.spec
+
+
+def test_belady_is_a_floor_for_lru_and_the_predictive_cache():
+    model, ckpt, spec = tiny()
     rng = np.random.default_rng(0)
     # routes with structure: each sequence keeps to a few experts per layer
     n, L, E, K = 400, spec.num_moe_layers, spec.num_experts, spec.router.top_k
@@ -102,12 +107,10 @@ def test_belady_is_a_floor_for_lru_and_the_predictive_cache():
 
 
 def test_the_replay_hands_the_planner_the_traces_gate_ahead_counts_only_when_asked():
-    model = default_model_dir()
-    ckpt = Checkpoint(model)
-    spec = ckpt.spec
+    model, ckpt, spec = tiny()
     rng = np.random.default_rng(1)
     n, L, E, K = 60, spec.num_moe_layers, spec.num_experts, spec.router.top_k
-    routes = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(n)])
+    routes = rng.random((n, L, E)).argsort(-1)[..., :K]  # K distinct experts per token and layer
     ahead = routes.copy()
     ahead[:, 0] = -1
     seqs = [slice(0, 30), slice(30, 60)]
