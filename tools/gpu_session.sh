@@ -71,7 +71,8 @@
 #                                the prefetch threshold and lookahead swept against LRU (bench offline)
 #   tools/gpu_session.sh 16 OUT  (not run yet) train the bench model; part 9's traces and predictors; slots shared
 #                                by value against count quotas beside LRU at 25% and 10%, batch 1 and 8; the GPU
-#                                tests of this session's changes
+#                                tests of this session's changes; (since session 7) the replay with the gate
+#                                ahead's guesses on the CPU cores meanwhile
 #
 # The seventh session's (2026-12-05; no GPU was lent, so not run yet):
 #
@@ -472,10 +473,17 @@ case "$part" in
     pack
     traces_and_predictors "$p"
     pack
+    # on the CPU cores meanwhile: the replay with the gate ahead's guesses (the traces carry them since session 7)
+    timeout 400 python3 -m moeflow.cli predictor eval "$w/pred/bench" --model "$BENCH_MODEL" --trace "$w/test.npz" \
+        --budgets 25% --batch-sizes 1,8 --replay-tokens 1500 --threads 4 --gate-ahead --json \
+        > "$p/eval_gate_ahead.json" 2> "$p/eval_gate_ahead.err" &
+    evals=$!
     offline "$p" byvalue "${EF_TIMEOUT:-200}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 1 \
         --predictors "none,$w/pred/bench,$w/pred/bench:by_value=0"
     pack
     session6_tests "${TESTS_TIMEOUT:-150}"
+    pack
+    wait $evals
     pack
     ;;
 17)  # for the next session (about 8 minutes with the start): the fused decode ops (models/fused_decode.py)

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--budgets", default="10%,25%,50%")
     e.add_argument("--batch-sizes", default="1,8,32")
     e.add_argument("--ablations", action="store_true", help="also replay with each part of the predictive cache off")
+    e.add_argument("--gate-ahead", action="store_true",
+                   help="also replay the predictive cache hearing the trace's gate-ahead guesses (policy gate-ahead)")
     e.add_argument("--replay-tokens", type=int, default=20000, help="trace tokens replayed per configuration")
     e.add_argument("--domains", default=None, help="score only these domains (comma list)")
     e.add_argument("--device", default="cpu")
@@ -157,6 +159,11 @@ def eval_main(args: argparse.Namespace) -> int:
         if recorded and all(Path(p).is_file() for p in recorded):
             fit = _traces(",".join(recorded))
     policies = list(POLICIES) + (list(ABLATIONS) if args.ablations else [])
+    if args.gate_ahead:
+        if any(t.ahead_ids is None for t in traces):
+            raise ConfigError("--gate-ahead: a trace holds no gate-ahead guesses (moeflow trace records them since "
+                              "2026-12-05; trace the model again)")
+        policies.append("gate-ahead")
     report = evaluate(args.pred_dir, checkpoint, traces, fit, args.budgets.split(","), batch_sizes, policies,
                       args.replay_tokens, args.device, progress=not args.json)
     if args.json:
@@ -181,7 +188,7 @@ def _only_domains(trace, keep: set[str]):
     return Trace(trace.token_ids[rows], trace.positions[rows], remap[trace.seq_ids[rows]].astype(np.int32),
                  trace.topk_ids[rows], trace.topk_weights[rows], trace.router_logits[rows],
                  trace.seq_domains[seq_keep], trace.seq_doc_ids[seq_keep], trace.domain_names, trace.moe_layers,
-                 trace.meta)
+                 trace.meta, None if trace.ahead_ids is None else trace.ahead_ids[rows])
 
 
 def format_report(r: dict) -> str:

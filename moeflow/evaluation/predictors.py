@@ -137,7 +137,8 @@ def best_baseline(baselines: dict, key: str = "recall") -> tuple[str, float]:
 
 
 def planner_parts(policy: str) -> tuple[dict, bool]:
-    """ExpertFlowPlanner switches and the predictor's adapt switch for a policy name (predictive or an ablation)."""
+    """ExpertFlowPlanner switches and the predictor's adapt switch for a policy name (predictive, gate-ahead: the
+    same planner hearing the trace's gate-ahead guesses, or an ablation)."""
     parts = {"quotas": True, "protect": True, "prefetch": True, "correct": True}
     adapt = True
     if policy.startswith("no-"):
@@ -165,7 +166,7 @@ def replay_cache(pred_path, checkpoint, data: RouteData, budgets: Sequence[str],
     for budget in budgets:
         slots, expert_bytes = pool_at(checkpoint, budget)
         for B in batch_sizes:
-            steps = decode_steps(data.token_ids, data.routes, slices, B, E)
+            steps = decode_steps(data.token_ids, data.routes, slices, B, E, data.ahead)
             results = {}
             for policy in policies:
                 if policy == "belady":
@@ -175,7 +176,8 @@ def replay_cache(pred_path, checkpoint, data: RouteData, budgets: Sequence[str],
                 else:
                     parts, adapt = planner_parts(policy)
                     predictor = load_predictor(pred_path, checkpoint, device, adapt=adapt)
-                    r = replay(steps, make_cache(spec, slots, expert_bytes), predictor, ExpertFlowPlanner(**parts))
+                    r = replay(steps, make_cache(spec, slots, expert_bytes), predictor, ExpertFlowPlanner(**parts),
+                               gate_ahead=policy == "gate-ahead")
                 results[policy] = r
                 if progress:
                     print(f"  {budget} batch {B} {policy}: hit {r.hit_rate:.3f}, "

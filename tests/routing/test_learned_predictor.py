@@ -3,6 +3,7 @@ model directory, and the shipped one meets its bounds on committed held-out text
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -180,6 +181,15 @@ def test_cli_trains_and_evaluates(heldout_trace, tmp_path, capsys):
                                                                      for p in ("lru", "predictive", "belady")}
     assert all(0 <= c["hit_rate"] <= 1 and c["bytes_per_token"] >= 0 for c in report["cache"])
     assert report["recall"]["union_recall"]["1"] == pytest.approx(report["recall"]["recall"])
+    # the trace carries the gate ahead's guesses (moeflow trace records them): one more policy, by name
+    assert main(["predictor", "eval", str(out), "--trace", str(path), "--budgets", "25%", "--batch-sizes", "1",
+                 "--replay-tokens", "150", "--gate-ahead", "--domains", "wiki_en", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c["policy"] for c in report["cache"]] == ["lru", "predictive", "belady", "gate-ahead"]
+    bare = tmp_path / "bare.npz"
+    dataclasses.replace(heldout_trace, ahead_ids=None).save(bare)
+    assert main(["predictor", "eval", str(out), "--trace", str(bare), "--gate-ahead"]) != 0
+    assert "no gate-ahead guesses" in capsys.readouterr().err
 
 
 # -- the shipped predictor --------------------------------------------------------------------------------
