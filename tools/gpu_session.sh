@@ -74,7 +74,10 @@
 #                                tests of this session's changes; (since session 7) the replay with the gate
 #                                ahead's guesses on the CPU cores meanwhile
 #
-# The seventh session's (2026-12-05; no GPU was lent, so not run yet):
+# The seventh session's (2026-12-05; no GPU was lent, so not run yet). With 30 minutes of device time, on one
+# machine kept warm: 17 (decides whether fused ops pay), 18 (trains; issue 13's resident target), then 16, which
+# keeps 18's model (RETRAIN=1 trains anew), and 20 as time allows; 19 when a LYNX setting of 18 looks worth its
+# accuracy check.
 #
 #   tools/gpu_session.sh 17 OUT  the GPU tests of this session's changes; tools/kernel_profile.py (random weights:
 #                                kernels, GPU busy time and step time, resident, batch 1/32/64, exact and LYNX,
@@ -469,7 +472,11 @@ case "$part" in
 16)  # for the next session (about 8 minutes on an H100): slots shared by value against count quotas on the GPU,
      # the issue's cells, then the GPU tests of what changed since the last of them ran (the CPU replay only so far)
     begin p16
-    train_bench "$p"
+    if [ -f "$BENCH_MODEL/config.json" ] && [ "${RETRAIN:-0}" != 1 ]; then  # part 18's model, on its machine
+        echo "bench model kept from an earlier part" > "$p/train_log.txt"
+    else
+        train_bench "$p"
+    fi
     pack
     traces_and_predictors "$p"
     pack
