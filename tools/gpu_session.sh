@@ -469,7 +469,7 @@ case "$part" in
         --predictors "none,$P,$P:prefetch_at=0.6,$P:prefetch_at=0.4,$P:prefetch_at=0.6:lookahead=4"
     pack
     ;;
-16)  # for the next session (about 8 minutes on an H100): slots shared by value against count quotas on the GPU,
+16)  # for the next session (about 8 minutes on an H100, 4 less with a model kept): slots shared by value on the GPU,
      # the issue's cells, then the GPU tests of what changed since the last of them ran (the CPU replay only so far)
     begin p16
     if [ -f "$BENCH_MODEL/config.json" ] && [ "${RETRAIN:-0}" != 1 ]; then  # part 18's model, on its machine
