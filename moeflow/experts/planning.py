@@ -29,7 +29,9 @@ class Planner(Protocol):
         """Before the step: the predictor's Prediction (or bare scores [L, E], higher = more likely used)."""
 
     def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None) -> None:
-        """MoE layer ordinal `layer` just routed to `used`; prediction: the predictor's refined one, if any."""
+        """MoE layer ordinal `layer` just routed to `used`; prediction: the predictor's refined one, if any.
+        A planner whose class sets `uses_ahead = True` also takes `ahead=` [E]: the model's gate-ahead counts for
+        layer + 1, when the engine runs with `gate_ahead` (ExpertFlowPlanner does)."""
 
 
 def top_experts(scores: np.ndarray, n: int) -> tuple[list[int], list[float]]:
