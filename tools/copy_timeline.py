@@ -2,9 +2,9 @@
 text workload, from a CUDA profile of the timed batch.
 
     PYTHONPATH=. python3 tools/copy_timeline.py MODEL_DIR --predictor PRED_DIR --corpus CORPUS_DIR --out DIR
-        [--budget 25%] [--batch 1] [--arms none,PRED,PRED:cross_step=1]
+        [--budget 25%] [--batch-sizes 1,8] [--arms none,PRED,PRED:cross_step=1]
 
-Each arm (a `bench offline --predictors` value; PRED stands for --predictor) runs one warm batch, then the same
+For each batch size, each arm (a `bench offline --predictors` value; PRED stands for --predictor) runs one warm batch, then the same
 requests under torch.profiler with CUDA activity, every engine step marked. From the host-to-device copies and
 the steps' windows it reports, per decode step on average: the step's time, the time some copy was running
 (the copy engine's busy time), and its idle time split three ways: before the step's first copy (the step's
@@ -76,29 +76,27 @@ def profile_arm(engine, budget: str, requests, warm) -> dict:
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import text_engine, text_tool_parser
+    from moeflow.bench.runs import text_tool_engine, text_tool_parser
 
-    p = text_tool_parser(__doc__.split("\n\n")[0], out_type=Path)
+    p = text_tool_parser(__doc__.split("\n\n")[0], out_type=Path, output_len=32)
     p.add_argument("--budget", default="25%")
-    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--arms", default="none,PRED,PRED:cross_step=1")
-    p.add_argument("--output-len", type=int, default=32)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    llm, workload = text_engine(args.model, args.corpus, args.batch, args.output_len)
+    llm, workload, batches, _, _ = text_tool_engine(args)
     engine = llm.engine
-    requests, warm = workload.requests(0, args.batch), workload.requests(args.batch, args.batch)
     rows = []
-    for arm in args.arms.split(","):
-        text = arm.replace("PRED", args.predictor, 1)
-        axes.apply(axes.listed([f"{text}/exact/fcfs"])[0], engine)
-        row = {"arm": arm, **profile_arm(engine, args.budget, requests, warm)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for batch in batches:
+        requests, warm = workload.requests(0, batch), workload.requests(batch, batch)
+        for arm in args.arms.split(","):
+            axes.apply(axes.listed([f"{arm.replace('PRED', args.predictor, 1)}/exact/fcfs"])[0], engine)
+            row = {"batch": batch, "arm": arm, **profile_arm(engine, args.budget, requests, warm)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     (args.out / "copy_timeline.json").write_text(json.dumps(
-        {"model": args.model, "predictor": args.predictor, "budget": args.budget, "batch": args.batch,
-         "device": device, "torch": torch.__version__, "workload": workload.describe(), "arms": rows}, indent=1))
+        {"model": args.model, "predictor": args.predictor, "budget": args.budget, "device": device,
+         "torch": torch.__version__, "workload": workload.describe(), "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,20 +19,15 @@ import json
 
 
 def main() -> None:
-    from moeflow.bench import axes
-    from moeflow.bench.runs import alternate, arm_columns, text_engine, text_tool_parser, write_ab
+    from moeflow.bench.runs import alternate, arm_columns, text_tool_engine, text_tool_parser, write_ab
     from moeflow.config import CacheConfig, ExpertBudget
 
     p = text_tool_parser(__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="25%,10%")
-    p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--output-len", type=int, default=64)
     args = p.parse_args()
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len)
+    llm, workload, batches, lru, pred = text_tool_engine(args)
     engine = llm.engine  # on a CPU the two stream settings are the same code: a dry run of the tool
-    lru, pred = axes.listed(["none/exact/fcfs"])[0], axes.listed([f"{args.predictor}/exact/fcfs"])[0]
     arms = {"lru-one": (lru, False), "lru-two": (lru, True), "pred-one": (pred, False), "pred-two": (pred, True)}
 
     def streams(budget: str, separate: bool):

@@ -24,20 +24,16 @@ import torch
 
 def main() -> None:
     from moeflow.bench import axes
-    from moeflow.bench.runs import run_moeflow, text_engine, text_tool_parser
+    from moeflow.bench.runs import run_moeflow, text_tool_engine, text_tool_parser
 
     p = text_tool_parser(__doc__.split("\n\n")[0], out_type=Path)
     p.add_argument("--budget", default="25%")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--top", type=int, default=45)
-    p.add_argument("--device", default="auto")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len, args.device)
+    llm, workload, batches, lru, pred = text_tool_engine(args)
     engine = llm.engine
-    confs = {"lru": axes.listed(["none/exact/fcfs"])[0], "predictive": axes.listed([f"{args.predictor}/exact/fcfs"])[0]}
+    confs = {"lru": lru, "predictive": pred}
     rows = []
     for batch in batches:
         timed = [workload.requests(0, batch)]

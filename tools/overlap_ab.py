@@ -24,21 +24,15 @@ import json
 
 
 def main() -> None:
-    from moeflow.bench import axes
-    from moeflow.bench.runs import alternate, arm_columns, text_engine, text_tool_parser, write_ab
+    from moeflow.bench.runs import alternate, arm_columns, text_tool_engine, text_tool_parser, write_ab
 
     p = text_tool_parser(__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="25%,10%")
-    p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--device", default="auto")
     args = p.parse_args()
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len, args.device)
+    llm, workload, batches, lru, pred = text_tool_engine(args)
     engine = llm.engine
-    confs = {"lru": axes.listed(["none/exact/fcfs"])[0], "now": axes.listed([f"{args.predictor}/exact/fcfs"])[0]}
-    confs["late"] = confs["now"]
+    confs = {"lru": lru, "now": pred, "late": pred}
     results = []
     for budget in args.budgets.split(","):
         for batch in batches:

@@ -123,15 +123,29 @@ def text_engine(model: str, corpus: str, max_batch: int, output_len: int = 64, d
     return llm, TextWorkload(load_documents(corpus), llm.tokenizer.encode, output_len=output_len)
 
 
-def text_tool_parser(description: str, out_type=str) -> argparse.ArgumentParser:
+def text_tool_parser(description: str, out_type=str, batch_sizes: str = "1,8",
+                     output_len: int = 64) -> argparse.ArgumentParser:
     """The arguments every side-by-side tool under tools/ takes: the model directory, --predictor PRED_DIR,
-    --corpus CORPUS_DIR and --out (a file or a folder, as the tool says); each adds its own."""
+    --corpus CORPUS_DIR, --out (a file or a folder, as the tool says), --batch-sizes, --output-len and --device
+    (the defaults given); each adds its own. `text_tool_engine(args)` then builds what they start from."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("model")
     p.add_argument("--predictor", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", type=out_type, required=True)
+    p.add_argument("--batch-sizes", default=batch_sizes)
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--device", default="auto")
     return p
+
+
+def text_tool_engine(args: argparse.Namespace) -> tuple[LLM, TextWorkload, list[int], axes.Configuration,
+                                                        axes.Configuration]:
+    """(LLM, workload, batch sizes, LRU's configuration, the predictor's) for `text_tool_parser`'s arguments."""
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    llm, workload = text_engine(args.model, args.corpus, max(batches), args.output_len, args.device)
+    lru, pred = axes.listed(["none/exact/fcfs", f"{args.predictor}/exact/fcfs"])
+    return llm, workload, batches, lru, pred
 
 
 def alternate(engine: LLMEngine, arms: dict, budget: str, timed: list[list[Request]], warmup: list[Request],
