@@ -26,11 +26,10 @@ the exact graph and pays nothing for the selector.
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Callable
 
 import torch
 
+from moeflow.engine.capture import GraphCapturer
 from moeflow.engine.kv_cache import KVCache
 from moeflow.experts.compute import CachedExperts
 from moeflow.experts.kernels import combine_rows, fused_moe_rows
@@ -89,30 +88,6 @@ class _DecodeInputs:
                             slot_table=slot_table)
 
 
-class _Capturer:
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        self.captures = 0
-        self.capture_s = 0.0
-
-    def run_and_capture(self, fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-        """Run `fn` for real on a side stream (the warm-up capture needs), then capture it."""
-        t0 = time.perf_counter()
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            fn()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            fn()
-        self.captures += 1
-        self.capture_s += time.perf_counter() - t0
-        return graph
-
-
 class _DecodeGraphs:
     """What both kinds share: inputs, the capturer, the routing variants."""
 
@@ -120,7 +95,7 @@ class _DecodeGraphs:
                  selector: Selector | None):
         self.model, self.kv, self.device = model, kv, device
         self.inputs = _DecodeInputs(model, device, max_batch, max_len)
-        self.capturer = _Capturer(device)
+        self.capturer = GraphCapturer(device)
         self.selector = selector
         self.variants: tuple[Selector | None, ...] = (None,) if selector is None else (None, selector)
         self.logits = torch.empty(self.inputs.batch_buckets[-1], model.spec.vocab_size, dtype=torch.float32,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moeflow.engine.capture import GraphCapturer
 from moeflow.routing.predictors.net import RouteNet, normalized_embedding
 
 
@@ -32,20 +33,11 @@ class GraphedForward:
         LE = net.cfg.num_layers * net.cfg.num_experts
         self._ids = torch.full((2, most), -1, dtype=torch.int64, device=device)
         self._dense = torch.zeros(most, 2 * LE, dtype=torch.float32, device=device)
+        capturer = GraphCapturer(device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = torch.cuda.graph_pool_handle()
-        current = torch.cuda.current_stream(device)
         for b in reversed(self.buckets):  # the largest first, so the smaller ones reuse its pool's memory
             ids, dense = self._ids[:, :b], self._dense[:b]
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):  # a real run first: capture needs every kernel loaded
-                route_logits(net, embedding, ids, dense)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = route_logits(net, embedding, ids, dense)
-            self._graphs[b] = (graph, out)
+            self._graphs[b] = capturer.capture(lambda ids=ids, dense=dense: route_logits(net, embedding, ids, dense))
 
     def fits(self, n: int) -> bool:
         return 0 < n <= self.buckets[-1]
