@@ -34,6 +34,7 @@ import torch
 
 from moeflow.experts.policies import EvictionPolicy
 from moeflow.experts.quotas import donor_layer, equal_quotas, least_valuable
+from moeflow.experts.slot_table import DeviceSlotTable
 from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
 from moeflow.experts.transfer import Priority, TransferEngine
@@ -65,14 +66,10 @@ class ExpertCache:
         self._slot_views = self.pool.unbind(0)  # each slot's row, made once rather than per copy
         self.transfer = TransferEngine(device, num_slots)
         self.fully_resident = num_slots >= L * E
-        # the device's image of slot_of, so kernels map (layer, expert) -> slot without the host;
-        # uploaded before a compute reads it, through a ring of pinned staging buffers
-        self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self._staging = [torch.empty(L, E, dtype=torch.int32, pin_memory=pin) for _ in range(8 if pin else 1)]
-        self._staging_host = [t.numpy() for t in self._staging]  # numpy views of the same memory
-        self._staging_done = [torch.cuda.Event() if pin else None for _ in self._staging]
-        self._next_staging = 0
+        # the device's image of slot_of, so kernels map (layer, expert) -> slot without the host; uploaded
+        # before a compute reads it (slot_table.py)
+        self._device_table = DeviceSlotTable(L, E, device)
+        self.slot_table = self._device_table.table
         self._empty(policy)
         if self.fully_resident:
             self._preload()
@@ -335,15 +332,7 @@ class ExpertCache:
         prefetch is still queued show -1: nothing has ordered their fill ahead of a compute yet."""
         if not self._table_dirty:
             return
-        i = self._next_staging
-        self._next_staging = (i + 1) % len(self._staging)
-        done = self._staging_done[i]
-        if done is not None:
-            done.synchronize()  # the copy that last read this staging buffer has run
-        np.copyto(self._staging_host[i], self._live)
-        self.slot_table.copy_(self._staging[i], non_blocking=done is not None)
-        if done is not None:
-            done.record()
+        self._device_table.upload(self._live)
         self._table_dirty = False
 
     def _went_live(self, slots: list[int]) -> None:
