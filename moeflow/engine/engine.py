@@ -363,11 +363,10 @@ class LLMEngine:
         scores = None
         if refine is not None and getattr(self.planner, "uses_refined", True):
             scores = refine(self._view, li, self._routed)
-        if self.model.ahead_gate and li + 1 < self.spec.num_moe_layers and getattr(self.planner, "uses_ahead", False):
+        ahead = None
+        if self.model.ahead_gate and li + 1 < self.spec.num_moe_layers and self.planner.uses_ahead:
             ahead = self.model.record.layer_ahead(li, published=self.runner.graph_step)
-            self.planner.refine(self.cache, li, used, scores, ahead=ahead)
-        else:
-            self.planner.refine(self.cache, li, used, scores)
+        self.planner.refine(self.cache, li, used, scores, ahead=ahead)
         self._predictor_s += time.perf_counter() - tp
 
     def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:

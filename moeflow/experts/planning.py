@@ -28,10 +28,12 @@ class Planner(Protocol):
     def plan(self, cache: ExpertCache, prediction: Prediction | np.ndarray) -> None:
         """Before the step: the predictor's Prediction (or bare scores [L, E], higher = more likely used)."""
 
-    def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None) -> None:
-        """MoE layer ordinal `layer` just routed to `used`; prediction: the predictor's refined one, if any.
-        A planner whose class sets `uses_ahead = True` also takes `ahead=` [E]: the model's gate-ahead counts for
-        layer + 1, when the engine runs with `gate_ahead` (ExpertFlowPlanner does)."""
+    uses_ahead: bool  # whether refine() reads the model's gate-ahead counts (if not, the host never fetches them)
+
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None,
+               ahead: np.ndarray | None = None) -> None:
+        """MoE layer ordinal `layer` just routed to `used`; prediction: the predictor's refined one, if any;
+        ahead [E]: the model's gate-ahead counts for layer + 1, when the engine runs with `gate_ahead`."""
 
 
 def top_experts(scores: np.ndarray, n: int) -> tuple[list[int], list[float]]:
@@ -46,6 +48,7 @@ def top_experts(scores: np.ndarray, n: int) -> tuple[list[int], list[float]]:
 class PrefetchTop:
     name = "prefetch-top"
     uses_refined = False
+    uses_ahead = False
 
     def __init__(self, issue_now: int = 2):
         self.issue_now = issue_now  # prefetches started at once, before the first layer runs
@@ -58,5 +61,6 @@ class PrefetchTop:
             cache.enqueue_prefetch(layer, experts, deadline=li, scores=s)
         cache.issue_prefetches(self.issue_now)
 
-    def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None) -> None:
+    def refine(self, cache: ExpertCache, layer: int, used: list[int], prediction: Prediction | np.ndarray | None,
+               ahead: np.ndarray | None = None) -> None:
         return None

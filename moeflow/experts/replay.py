@@ -155,7 +155,7 @@ def replay(steps: Iterable[ReplayStep], cache: ExpertCache, predictor: Predictor
     if (predictor is None) != (planner is None):
         raise ValueError("a replay takes a predictor and a planner together, or neither (on-demand loading)")
     steps = list(steps)
-    takes_ahead = gate_ahead and getattr(planner, "uses_ahead", False)
+    takes_ahead = gate_ahead and planner is not None and planner.uses_ahead
     if takes_ahead and any(st.routes.ahead_ids is None for st in steps):
         raise ValueError("gate_ahead: these steps carry no gate-ahead guesses (traces record them since "
                          "2026-12-05; trace the model again)")
@@ -196,11 +196,11 @@ def replay(steps: Iterable[ReplayStep], cache: ExpertCache, predictor: Predictor
                 refined = refine(view, li, routed) if refine is not None else None
                 if refined is not None and not whole_prediction:
                     refined = refined.scores
+                ahead = None
                 if takes_ahead and li + 1 < len(layers):
                     guess = routes.ahead_ids[li + 1].ravel().astype(np.int64)
-                    planner.refine(cache, li, needed, refined, ahead=np.bincount(guess, minlength=cache.num_experts))
-                else:
-                    planner.refine(cache, li, needed, refined)
+                    ahead = np.bincount(guess, minlength=cache.num_experts)
+                planner.refine(cache, li, needed, refined, ahead=ahead)
         cache.collect_stats()
         tokens += routes.ids.shape[1]
         if predictor is not None:
