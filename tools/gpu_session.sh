@@ -128,10 +128,11 @@ session6_tests() {  # session6_tests TIMEOUT: the GPU tests of the sixth session
     tail -3 "$p/gpu_tests.log"
 }
 offline() {  # offline DIR NAME TIMEOUT ARGS...: bench offline on the bench model's text workload into DIR/NAME
+            # (FUSED=1: every configuration with --fused-ops)
     local dir=$1 name=$2 limit=$3
     shift 3
     timeout "$limit" python3 -m moeflow.cli bench offline --model "$BENCH_MODEL" --workload text --data "$w/corpus" \
-        --baselines "" "$@" --out "$dir/$name" > "$dir/$name.log" 2>&1
+        --baselines "" ${FUSED:+--fused-ops} "$@" --out "$dir/$name" > "$dir/$name.log" 2>&1
     grep -h "^moeflow" "$dir/$name.log" | cut -c1-120
     rm -f "$dir/$name"/*.png
 }

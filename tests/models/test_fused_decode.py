@@ -45,7 +45,8 @@ def qk_reference(qkv, N, G, D, positions, rows, rotary, q_norm, k_norm, norm, ep
     return rotary.apply(q, positions)
 
 
-def qk_case(T, N, G, D, norm, clip, dtype, device="cpu", seed=0, max_len=64, rows_total=9):
+def qk_case(T, N, G, D, norm, clip, dtype, device="cpu", seed=0, max_len=64):
+    rows_total = T + 5  # rows the step does not write stay untouched
     gen = torch.Generator(device=device).manual_seed(seed)
     qkv = (2 * torch.randn(T, (N + 2 * G) * D, generator=gen, device=device)).to(dtype)
     width = {"none": 0, "per_head": D, "full": None}[norm]
