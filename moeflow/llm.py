@@ -45,7 +45,7 @@ class LLM:
         routing_modes: tuple[str, ...] = ("exact", "lynx"),
         seed: int = 0,
         enforce_eager: bool = False,
-        fused_ops: bool = False,
+        fused_ops: bool | None = None,
         gate_ahead: bool = False,
         skip_tokenizer_init: bool = False,
         allow_nonfinite_weights: bool = False,
@@ -58,7 +58,8 @@ class LLM:
         routing_modes: what requests may ask for with SamplingParams.routing ("lynx": batch-aware expert reduction,
         approximate; its decode graphs are captured at start-up too).
         fused_ops: run a step's norms, router, QK norm, rotary embedding and KV-cache write as fused kernels
-        (CUDA with Triton; models/fused_decode.py), a few launches a layer instead of dozens.
+        (models/fused_decode.py), a few launches a layer instead of dozens; None (the default): wherever they can
+        run (CUDA with Triton), False: plain torch, True: fused or a ConfigError saying why not.
         gate_ahead: each MoE layer also guesses the next layer's experts with that layer's router, for the
         predictive cache's correction (ExpertFlowPlanner); the tokens are the same either way."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)

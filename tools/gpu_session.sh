@@ -86,6 +86,8 @@
 #                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them)
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
+#   tools/gpu_session.sh 21 OUT  (the eighth session's) the GPU tests with fused ops on by default; train the bench
+#                                model; LYNX's perplexity at (3, 1), (3, 2), (5, 1), (5, 2), five domains and python_docs
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
 #                                that part 15 ran out of time for, and prefetches across the step's end
 #                                (cross_step), against LRU at 25%, batch 1 and 8; the model's gate ahead
@@ -563,6 +565,28 @@ case "$part" in
     timeout 200 python3 tools/copy_timeline.py "$BENCH_MODEL" --predictor "$P" --corpus "$w/corpus" \
         --batch-sizes 1,8 --out "$p/timeline" > "$p/timeline.log" 2>&1
     grep -h '^{' "$p/timeline.log"
+    pack
+    ;;
+21)  # the eighth session's last call (about 9 minutes): fused ops on by default on CUDA (part 18: 1.4x the
+     # resident step), so the GPU tests with the new default; then LYNX's perplexity at the settings part 18
+     # timed, (3, 1) and (5, 2), beside (3, 2) and (5, 1), on five domains and on python_docs held out
+    begin p21
+    [ -f diag_rope.py ] && timeout 60 python3 diag_rope.py > "$p/diag_rope.txt" 2>&1
+    timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_gpu.py \
+        tests/models/test_fused_decode.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -2 "$p/gpu_tests.log"
+    pack
+    train_bench "$p"
+    pack
+    five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
+    timeout 115 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 3,5 --beta 1,2 --device cuda > "$p/sweep_test.jsonl" \
+        2> "$p/sweep_test.err"
+    timeout 85 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs --max-docs 102 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha 3,5 --beta 1,2 --device cuda > "$p/sweep_python_docs.jsonl" \
+        2> "$p/sweep_python_docs.err"
+    grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
     pack
     ;;
 10)

@@ -87,8 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--accelerate-batches", type=int, default=1, help="batches per accelerate cell (it is slow)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run, no floors
-    p.add_argument("--fused-ops", action="store_true",
-                   help="the engine runs its norms, router, QK norm, rotary and KV write as fused kernels")
+    p.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="the engine runs its norms, router, QK norm, rotary and KV write as fused kernels "
+                        "(default: on CUDA with Triton)")
     p.add_argument("--gate-ahead", action="store_true",
                    help="each MoE layer guesses the next one's experts with its router, for the predictive cache")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and the plots")
@@ -244,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
     sizes = {"expert_bytes": engine.store.expert_bytes, "dense_bytes": engine.model.dense_bytes(),
              "embedding_bytes": embedding.numel() * embedding.element_size()}
     captures, capture_s, graph_bytes = engine.graph_captures, engine.graph_capture_s, engine.graph_memory_bytes
-    warmup_s = engine.warmup_s
+    warmup_s, fused_ops = engine.warmup_s, engine.model.fused
     del engine, embedding
     gc.collect()
     if cuda:
@@ -267,7 +268,8 @@ def main(args: argparse.Namespace) -> int:
         "workload": workload.describe(), "workload_note": workload.note, "batches_per_cell": args.batches_per_cell,
         "configurations": [c.as_dict() for c in configurations],
         "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
-                   "fused_ops": args.fused_ops, "gate_ahead": args.gate_ahead, "graph_captures_total": captures, "graph_capture_s": capture_s,
+                   "fused_ops": fused_ops, "gate_ahead": args.gate_ahead, "graph_captures_total": captures,
+                   "graph_capture_s": capture_s,
                    "graph_memory_bytes": graph_bytes, "prefill_warmup_s": warmup_s},
     }
     write_report(out, meta, results, args.accelerate_budget)
@@ -366,6 +368,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         skip |= {"predictors", "routing", "scheduling"}
     parts = []
     for k, v in vars(args).items():
+        if k == "fused_ops" and v is False:  # its default (None) is on where it runs: off is a flag of its own
+            parts.append("--no-fused-ops")
         if k in skip or v is None or v is False or (k == "device" and v == "cuda"):
             continue
         flag = "--" + k.replace("_", "-")

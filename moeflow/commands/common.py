@@ -52,9 +52,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     g.add_argument("--enforce-eager", action="store_true", help="never replay decode steps as CUDA graphs")
-    g.add_argument("--fused-ops", action="store_true",
+    g.add_argument("--fused-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="run each layer's norms, router, QK norm, rotary embedding and KV-cache write as fused "
-                        "Triton kernels (CUDA): a few launches a layer instead of dozens")
+                        "Triton kernels, a few launches a layer instead of dozens (default: on CUDA with Triton)")
     g.add_argument("--gate-ahead", action="store_true",
                    help="each MoE layer also guesses the next layer's experts with that layer's router, for the "
                         "predictive cache's correction (with --predictor); the tokens are the same")

@@ -35,6 +35,7 @@ from moeflow.experts.planning import Planner, PrefetchTop
 from moeflow.experts.predictive import ExpertFlowPlanner
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
+from moeflow.models import fused_decode
 from moeflow.models.model import MoEModel
 from moeflow.outputs import RequestOutput
 from moeflow.routing.lynx import AffinityBinning
@@ -77,8 +78,11 @@ class LLMEngine:
         capacity = max(config.max_num_batched_tokens, self.max_model_len, batch_buckets(self.max_batch_size)[-1])
         self.record = RouteRecord(spec.num_moe_layers, spec.router.top_k, spec.num_experts, capacity, weight_dtype,
                                   self.device)
+        fused = config.fused_ops
+        if fused is None:  # the default: fused wherever the kernels run (never the interpreter)
+            fused = self.device.type == "cuda" and fused_decode.fused_available(self.device)
         self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len, self.record,
-                              fused=config.fused_ops, gate_ahead=config.gate_ahead)
+                              fused=fused, gate_ahead=config.gate_ahead)
         self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)

@@ -127,6 +127,21 @@ def test_fused_ops_refused_where_the_kernels_cannot_run(checkpoint, monkeypatch)
         LLMEngine(EngineConfig(model=str(checkpoint("qwen3_moe")), device="cpu", fused_ops=True))
 
 
+def test_fused_ops_default_where_the_kernels_run(checkpoint, monkeypatch):
+    """The default (None) fuses on CUDA with Triton and nowhere else: on the CPU it runs plain torch, not the
+    interpreter, even where the interpreter could run the kernels."""
+    from moeflow.config import EngineConfig
+    from moeflow.engine.engine import LLMEngine
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    engine = LLMEngine(EngineConfig(model=str(checkpoint("qwen3_moe")), device="cpu"))
+    assert engine.model.fused is False and engine.model.qkv == {}
+    if CUDA and triton_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        engine = LLMEngine(EngineConfig(model=str(checkpoint("qwen3_moe")), device="cuda"))
+        assert engine.model.fused is True and engine.model.qkv
+
+
 # ---------------------------------------------------------------------------------------------- interpreter
 
 
