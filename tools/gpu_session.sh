@@ -572,6 +572,7 @@ case "$part" in
      # timed, (3, 1) and (5, 2), beside (3, 2) and (5, 1), on five domains and on python_docs held out
     begin p21
     [ -f diag_rope.py ] && timeout 60 python3 diag_rope.py > "$p/diag_rope.txt" 2>&1
+    [ -f diag_lynx.py ] && timeout 60 python3 diag_lynx.py > "$p/diag_lynx.txt" 2>&1
     timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_gpu.py \
         tests/models/test_fused_decode.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
