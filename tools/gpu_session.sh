@@ -88,6 +88,7 @@
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
 #   tools/gpu_session.sh 21 OUT  (the eighth session's) the GPU tests with fused ops on by default; train the bench
 #                                model; LYNX's perplexity at (3, 1), (3, 2), (5, 1), (5, 2), five domains and python_docs
+#   tools/gpu_session.sh 22 OUT  part 21's tests alone (with the LYNX and hooks tests), where no model can be trained
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
 #                                that part 15 ran out of time for, and prefetches across the step's end
 #                                (cross_step), against LRU at 25%, batch 1 and 8; the model's gate ahead
@@ -588,6 +589,17 @@ case "$part" in
         --max-tokens-per-doc 128 --batch-size 32 --alpha 3,5 --beta 1,2 --device cuda > "$p/sweep_python_docs.jsonl" \
         2> "$p/sweep_python_docs.err"
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
+    pack
+    ;;
+22)  # part 21 cut to what a short call holds: the one-off diagnostics, then the GPU tests with fused ops on by
+     # default (transformers' exactness grid, graphs against eager, LYNX under graphs, the hooks)
+    begin p22
+    for d in diag_rope diag_lynx; do [ -f $d.py ] && timeout 60 python3 $d.py > "$p/$d.txt" 2>&1; done
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
+        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -2 "$p/gpu_tests.log"
     pack
     ;;
 10)
