@@ -37,16 +37,17 @@ def case(T, E, K, alpha, beta, normalize, dtype, seed, w=0, device="cpu"):
     return torch_sel, r, SelectionContext(False, real, exact, slots)
 
 
-def kernel_select(sel: AffinityBinning, r, c: SelectionContext):
+def kernel_select(sel: AffinityBinning, r, c: SelectionContext, rows_per_program=None):
     T, E = r.logits.shape
     top, scale = sel._key_scale(T, E)
     return _lynx_triton.affinity_binning(r.logits, r.ids, r.weights, c.real, c.exact, c.slot_table, sel.alpha,
-                                         sel.beta, scale, sel.resident_weight * top, sel.router.normalize)
+                                         sel.beta, scale, sel.resident_weight * top, sel.router.normalize,
+                                         rows_per_program=rows_per_program)
 
 
-def check_same(sel, r, c):
+def check_same(sel, r, c, rows_per_program=None):
     want = sel.select(0, r, c)
-    ids, weights = kernel_select(sel, r, c)
+    ids, weights = kernel_select(sel, r, c, rows_per_program)
     np.testing.assert_array_equal(ids.cpu().numpy(), want.ids.cpu().numpy())
     assert weights.dtype == want.weights.dtype
     tol = 1e-2 if weights.dtype == torch.bfloat16 else 2e-6
@@ -59,6 +60,17 @@ def check_same(sel, r, c):
 def test_the_kernel_chooses_what_the_torch_selector_chooses(T, E, K, alpha, beta, normalize, dtype):
     for seed in range(3):
         check_same(*case(T, E, K, alpha, beta, normalize, dtype, seed))
+
+
+@interpret
+@pytest.mark.parametrize("rows_per_program", [1, 4, 16])
+@pytest.mark.parametrize("T,E,K,alpha,beta", [g for g in GRID if g[0] > 1])
+def test_the_kernel_spread_over_programs_chooses_the_same(T, E, K, alpha, beta, rows_per_program):
+    """Rows split over programs: the popularity each sums alone and the kept set OR-ed across them give the
+    same ids as one program, with padding, exact rows and residency, whatever the rows per program."""
+    for seed in range(3):
+        check_same(*case(T, E, K, alpha, beta, seed != 1, torch.float32, seed, w=4 * (seed == 2)),
+                   rows_per_program)
 
 
 @interpret
@@ -116,6 +128,27 @@ def test_the_kernel_compiles_for_the_h200(BT, BE, K, beta, dtype, slots, normali
                             num_warps=8, num_stages=1)
     assert compiled.asm["ptx"]
     print(f"BT {BT} BE {BE}: {spilled_bytes(compiled, tmp_path)} bytes spilled")
+
+
+@needs_triton
+@pytest.mark.parametrize("RB,BE,K,beta,slots,normalize", [(4, 64, 8, 2, True, False), (2, 128, 8, 3, False, True),
+                                                          (8, 64, 4, 1, False, True)])
+def test_the_spread_kernels_compile_for_the_h200(RB, BE, K, beta, slots, normalize, tmp_path):
+    if INTERPRET:
+        pytest.skip("kernels are interpreted, not compiled, under TRITON_INTERPRET=1")
+    common = {"logits_ptr": "*bf16", "ids_ptr": "*i64", "real_ptr": "*i1", "exact_ptr": "*i1"}
+    propose = compile_sm90(_lynx_triton._lynx_propose,
+                           {**common, "slot_ptr": "*i32" if slots else "*i1", "kept_ptr": "*i32", "T": 29, "E": BE,
+                            "stride_l": BE, "alpha": "fp32", "scale": "i64", "bonus": "i64"},
+                           {"K": K, "BETA": beta, "RB": RB, "CH": 16, "BE": BE, "HAS_SLOTS": slots},
+                           num_warps=2, num_stages=1)
+    apply = compile_sm90(_lynx_triton._lynx_apply,
+                         {**common, "w_ptr": "*bf16", "kept_ptr": "*i32", "out_ids_ptr": "*i64", "out_w_ptr": "*bf16",
+                          "T": 29, "E": BE, "stride_l": BE},
+                         {"K": K, "RB": RB, "BT": 256, "BE": BE, "NORMALIZE": normalize}, num_warps=2, num_stages=1)
+    for compiled in (propose, apply):
+        assert compiled.asm["ptx"]
+        assert spilled_bytes(compiled, tmp_path) == 0
 
 
 @pytest.mark.gpu
