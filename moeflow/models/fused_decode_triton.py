@@ -17,6 +17,7 @@ Nothing is read back to the host and every launch depends on shapes alone: each 
 graph and replayed with new inputs.
 """
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -87,14 +88,29 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotate(x1, x2, c1, c2, s1, s2, DT: tl.constexpr):
+def _add_rn(a, b, NO_FMA: tl.constexpr):
+    """a + b in float32, never contracted with the product that made a or b. Compiled, LLVM narrows a float32
+    product or sum of bfloat16 values rounded back to bfloat16 into a bfloat16 operation (exact), and then fuses
+    the bfloat16 multiply and add into one fma: one rounding where torch rounds twice (up to 2 ulps apart on an
+    H100, 2026-12-05). A PTX add with an explicit rounding mode is never fused, and without .ftz it keeps
+    subnormals as torch does (libdevice's add_rn flushes them). The interpreter runs no PTX and never fuses:
+    there NO_FMA is off."""
+    if NO_FMA:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return a + b
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2, DT: tl.constexpr, NO_FMA: tl.constexpr):
     """(first, second half) of x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), rounded as torch:
     each product to the model dtype, then the sum."""
     a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(DT)
     b1 = (-(x2.to(tl.float32)) * s1.to(tl.float32)).to(DT)
     a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(DT)
     b2 = (x1.to(tl.float32) * s2.to(tl.float32)).to(DT)
-    return (a1.to(tl.float32) + b1.to(tl.float32)).to(DT), (a2.to(tl.float32) + b2.to(tl.float32)).to(DT)
+    return (_add_rn(a1.to(tl.float32), b1.to(tl.float32), NO_FMA).to(DT),
+            _add_rn(a2.to(tl.float32), b2.to(tl.float32), NO_FMA).to(DT))
 
 
 @triton.jit
@@ -132,7 +148,7 @@ def _qk_kernel(
     stride_kr, stride_kg, stride_km, stride_vr, stride_vg, stride_vm,
     N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     N_PAD: tl.constexpr, G_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
-    NORM: tl.constexpr, CLIP: tl.constexpr,
+    NORM: tl.constexpr, CLIP: tl.constexpr, NO_FMA: tl.constexpr,
 ):
     DT: tl.constexpr = q_ptr.dtype.element_ty
     t = tl.program_id(0).to(tl.int64)
@@ -156,7 +172,7 @@ def _qk_kernel(
     if NORM != 0:
         q1, q2 = _norm_halves(q1, q2, qn_ptr, tl.where(q_ok, qh, 0), tl.where(q_ok, dd, 0),
                               D if NORM == 1 else N * D, eps, NORM, D, HALF, DT)
-    q1, q2 = _rotate(q1, q2, c1, c2, s1, s2, DT)
+    q1, q2 = _rotate(q1, q2, c1, c2, s1, s2, DT, NO_FMA)
     q_out = q_ptr + t * stride_q_t + qh * stride_q_h + dd
     tl.store(q_out, q1, mask=q_ok)
     tl.store(q_out + HALF, q2, mask=q_ok)
@@ -174,7 +190,7 @@ def _qk_kernel(
     if NORM != 0:
         k1, k2 = _norm_halves(k1, k2, kn_ptr, tl.where(k_ok, kh, 0), tl.where(k_ok, dd, 0),
                               D if NORM == 1 else G * D, eps, NORM, D, HALF, DT)
-    k1, k2 = _rotate(k1, k2, c1, c2, s1, s2, DT)
+    k1, k2 = _rotate(k1, k2, c1, c2, s1, s2, DT, NO_FMA)
     k_out = kc_ptr + row * stride_kr + kh * stride_kg + pos * stride_km + dd
     v_out = vc_ptr + row * stride_vr + kh * stride_vg + pos * stride_vm + dd
     tl.store(k_out, k1, mask=k_ok)
@@ -207,6 +223,7 @@ def qk_rope_store_triton(qkv, num_heads, num_kv_heads, head_dim, positions, rows
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             N=N, G=G, D=D, HALF=half, N_PAD=triton.next_power_of_2(N), G_PAD=triton.next_power_of_2(G),
             HALF_PAD=triton.next_power_of_2(half), NORM=norm_mode, CLIP=clip is not None,
+            NO_FMA=os.environ.get("TRITON_INTERPRET") != "1",
             num_warps=_warps(N * D),
         )
     return q
