@@ -74,10 +74,8 @@
 #                                tests of this session's changes; (since session 7) the replay with the gate
 #                                ahead's guesses on the CPU cores meanwhile
 #
-# The seventh session's (2026-12-05; no GPU was lent, so not run yet). With 30 minutes of device time, on one
-# machine kept warm: 17 (decides whether fused ops pay), 18 (trains; issue 13's resident target), then 16, which
-# keeps 18's model (RETRAIN=1 trains anew), and 20 as time allows; 19 when a LYNX setting of 18 looks worth its
-# accuracy check.
+# The seventh session's (written on 2026-12-05 when no GPU was lent; 17, 18 and then 16, keeping 18's model,
+# ran in the eighth session; 19 and 20 not yet):
 #
 #   tools/gpu_session.sh 17 OUT  the GPU tests of this session's changes; tools/kernel_profile.py (random weights:
 #                                kernels, GPU busy time and step time, resident, batch 1/32/64, exact and LYNX,
@@ -86,13 +84,22 @@
 #                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them)
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
-#   tools/gpu_session.sh 21 OUT  (the eighth session's) the GPU tests with fused ops on by default; train the bench
-#                                model; LYNX's perplexity at (3, 1), (3, 2), (5, 1), (5, 2), five domains and python_docs
-#   tools/gpu_session.sh 22 OUT  part 21's tests alone (with the LYNX and hooks tests), where no model can be trained
 #   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
 #                                that part 15 ran out of time for, and prefetches across the step's end
 #                                (cross_step), against LRU at 25%, batch 1 and 8; the model's gate ahead
 #                                (--gate-ahead); where in a step the copy engine idles (tools/copy_timeline.py)
+#
+# The eighth session's (2026-12-05; not run: no machine could be started after the first three calls). For the
+# next session, in order: 22, then at once 23 on the same machine (a machine goes back 30 s after a call ends:
+# have the next call written before the last one returns), then 16 (RETRAIN=0 keeps 23's model) and 20. Parts
+# 16-20 ran with fused ops off by default; since the eighth session they are on by default on CUDA.
+#
+#   tools/gpu_session.sh 22 OUT  the LYNX binning kernel timed in one program and spread over programs
+#                                (tools/lynx_binning_time.py); the GPU tests with fused ops on by default
+#                                (transformers' grid, the rotary's rounding, LYNX, the hooks)
+#   tools/gpu_session.sh 23 OUT  train the bench model; LYNX resident at batch 32/64 with the binning spread over
+#                                programs (lynx:rows=4, rows=8) beside one program, at the default and (3, 1); LYNX's
+#                                perplexity at (3, 1), (3, 2), (5, 1), (5, 2), five domains and python_docs
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -568,18 +575,27 @@ case "$part" in
     grep -h '^{' "$p/timeline.log"
     pack
     ;;
-21)  # the eighth session's last call (about 9 minutes): fused ops on by default on CUDA (part 18: 1.4x the
-     # resident step), so the GPU tests with the new default; then LYNX's perplexity at the settings part 18
-     # timed, (3, 1) and (5, 2), beside (3, 2) and (5, 1), on five domains and on python_docs held out
-    begin p21
-    [ -f diag_rope.py ] && timeout 60 python3 diag_rope.py > "$p/diag_rope.txt" 2>&1
-    [ -f diag_lynx.py ] && timeout 60 python3 diag_lynx.py > "$p/diag_lynx.txt" 2>&1
-    timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_gpu.py \
-        tests/models/test_fused_decode.py > "$p/gpu_tests.log" 2>&1
+22)  # (about 4 minutes with the start) the LYNX binning kernel timed in one program and spread over
+     # programs, then the GPU tests with fused ops on by default (transformers' exactness grid, graphs against
+     # eager, the rotary's rounding, LYNX under graphs, the hooks)
+    begin p22
+    timeout 90 python3 tools/lynx_binning_time.py --out "$p/lynx_binning_time.json" > "$p/lynx_binning_time.log" 2>&1
+    cut -c1-160 "$p/lynx_binning_time.log"
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
+        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -2 "$p/gpu_tests.log"
     pack
+    ;;
+23)  # the next session's (about 9 minutes, after part 22 on the same machine or alone): train the bench model;
+     # LYNX resident at batch 32 and 64 with the binning in one program and spread over programs of 4 and 8 rows,
+     # at the default and at (3, 1); then LYNX's perplexity at (3, 1), (3, 2), (5, 1), (5, 2)
+    begin p23
     train_bench "$p"
+    pack
+    offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx,lynx:rows=4,lynx:rows=8,lynx:alpha=3:beta=1,lynx:alpha=3:beta=1:rows=4
     pack
     five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
     timeout 115 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
@@ -589,17 +605,6 @@ case "$part" in
         --max-tokens-per-doc 128 --batch-size 32 --alpha 3,5 --beta 1,2 --device cuda > "$p/sweep_python_docs.jsonl" \
         2> "$p/sweep_python_docs.err"
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
-    pack
-    ;;
-22)  # part 21 cut to what a short call holds: the one-off diagnostics, then the GPU tests with fused ops on by
-     # default (transformers' exactness grid, graphs against eager, LYNX under graphs, the hooks)
-    begin p22
-    for d in diag_rope diag_lynx; do [ -f $d.py ] && timeout 60 python3 $d.py > "$p/$d.txt" 2>&1; done
-    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py > "$p/gpu_tests.log" 2>&1
-    echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -2 "$p/gpu_tests.log"
     pack
     ;;
 10)

@@ -6,7 +6,7 @@ batch, same prompts). Each axis value is turned into an engine object by one loa
 to wire a new predictor, selector or scheduling policy into the benchmark:
 
     load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART][:KEY=V...]
-    load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton]
+    load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton][:rows=N]
     load_scheduling_arg(text, spec)    fcfs | route-aware
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
@@ -15,7 +15,8 @@ adapt (the predictor's online adaptation); `PRED_DIR:KEY=V[:KEY=V]` sets the pla
 (PLANNER_SETTINGS: prefetch_at, lookahead, by_value, ...) for a sweep, beside or without a `no-PART`. `lynx`
 takes the model's (alpha, beta) defaults and w = 0 (plain LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes; `kernel` picks how the rule
 runs: `triton` in one launch per layer (routing/_lynx_triton.py), `torch` in thirty small operations, `auto`
-(the default) Triton's where it is installed.
+(the default) Triton's where it is installed; `rows=N` spreads the Triton kernel over programs of N rows
+(AffinityBinning.rows_per_program), the same choice in two launches.
 """
 
 from __future__ import annotations
@@ -174,15 +175,15 @@ def load_selector_arg(text: str, engine):
         given = {}
         for item in filter(None, rest.split(":")):
             key, eq, value = item.partition("=")
-            if not eq or key not in ("alpha", "beta", "w", "kernel"):
-                raise ConfigError(f"--routing {text!r}: lynx takes alpha=A, beta=B, w=W and kernel=auto|torch|triton "
-                                  f"after ':', got {item!r}")
+            if not eq or key not in ("alpha", "beta", "w", "kernel", "rows"):
+                raise ConfigError(f"--routing {text!r}: lynx takes alpha=A, beta=B, w=W, kernel=auto|torch|triton "
+                                  f"and rows=N after ':', got {item!r}")
             try:
                 given[key] = value if key == "kernel" else float(value) if key == "alpha" else int(value)
             except ValueError:
                 raise ConfigError(f"--routing {text!r}: {key} must be a number, got {value!r}") from None
         return AffinityBinning.for_spec(engine.spec, given.get("alpha"), given.get("beta"), given.get("w", 0),
-                                        given.get("kernel", "auto"))
+                                        given.get("kernel", "auto"), given.get("rows"))
     raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx[:alpha=A][:beta=B][:w=W][:kernel=K]")
 
 

@@ -64,6 +64,9 @@ class AffinityBinning:
     # tensor operations per layer; "auto": Triton's where it is installed (on the H200 the torch selector cost
     # 20% of a resident batch-32 step and Triton's none: docs/benchmarks/2026-12-02-h200-session3)
     kernel: str = "auto"
+    # the Triton kernel's rows per program: None, one program for the whole step; n, the step spread over
+    # programs of n rows in two launches (_lynx_triton.affinity_binning); the same ids either way
+    rows_per_program: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -75,16 +78,20 @@ class AffinityBinning:
             raise ConfigError(f"LYNX resident_weight must be an integer >= 0 (bin-0 votes), got {w!r}")
         if self.kernel not in ("auto", "torch", "triton"):
             raise ConfigError(f"LYNX kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
+        n = self.rows_per_program
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"LYNX rows_per_program must be None or an integer >= 1, got {n!r}")
         if self.kernel == "triton" and not _lynx_triton.available():
             raise ConfigError("LYNX kernel 'triton' needs Triton, which is not installed")
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, alpha: float | None = None, beta: int | None = None,
-                 resident_weight: int = 0, kernel: str = "auto") -> AffinityBinning:
+                 resident_weight: int = 0, kernel: str = "auto",
+                 rows_per_program: int | None = None) -> AffinityBinning:
         """The selector for a model, at its defaults (`lynx_defaults`) unless alpha or beta is given."""
         a, b = lynx_defaults(spec) if alpha is None or beta is None else (alpha, beta)
         return cls(float(alpha if alpha is not None else a), beta if beta is not None else b, spec.router,
-                   resident_weight, kernel)
+                   resident_weight, kernel, rows_per_program)
 
     def _key_scale(self, T: int, E: int) -> tuple[int, int]:
         """(T ** beta, M): a vote in bin 0 is worth T ** beta, and M exceeds every popularity score."""
@@ -109,7 +116,7 @@ class AffinityBinning:
         if self.runs_kernel(logits.is_cuda):
             ids, weights = _lynx_triton.affinity_binning(
                 logits, router_ids, routing.weights, ctx.real, ctx.exact, ctx.slot_table, self.alpha, self.beta,
-                scale, self.resident_weight * top, self.router.normalize)
+                scale, self.resident_weight * top, self.router.normalize, rows_per_program=self.rows_per_program)
             return Routing(ids, weights, logits)
         dev = logits.device
         experts = torch.arange(E, device=dev)

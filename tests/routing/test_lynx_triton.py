@@ -157,18 +157,20 @@ def test_on_the_gpu_eager_and_in_a_cuda_graph():
     for T, E, K, alpha, beta in GRID:
         for seed in range(2):
             sel, r, c = case(T, E, K, alpha, beta, seed % 2 == 0, torch.bfloat16, seed, w=seed * 4, device="cuda")
-            check_same(sel, r, c)
+            for rows in (None, 4):  # one program, and the rows spread over programs
+                check_same(sel, r, c, rows)
     sel, r, c = case(32, 64, 8, 3.0, 2, True, torch.bfloat16, 1, device="cuda")
-    kernel = AffinityBinning(sel.alpha, sel.beta, sel.router, kernel="triton")
-    eager = kernel.select(0, r, c)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        kernel.select(0, r, c)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = kernel.select(0, r, c)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out.ids, eager.ids) and torch.equal(out.weights, eager.weights)
+    for rows in (None, 4):
+        kernel = AffinityBinning(sel.alpha, sel.beta, sel.router, kernel="triton", rows_per_program=rows)
+        eager = kernel.select(0, r, c)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            kernel.select(0, r, c)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernel.select(0, r, c)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.ids, eager.ids) and torch.equal(out.weights, eager.weights)
