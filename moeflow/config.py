@@ -133,7 +133,7 @@ class EngineConfig:
     lynx_resident_weight: int = 0  # bin-0 votes a resident expert earns in LYNX's binning (0: plain LYNX)
     seed: int = 0
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
-    fused_ops: bool | None = None  # norms, router, QK norm + rotary + KV write as fused kernels; None: where they run (CUDA with Triton)
+    fused_ops: bool | None = None  # fused norms, router, QK norm + rotary + KV write; None: on CUDA with Triton
     gate_ahead: bool = False  # True: each MoE layer guesses the next one's experts with its router (the planner's)
     allow_nonfinite_weights: bool = False  # True: load weights holding NaN or Inf instead of refusing them
 

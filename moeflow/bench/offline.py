@@ -269,8 +269,7 @@ def main(args: argparse.Namespace) -> int:
         "configurations": [c.as_dict() for c in configurations],
         "engine": {"max_num_seqs": rows, "max_batch_size": args.max_batch_size or rows, "eviction": args.eviction,
                    "fused_ops": fused_ops, "gate_ahead": args.gate_ahead, "graph_captures_total": captures,
-                   "graph_capture_s": capture_s,
-                   "graph_memory_bytes": graph_bytes, "prefill_warmup_s": warmup_s},
+                   "graph_capture_s": capture_s, "graph_memory_bytes": graph_bytes, "prefill_warmup_s": warmup_s},
     }
     write_report(out, meta, results, args.accelerate_budget)
     print(summary_table(meta, results))

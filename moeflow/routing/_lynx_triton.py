@@ -1,4 +1,4 @@
-"""AffinityBinning in one Triton program per call (`AffinityBinning(kernel="triton")`).
+"""AffinityBinning in Triton (`AffinityBinning(kernel="triton")`): one program per call, or spread over programs.
 
 The torch selector in routing/lynx.py is some thirty small tensor operations per MoE layer; on the H200 at
 batch 32 they cost more than the expert weight reads LYNX saves (docs/benchmarks/2026-12-02-h200-session2).
@@ -15,6 +15,13 @@ This kernel computes the same thing in one launch: the step's [T, E] logits sit 
 
 Ids equal lynx.py's; weights equal up to float32 rounding of the softmax's sum. Padding rows take their
 source row's choice later (RouteRecord.write_selected), as with the torch selector.
+
+On an H100 the one program took 28-32 us a layer at 32-64 rows (2026-12-05, tools/kernel_profile.py), 12% of a
+resident batch-64 step: a single program's K rounds of row reductions over the whole block.
+`affinity_binning(rows_per_program=n)` spreads the same rule over programs of n rows in two launches: the first
+finds each program's candidates, every program summing the popularity over all rows itself, and ORs them into a
+kept set [E] by atomics; the second writes each row's choice from that set. Both share every step of the rule
+(the @triton.jit helpers below), so their ids are equal whatever n.
 """
 
 from __future__ import annotations
@@ -37,36 +44,41 @@ def available() -> bool:
 
 if triton is not None:
 
+    NEG = tl.constexpr(-4611686018427387904)  # below every key
+
     @triton.jit
-    def _affinity_binning(logits_ptr, ids_ptr, w_ptr, real_ptr, exact_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
-                          T, E, stride_l, alpha, scale, bonus,
-                          K: tl.constexpr, BETA: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                          HAS_SLOTS: tl.constexpr, NORMALIZE: tl.constexpr):
-        NEG: tl.constexpr = -4611686018427387904  # below every key
-        t = tl.arange(0, BT)
-        e = tl.arange(0, BE)
-        tm = t < T
-        em = e < E
+    def _logits(logits_ptr, t, tm, e, em, stride_l):
+        """The rows t of the step's logits [rows, BE] in float32 (-inf past T or E; + 0.0 turns -0.0 into 0.0)."""
         m2 = tm[:, None] & em[None, :]
         L = tl.load(logits_ptr + t[:, None] * stride_l + e[None, :], mask=m2, other=float("-inf")).to(tl.float32)
-        L = L + 0.0
-        real = tl.load(real_ptr + t, mask=tm, other=0) != 0
-        exact = tl.load(exact_ptr + t, mask=tm, other=1) != 0
+        return L + 0.0, m2
+
+    @triton.jit
+    def _bins(L, m2, alpha, T, BETA: tl.constexpr):
+        """(bin, vote) of each logit: bin = max(ceil(alpha (L - max L)), -beta) + beta in 0..BETA, vote T ** bin
+        as int64."""
         rowmax = tl.max(L, axis=1)
         q = tl.maximum(tl.ceil((L - rowmax[:, None]) * alpha), -BETA)
-        qi = tl.where(m2, q, -BETA).to(tl.int64) + BETA  # 0 .. BETA
-        votes = tl.full([BT, BE], 1, tl.int64)
+        qi = tl.where(m2, q, -BETA).to(tl.int64) + BETA
+        votes = tl.full(L.shape, 1, tl.int64)
         for i in tl.static_range(BETA):
             votes = tl.where(qi > i, votes * T, votes)
-        pop = tl.sum(tl.where(real[:, None] & m2, votes, 0), axis=0)
+        return qi, votes
+
+    @triton.jit
+    def _popularity(pop, votes, qi, m2, e, em, slot_ptr, scale, bonus, HAS_SLOTS: tl.constexpr):
+        """Each row's key per expert: bin * scale + the other real rows' votes (+ bonus where resident)."""
         popularity = pop[None, :] - votes
         if HAS_SLOTS:
             resident = tl.load(slot_ptr + e, mask=em, other=-1) >= 0
             popularity = popularity + tl.where(resident, bonus, 0)[None, :]
-        key = tl.where(m2, qi * scale + popularity, NEG)
+        return tl.where(m2, qi * scale + popularity, NEG)
 
-        # each row's K candidates, best key first
-        proposed = tl.zeros([BT, BE], dtype=tl.int1)
+    @triton.jit
+    def _votes_kept(key, L, t, tm, e, real, exact, ids_ptr, K: tl.constexpr, BE: tl.constexpr):
+        """[rows, BE]: the K candidates of each real LYNX row (best key first, ties to the higher logit, then the
+        lower index: K rounds of max instead of a sort) and the picks of each real exact row."""
+        proposed = tl.zeros(L.shape, dtype=tl.int1)
         for _ in tl.static_range(K):
             top = tl.max(key, axis=1)
             tie = key == top[:, None]
@@ -75,22 +87,23 @@ if triton is not None:
             hit = e[None, :] == pick[:, None]
             proposed = proposed | hit
             key = tl.where(hit, NEG, key)
-
-        picked = tl.zeros([BT, BE], dtype=tl.int1)
+        picked = tl.zeros(L.shape, dtype=tl.int1)
         for k in tl.static_range(K):
             rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
             picked = picked | (e[None, :] == rid[:, None])
-        lynx_rows = real & ~exact
-        exact_rows = real & exact
-        votes_kept = (proposed & lynx_rows[:, None]) | (picked & exact_rows[:, None])
-        kept = tl.max(votes_kept.to(tl.int32), axis=0) > 0  # [BE]
+        return (proposed & (real & ~exact)[:, None]) | (picked & (real & exact)[:, None])
 
-        # the row each row copies: itself when real, else the last real row before it
+    @triton.jit
+    def _write_choice(L, m2, kept, t, tm, e, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr, out_w_ptr, T,
+                      K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, NORMALIZE: tl.constexpr):
+        """Rows t's choice given the step's kept experts [BE]: the router's ids and weights where all its picks
+        are kept or the row it copies (itself when real, else the last real row before it) is exact; else its K
+        best-logit kept experts, softmax-weighted in float32 (times its top-K mass where not renormalised)."""
         u = tl.arange(0, BT)
-        src = tl.max(tl.where(real[None, :] & (u[None, :] <= t[:, None]), u[None, :], -1), axis=1)
-        src = tl.maximum(src, 0)
+        real_all = tl.load(real_ptr + u, mask=u < T, other=0) != 0
+        src = tl.maximum(tl.max(tl.where(real_all[None, :] & (u[None, :] <= t[:, None]), u[None, :], -1), axis=1), 0)
         keep = tl.load(exact_ptr + src, mask=tm, other=1) != 0
-        all_kept = tl.full([BT], 1, tl.int1)
+        all_kept = tl.full(t.shape, 1, tl.int1)
         for k in tl.static_range(K):
             rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
             there = tl.max(((e[None, :] == rid[:, None]) & kept[None, :]).to(tl.int32), axis=1) > 0
@@ -100,17 +113,18 @@ if triton is not None:
         # the K best-logit kept experts of each row: the softmax's denominator first, then the picks
         masked = tl.where(kept[None, :] & m2, L, float("-inf"))
         first = tl.max(masked, axis=1)
-        denom = tl.zeros([BT], dtype=tl.float32)
+        denom = tl.zeros(t.shape, dtype=tl.float32)
         scan = masked
         for _ in tl.static_range(K):
             best = tl.max(scan, axis=1)
             pick = tl.min(tl.where(scan == best[:, None], e[None, :], BE), axis=1)
             denom += tl.exp(best - first)
             scan = tl.where(e[None, :] == pick[:, None], float("-inf"), scan)
-        mass = tl.full([BT], 1.0, tl.float32)
+        mass = tl.full(t.shape, 1.0, tl.float32)
         if not NORMALIZE:  # the row's original top-K probability mass
+            rowmax = tl.max(L, axis=1)
             full = tl.sum(tl.where(m2, tl.exp(L - rowmax[:, None]), 0.0), axis=1)
-            mine = tl.zeros([BT], dtype=tl.float32)
+            mine = tl.zeros(t.shape, dtype=tl.float32)
             for k in tl.static_range(K):
                 rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
                 mine += tl.sum(tl.where(e[None, :] == rid[:, None], tl.exp(L - rowmax[:, None]), 0.0), axis=1)
@@ -128,121 +142,65 @@ if triton is not None:
             tl.store(out_ids_ptr + t * K + k, out_id, mask=tm)
             tl.store(out_w_ptr + t * K + k, out_w.to(out_w_ptr.dtype.element_ty), mask=tm)
 
-
     @triton.jit
-    def _bins(L, m2, alpha, T, BETA: tl.constexpr):
-        """(bin index 0..BETA, votes T ** bin as int64) of logits L [rows, BE], -inf where masked."""
-        rowmax = tl.max(L, axis=1)
-        q = tl.maximum(tl.ceil((L - rowmax[:, None]) * alpha), -BETA)
-        qi = tl.where(m2, q, -BETA).to(tl.int64) + BETA
-        votes = tl.full(L.shape, 1, tl.int64)
-        for i in tl.static_range(BETA):
-            votes = tl.where(qi > i, votes * T, votes)
-        return qi, votes, rowmax
+    def _affinity_binning(logits_ptr, ids_ptr, w_ptr, real_ptr, exact_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
+                          T, E, stride_l, alpha, scale, bonus,
+                          K: tl.constexpr, BETA: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                          HAS_SLOTS: tl.constexpr, NORMALIZE: tl.constexpr):
+        """The whole step in one program."""
+        t = tl.arange(0, BT)
+        e = tl.arange(0, BE)
+        tm = t < T
+        em = e < E
+        L, m2 = _logits(logits_ptr, t, tm, e, em, stride_l)
+        real = tl.load(real_ptr + t, mask=tm, other=0) != 0
+        exact = tl.load(exact_ptr + t, mask=tm, other=1) != 0
+        qi, votes = _bins(L, m2, alpha, T, BETA)
+        pop = tl.sum(tl.where(real[:, None] & m2, votes, 0), axis=0)
+        key = _popularity(pop, votes, qi, m2, e, em, slot_ptr, scale, bonus, HAS_SLOTS)
+        kept = tl.max(_votes_kept(key, L, t, tm, e, real, exact, ids_ptr, K, BE).to(tl.int32), axis=0) > 0
+        _write_choice(L, m2, kept, t, tm, e, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr, out_w_ptr, T,
+                      K, BT, BE, NORMALIZE)
 
     @triton.jit
     def _lynx_propose(logits_ptr, ids_ptr, real_ptr, exact_ptr, slot_ptr, kept_ptr, T, E, stride_l, alpha, scale,
                       bonus, K: tl.constexpr, BETA: tl.constexpr, RB: tl.constexpr, CH: tl.constexpr,
                       BE: tl.constexpr, HAS_SLOTS: tl.constexpr):
-        """Rows pid * RB ..: their K candidates (LYNX rows) or picks (exact rows), OR-ed into kept [E]. Every
-        program sums the popularity over all T rows itself, CH rows at a time."""
+        """Spread, first launch: rows pid * RB ..'s candidates (or picks) OR-ed into kept [E]. Every program sums
+        the popularity over all T rows itself, CH rows at a time."""
         e = tl.arange(0, BE)
         em = e < E
         pop = tl.zeros([BE], dtype=tl.int64)
         for t0 in range(0, T, CH):
             c = t0 + tl.arange(0, CH)
             cm = c < T
-            m2 = cm[:, None] & em[None, :]
-            Lc = tl.load(logits_ptr + c[:, None] * stride_l + e[None, :], mask=m2, other=float("-inf"))
-            Lc = Lc.to(tl.float32) + 0.0
-            _, votes, _ = _bins(Lc, m2, alpha, T, BETA)
+            Lc, mc = _logits(logits_ptr, c, cm, e, em, stride_l)
+            _, votes_c = _bins(Lc, mc, alpha, T, BETA)
             real_c = tl.load(real_ptr + c, mask=cm, other=0) != 0
-            pop += tl.sum(tl.where(real_c[:, None] & m2, votes, 0), axis=0)
+            pop += tl.sum(tl.where(real_c[:, None] & mc, votes_c, 0), axis=0)
         t = tl.program_id(0) * RB + tl.arange(0, RB)
         tm = t < T
-        m2 = tm[:, None] & em[None, :]
-        L = tl.load(logits_ptr + t[:, None] * stride_l + e[None, :], mask=m2, other=float("-inf")).to(tl.float32)
-        L = L + 0.0
-        qi, votes, _ = _bins(L, m2, alpha, T, BETA)
-        popularity = pop[None, :] - votes
-        if HAS_SLOTS:
-            resident = tl.load(slot_ptr + e, mask=em, other=-1) >= 0
-            popularity = popularity + tl.where(resident, bonus, 0)[None, :]
-        key = tl.where(m2, qi * scale + popularity, -4611686018427387904)
-        proposed = tl.zeros([RB, BE], dtype=tl.int1)
-        for _ in tl.static_range(K):
-            top = tl.max(key, axis=1)
-            tie = key == top[:, None]
-            best = tl.max(tl.where(tie, L, float("-inf")), axis=1)
-            pick = tl.min(tl.where(tie & (L == best[:, None]), e[None, :], BE), axis=1)
-            hit = e[None, :] == pick[:, None]
-            proposed = proposed | hit
-            key = tl.where(hit, -4611686018427387904, key)
-        picked = tl.zeros([RB, BE], dtype=tl.int1)
-        for k in tl.static_range(K):
-            rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
-            picked = picked | (e[None, :] == rid[:, None])
+        L, m2 = _logits(logits_ptr, t, tm, e, em, stride_l)
         real = tl.load(real_ptr + t, mask=tm, other=0) != 0
         exact = tl.load(exact_ptr + t, mask=tm, other=1) != 0
-        votes_kept = (proposed & (real & ~exact)[:, None]) | (picked & (real & exact)[:, None])
-        mine = tl.max(votes_kept.to(tl.int32), axis=0)
+        qi, votes = _bins(L, m2, alpha, T, BETA)
+        key = _popularity(pop, votes, qi, m2, e, em, slot_ptr, scale, bonus, HAS_SLOTS)
+        mine = tl.max(_votes_kept(key, L, t, tm, e, real, exact, ids_ptr, K, BE).to(tl.int32), axis=0)
         tl.atomic_max(kept_ptr + e, mine, mask=em & (mine > 0))
 
     @triton.jit
     def _lynx_apply(logits_ptr, ids_ptr, w_ptr, real_ptr, exact_ptr, kept_ptr, out_ids_ptr, out_w_ptr, T, E,
                     stride_l, K: tl.constexpr, RB: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                     NORMALIZE: tl.constexpr):
-        """Rows pid * RB ..: the router's choice where all its picks are kept (or its source row is exact),
-        else its K best-logit kept experts, softmax-weighted (as the one-program kernel's second half)."""
+        """Spread, second launch: rows pid * RB ..'s choice given the kept experts the first launch found."""
         t = tl.program_id(0) * RB + tl.arange(0, RB)
         e = tl.arange(0, BE)
         tm = t < T
         em = e < E
-        m2 = tm[:, None] & em[None, :]
-        L = tl.load(logits_ptr + t[:, None] * stride_l + e[None, :], mask=m2, other=float("-inf")).to(tl.float32)
-        L = L + 0.0
-        rowmax = tl.max(L, axis=1)
+        L, m2 = _logits(logits_ptr, t, tm, e, em, stride_l)
         kept = tl.load(kept_ptr + e, mask=em, other=0) > 0
-        u = tl.arange(0, BT)
-        real_all = tl.load(real_ptr + u, mask=u < T, other=0) != 0
-        src = tl.max(tl.where(real_all[None, :] & (u[None, :] <= t[:, None]), u[None, :], -1), axis=1)
-        src = tl.maximum(src, 0)
-        keep = tl.load(exact_ptr + src, mask=tm, other=1) != 0
-        all_kept = tl.full([RB], 1, tl.int1)
-        for k in tl.static_range(K):
-            rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
-            there = tl.max(((e[None, :] == rid[:, None]) & kept[None, :]).to(tl.int32), axis=1) > 0
-            all_kept = all_kept & there
-        keep = keep | all_kept
-        masked = tl.where(kept[None, :] & m2, L, float("-inf"))
-        first = tl.max(masked, axis=1)
-        denom = tl.zeros([RB], dtype=tl.float32)
-        scan = masked
-        for _ in tl.static_range(K):
-            best = tl.max(scan, axis=1)
-            pick = tl.min(tl.where(scan == best[:, None], e[None, :], BE), axis=1)
-            denom += tl.exp(best - first)
-            scan = tl.where(e[None, :] == pick[:, None], float("-inf"), scan)
-        mass = tl.full([RB], 1.0, tl.float32)
-        if not NORMALIZE:
-            full = tl.sum(tl.where(m2, tl.exp(L - rowmax[:, None]), 0.0), axis=1)
-            mine = tl.zeros([RB], dtype=tl.float32)
-            for k in tl.static_range(K):
-                rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
-                mine += tl.sum(tl.where(e[None, :] == rid[:, None], tl.exp(L - rowmax[:, None]), 0.0), axis=1)
-            mass = mine / full
-        scan = masked
-        for k in tl.static_range(K):
-            best = tl.max(scan, axis=1)
-            pick = tl.min(tl.where(scan == best[:, None], e[None, :], BE), axis=1)
-            scan = tl.where(e[None, :] == pick[:, None], float("-inf"), scan)
-            weight = tl.exp(best - first) / denom * mass
-            rid = tl.load(ids_ptr + t * K + k, mask=tm, other=0)
-            rw = tl.load(w_ptr + t * K + k, mask=tm, other=0.0)
-            out_id = tl.where(keep, rid, pick.to(tl.int64))
-            out_w = tl.where(keep, rw.to(tl.float32), weight)
-            tl.store(out_ids_ptr + t * K + k, out_id, mask=tm)
-            tl.store(out_w_ptr + t * K + k, out_w.to(out_w_ptr.dtype.element_ty), mask=tm)
+        _write_choice(L, m2, kept, t, tm, e, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr, out_w_ptr, T,
+                      K, BT, BE, NORMALIZE)
 
 
 def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weights: torch.Tensor,
