@@ -562,8 +562,11 @@ case "$part" in
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 16 first)" >&2; exit 3; }
     begin p20
     P=$w/pred/bench
-    offline "$p" sweep "${SWEEP_TIMEOUT:-230}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
-        --predictors "none,$P,$P:cross_step=1,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4"
+    # (since the eighth session: at 25% batch 1 the copy engine was busy 70% of the step, and at the bytes moved
+    # 1.75x LRU is the ceiling: the deep variant queues every layer's likely experts and issues them all at the
+    # step's start, which the correction can then no longer drop)
+    offline "$p" sweep "${SWEEP_TIMEOUT:-300}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:cross_step=1,$P:prefetch_at=0.6,$P:lookahead=4,$P:prefetch_at=0.6:lookahead=4,$P:cross_step=1:lookahead=4,$P:lookahead=12:issue_now=512:issue_per_layer=512"
     pack
     # the model's gate ahead for the correction step (its CPU replay: more prefetch hits, more bytes at weight 1)
     offline "$p" gate-ahead "${GATE_TIMEOUT:-150}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
