@@ -24,7 +24,7 @@ import torch
 
 from moeflow.architectures.spec import ModelSpec
 from moeflow.config import ExpertBudget
-from moeflow.experts.belady import belady_misses
+from moeflow.experts.belady import belady_grouped_misses, belady_misses
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.planning import Planner
 from moeflow.experts.policies import make_policy
@@ -214,14 +214,19 @@ def replay(steps: Iterable[ReplayStep], cache: ExpertCache, predictor: Predictor
     return ReplayResult(cache.stats.total(), per_layer, tokens, uses)
 
 
-def belady(steps: Iterable[ReplayStep], num_slots: int, expert_bytes: int, layers: tuple[int, ...]) -> ReplayResult:
-    """Belady's optimal cache of `num_slots` on the steps' uses (demand only: it never needs to prefetch)."""
-    uses: list[tuple[int, int]] = []
+def belady(steps: Iterable[ReplayStep], num_slots: int, expert_bytes: int, layers: tuple[int, ...],
+           grouped: bool = False) -> ReplayResult:
+    """Belady's optimal cache of `num_slots` on the steps' uses (demand only: it never needs to prefetch).
+    grouped: each layer-step's experts resident together (belady_grouped_misses), as one kernel computes them;
+    by default they are seen one by one, the bound issue 12's targets name."""
+    groups: list[list[tuple[int, int]]] = []
     tokens = 0
     for st in steps:
         for li in range(st.routes.used.shape[0]):
-            uses.extend((li, int(e)) for e in np.flatnonzero(st.routes.used[li]))
+            groups.append([(li, int(e)) for e in np.flatnonzero(st.routes.used[li])])
         tokens += st.routes.ids.shape[1]
-    misses = belady_misses(uses, num_slots)
-    total = LayerStats(hits=len(uses) - misses, misses=misses, bytes_moved=misses * expert_bytes)
-    return ReplayResult(total, {}, tokens, len(uses))
+    uses = sum(len(g) for g in groups)
+    misses = (belady_grouped_misses(groups, num_slots) if grouped
+              else belady_misses([k for g in groups for k in g], num_slots))
+    total = LayerStats(hits=uses - misses, misses=misses, bytes_moved=misses * expert_bytes)
+    return ReplayResult(total, {}, tokens, uses)

@@ -104,6 +104,26 @@ def test_belady_is_a_floor_for_lru_and_the_predictive_cache():
     pc = replay(steps, make_cache(spec, slots, 1), load_predictor(model / "predictor", ckpt), ExpertFlowPlanner())
     assert opt.stats.misses <= lru.stats.misses and opt.bytes_moved <= pc.bytes_moved
     assert lru.uses == opt.uses == pc.uses and lru.tokens == n
+    # LRU holds a layer-step's experts together (its groups fit the pool): the grouped bound is a floor for it too
+    together = belady(steps, slots, 1, spec.moe_layers, grouped=True)
+    assert opt.stats.misses <= together.stats.misses <= lru.stats.misses and together.uses == opt.uses
+
+
+def test_grouped_belady_keeps_each_group_resident_together():
+    from moeflow.experts.belady import belady_grouped_misses, belady_misses
+
+    d, a, b, c = (1, 0), (0, 0), (0, 1), (0, 2)
+    groups = [[d], [a, b, c], [d]]
+    # one by one, c's load evicts a or b (never used again) just after its use and keeps d for the last group;
+    # a group resident together has to evict d
+    assert belady_misses([k for g in groups for k in g], 3) == 4
+    assert belady_grouped_misses(groups, 3) == 5
+    rng = np.random.default_rng(0)
+    keys = [(int(l), int(e)) for l, e in rng.integers(0, 6, (300, 2))]
+    assert belady_grouped_misses([[k] for k in keys], 8) == belady_misses(keys, 8), "groups of one: the same rule"
+    # a group over the pool is taken in rounds, resident keys first: b and c stay from the first group, then a
+    # alone evicts one of them
+    assert belady_grouped_misses([[b, c], [a, b, c]], 2) == 3
 
 
 def test_the_replay_hands_the_planner_the_traces_gate_ahead_counts_only_when_asked():
