@@ -84,7 +84,8 @@
 #                                without and with --fused-ops (and LYNX at (5, 2) and (3, 1) with them)
 #   tools/gpu_session.sh 19 OUT  on the same machine: LYNX's perplexity at alpha 3/4/5, beta 1/2 (five domains and
 #                                python_docs held out); LRU at 25% batch 1/8 without and with --fused-ops
-#   tools/gpu_session.sh 20 OUT  after part 16, on its machine: the prefetch sweep (prefetch_at 0.6, lookahead 4)
+#   tools/gpu_session.sh 20 OUT  after part 16, on its machine: (since the eighth session, first) rounds by value at
+#                                25% and 10%, batch 1 and 8; the prefetch sweep (prefetch_at 0.6, lookahead 4)
 #                                that part 15 ran out of time for, and prefetches across the step's end
 #                                (cross_step), against LRU at 25%, batch 1 and 8; the model's gate ahead
 #                                (--gate-ahead); where in a step the copy engine idles (tools/copy_timeline.py)
@@ -562,6 +563,11 @@ case "$part" in
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor on this machine (part 16 first)" >&2; exit 3; }
     begin p20
     P=$w/pred/bench
+    # (since the eighth session) rounds by value: a layer computed in rounds so its own computed experts go first
+    # (replay on moeflow-tiny: 1.222x -> 1.137x Belady's bytes at 25% batch 8, 1.391x -> 1.274x at 10% batch 1)
+    offline "$p" rounds "${ROUNDS_TIMEOUT:-240}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:rounds=1,$P:rounds=8"
+    pack
     # (since the eighth session: at 25% batch 1 the copy engine was busy 70% of the step, and at the bytes moved
     # 1.75x LRU is the ceiling: the deep variant queues every layer's likely experts and issues them all at the
     # step's start, which the correction can then no longer drop)

@@ -41,7 +41,7 @@ def _flag(text: str) -> bool:
 PLANNER_SETTINGS = {"prefetch_at": float, "protect_at": float, "lookahead": int, "issue_now": int,
                     "issue_per_layer": int, "reuse_weight": float, "reuse_decay": float, "levels": int,
                     "prefetch_margin": float, "by_value": _flag, "cross_step": _flag,
-                    "ahead_weight": float}
+                    "ahead_weight": float, "rounds": int}
 
 
 @dataclass(frozen=True, slots=True)

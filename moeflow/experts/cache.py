@@ -89,6 +89,8 @@ class ExpertCache:
         self._protected = np.zeros((L, E), dtype=bool)
         self._unprotected = ~self._protected
         self._priority: np.ndarray | None = None  # [L, E] eviction order a planner sets; None: the policy's alone
+        self._after_use: np.ndarray | None = None  # [L, E] priorities once computed this step (set_after_use)
+        self._min_round = 1  # rounds by value: the fewest experts a round computes before it may end
         self.quota = equal_quotas(S, L)
         self._floor: int | None = None  # share_by_value's floor; None: slots are shared by quota
         self._margin = 0.0
@@ -170,6 +172,8 @@ class ExpertCache:
         loads = []
         take = self._take_slots(li)
         for e in missing:
+            if len(got) >= self._min_round and self._round_ends(li, got):
+                break
             slot = next(take)
             if slot is None:
                 break
@@ -187,13 +191,45 @@ class ExpertCache:
         self.upload_slot_table()
         return got
 
-    def release(self, slots: list[int]) -> None:
+    def release(self, slots: list[int], spent: bool = False) -> None:
+        """Unpin `slots` once the compute that reads them is enqueued. `spent`: their layer has computed them
+        for this step, so with rounds by value on (set_after_use) they take their after-use priority and lose
+        their protection, and a later round of the same layer may evict them first."""
         self.transfer.mark_read(slots)
         for s in slots:
             self._pins[s] -= 1
             owner = self.owner[s]
             if owner is not None and self._pins[s] == 0:
-                self._idle[self._ordinal[owner[0]], owner[1]] = True
+                li, e = self._ordinal[owner[0]], owner[1]
+                self._idle[li, e] = True
+                if spent and self._after_use is not None and self._priority is not None:
+                    self._priority[li, e] = self._after_use[li, e]
+                    self._protected[li, e] = False
+                    self._unprotected[li, e] = True
+
+    def set_after_use(self, after_use: np.ndarray | None, min_round: int = 1) -> None:
+        """Rounds by value: [L, E] each expert's priority once its layer has computed it this step (a planner's
+        value of keeping it for later steps), or None (off). On, a layer whose next load would evict an expert
+        worth more than one of its own it already holds is computed in rounds, once it holds `min_round`: those
+        first, then (released as spent) they make room for the rest. What is computed is the same; only which
+        expert goes is chosen as Belady's rule would, seeing a layer-step's experts one by one (experts/belady.py:
+        the bound issue 12 names, which a layer computed in one round cannot reach)."""
+        if min_round < 1:
+            raise ValueError(f"min_round must be >= 1, got {min_round}")
+        self._after_use = None if after_use is None else np.asarray(after_use, dtype=np.float64)
+        self._min_round = min_round
+
+    def _round_ends(self, li: int, got: dict[int, int]) -> bool:
+        """Rounds by value: whether layer li should compute the experts it holds (`got`) before loading more,
+        because the expert the next load would evict is worth more to keep than one of those after their use."""
+        if self._after_use is None or self._free or self._floor is None or self._priority is None:
+            return False
+        victim = least_valuable(li, self._idle, self._unprotected, self._held, self._floor, self._priority,
+                                self.policy)
+        if victim is None:
+            return False
+        mine = min(self._after_use[li, e] for e in got)
+        return bool(self._protected[victim] or self._priority[victim] > mine)
 
     def prepare_compute(self, layer: int) -> None:
         """Before a compute that reads `layer`'s experts through the device table, enqueued before the host

@@ -96,7 +96,7 @@ class CachedExperts:
                 if not got:
                     raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
                 compute()
-                cache.release(list(got.values()))
+                cache.release(list(got.values()), spent=True)
                 todo = [e for e in todo if e not in got]
         # heard once the layer's own loads are ordered, so what the listener plans for later layers
         # neither delays nor disturbs them; by default later still (the class docstring says when)

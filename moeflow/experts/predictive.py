@@ -39,6 +39,15 @@ of layer l), and after each offloaded layer's router, from the real route and th
     guesses the layer's router has confirmed so far (0.8 until it has routed once), mixed into the refined
     score with weight `ahead_weight`.
 (e) online adaptation lives in the predictor (LearnedPredictor(adapt=...)); the planner only reads its scores.
+(f) rounds by value (`rounds` = n >= 1, off by default; with slots shared by value): a layer whose next load
+    would evict an expert worth more than one it already holds, valued as after its use this step (its chance of
+    use at later steps, discounted), is computed in rounds of at least n experts. The experts of a round, once
+    computed, are the ones to evict for the rest, as Belady's rule would take them seeing the layer-step's
+    experts one by one. A layer computed in one round cannot, which is why the bound issue 12 names sits 12-14%
+    below what it can reach at batch 8 (tools/belady_bounds.py). Replaying moeflow-tiny's test trace with n = 1
+    it moved 1.137x Belady's bytes at 25% batch 8 (1.222x without) and 1.274x at 10% batch 1 (1.391x), with
+    7.5 and 2.3 rounds per layer-step; n = 8 keeps batch 8 to 2.1 rounds for 1.157x. Each round is one more
+    expert kernel and makes the next round's copies wait for it: whether that pays is a GPU measurement.
 
 Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
 the planner only chooses what is resident when, so outputs are identical with it or without it.
@@ -107,12 +116,15 @@ class ExpertFlowPlanner:
                  issue_per_layer: int | None = None, levels: int = 64, reuse_decay: float = 0.97,
                  reuse_weight: float = 0.5, by_value: bool = True, prefetch_margin: float = 0.25,
                  quota_mode: str = "value", requota: bool = False, cross_step: bool = False,
-                 ahead_weight: float = 0.5):
+                 ahead_weight: float = 0.5, rounds: int = 0):
         self.quotas, self.protect, self.prefetch, self.correct = quotas, protect, prefetch, correct
         self.by_value, self.prefetch_margin = by_value, prefetch_margin
         self.reuse_decay, self.reuse_weight, self.quota_mode = reuse_decay, reuse_weight, quota_mode
         self.requota, self.cross_step = requota, cross_step
         self.ahead_weight = ahead_weight
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds must be an integer >= 0 (0: off), got {rounds!r}")
+        self.rounds = rounds
         self._ahead_precision: np.ndarray | None = None  # [L] the share of the gate ahead's guesses confirmed
         self._ahead_guess: tuple[int, np.ndarray] | None = None  # (layer, the experts the gate ahead named)
         self.protect_at, self.prefetch_at = protect_at, prefetch_at
@@ -158,6 +170,9 @@ class ExpertFlowPlanner:
         by_value = self.quotas and self.by_value and self.protect
         cache.share_by_value(floor if by_value else None, self.prefetch_margin)
         self._guard(cache, v, 0)
+        # rounds by value (slots shared by value only): what each expert is worth once its layer has computed it
+        after = np.floor(self._later_value() * self.levels) / self.levels if self.rounds and by_value else None
+        cache.set_after_use(after, max(1, self.rounds))
         if self.prefetch:
             self._queue(cache, 0, min(len(cache.layers), self.lookahead) - 1)
             if cache.transfer.num_queued:
@@ -166,13 +181,18 @@ class ExpertFlowPlanner:
     def value(self, first: int = 0) -> np.ndarray:
         """[L, E] what keeping each expert is worth: its chance of use this step (layers not routed yet) or, failing
         that, at the next (the moving average of the routes, discounted). With `first`: rows first.. only."""
-        later = self._reuse[first:] if self._next is None else np.maximum(self._reuse[first:], self._next[first:])
-        w = self.reuse_weight * later
+        w = self._later_value(first)
         v = 1.0 - (1.0 - self._scores[first:].clip(0.0, 1.0)) * (1.0 - w)
         done = self._routed + 1 - first
         if done > 0:
             v[:done] = w[:done]
         return v
+
+    def _later_value(self, first: int = 0) -> np.ndarray:
+        """[L - first, E] what keeping each expert is worth for the steps after this one: its chance of use at the
+        next (the moving average of the routes, or the predictor's next_scores where higher), discounted."""
+        later = self._reuse[first:] if self._next is None else np.maximum(self._reuse[first:], self._next[first:])
+        return self.reuse_weight * later
 
     def demand_quotas(self, cache: ExpertCache, scores: np.ndarray, value: np.ndarray | None = None) -> np.ndarray:
         """Slots per layer: a floor each, the rest where keeping an expert is worth most (`value`: this

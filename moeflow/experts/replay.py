@@ -188,7 +188,7 @@ def replay(steps: Iterable[ReplayStep], cache: ExpertCache, predictor: Predictor
                 got = cache.acquire(layer, todo)
                 if not got:
                     raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
-                cache.release(list(got.values()))
+                cache.release(list(got.values()), spent=True)
                 todo = [e for e in todo if e not in got]
             if prediction is not None:
                 routed.append(needed)

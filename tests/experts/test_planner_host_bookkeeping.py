@@ -37,8 +37,8 @@ class CheckedCache(ExpertCache):
         self.check()
         return got
 
-    def release(self, slots):
-        super().release(slots)
+    def release(self, slots, spent=False):
+        super().release(slots, spent)
         self.check()
 
     def enqueue_prefetch(self, layer, experts, deadline=0, scores=None):
@@ -57,14 +57,14 @@ class CheckedCache(ExpertCache):
         return n
 
 
-@pytest.mark.parametrize("slots,batch", [(12, 1), (25, 4), (64, 1)])
-def test_kept_masks_match_their_definitions_through_a_replay(slots, batch):
+@pytest.mark.parametrize("slots,batch,rounds", [(12, 1, 0), (25, 4, 0), (64, 1, 0), (25, 4, 1), (64, 8, 1)])
+def test_kept_masks_match_their_definitions_through_a_replay(slots, batch, rounds):
     spec = Checkpoint(default_model_dir()).spec
     L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
     token_ids, routes, sequences = synthetic_routes([30, 21, 44, 17], L, E, K)
     steps = decode_steps(token_ids, routes, sequences, batch, E)
     cache = CheckedCache(FakeStore(spec, 1000), slots, torch.device("cpu"), make_policy("lru", L, E))
-    replay(steps, cache, ScriptedPredictor(steps), ExpertFlowPlanner())
+    replay(steps, cache, ScriptedPredictor(steps), ExpertFlowPlanner(rounds=rounds))
     assert cache.checks > len(steps) * L
 
 

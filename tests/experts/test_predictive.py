@@ -11,6 +11,7 @@ from moeflow.assets import default_model_dir
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.policies import LRUPolicy
 from moeflow.experts.predictive import ExpertFlowPlanner
+from moeflow.experts.replay import make_cache
 from moeflow.experts.store import ExpertStore
 from moeflow.routing.predictors import Prediction, load_predictor
 from moeflow.weights.checkpoint import Checkpoint
@@ -281,21 +282,29 @@ def reference() -> list[list[int]]:
 
 @pytest.mark.parametrize("budget,off", [("1/layer", None), ("10%", None), ("25%", None), ("50%", None),
                                         ("100%", None), ("1/layer", "adapt"), ("10%", "cross_step"),
-                                        ("25%", "cross_step"), ("10%", "gate_ahead"), ("25%", "gate_ahead")]
+                                        ("25%", "cross_step"), ("10%", "gate_ahead"), ("25%", "gate_ahead"),
+                                        ("10%", "rounds"), ("25%", "rounds")]
                          + [(b, p) for b in ("25%", "1/layer") for p in PARTS])
 def test_tokens_are_the_same_with_the_learned_predictor(budget, off, reference):
-    """`off` names the part switched off ("cross_step", "gate_ahead": ones that are off by default, switched on)."""
+    """`off` names the part switched off ("cross_step", "gate_ahead", "rounds": ones that are off by default,
+    switched on)."""
     llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, expert_budget=budget,
               gate_ahead=off == "gate_ahead")
     engine = llm.engine
     pred = load_predictor(default_model_dir() / "predictor", Checkpoint(default_model_dir()), adapt=off != "adapt")
     engine.set_predictor(pred)
-    engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS}, cross_step=off == "cross_step")
+    engine.planner = ExpertFlowPlanner(**{p: p != off for p in PARTS}, cross_step=off == "cross_step",
+                                       rounds=int(off == "rounds"))
+    acquires = []
+    acquire = engine.cache.acquire
+    engine.cache.acquire = lambda layer, experts: (acquires.append(layer), acquire(layer, experts))[1]
     heard = []
     refine = engine.planner.refine
     engine.planner.refine = lambda *a, ahead=None: (heard.append(ahead is not None), refine(*a, ahead=ahead))
     assert greedy_tokens(llm) == reference
     assert any(heard) == (off == "gate_ahead"), "the planner hears the gate ahead exactly when it is on"
+    if off == "rounds":  # some layer was computed in more than one round: the same layer acquired twice running
+        assert any(a == b for a, b in zip(acquires, acquires[1:]))
     if budget not in ("100%",) and off != "prefetch":
         assert llm.last_stats.cache.prefetches > 0
 
@@ -348,3 +357,21 @@ def test_gpu_the_gate_ahead_the_planner_hears_is_the_same_from_graphs_and_eager(
         greedy_tokens(llm)
     assert heard[False] == heard[True]
     assert sum(a is not None and sum(a) > 0 for _, a in heard[False]) > 10
+
+
+def test_rounds_by_value_refuse_nonsense_and_need_slots_shared_by_value():
+    with pytest.raises(ValueError, match="rounds must be"):
+        ExpertFlowPlanner(rounds=-1)
+    with pytest.raises(ValueError, match="rounds must be"):
+        ExpertFlowPlanner(rounds=True)
+    spec = Checkpoint(default_model_dir()).spec
+    cache = make_cache(spec, 12, 1)
+    with pytest.raises(ValueError, match="min_round"):
+        cache.set_after_use(np.zeros((spec.num_moe_layers, spec.num_experts)), 0)
+    scores = np.full((spec.num_moe_layers, spec.num_experts), 0.1)
+    ExpertFlowPlanner(rounds=2, by_value=False).plan(cache, scores)
+    assert cache._after_use is None, "count quotas: no rounds by value"
+    ExpertFlowPlanner(rounds=2).plan(cache, scores)
+    assert cache._after_use is not None and cache._min_round == 2
+    ExpertFlowPlanner().plan(cache, scores)
+    assert cache._after_use is None, "a planner without rounds switches them off again"

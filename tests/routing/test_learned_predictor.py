@@ -292,3 +292,22 @@ def test_gpu_graphed_forward_equals_the_eager_one(tiny):
         got = pred.logits(*f)
         assert got.shape == want.shape
         assert np.allclose(got, want, rtol=1e-4, atol=1e-4), float(np.abs(got - want).max())
+
+
+def test_rounds_by_value_move_fewer_bytes_at_batch_8(heldout_trace, tiny):
+    """The planner's rounds by value (ExpertFlowPlanner(rounds=1)) on the bundled model's held-out trace at 25%,
+    batch 8: a layer computed in rounds lets its own computed experts go first, as Belady's rule seeing them one by
+    one would (measured here: 1.234x -> 1.148x Belady's bytes, 7% fewer)."""
+    from moeflow.experts.predictive import ExpertFlowPlanner
+    from moeflow.experts.replay import belady, decode_steps, make_cache, pool_at, replay
+    from moeflow.routing.predictors.learned import load_predictor
+
+    data = RouteData.from_traces([heldout_trace])
+    spec = tiny.spec
+    slots, eb = pool_at(tiny, "25%")
+    steps = decode_steps(data.token_ids, data.routes, data.first_sequences(1500), 8, spec.num_experts)
+    moved = {n: replay(steps, make_cache(spec, slots, eb), load_predictor(SHIPPED, tiny),
+                       ExpertFlowPlanner(rounds=n)).bytes_per_token for n in (0, 1)}
+    floor = belady(steps, slots, eb, spec.moe_layers).bytes_per_token
+    print({n: round(b / floor, 3) for n, b in moved.items()})
+    assert moved[1] <= 0.96 * moved[0] and moved[1] >= floor
