@@ -6,7 +6,8 @@
 Each SETTINGS is a Python dict of ExpertFlowPlanner keyword arguments (e.g. "{'prefetch_at': 0.95}"; "{}" is the
 default planner). The trace's first sequences up to --tokens are replayed through the real ExpertCache and planner
 with the predictor (experts/replay.py, as `moeflow predictor eval` does), once per setting; each line gives experts
-moved per token as a multiple of Belady's optimal cache of the same slots, and the hit rate. --gate-ahead hands
+moved per token as a multiple of Belady's optimal cache of the same slots, the hit rate, and the rounds a layer's
+experts were computed in, per layer-step (more than 1 where the pool or `rounds` splits a layer). --gate-ahead hands
 the planner the trace's gate-ahead guesses, as an engine with `gate_ahead=True` would.
 """
 
@@ -51,9 +52,20 @@ def main() -> None:
     opt = belady(steps, slots, expert_bytes, spec.moe_layers).bytes_per_token
     for text in args.settings:
         kwargs = ast.literal_eval(text)
-        r = replay(steps, make_cache(spec, slots, expert_bytes), load_predictor(args.predictor, ck, "cpu"),
-                   ExpertFlowPlanner(**kwargs), gate_ahead=args.gate_ahead)
-        print(f"{text}: {r.bytes_per_token / opt:.3f}x Belady, hit rate {r.hit_rate:.3f}", flush=True)
+        cache = make_cache(spec, slots, expert_bytes)
+        acquires = [0]
+        acquire = cache.acquire
+
+        def counted(layer, experts):  # one call per round of a layer's experts
+            acquires[0] += 1
+            return acquire(layer, experts)
+
+        cache.acquire = counted
+        r = replay(steps, cache, load_predictor(args.predictor, ck, "cpu"), ExpertFlowPlanner(**kwargs),
+                   gate_ahead=args.gate_ahead)
+        rounds = acquires[0] / (len(steps) * len(cache.layers))
+        print(f"{text}: {r.bytes_per_token / opt:.3f}x Belady, hit rate {r.hit_rate:.3f}, "
+              f"{rounds:.2f} rounds per layer-step", flush=True)
 
 
 if __name__ == "__main__":

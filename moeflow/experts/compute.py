@@ -88,7 +88,7 @@ class CachedExperts:
         cache = self.cache
         if speculated and cache.computable(layer, needed):
             got = cache.acquire(layer, needed)  # counts the hits; nothing moves
-            cache.release(list(got.values()))
+            cache.release(list(got.values()), spent=True)
         else:
             todo = needed
             while todo:
