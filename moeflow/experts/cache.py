@@ -170,10 +170,8 @@ class ExpertCache:
                 missing.append(e)
         stats.hits += len(got)
         loads = []
-        take = self._take_slots(li)
+        take = self._take_slots(li, got if self._after_use is not None else None)
         for e in missing:
-            if len(got) >= self._min_round and self._round_ends(li, got):
-                break
             slot = next(take)
             if slot is None:
                 break
@@ -219,14 +217,11 @@ class ExpertCache:
         self._after_use = None if after_use is None else np.asarray(after_use, dtype=np.float64)
         self._min_round = min_round
 
-    def _round_ends(self, li: int, got: dict[int, int]) -> bool:
+    def _round_ends(self, li: int, victim: tuple[int, int], got: dict[int, int]) -> bool:
         """Rounds by value: whether layer li should compute the experts it holds (`got`) before loading more,
-        because the expert the next load would evict is worth more to keep than one of those after their use."""
-        if self._after_use is None or self._free or self._floor is None or self._priority is None:
-            return False
-        victim = least_valuable(li, self._idle, self._unprotected, self._held, self._floor, self._priority,
-                                self.policy)
-        if victim is None:
+        because `victim`, the expert the next load would evict, is worth more to keep than one of those after
+        their use."""
+        if len(got) < self._min_round:
             return False
         mine = min(self._after_use[li, e] for e in got)
         return bool(self._protected[victim] or self._priority[victim] > mine)
@@ -433,9 +428,10 @@ class ExpertCache:
             candidates = candidates & lowest
         return self.policy.victim(li, candidates)
 
-    def _take_slots(self, li: int) -> Iterator[int | None]:
+    def _take_slots(self, li: int, got: dict[int, int] | None = None) -> Iterator[int | None]:
         """Slots for layer li's misses, one per next(): a free slot, or one freed by evicting an unpinned expert;
-        None once every slot is pinned.
+        None once every slot is pinned, or (rounds by value, `got`: what the layer holds so far) once the round
+        should end before the next eviction.
 
         A layer at its quota evicts its own; a layer under it takes from the layers most over
         theirs. Only when those have nothing evictable does any other layer give a slot. Each
@@ -447,6 +443,8 @@ class ExpertCache:
         if self._floor is not None and self._priority is not None:
             while (victim := least_valuable(li, self._idle, self._unprotected, self._held, self._floor,
                                             self._priority, self.policy)) is not None:
+                if got is not None and self._round_ends(li, victim, got):
+                    break
                 slot = int(self.slot_of[victim])
                 self._evict(slot)
                 yield slot
