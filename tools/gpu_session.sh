@@ -566,7 +566,7 @@ case "$part" in
     # (since the eighth session) rounds by value: a layer computed in rounds so its own computed experts go first
     # (replay on moeflow-tiny: 1.222x -> 1.137x Belady's bytes at 25% batch 8, 1.391x -> 1.274x at 10% batch 1)
     offline "$p" rounds "${ROUNDS_TIMEOUT:-240}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 2 \
-        --predictors "none,$P,$P:rounds=1,$P:rounds=8"
+        --predictors "none,$P,$P:rounds=1,$P:rounds=8,$P:rounds=1:reuse_weight=1"
     pack
     # (since the eighth session: at 25% batch 1 the copy engine was busy 70% of the step, and at the bytes moved
     # 1.75x LRU is the ceiling: the deep variant queues every layer's likely experts and issues them all at the
