@@ -7,7 +7,7 @@ default; a planner may rebalance them by predicted demand each step). A layer un
 takes a slot from the layer most over its quota (quotas.py); a layer at its quota evicts one of its own
 experts, chosen by the eviction policy, sparing the experts a planner protects and taking the
 lowest of a planner's priorities first, when it has set any. A planner may share the slots by value
-instead (`share_by_value`): a slot then comes from the least valuable evictable expert of any layer above
+instead (`order.share_by_value`): a slot then comes from the least valuable evictable expert of any layer above
 a floor. Slots a compute still reads are pinned and never evicted.
 
 Where an expert lives has one authority, the host's `slot_of`, and the device's `slot_table` is
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from moeflow.experts.policies import EvictionPolicy
-from moeflow.experts.quotas import donor_layer, equal_quotas, least_valuable
+from moeflow.experts.eviction_order import EvictionOrder
+from moeflow.experts.quotas import donor_layer, least_valuable
 from moeflow.experts.slot_table import DeviceSlotTable
 from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
@@ -86,14 +87,7 @@ class ExpertCache:
         self._unused_prefetch = np.zeros(S, dtype=bool)  # filled by a prefetch and not used since
         self._free = list(range(S - 1, -1, -1))
         self._held = np.zeros(L, dtype=np.int64)
-        self._protected = np.zeros((L, E), dtype=bool)
-        self._unprotected = ~self._protected
-        self._priority: np.ndarray | None = None  # [L, E] eviction order a planner sets; None: the policy's alone
-        self._after_use: np.ndarray | None = None  # [L, E] priorities once computed this step (set_after_use)
-        self._min_round = 1  # rounds by value: the fewest experts a round computes before it may end
-        self.quota = equal_quotas(S, L)
-        self._floor: int | None = None  # share_by_value's floor; None: slots are shared by quota
-        self._margin = 0.0
+        self.order = EvictionOrder(L, E, S)  # what a planner says to keep: quotas, protection, priorities
         self.stats = CacheStats({layer: LayerStats() for layer in self.layers})
         self._table_dirty = True
 
@@ -170,7 +164,7 @@ class ExpertCache:
                 missing.append(e)
         stats.hits += len(got)
         loads = []
-        take = self._take_slots(li, got if self._after_use is not None else None)
+        take = self._take_slots(li, got if self.order.after_use is not None else None)
         for e in missing:
             slot = next(take)
             if slot is None:
@@ -191,8 +185,8 @@ class ExpertCache:
 
     def release(self, slots: list[int], spent: bool = False) -> None:
         """Unpin `slots` once the compute that reads them is enqueued. `spent`: their layer has computed them
-        for this step, so with rounds by value on (set_after_use) they take their after-use priority and lose
-        their protection, and a later round of the same layer may evict them first."""
+        for this step (EvictionOrder.spend: with rounds by value on, a later round of the layer may evict them
+        first)."""
         self.transfer.mark_read(slots)
         for s in slots:
             self._pins[s] -= 1
@@ -200,31 +194,8 @@ class ExpertCache:
             if owner is not None and self._pins[s] == 0:
                 li, e = self._ordinal[owner[0]], owner[1]
                 self._idle[li, e] = True
-                if spent and self._after_use is not None and self._priority is not None:
-                    self._priority[li, e] = self._after_use[li, e]
-                    self._protected[li, e] = False
-                    self._unprotected[li, e] = True
-
-    def set_after_use(self, after_use: np.ndarray | None, min_round: int = 1) -> None:
-        """Rounds by value: [L, E] each expert's priority once its layer has computed it this step (a planner's
-        value of keeping it for later steps), or None (off). On, a layer whose next load would evict an expert
-        worth more than one of its own it already holds is computed in rounds, once it holds `min_round`: those
-        first, then (released as spent) they make room for the rest. What is computed is the same; only which
-        expert goes is chosen as Belady's rule would, seeing a layer-step's experts one by one (experts/belady.py:
-        the bound issue 12 names, which a layer computed in one round cannot reach)."""
-        if min_round < 1:
-            raise ValueError(f"min_round must be >= 1, got {min_round}")
-        self._after_use = None if after_use is None else np.asarray(after_use, dtype=np.float64)
-        self._min_round = min_round
-
-    def _round_ends(self, li: int, victim: tuple[int, int], got: dict[int, int]) -> bool:
-        """Rounds by value: whether layer li should compute the experts it holds (`got`) before loading more,
-        because `victim`, the expert the next load would evict, is worth more to keep than one of those after
-        their use."""
-        if len(got) < self._min_round:
-            return False
-        mine = min(self._after_use[li, e] for e in got)
-        return bool(self._protected[victim] or self._priority[victim] > mine)
+                if spent:
+                    self.order.spend(li, e)
 
     def prepare_compute(self, layer: int) -> None:
         """Before a compute that reads `layer`'s experts through the device table, enqueued before the host
@@ -238,51 +209,7 @@ class ExpertCache:
         """Whether a compute enqueued after `prepare_compute(layer)` (and no cache change since) covered `experts`."""
         return bool((self._live[self._ordinal[layer], experts] >= 0).all())
 
-    # -- planning: what a predictor's scores turn into ---------------------------------------
-
-    def set_quotas(self, quotas: np.ndarray) -> None:
-        """Per-layer slot targets for the coming steps (by MoE layer ordinal). They steer which layer gives up a
-        slot; a layer is never emptied below them by another layer's miss."""
-        q = np.asarray(quotas, dtype=np.int64)
-        counts = q.tolist()  # checked on a list: a planner sets them after every router
-        if q.shape != (len(self.layers),) or min(counts) < 0 or sum(counts) > self.num_slots:
-            raise ValueError(f"quotas must be {len(self.layers)} non-negative counts summing to at most "
-                             f"{self.num_slots} slots, got {q.tolist()}")
-        self.quota = q
-
-    def share_by_value(self, floor: int | None, prefetch_margin: float = 0.25) -> None:
-        """Share slots between layers by value rather than by quota (a planner's choice; None: by quota again).
-        While priorities are set, a slot any layer needs comes from the least valuable evictable expert of that
-        layer or of any layer holding more than `floor` slots (quotas.least_valuable), and a prefetch takes one
-        only if that expert is worth less than `prefetch_margin` times the prefetched expert's score."""
-        self._floor, self._margin = floor, prefetch_margin
-
-    def protect(self, mask: np.ndarray | None, first: int = 0) -> None:
-        """Experts ([L, E] bool) eviction spares while anything else can go; None protects nothing. With `first`,
-        `mask` holds rows first.. only (MoE layer ordinals) and the rows before keep what they had: a planner
-        correcting course as layers route changes only the rows of the layers still to come."""
-        if mask is None:
-            self._protected = np.zeros_like(self._protected)
-            self._unprotected = ~self._protected
-        elif first == 0:
-            self._protected = np.array(mask, dtype=bool)  # a copy: later row updates write into it
-            self._unprotected = ~self._protected
-        else:
-            self._protected[first:] = mask
-            np.logical_not(self._protected[first:], out=self._unprotected[first:])
-
-    def prioritize(self, priority: np.ndarray | None, first: int = 0) -> None:
-        """Eviction priorities ([L, E], higher: keep longer) for the coming steps; None: none. Among the experts a
-        layer may give up, the lowest-priority go first and the eviction policy breaks ties. With `first`, as for
-        `protect`: rows first.. only, over priorities set before."""
-        if priority is None:
-            self._priority = None
-        elif first == 0:
-            self._priority = np.array(priority, dtype=np.float64)
-        elif self._priority is None:
-            raise ValueError("prioritize: rows can only update priorities already set for every layer")
-        else:
-            self._priority[first:] = priority
+    # -- planning: prefetches (what to keep is `order`, eviction_order.py) ----------------------
 
     def enqueue_prefetch(self, layer: int, experts: list[int], deadline: int = 0,
                          scores: list[float] | None = None) -> int:
@@ -295,8 +222,9 @@ class ExpertCache:
         """
         li = self._ordinal[layer]
         spare = None  # what may go for them: neither protected nor predicted (made at the first eviction)
-        quota = int(self.quota[li])
-        by_value = self._floor is not None and self._priority is not None
+        order = self.order
+        quota = int(order.quota[li])
+        by_value = order.by_value
         loads, load_scores = [], []
         for i, e in enumerate(experts):
             if self.slot_of[li, e] >= 0:
@@ -305,20 +233,20 @@ class ExpertCache:
             if self._free and (by_value or self._held[li] < quota):
                 slot = self._free.pop()
             elif by_value:
-                victim = least_valuable(li, self._idle, self._unprotected, self._held, self._floor, self._priority,
-                                        self.policy, exclude=experts, below=self._margin * score)
+                victim = least_valuable(li, self._idle, order.unprotected, self._held, order.floor, order.priority,
+                                        self.policy, exclude=experts, below=order.margin * score)
                 if victim is None:
                     break
                 slot = int(self.slot_of[victim])
                 self._evict(slot)
             else:
                 if spare is None:
-                    spare = self._unprotected[li].copy()
+                    spare = order.unprotected[li].copy()
                     spare[experts] = False
                 candidates = self._idle[li] & spare
                 if not np.count_nonzero(candidates):  # (count_nonzero: a third of any()'s host time)
                     break
-                slot = int(self.slot_of[li, self._choose(li, candidates)])
+                slot = int(self.slot_of[li, order.choose(li, candidates, self.policy)])
                 self._evict(slot)
             self._assign(slot, layer, e)
             self._state[slot] = QUEUED
@@ -415,18 +343,9 @@ class ExpertCache:
     def _victim(self, li: int) -> int:
         """The slot layer li gives up, which must have an evictable expert: an unprotected one if it has one."""
         candidates = self._idle[li]
-        spare = candidates & self._unprotected[li]
-        return int(self.slot_of[li, self._choose(li, spare if np.count_nonzero(spare) else candidates)])
-
-    def _choose(self, li: int, candidates: np.ndarray) -> int:
-        """Layer li's expert to evict among `candidates`: the lowest priority; ties, or no priorities, to the policy."""
-        if self._priority is not None:
-            p = np.where(candidates, self._priority[li], np.inf)
-            lowest = p == p.min()  # only candidates, unless every candidate's priority is inf
-            if np.count_nonzero(lowest) == 1:  # no tie for the policy to break (most evictions)
-                return int(lowest.argmax())
-            candidates = candidates & lowest
-        return self.policy.victim(li, candidates)
+        spare = candidates & self.order.unprotected[li]
+        return int(self.slot_of[li, self.order.choose(li, spare if np.count_nonzero(spare) else candidates,
+                                                      self.policy)])
 
     def _take_slots(self, li: int, got: dict[int, int] | None = None) -> Iterator[int | None]:
         """Slots for layer li's misses, one per next(): a free slot, or one freed by evicting an unpinned expert;
@@ -440,17 +359,18 @@ class ExpertCache:
         """
         while self._free:
             yield self._free.pop()
-        if self._floor is not None and self._priority is not None:
-            while (victim := least_valuable(li, self._idle, self._unprotected, self._held, self._floor,
-                                            self._priority, self.policy)) is not None:
-                if got is not None and self._round_ends(li, victim, got):
+        order = self.order
+        if order.by_value:
+            while (victim := least_valuable(li, self._idle, order.unprotected, self._held, order.floor,
+                                            order.priority, self.policy)) is not None:
+                if got is not None and order.round_ends(li, victim, got):
                     break
                 slot = int(self.slot_of[victim])
                 self._evict(slot)
                 yield slot
             yield None
             return
-        over = (self._held - self.quota).tolist()
+        over = (self._held - order.quota).tolist()
         can = self._idle.any(axis=1).tolist()
         while True:
             j = donor_layer(li, over, can)

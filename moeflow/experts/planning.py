@@ -57,7 +57,7 @@ class PrefetchTop:
         scores = prediction.scores if isinstance(prediction, Prediction) else prediction
         cache.drop_prefetches()  # the last step's unissued guesses are stale
         for li, layer in enumerate(cache.layers):
-            experts, s = top_experts(scores[li], int(cache.quota[li]))
+            experts, s = top_experts(scores[li], int(cache.order.quota[li]))
             cache.enqueue_prefetch(layer, experts, deadline=li, scores=s)
         cache.issue_prefetches(self.issue_now)
 

@@ -9,7 +9,7 @@ of layer l), and after each offloaded layer's router, from the real route and th
     keeps a floor of min(K, S // L) slots, one token's top-k where the budget allows it (when S < L*K, as at 10%
     of 12 x 64 with top-8, the floor is S // L). By default (`by_value`) the slots are shared by value itself: a
     miss or a prefetch of any layer takes the least valuable evictable expert of any layer above its floor
-    (ExpertCache.share_by_value), and a prefetch only one worth less than a quarter of its own chance
+    (ExpertCache.order.share_by_value), and a prefetch only one worth less than a quarter of its own chance
     (`prefetch_margin`). Replaying moeflow-tiny's test trace at 25% this moved 1.49x Belady's bytes at batch 1
     and 1.21x at batch 8, against 1.60x and 1.24x with count quotas; told every route of this step and the next
     four, the same planner moves 1.12x with it and 1.27x without (tools/replay_oracle.py --by-value 1|0). The
@@ -164,15 +164,15 @@ class ExpertFlowPlanner:
         cache.drop_prefetches()  # the last step's unissued guesses are stale
         v = self._value = self.value()  # read by quotas and protection alike
         if self.quotas:
-            cache.set_quotas(self.demand_quotas(cache, scores, v))
+            cache.order.set_quotas(self.demand_quotas(cache, scores, v))
         floor = min(cache.top_k, cache.num_slots // len(cache.layers))  # one token's top-k, as the budget allows
         # slots shared by value needs the priorities protection sets
         by_value = self.quotas and self.by_value and self.protect
-        cache.share_by_value(floor if by_value else None, self.prefetch_margin)
+        cache.order.share_by_value(floor if by_value else None, self.prefetch_margin)
         self._guard(cache, v, 0)
         # rounds by value (slots shared by value only): what each expert is worth once its layer has computed it
         after = np.floor(self._later_value() * self.levels) / self.levels if self.rounds and by_value else None
-        cache.set_after_use(after, max(1, self.rounds))
+        cache.order.set_after_use(after, max(1, self.rounds))
         if self.prefetch:
             self._queue(cache, 0, min(len(cache.layers), self.lookahead) - 1)
             if cache.transfer.num_queued:
@@ -243,8 +243,8 @@ class ExpertFlowPlanner:
         done = self._routed + 1 - first
         if done > 0:
             mask[:done] = False  # a routed layer is not needed again this step
-        cache.protect(mask, first)
-        cache.prioritize(np.floor(value[first:] * self.levels) / self.levels, first)
+        cache.order.protect(mask, first)
+        cache.order.prioritize(np.floor(value[first:] * self.levels) / self.levels, first)
 
     # -- prefetch ------------------------------------------------------------------------------------
 
@@ -256,7 +256,7 @@ class ExpertFlowPlanner:
             # the few likely ones not resident (nor on their way), then sorted: the same order as sorting all E
             # and keeping those
             order = ((s >= self.prefetch_at) & (cache.slot_of[li] < 0)).nonzero()[0]
-            room = int(cache.quota[li])
+            room = int(cache.order.quota[li])
             if len(order) and room > 0:
                 order = order[np.argsort(-s[order], kind="stable")]
                 cache.enqueue_prefetch(cache.layers[li], order[:room].tolist(), deadline=li,
@@ -328,7 +328,7 @@ class ExpertFlowPlanner:
         v = self._value
         v[first:] = self.value(first)
         if self.quotas and self.requota:
-            cache.set_quotas(self.demand_quotas(cache, self._scores, v))
+            cache.order.set_quotas(self.demand_quotas(cache, self._scores, v))
         self._guard(cache, v, first)
         if self.prefetch:
             last = min(L - 1, layer + self.lookahead)

@@ -2,7 +2,7 @@
 
 By quota (the default): every layer has a quota of slots (equal by default; a planner may set them per step).
 When a layer needs a slot and none is free, `donor_layer` says which layer gives one up: the cache then evicts
-from that layer. By value (a planner's choice, `ExpertCache.share_by_value`): the slot comes from the least
+from that layer. By value (a planner's choice, `ExpertCache.order.share_by_value`): the slot comes from the least
 valuable evictable expert of any layer above a floor, `least_valuable`.
 """
 

@@ -159,7 +159,7 @@ def test_clear_empties_the_pool_in_place_as_a_new_cache_would_start():
     cache.clear(LRUPolicy(3, 6))
     assert cache.pool is pool and cache.slot_table is table, "the tensors graphs captured stay"
     assert (cache.slot_of == -1).all() and (table == -1).all() and cache.owner == [None] * 6
-    assert len(cache._free) == 6 and list(cache.quota) == [2, 2, 2]
+    assert len(cache._free) == 6 and list(cache.order.quota) == [2, 2, 2]
     assert cache.stats.total().hits == cache.stats.total().misses == 0
     got = use(cache, 0, [5])
     assert cache.stats.total().misses == 1 and cache.pool[got[5]][0].item() == 5.0

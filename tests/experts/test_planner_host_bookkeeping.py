@@ -29,7 +29,7 @@ class CheckedCache(ExpertCache):
         slot = np.maximum(self.slot_of, 0)
         assert (self._idle == (resident & (self._pins[slot] == 0))).all()
         assert (self._live == np.where(resident & (self._state[slot] == LIVE), self.slot_of, -1)).all()
-        assert (self._unprotected == ~self._protected).all()
+        assert (self.order.unprotected == ~self.order.protected).all()
         self.checks += 1
 
     def acquire(self, layer, experts):

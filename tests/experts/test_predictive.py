@@ -41,15 +41,15 @@ def test_quotas_follow_predicted_demand_above_a_floor():
     planner = ExpertFlowPlanner(prefetch=False, protect=False)
     scores = scores_for({0: {0: 0.9, 1: 0.9}, 1: {e: 0.9 for e in range(6)}, 2: {0: 0.9, 1: 0.9}})
     planner.plan(cache, scores)
-    q = cache.quota.tolist()
+    q = cache.order.quota.tolist()
     assert sum(q) == 9 and min(q) >= K and q[1] == max(q) and q[1] > 3
     # a budget below one top-k per layer: the floor is what fits, S // L
     small = toy_cache(4)
     planner.plan(small, scores)
-    assert small.quota.sum() <= 4 and small.quota.min() >= 4 // L
+    assert small.order.quota.sum() <= 4 and small.order.quota.min() >= 4 // L
     off = toy_cache(9)
     ExpertFlowPlanner(quotas=False, prefetch=False).plan(off, scores)
-    assert off.quota.tolist() == [3, 3, 3], "quotas off: the cache's equal shares stay"
+    assert off.order.quota.tolist() == [3, 3, 3], "quotas off: the cache's equal shares stay"
 
 
 def test_eviction_protects_the_predicted_and_takes_the_least_likely_first():
@@ -61,7 +61,7 @@ def test_eviction_protects_the_predicted_and_takes_the_least_likely_first():
     use(cache, 0, [0])  # LRU alone would now evict expert 1 of layer 0 ... and then 0
     planner = ExpertFlowPlanner(prefetch=False, quotas=False)
     planner.plan(cache, scores_for({0: {1: 0.9, 0: 0.2}}))
-    assert cache._protected[0, 1] and not cache._protected[0, 0]
+    assert cache.order.protected[0, 1] and not cache.order.protected[0, 0]
     use(cache, 0, [4])  # a miss at quota: expert 0 (less likely) goes, though 1 was used longer ago
     assert cache.slot_of[0, 1] >= 0 and cache.slot_of[0, 0] == -1
     plain = toy_cache(6)
@@ -212,20 +212,20 @@ def test_protection_and_priorities_take_rows_from_a_layer_on():
     mask, prio = np.zeros((L, E), dtype=bool), np.zeros((L, E))
     mask[0, 1] = mask[2, 3] = True
     prio[0, 0], prio[2, 2] = 0.5, 0.25
-    cache.protect(mask)
-    cache.prioritize(prio)
+    cache.order.protect(mask)
+    cache.order.prioritize(prio)
     mask[0, 1] = False  # the cache holds copies: the caller's arrays are its own again
     prio[0, 0] = 0.0
-    assert cache._protected[0, 1] and cache._priority[0, 0] == 0.5
-    cache.protect(np.ones((L - 1, E), dtype=bool), first=1)
-    cache.prioritize(np.full((L - 1, E), 0.75), first=1)
-    assert cache._protected[0].tolist() == [False, True] + [False] * (E - 2), "rows before `first` kept"
-    assert cache._protected[1:].all() and not cache._unprotected[1:].any()
-    assert cache._unprotected[0].tolist() == [True, False] + [True] * (E - 2)
-    assert cache._priority[0, 0] == 0.5 and (cache._priority[1:] == 0.75).all()
-    cache.prioritize(None)
+    assert cache.order.protected[0, 1] and cache.order.priority[0, 0] == 0.5
+    cache.order.protect(np.ones((L - 1, E), dtype=bool), first=1)
+    cache.order.prioritize(np.full((L - 1, E), 0.75), first=1)
+    assert cache.order.protected[0].tolist() == [False, True] + [False] * (E - 2), "rows before `first` kept"
+    assert cache.order.protected[1:].all() and not cache.order.unprotected[1:].any()
+    assert cache.order.unprotected[0].tolist() == [True, False] + [True] * (E - 2)
+    assert cache.order.priority[0, 0] == 0.5 and (cache.order.priority[1:] == 0.75).all()
+    cache.order.prioritize(None)
     with pytest.raises(ValueError, match="already set for every layer"):
-        cache.prioritize(np.zeros((L - 1, E)), first=1)
+        cache.order.prioritize(np.zeros((L - 1, E)), first=1)
 
 
 def test_priorities_order_eviction_and_ties_fall_to_lru():
@@ -236,10 +236,10 @@ def test_priorities_order_eviction_and_ties_fall_to_lru():
     use(cache, 2, [0, 1])
     prio = np.zeros((L, E))
     prio[0, 0] = 0.5
-    cache.prioritize(prio)
+    cache.order.prioritize(prio)
     use(cache, 0, [2])
     assert cache.slot_of[0, 0] >= 0 and cache.slot_of[0, 1] == -1, "lower priority goes, though more recent"
-    cache.prioritize(None)
+    cache.order.prioritize(None)
     use(cache, 0, [3])
     assert cache.slot_of[0, 0] == -1, "no priorities: LRU"
 
@@ -367,11 +367,11 @@ def test_rounds_by_value_refuse_nonsense_and_need_slots_shared_by_value():
     spec = Checkpoint(default_model_dir()).spec
     cache = make_cache(spec, 12, 1)
     with pytest.raises(ValueError, match="min_round"):
-        cache.set_after_use(np.zeros((spec.num_moe_layers, spec.num_experts)), 0)
+        cache.order.set_after_use(np.zeros((spec.num_moe_layers, spec.num_experts)), 0)
     scores = np.full((spec.num_moe_layers, spec.num_experts), 0.1)
     ExpertFlowPlanner(rounds=2, by_value=False).plan(cache, scores)
-    assert cache._after_use is None, "count quotas: no rounds by value"
+    assert cache.order.after_use is None, "count quotas: no rounds by value"
     ExpertFlowPlanner(rounds=2).plan(cache, scores)
-    assert cache._after_use is not None and cache._min_round == 2
+    assert cache.order.after_use is not None and cache.order.min_round == 2
     ExpertFlowPlanner().plan(cache, scores)
-    assert cache._after_use is None, "a planner without rounds switches them off again"
+    assert cache.order.after_use is None, "a planner without rounds switches them off again"
