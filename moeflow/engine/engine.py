@@ -25,8 +25,8 @@ from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
-from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, resolve_device, resolve_dtype,
-                                  resolve_max_model_len)
+from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
+                                  resolve_dtype, resolve_fused, resolve_max_model_len)
 from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
@@ -35,10 +35,8 @@ from moeflow.experts.planning import Planner, PrefetchTop
 from moeflow.experts.predictive import ExpertFlowPlanner
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
-from moeflow.models import fused_decode
 from moeflow.models.model import MoEModel
 from moeflow.outputs import RequestOutput
-from moeflow.routing.lynx import AffinityBinning
 from moeflow.routing.predictors import LearnedPredictor, Prediction, Predictor, RequestView, StepView
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
@@ -78,11 +76,8 @@ class LLMEngine:
         capacity = max(config.max_num_batched_tokens, self.max_model_len, batch_buckets(self.max_batch_size)[-1])
         self.record = RouteRecord(spec.num_moe_layers, spec.router.top_k, spec.num_experts, capacity, weight_dtype,
                                   self.device)
-        fused = config.fused_ops
-        if fused is None:  # the default: fused wherever the kernels run (never the interpreter)
-            fused = self.device.type == "cuda" and fused_decode.fused_available(self.device)
         self.model = MoEModel(spec, self.checkpoint, self.dtype, self.device, self.max_model_len, self.record,
-                              fused=fused, gate_ahead=config.gate_ahead)
+                              fused=resolve_fused(config.fused_ops, self.device), gate_ahead=config.gate_ahead)
         self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)
@@ -90,10 +85,7 @@ class LLMEngine:
         self.planner: Planner = PrefetchTop()
         self.set_predictor(predictor if predictor is not None else named_predictor(config, spec, self.checkpoint, self.device,
                                                                         self.model.w["model.embed_tokens.weight"]))
-        self.selector: Selector | None = None
-        if "lynx" in config.routing_modes:
-            self.selector = AffinityBinning.for_spec(spec, config.lynx_alpha, config.lynx_beta,
-                                                     config.lynx_resident_weight)
+        self.selector: Selector | None = named_selector(config, spec)
         self.graph_captures = 0  # decode graphs captured over the engine's life
         self.graph_capture_s = 0.0
         self.warmup_s = 0.0  # the prefill warm-up's seconds, for the current expert pool (warmup.py)

@@ -13,6 +13,8 @@ from moeflow.config import EngineConfig, ExpertBudget, budget_text, format_bytes
 from moeflow.engine.policies import POLICIES as SCHEDULING_POLICIES
 from moeflow.engine.scheduler import SchedulingPolicy
 from moeflow.errors import BudgetError, ConfigError
+from moeflow.models import fused_decode
+from moeflow.routing.lynx import AffinityBinning
 from moeflow.routing.predictors import BUILTIN, Predictor, find_predictor, load_predictor, make_predictor
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +43,12 @@ def resolve_dtype(name: str, spec: ModelSpec, device: torch.device) -> torch.dty
     return _DTYPES.get(spec.torch_dtype, torch.bfloat16) if spec.torch_dtype != "float32" else torch.bfloat16
 
 
+def resolve_fused(asked: bool | None, device: torch.device) -> bool:
+    """EngineConfig.fused_ops: as asked, or by default wherever the kernels run (CUDA with Triton, never the
+    interpreter)."""
+    return asked if asked is not None else device.type == "cuda" and fused_decode.fused_available(device)
+
+
 def resolve_max_model_len(asked: int | None, spec: ModelSpec) -> int:
     if asked is None:
         return min(spec.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
@@ -54,6 +62,14 @@ def named_policy(config: EngineConfig) -> SchedulingPolicy:
     if config.scheduler == "route-aware":
         return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait)
     return SCHEDULING_POLICIES[config.scheduler]()
+
+
+def named_selector(config: EngineConfig, spec: ModelSpec) -> AffinityBinning | None:
+    """The engine's LYNX selector at the configured (or the model's) alpha and beta, where requests may ask for
+    lynx routing; None where they may not."""
+    if "lynx" not in config.routing_modes:
+        return None
+    return AffinityBinning.for_spec(spec, config.lynx_alpha, config.lynx_beta, config.lynx_resident_weight)
 
 
 def named_predictor(config: EngineConfig, spec: ModelSpec, checkpoint, device: torch.device,
