@@ -1,6 +1,6 @@
 """The LYNX binning kernel's time per call on a GPU: one program for the whole step against the rows spread over
 programs (routing/_lynx_triton.affinity_binning(rows_per_program=n)), on random router logits of E experts,
-top-K, at each batch size and beta; each timed as 50 calls replayed in one CUDA graph.
+top-K, at each batch size and beta; each timed as a CUDA graph of 50 calls (the median of 20 replays, per call).
 
     python tools/lynx_binning_time.py [--batch-sizes 32,64,128] [--experts 64] [--top-k 8] [--beta 1,2]
         [--rows 0,1,2,4,8] [--out FILE.json]
@@ -16,23 +16,7 @@ import sys
 
 import torch
 
-
-def time_calls(fn, calls: int = 50) -> float:
-    """Microseconds per call of fn, replayed `calls` times in one CUDA graph (compiled before the capture)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls * 1000
+CALLS = 50  # calls in one graph, so the graph's own launch is spread over them
 
 
 def main() -> int:
@@ -48,6 +32,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("tools/lynx_binning_time.py times a CUDA kernel and needs a CUDA device", file=sys.stderr)
         return 2
+    from moeflow.experts.kernels.bench_kernels import time_graph
     from moeflow.routing import _lynx_triton
 
     torch.manual_seed(0)
@@ -66,10 +51,13 @@ def main() -> int:
                 call = lambda: _lynx_triton.affinity_binning(  # noqa: E731
                     logits, ids, weights, real, exact, None, args.alpha, beta, scale, 0, True,
                     rows_per_program=rows or None)
-                out = call()
+                out = call()  # compiled before the capture
+                torch.cuda.synchronize()
                 reference = out if reference is None else reference
+                us = time_graph(lambda: [call() for _ in range(CALLS)], [()], reps=20)  # None: not capturable
                 cell = {"batch": T, "experts": E, "top_k": K, "beta": beta, "rows_per_program": rows or None,
-                        "us_per_call": round(time_calls(call), 2), "same_ids": bool(torch.equal(out[0], reference[0]))}
+                        "us_per_call": None if us is None else round(us / CALLS, 2),
+                        "same_ids": bool(torch.equal(out[0], reference[0]))}
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
     if args.out:

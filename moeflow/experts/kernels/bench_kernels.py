@@ -69,7 +69,9 @@ def _time_eager(fn, sets, reps: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
 
-def _time_graph(fn, sets, reps: int) -> float | None:
+def time_graph(fn, sets, reps: int) -> float | None:
+    """Median microseconds of fn(*args) replayed as a CUDA graph, one graph per input set (None: not capturable).
+    fn must have run once eagerly (compiled) before."""
     graphs = []
     try:
         for args in sets:  # one graph per input set: each holds its own static inputs
@@ -130,7 +132,7 @@ def bench(shapes=DEFAULT_SHAPES, backends=("triton", "grouped"), dtype=torch.bfl
             eager_us = _time_eager(fn, sets, reps_b)
             # grouped off bfloat16 copies offsets to the host: capturing it would fail (and poison the stream)
             capturable = backend.startswith("triton") or (backend == "grouped" and dtype == torch.bfloat16)
-            graph_us = _time_graph(fn, sets, reps_b) if capturable else None
+            graph_us = time_graph(fn, sets, reps_b) if capturable else None
             best = min(t for t in (eager_us, graph_us) if t is not None)
             row.update(eager_us=eager_us, graph_us=graph_us, GBps=nbytes / best / 1e3,
                        pct_peak=100 * nbytes / best / 1e3 / PEAK_GBPS, TFLOPs=flops / best / 1e6)
