@@ -98,9 +98,13 @@
 #   tools/gpu_session.sh 22 OUT  the LYNX binning kernel timed in one program and spread over programs
 #                                (tools/lynx_binning_time.py); the GPU tests with fused ops on by default
 #                                (transformers' grid, the rotary's rounding, LYNX, the hooks)
-#   tools/gpu_session.sh 23 OUT  train the bench model; LYNX resident at batch 32/64 with the binning spread over
-#                                programs (lynx:rows=4, rows=8) beside one program, at the default and (3, 1); LYNX's
-#                                perplexity at (3, 1), (3, 2), (5, 1), (5, 2), five domains and python_docs
+#   tools/gpu_session.sh 23 OUT  (after part 22 on its machine, or alone) train the bench model, unless one is
+#                                kept; LYNX resident at batch 32/64 with the binning in one program and spread over
+#                                programs (the rows part 22 timed fastest at batch 64, else 4), at the default, (3, 1)
+#                                and (2, 1); LYNX's perplexity at alpha 2, 3 and beta 1, 2, five domains and python_docs
+#   tools/gpu_session.sh 24 OUT  (after part 23 on its machine, or alone, training first) the multiple-choice task at
+#                                (3, 2), (3, 1) and (2, 1) when the model was kept; traces and predictors; rounds by
+#                                value against one round and LRU at 25% and 10%, batch 1 and 8
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -154,6 +158,23 @@ train_bench() {  # train_bench DIR: the bench model into $BENCH_MODEL, its logs 
     tail -2 "$1/train_log.txt"
     [ -f "$BENCH_MODEL/config.json" ] || exit 3
     cp "$BENCH_MODEL"/training_log.json "$1/" 2>/dev/null
+}
+
+keep_or_train() {  # keep_or_train DIR: the bench model an earlier part left on this machine, else train_bench DIR
+    if [ -f "$BENCH_MODEL/config.json" ] && [ "${RETRAIN:-0}" != 1 ]; then
+        echo "bench model kept from an earlier part" > "$1/train_log.txt"
+    else
+        train_bench "$1"
+    fi
+}
+
+fastest_rows() {  # fastest_rows FILE.json: the rows per program part 22 timed fastest at batch 64 (ids equal), else 4
+    python3 - "$1" <<'PY' 2>/dev/null || echo 4
+import json, sys
+cells = [c for c in json.load(open(sys.argv[1]))["cells"]
+         if c["batch"] == 64 and c["rows_per_program"] and c["us_per_call"] and c["same_ids"]]
+print(min(cells, key=lambda c: c["us_per_call"])["rows_per_program"])
+PY
 }
 
 traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
@@ -484,11 +505,7 @@ case "$part" in
 16)  # for the next session (about 8 minutes on an H100, 4 less with a model kept): slots shared by value on the GPU,
      # the issue's cells, then the GPU tests of what changed since the last of them ran (the CPU replay only so far)
     begin p16
-    if [ -f "$BENCH_MODEL/config.json" ] && [ "${RETRAIN:-0}" != 1 ]; then  # part 18's model, on its machine
-        echo "bench model kept from an earlier part" > "$p/train_log.txt"
-    else
-        train_bench "$p"
-    fi
+    keep_or_train "$p"  # part 18's model, on its machine
     pack
     traces_and_predictors "$p"
     pack
@@ -597,23 +614,50 @@ case "$part" in
     tail -2 "$p/gpu_tests.log"
     pack
     ;;
-23)  # the next session's (about 9 minutes, after part 22 on the same machine or alone): train the bench model;
-     # LYNX resident at batch 32 and 64 with the binning in one program and spread over programs of 4 and 8 rows,
-     # at the default and at (3, 1); then LYNX's perplexity at (3, 1), (3, 2), (5, 1), (5, 2)
+23)  # (about 9 minutes, after part 22 on the same machine or alone): the bench model (kept or trained); LYNX
+     # resident at batch 32 and 64, the binning in one program and spread over programs, at the default, (3, 1)
+     # and (2, 1); then LYNX's perplexity at alpha 2, 3 and beta 1, 2 (issue 13's resident target and its bound)
     begin p23
-    train_bench "$p"
+    keep_or_train "$p"
     pack
+    rows=$(fastest_rows "$w/p22/lynx_binning_time.json")
+    echo "binning spread over programs of $rows rows" | tee "$p/rows.txt"
     offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
-        --routing exact,lynx,lynx:rows=4,lynx:rows=8,lynx:alpha=3:beta=1,lynx:alpha=3:beta=1:rows=4
+        --routing "exact,lynx,lynx:rows=$rows,lynx:alpha=3:beta=1,lynx:alpha=3:beta=1:rows=$rows,lynx:alpha=2:beta=1:rows=$rows"
     pack
     five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
-    timeout 115 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
-        --max-tokens-per-doc 128 --batch-size 32 --alpha 3,5 --beta 1,2 --device cuda > "$p/sweep_test.jsonl" \
-        2> "$p/sweep_test.err"
-    timeout 85 python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs --max-docs 102 \
-        --max-tokens-per-doc 128 --batch-size 32 --alpha 3,5 --beta 1,2 --device cuda > "$p/sweep_python_docs.jsonl" \
-        2> "$p/sweep_python_docs.err"
+    timeout "${SWEEP_TIMEOUT:-110}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
+        --max-docs 160 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
+        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err"
+    pack
+    timeout "${HELDOUT_TIMEOUT:-80}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
+        --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
+        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
+    pack
+    ;;
+24)  # (about 7 minutes after part 23 on its machine; 9 alone, training first): the multiple-choice task at (3, 2),
+     # (3, 1) and (2, 1) on part 23's model; traces and predictors; rounds by value against one round and LRU
+     # at 25% and 10%, batch 1 and 8 (issue 12's bytes and speed)
+    begin p24
+    kept=0; [ -f "$BENCH_MODEL/config.json" ] && kept=1
+    keep_or_train "$p"
+    pack
+    if [ "$kept" = 1 ]; then  # on part 23's model only: its perplexity sweep is the other half of the accuracy
+        for ab in "3 2" "3 1" "2 1"; do
+            set -- $ab
+            timeout 60 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
+                --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json --no-progress \
+                > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err"
+            cut -c1-200 "$p/choice_$1_$2.json"
+        done
+        pack
+    fi
+    traces_and_predictors "$p"
+    pack
+    P=$w/pred/bench
+    offline "$p" rounds "${ROUNDS_TIMEOUT:-280}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:rounds=1,$P:rounds=8,$P:rounds=1:reuse_weight=1"
     pack
     ;;
 10)
