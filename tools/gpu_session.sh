@@ -100,11 +100,13 @@
 #                                (transformers' grid, the rotary's rounding, LYNX, the hooks)
 #   tools/gpu_session.sh 23 OUT  (after part 22 on its machine, or alone) train the bench model, unless one is
 #                                kept; LYNX resident at batch 32/64 with the binning in one program and spread over
-#                                programs (the rows part 22 timed fastest at batch 64, else 4), at the default, (3, 1)
-#                                and (2, 1); LYNX's perplexity at alpha 2, 3 and beta 1, 2, five domains and python_docs
+#                                programs (the rows part 22, or this part first, timed fastest at batch 64), at the
+#                                default, (3, 1) and (2, 1); then, sharing the GPU at once, LYNX's perplexity at alpha
+#                                2, 3 and beta 1, 2 on five domains and on python_docs, and the multiple-choice task at
+#                                (3, 1) and (2, 1)
 #   tools/gpu_session.sh 24 OUT  (after part 23 on its machine, or alone, training first) the multiple-choice task at
-#                                (3, 2), (3, 1) and (2, 1) when the model was kept; traces and predictors; rounds by
-#                                value against one round and LRU at 25% and 10%, batch 1 and 8
+#                                (3, 2) when the model was kept; traces and predictors; rounds by value against one
+#                                round and LRU at 25% and 10%, batch 1 and 8
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -616,7 +618,7 @@ case "$part" in
     ;;
 23)  # (about 9 minutes, after part 22 on the same machine or alone): the bench model (kept or trained); LYNX
      # resident at batch 32 and 64, the binning in one program and spread over programs, at the default, (3, 1)
-     # and (2, 1); then LYNX's perplexity at alpha 2, 3 and beta 1, 2 (issue 13's resident target and its bound)
+     # and (2, 1); then LYNX's perplexity and multiple choice (issue 13's resident target and its bounds)
     begin p23
     keep_or_train "$p"
     pack
@@ -631,26 +633,35 @@ case "$part" in
     offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
         --routing "exact,lynx,lynx:rows=$rows,lynx:alpha=3:beta=1,lynx:alpha=3:beta=1:rows=$rows,lynx:alpha=2:beta=1:rows=$rows"
     pack
+    # accuracy alone from here, so the four runs share the GPU at once: the perplexity sweep on five domains and on
+    # python_docs, and the multiple-choice task at (3, 1) and (2, 1) ((3, 2) was 0 points on 2026-12-02)
     five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
-    timeout "${SWEEP_TIMEOUT:-100}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
+    timeout "${SWEEP_TIMEOUT:-150}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
         --max-docs 160 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
-        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err"
-    pack
-    timeout "${HELDOUT_TIMEOUT:-70}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
+        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err" &
+    timeout "${SWEEP_TIMEOUT:-150}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
         --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
-        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
+        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err" &
+    for ab in "3 1" "2 1"; do
+        set -- $ab
+        timeout "${SWEEP_TIMEOUT:-150}" python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" \
+            --routing exact,lynx --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json \
+            --no-progress > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err" &
+    done
+    wait
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
+    cut -c1-300 "$p"/choice_*.json
     pack
     ;;
-24)  # (about 7 minutes after part 23 on its machine; 9 alone, training first): the multiple-choice task at (3, 2),
-     # (3, 1) and (2, 1) on part 23's model; traces and predictors; rounds by value against one round and LRU
+24)  # (about 7 minutes after part 23 on its machine; 9 alone, training first): the multiple-choice task at (3, 2)
+     # on part 23's model; traces and predictors; rounds by value against one round and LRU
      # at 25% and 10%, batch 1 and 8 (issue 12's bytes and speed)
     begin p24
     kept=0; [ -f "$BENCH_MODEL/config.json" ] && kept=1
     keep_or_train "$p"
     pack
     if [ "$kept" = 1 ]; then  # on part 23's model only: its perplexity sweep is the other half of the accuracy
-        for ab in "3 2" "3 1" "2 1"; do
+        for ab in "3 2"; do
             set -- $ab
             timeout 60 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
                 --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json --no-progress \
