@@ -171,12 +171,15 @@ keep_or_train() {  # keep_or_train DIR: the bench model an earlier part left on 
 }
 
 fastest_rows() {  # fastest_rows FILE.json: the rows per program part 22 timed fastest at batch 64 (ids equal), else 4
-    python3 - "$1" <<'PY' 2>/dev/null || echo 4
+    local rows
+    rows=$(python3 - "$1" <<'PY' 2>/dev/null
 import json, sys
 cells = [c for c in json.load(open(sys.argv[1]))["cells"]
          if c["batch"] == 64 and c["rows_per_program"] and c["us_per_call"] and c["same_ids"]]
 print(min(cells, key=lambda c: c["us_per_call"])["rows_per_program"])
 PY
+)
+    echo "${rows:-4}"
 }
 
 traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
