@@ -640,7 +640,8 @@ case "$part" in
     # python_docs, the multiple-choice task at (3, 1) and (2, 1) ((3, 2) was 0 points on 2026-12-02), and
     # (issue 12's recall: 0.739 from 150,000 trace tokens, 0.779-0.784 from 300,000) the predictors trained on
     # traces of 1,000,000 tokens and scored on the test trace (replay kept short: recall is what is asked here)
-    (
+    (  # (PREDICTORS=0: not this part)
+        [ "${PREDICTORS:-1}" = 1 ] || exit 0
         TRAIN_DOCS=1400 TRAIN_TOKENS=1000000 PRED_EPOCHS=12 traces_and_predictors "$p"
         for d in bench bench-no-python_docs; do
             dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
