@@ -6,7 +6,7 @@ batch, same prompts). Each axis value is turned into an engine object by one loa
 to wire a new predictor, selector or scheduling policy into the benchmark:
 
     load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART][:KEY=V...]
-    load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton][:rows=N]
+    load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton][:rows=N|auto]
     load_scheduling_arg(text, spec)    fcfs | route-aware
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
@@ -16,7 +16,8 @@ adapt (the predictor's online adaptation); `PRED_DIR:KEY=V[:KEY=V]` sets the pla
 takes the model's (alpha, beta) defaults and w = 0 (plain LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes; `kernel` picks how the rule
 runs: `triton` in one launch per layer (routing/_lynx_triton.py), `torch` in thirty small operations, `auto`
 (the default) Triton's where it is installed; `rows=N` spreads the Triton kernel over programs of N rows
-(AffinityBinning.rows_per_program), the same choice in two launches.
+(AffinityBinning.rows_per_program), the same choice in two launches; `rows=0` keeps it in one program, and
+`rows=auto` (the default) spreads it from 32 rows a step.
 """
 
 from __future__ import annotations
@@ -177,13 +178,17 @@ def load_selector_arg(text: str, engine):
             key, eq, value = item.partition("=")
             if not eq or key not in ("alpha", "beta", "w", "kernel", "rows"):
                 raise ConfigError(f"--routing {text!r}: lynx takes alpha=A, beta=B, w=W, kernel=auto|torch|triton "
-                                  f"and rows=N after ':', got {item!r}")
+                                  f"and rows=N|auto after ':', got {item!r}")
             try:
-                given[key] = value if key == "kernel" else float(value) if key == "alpha" else int(value)
+                if key == "kernel" or key == "rows" and value == "auto":
+                    given[key] = value
+                else:
+                    given[key] = float(value) if key == "alpha" else int(value)
             except ValueError:
                 raise ConfigError(f"--routing {text!r}: {key} must be a number, got {value!r}") from None
+        rows = given.get("rows", "auto")
         return AffinityBinning.for_spec(engine.spec, given.get("alpha"), given.get("beta"), given.get("w", 0),
-                                        given.get("kernel", "auto"), given.get("rows"))
+                                        given.get("kernel", "auto"), None if rows == 0 else rows)
     raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx[:alpha=A][:beta=B][:w=W][:kernel=K]")
 
 

@@ -48,6 +48,11 @@ from moeflow.routing.router import Routing
 from moeflow.routing.selection import SelectionContext
 
 KEY_BITS = 62  # the ranking keys are int64
+# rows_per_program "auto": on the H200 the binning spread over programs of 2 rows took 8.7 us a layer at 32 rows
+# and 10.9 us at 64 against 12.1 and 16.0 us in one program (4 and 8 rows: slower than 2), and a resident
+# decode step with it ran 1.06-1.09x faster at batch 32 and 64 (docs/benchmarks/2026-12-06-h200-session9).
+# Below 32 rows only one program has been timed.
+SPREAD_ROWS, SPREAD_FROM = 2, 32
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,9 @@ class AffinityBinning:
     # 20% of a resident batch-32 step and Triton's none: docs/benchmarks/2026-12-02-h200-session3)
     kernel: str = "auto"
     # the Triton kernel's rows per program: None, one program for the whole step; n, the step spread over
-    # programs of n rows in two launches (_lynx_triton.affinity_binning); the same ids either way
-    rows_per_program: int | None = None
+    # programs of n rows in two launches (_lynx_triton.affinity_binning); the same ids either way. "auto":
+    # SPREAD_ROWS rows a program from SPREAD_FROM rows a step, one program below
+    rows_per_program: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
@@ -79,15 +85,15 @@ class AffinityBinning:
         if self.kernel not in ("auto", "torch", "triton"):
             raise ConfigError(f"LYNX kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
         n = self.rows_per_program
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ConfigError(f"LYNX rows_per_program must be None or an integer >= 1, got {n!r}")
+        if n is not None and n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"LYNX rows_per_program must be 'auto', None or an integer >= 1, got {n!r}")
         if self.kernel == "triton" and not _lynx_triton.available():
             raise ConfigError("LYNX kernel 'triton' needs Triton, which is not installed")
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, alpha: float | None = None, beta: int | None = None,
                  resident_weight: int = 0, kernel: str = "auto",
-                 rows_per_program: int | None = None) -> AffinityBinning:
+                 rows_per_program: int | str | None = "auto") -> AffinityBinning:
         """The selector for a model, at its defaults (`lynx_defaults`) unless alpha or beta is given."""
         a, b = lynx_defaults(spec) if alpha is None or beta is None else (alpha, beta)
         return cls(float(alpha if alpha is not None else a), beta if beta is not None else b, spec.router,
@@ -101,6 +107,12 @@ class AffinityBinning:
             raise ConfigError(f"LYNX beta={self.beta} at {T} rows x {E} experts needs integer keys over 62 bits; "
                               f"use a smaller beta (the published values are 1 to 4)")
         return top, scale
+
+    def rows_for(self, T: int) -> int | None:
+        """The Triton kernel's rows per program for a step of T rows (None: one program)."""
+        if self.rows_per_program != "auto":
+            return self.rows_per_program
+        return SPREAD_ROWS if T >= SPREAD_FROM else None
 
     def runs_kernel(self, on_cuda: bool) -> bool:
         """Whether select() runs the Triton kernel, for logits on CUDA (on_cuda) or elsewhere."""
@@ -116,7 +128,7 @@ class AffinityBinning:
         if self.runs_kernel(logits.is_cuda):
             ids, weights = _lynx_triton.affinity_binning(
                 logits, router_ids, routing.weights, ctx.real, ctx.exact, ctx.slot_table, self.alpha, self.beta,
-                scale, self.resident_weight * top, self.router.normalize, rows_per_program=self.rows_per_program)
+                scale, self.resident_weight * top, self.router.normalize, rows_per_program=self.rows_for(T))
             return Routing(ids, weights, logits)
         dev = logits.device
         experts = torch.arange(E, device=dev)

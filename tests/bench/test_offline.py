@@ -236,10 +236,12 @@ def test_axes_trained_predictor_ablations_and_lynx_variants():
     assert axes.Configuration(routing="lynx:w=4").request_routing == "lynx"
     assert plain.kernel == "auto" and axes.load_selector_arg("lynx:kernel=auto", engine) == plain
     assert axes.load_selector_arg("lynx:kernel=torch", engine).kernel == "torch"
-    assert plain.rows_per_program is None and axes.load_selector_arg("lynx:rows=4", engine).rows_per_program == 4
+    assert plain.rows_per_program == "auto" and axes.load_selector_arg("lynx:rows=4", engine).rows_per_program == 4
+    assert axes.load_selector_arg("lynx:rows=0", engine).rows_per_program is None, "rows=0: one program"
+    assert axes.load_selector_arg("lynx:rows=auto", engine) == plain
     for bad, match in (("lynx:gamma=1", "takes alpha=A"), ("lynx:beta=two", "must be a number"),
                        ("lynx:alpha=-1", "alpha must be"), ("lynx:kernel=cuda", "kernel must be"),
-                       ("lynx:rows=0", "rows_per_program must be")):
+                       ("lynx:rows=-1", "rows_per_program must be"), ("lynx:rows=many", "must be a number")):
         with pytest.raises(ConfigError, match=match):
             axes.load_selector_arg(bad, engine)
     axes.apply(axes.Configuration(routing="lynx:w=4"), engine)

@@ -283,7 +283,8 @@ def test_resident_weight_is_inert_when_everything_is_resident_or_zero():
 
 @pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(alpha=-1.0), dict(alpha=float("inf")), dict(beta=0),
                                 dict(beta=1.5), dict(resident_weight=-1), dict(resident_weight=0.5),
-                                dict(rows_per_program=0), dict(rows_per_program=2.0), dict(rows_per_program=True)])
+                                dict(rows_per_program=0), dict(rows_per_program=2.0), dict(rows_per_program=True),
+                                dict(rows_per_program="many")])
 def test_bad_parameters_are_refused(kw):
     args = dict(alpha=3.0, beta=2, router=RouterSpec(4, True, False)) | kw
     with pytest.raises(ConfigError):
@@ -313,6 +314,18 @@ def test_defaults_by_family_and_for_the_bundled_model():
     assert lynx_defaults(dataclasses.replace(qwen3, family="mixtral", hidden_size=4096)) == (0.7, 1)
     assert lynx_defaults(dataclasses.replace(qwen3, family="mixtral", hidden_size=6144)) == (1.0, 1)
     assert lynx_defaults(dataclasses.replace(qwen3, family="olmoe")) == (3.0, 2)
+    bench = dataclasses.replace(tiny, hidden_size=2048, num_layers=12, num_experts=64,
+                                router=dataclasses.replace(tiny.router, top_k=8))
+    assert lynx_defaults(bench) == (3.0, 1), "the bench preset's measured defaults"
+    assert lynx_defaults(dataclasses.replace(bench, num_layers=48)) == (3.0, 2), "only that shape"
+
+
+def test_the_kernel_is_spread_over_programs_from_32_rows_unless_told():
+    sel = AffinityBinning(3.0, 2, RouterSpec(4, True, False))
+    assert sel.rows_per_program == "auto"
+    assert [sel.rows_for(T) for T in (1, 16, 31, 32, 64, 128)] == [None, None, None, 2, 2, 2]
+    assert AffinityBinning(3.0, 2, RouterSpec(4, True, False), rows_per_program=None).rows_for(64) is None
+    assert AffinityBinning(3.0, 2, RouterSpec(4, True, False), rows_per_program=8).rows_for(16) == 8
 
 
 # -- in the engine ----------------------------------------------------------------------------------------------------
