@@ -2,12 +2,14 @@
 time, and the kernels grouped by name (torch.profiler with CUDA activity over replayed decode graphs).
 
     python tools/kernel_profile.py [--batch-sizes 1,32,64] [--routing exact,lynx] [--fused-ops 0,1] [--steps 20]
-                                   [--out DIR]
+                                   [--model DIR --data CORPUS] [--out DIR]
 
 Model: random weights of the bench model's shapes (`SyntheticCheckpoint.preset("bench-12l")`: 12 layers,
 64 experts, top-8, 2048 x 768, 16 query and 4 KV heads of 128), bfloat16, every expert resident. The kernels
 a step runs and their sizes do not depend on trained weights; how many experts a batch touches does (random
-routing touches more), so the expert kernels' share here is an upper bound of the trained model's.
+routing touches more), so the expert kernels' share here is an upper bound of the trained model's. With
+--model, a trained model instead, every expert resident, prompted with the test split of --data (its documents'
+first --prompt-len tokens, the domains in turn), so that LYNX's remapping is the one real text gets.
 
 For each engine (`--fused-ops 0,1`: without and with EngineConfig.fused_ops, one after the other in this
 process), batch size and routing mode: B requests of 128-token prompts are prefilled and decoded a few warm
@@ -28,14 +30,17 @@ from pathlib import Path
 import torch
 
 
-def _requests(engine, n: int, prompt_len: int, routing: str, start: int):
+def _requests(engine, n: int, prompt_len: int, routing: str, start: int, prompts: list[list[int]] | None = None):
     import numpy as np
 
     from moeflow.sampling import SamplingParams
 
     rng = np.random.default_rng(start)
     for i in range(n):
-        ids = rng.integers(1, engine.spec.vocab_size, prompt_len).tolist()
+        if prompts:
+            ids = prompts[(start * n + i) % len(prompts)]
+        else:
+            ids = rng.integers(1, engine.spec.vocab_size, prompt_len).tolist()
         engine.add_request(f"r{start}-{i}", ids, SamplingParams(max_tokens=10_000, temperature=0.0,
                                                                   ignore_eos=True, routing=routing))
 
@@ -63,10 +68,25 @@ def _kernel_name(name: str) -> str:
     return name[:90]
 
 
-def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, seed: int) -> dict:
+def _text_prompts(engine, data: str, prompt_len: int) -> list[list[int]]:
+    """The first prompt_len tokens of each test-split document of `data` that has as many, the domains in turn."""
+    from moeflow.evaluation.documents import load_documents
+
+    prompts = []
+    for doc in load_documents([data], "test"):
+        ids = engine.tokenizer.encode(doc.text)
+        if len(ids) >= prompt_len:
+            prompts.append(ids[:prompt_len])
+    if not prompts:
+        raise SystemExit(f"no test-split document of {data} has {prompt_len} tokens")
+    return prompts
+
+
+def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, seed: int,
+                 prompts: list[list[int]] | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    _requests(engine, batch, prompt_len, routing, seed)
+    _requests(engine, batch, prompt_len, routing, seed, prompts)
     _decode_ready(engine, batch)
     for _ in range(3):
         engine.step()
@@ -115,26 +135,36 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--preset", default="bench-12l")
     p.add_argument("--device", default="cuda", help="cpu runs the same steps (a smoke test: no kernels are seen)")
+    p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
+    p.add_argument("--data", default=None, help="with --model: a corpus (its test split) the prompts come from")
     p.add_argument("--out", type=Path, default=Path("kernel_profile"))
     args = p.parse_args()
+    if (args.model is None) != (args.data is None):
+        p.error("--model and --data go together")
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     routings = args.routing.split(",")
     device = torch.device(args.device)
-    checkpoint = SyntheticCheckpoint.preset(args.preset, seed=0, dtype=torch.bfloat16, device=device)
+    checkpoint = None if args.model else SyntheticCheckpoint.preset(args.preset, seed=0, dtype=torch.bfloat16,
+                                                                     device=device)
     cells = []
+    prompts = None
     for fused in (bool(int(f)) for f in args.fused_ops.split(",")):
-        engine = LLMEngine(EngineConfig(model="<synthetic>", device=args.device, dtype="bfloat16",
-                                        max_model_len=args.prompt_len + 256, max_num_seqs=max(batches),
-                                        max_num_batched_tokens=max(4096, args.prompt_len * max(batches)),
-                                        fused_ops=fused),
-                           skip_tokenizer_init=True, checkpoint=checkpoint)
+        config = EngineConfig(model=args.model or "<synthetic>", device=args.device, dtype="bfloat16",
+                              max_model_len=args.prompt_len + 256, max_num_seqs=max(batches),
+                              max_num_batched_tokens=max(4096, args.prompt_len * max(batches)), fused_ops=fused)
+        if args.model:
+            engine = LLMEngine(config)
+            prompts = prompts or _text_prompts(engine, args.data, args.prompt_len)
+        else:
+            engine = LLMEngine(config, skip_tokenizer_init=True, checkpoint=checkpoint)
         engine.store.fill_all(progress=False)
         if any(r != "exact" for r in routings):
             engine.set_selector(load_selector_arg(next(r for r in routings if r != "exact"), engine))
         for b in batches:
             for r in routings:
-                cell = profile_cell(engine, b, r.split(":", 1)[0], args.steps, args.prompt_len, seed=len(cells))
+                cell = profile_cell(engine, b, r.split(":", 1)[0], args.steps, args.prompt_len, seed=len(cells),
+                                    prompts=prompts)
                 cell["fused_ops"] = fused
                 cells.append(cell)
                 print(json.dumps({k: v for k, v in cell.items() if k != "top"}), flush=True)
@@ -143,7 +173,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "model": f"{args.preset} (random)", "prompt_len": args.prompt_len, "cells": cells}
+            "model": args.model or f"{args.preset} (random)", "prompt_len": args.prompt_len, "cells": cells}
     (args.out / "kernel_profile.json").write_text(json.dumps(meta, indent=2))
     lines = [f"# Resident decode kernels ({meta['device']}, torch {meta['torch']}, {meta['model']})", "",
              "| batch | routing | fused ops | ms a step | GPU busy ms | kernels a step | step vs unfused |",
