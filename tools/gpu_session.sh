@@ -98,15 +98,17 @@
 #   tools/gpu_session.sh 22 OUT  the LYNX binning kernel timed in one program and spread over programs
 #                                (tools/lynx_binning_time.py); the GPU tests with fused ops on by default
 #                                (transformers' grid, the rotary's rounding, LYNX, the hooks)
-#   tools/gpu_session.sh 23 OUT  (after part 22 on its machine, or alone) train the bench model, unless one is
-#                                kept; LYNX resident at batch 32/64 with the binning in one program and spread over
-#                                programs (the rows part 22, or this part first, timed fastest at batch 64), at the
-#                                default, (3, 1) and (2, 1); then, sharing the GPU at once, LYNX's perplexity at alpha
-#                                2, 3 and beta 1, 2 on five domains and on python_docs, the multiple-choice task at
-#                                (3, 1) and (2, 1), and the two predictors from traces of 1,000,000 tokens, their recall
+#   tools/gpu_session.sh 23 OUT  train the bench model, unless one is kept; LYNX resident at batch 32/64 at the
+#                                default ((3, 1), the binning spread over programs of 2 rows), in one program, at
+#                                (3, 2) and (2, 1); LYNX's perplexity at alpha 2, 3 and beta 1, 2 on five domains and on
+#                                python_docs, and the multiple-choice task at (3, 1) and (2, 1) (its 2026-12-06 run, with
+#                                the rows timed first: docs/benchmarks/2026-12-06-h200-session9)
 #   tools/gpu_session.sh 24 OUT  (after part 23 on its machine, or alone, training first) the multiple-choice task at
-#                                (3, 2) when the model was kept; traces and predictors; rounds by value against one
-#                                round and LRU at 25% and 10%, batch 1 and 8
+#                                (3, 2) when the model was kept; traces of 1,000,000 tokens, the two predictors and
+#                                their recall; rounds by value against one round and LRU at 25% and 10%, batch 1 and 8
+#   tools/gpu_session.sh 25 OUT  (on a machine with the bench model, or training first) every kernel of the trained
+#                                model's resident step on text, exact and LYNX at batch 32 and 64: where LYNX's saved
+#                                expert reads go at batch 64
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -168,18 +170,6 @@ keep_or_train() {  # keep_or_train DIR: the bench model an earlier part left on 
     else
         train_bench "$1"
     fi
-}
-
-fastest_rows() {  # fastest_rows FILE.json: the rows per program part 22 timed fastest at batch 64 (ids equal), else 4
-    local rows
-    rows=$(python3 - "$1" <<'PY' 2>/dev/null
-import json, sys
-cells = [c for c in json.load(open(sys.argv[1]))["cells"]
-         if c["batch"] == 64 and c["rows_per_program"] and c["us_per_call"] and c["same_ids"]]
-print(min(cells, key=lambda c: c["us_per_call"])["rows_per_program"])
-PY
-)
-    echo "${rows:-4}"
 }
 
 traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
@@ -619,61 +609,35 @@ case "$part" in
     tail -2 "$p/gpu_tests.log"
     pack
     ;;
-23)  # (about 9 minutes, after part 22 on the same machine or alone): the bench model (kept or trained); LYNX
-     # resident at batch 32 and 64, the binning in one program and spread over programs, at the default, (3, 1)
-     # and (2, 1); then LYNX's perplexity and multiple choice (issue 13's resident target and its bounds)
+23)  # (about 8 minutes alone): the bench model (kept or trained); LYNX resident at batch 32 and 64 at the default
+     # ((3, 1), spread over programs), in one program, at (3, 2) and (2, 1); then LYNX's perplexity and multiple
+     # choice (issue 13's resident target and its bounds)
     begin p23
     keep_or_train "$p"
     pack
-    timing=$w/p22/lynx_binning_time.json
-    if [ ! -f "$timing" ]; then  # part 23 alone: the binning timed here first (about 40 s)
-        timing=$p/lynx_binning_time.json
-        timeout 70 python3 tools/lynx_binning_time.py --batch-sizes 32,64 --out "$timing" > "$p/lynx_binning_time.log" 2>&1
-        cut -c1-160 "$p/lynx_binning_time.log"
-    fi
-    rows=$(fastest_rows "$timing")
-    echo "binning spread over programs of $rows rows" | tee "$p/rows.txt"
+    # (since the ninth session `lynx` is the measured (3, 1), spread over programs of 2 rows from 32 rows a step)
     offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
-        --routing "exact,lynx,lynx:rows=$rows,lynx:alpha=3:beta=1,lynx:alpha=3:beta=1:rows=$rows,lynx:alpha=2:beta=1:rows=$rows"
+        --routing "exact,lynx,lynx:rows=0,lynx:alpha=3:beta=2,lynx:alpha=2:beta=1"
     pack
-    # no timing from here, so the runs share the GPU at once: the perplexity sweep on five domains and on
-    # python_docs, the multiple-choice task at (3, 1) and (2, 1) ((3, 2) was 0 points on 2026-12-02), and
-    # (issue 12's recall: 0.739 from 150,000 trace tokens, 0.779-0.784 from 300,000) the predictors trained on
-    # traces of 1,000,000 tokens and scored on the test trace (replay kept short: recall is what is asked here)
-    (  # (PREDICTORS=0: not this part)
-        [ "${PREDICTORS:-1}" = 1 ] || exit 0
-        TRAIN_DOCS=1400 TRAIN_TOKENS=1000000 PRED_EPOCHS=12 traces_and_predictors "$p"
-        for d in bench bench-no-python_docs; do
-            dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
-            timeout 120 python3 -m moeflow.cli predictor eval "$w/pred/$d" --model "$BENCH_MODEL" --trace "$w/test.npz" \
-                --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 4 --json $dom \
-                > "$p/eval_$d.json" 2> "$p/eval_$d.err"
-        done
-    ) > "$p/predictors.log" 2>&1 &
-    predictors=$!
+    # then one after another (on 2026-12-06 five processes loading the model's experts into pinned host memory at
+    # once read about 10 experts a second each, and the call ran out of time): the perplexity sweep on five
+    # domains and on python_docs, the multiple-choice task at (3, 1) and (2, 1) (about 90 s on an H200)
     five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
-    timeout "${SWEEP_TIMEOUT:-150}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
+    timeout "${SWEEP_TIMEOUT:-90}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
         --max-docs 160 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
-        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err" &
-    sweeps=$!
-    timeout "${SWEEP_TIMEOUT:-150}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
+        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err"
+    timeout "${SWEEP_TIMEOUT:-90}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
         --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
-        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err" &
-    sweeps="$sweeps $!"
+        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
+    pack
     for ab in "3 1" "2 1"; do
         set -- $ab
-        timeout "${SWEEP_TIMEOUT:-150}" python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" \
-            --routing exact,lynx --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json \
-            --no-progress > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err" &
-        accuracy="${accuracy:-} $!"
+        timeout 60 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
+            --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json --no-progress \
+            > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err"
     done
-    wait $accuracy $sweeps
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
     cut -c1-300 "$p"/choice_*.json
-    pack
-    wait $predictors
-    cat "$p/predictors.log" | cut -c1-300
-    python3 -c "import json,sys; [print(f, json.load(open(f))['recall']) for f in sys.argv[1:]]" "$p"/eval_*.json
     pack
     ;;
 24)  # (about 7 minutes after part 23 on its machine; 9 alone, training first): the multiple-choice task at (3, 2)
@@ -693,11 +657,31 @@ case "$part" in
         done
         pack
     fi
-    traces_and_predictors "$p"
+    # (since the ninth session) traces of 1,000,000 tokens: recall was 0.739 from 150,000 and 0.779-0.784 from 300,000
+    TRAIN_DOCS=1400 TRAIN_TOKENS=1000000 PRED_EPOCHS=12 traces_and_predictors "$p"
     pack
+    for d in bench bench-no-python_docs; do  # recall (the replay kept short: the rounds below are the bytes)
+        dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
+        timeout 120 python3 -m moeflow.cli predictor eval "$w/pred/$d" --model "$BENCH_MODEL" --trace "$w/test.npz" \
+            --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 4 --json $dom \
+            > "$p/eval_$d.json" 2> "$p/eval_$d.err" &
+    done
     P=$w/pred/bench
     offline "$p" rounds "${ROUNDS_TIMEOUT:-280}" --budgets 25%,10% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$P,$P:rounds=1,$P:rounds=8,$P:rounds=1:reuse_weight=1"
+    wait
+    python3 -c "import json,sys; [print(f, json.load(open(f))['recall']) for f in sys.argv[1:]]" "$p"/eval_*.json
+    pack
+    ;;
+25)  # (about 5 minutes on part 23's or 24's machine, 8 alone): where the time LYNX saves at batch 64 goes. (3, 1)
+     # runs 43 experts a layer-step against exact's 64 and the step is no faster (2026-12-06): every kernel of a
+     # resident step of the trained model on test-split text, exact and LYNX, batch 32 and 64, fused ops on
+    begin p25
+    keep_or_train "$p"
+    pack
+    timeout "${PROFILE_TIMEOUT:-240}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
+        --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
+    grep -A8 "^| batch" "$p/kernel_profile/kernel_profile.md"
     pack
     ;;
 10)
