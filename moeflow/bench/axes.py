@@ -189,7 +189,7 @@ def load_selector_arg(text: str, engine):
         rows = given.get("rows", "auto")
         return AffinityBinning.for_spec(engine.spec, given.get("alpha"), given.get("beta"), given.get("w", 0),
                                         given.get("kernel", "auto"), None if rows == 0 else rows)
-    raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx[:alpha=A][:beta=B][:w=W][:kernel=K]")
+    raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx[:alpha=A][:beta=B][:w=W][:kernel=K][:rows=N]")
 
 
 def load_scheduling_arg(text: str, spec):
