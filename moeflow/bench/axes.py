@@ -13,11 +13,12 @@ A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.
 switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
 adapt (the predictor's online adaptation); `PRED_DIR:KEY=V[:KEY=V]` sets the planner's settings
 (PLANNER_SETTINGS: prefetch_at, lookahead, by_value, ...) for a sweep, beside or without a `no-PART`. `lynx`
-takes the model's (alpha, beta) defaults and w = 0 (plain LYNX); `w` > 0 is the cache-aware variant, resident experts earning w bin-0 votes; `kernel` picks how the rule
-runs: `triton` in one launch per layer (routing/_lynx_triton.py), `torch` in thirty small operations, `auto`
-(the default) Triton's where it is installed; `rows=N` spreads the Triton kernel over programs of N rows
-(AffinityBinning.rows_per_program), the same choice in two launches; `rows=0` keeps it in one program, and
-`rows=auto` (the default) spreads it from 32 rows a step.
+takes the model's (alpha, beta) defaults and w = 0 (plain LYNX); `w` > 0 is the cache-aware variant, resident
+experts earning w bin-0 votes; `kernel` picks how the rule runs: `triton` in one launch per layer
+(routing/_lynx_triton.py), `torch` in thirty small operations, `auto` (the default) Triton's where it is
+installed; `rows=N` spreads the Triton kernel over programs of N rows (AffinityBinning.rows_per_program), the
+same choice in two launches; `rows=0` keeps it in one program, and `rows=auto` (the default) spreads it from 32
+rows a step.
 """
 
 from __future__ import annotations
