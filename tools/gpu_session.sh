@@ -109,6 +109,7 @@
 #   tools/gpu_session.sh 25 OUT  (on a machine with the bench model, or training first) every kernel of the trained
 #                                model's resident step on text, exact and LYNX at batch 32 and 64: where LYNX's saved
 #                                expert reads go at batch 64
+#   tools/gpu_session.sh 26 OUT  part 22's tests, then part 25, in one call (about 9 minutes): the next session's first call
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -680,6 +681,24 @@ case "$part" in
     keep_or_train "$p"
     pack
     timeout "${PROFILE_TIMEOUT:-240}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
+        --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
+    grep -A8 "^| batch" "$p/kernel_profile/kernel_profile.md"
+    pack
+    ;;
+26)  # the next session's first call (about 9 minutes with the start): the GPU tests of what has changed since
+     # they last ran on a GPU (part 22's list: the rotary's rounding fix, fused ops on by default, LYNX's kernel
+     # spread over programs under graphs), then part 25's kernel profile of the trained model, in one call so that
+     # no machine is lost between them
+    begin p26
+    timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
+        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -2 "$p/gpu_tests.log"
+    pack
+    keep_or_train "$p"
+    pack
+    timeout "${PROFILE_TIMEOUT:-170}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
         --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
     grep -A8 "^| batch" "$p/kernel_profile/kernel_profile.md"
     pack
