@@ -101,15 +101,16 @@
 #   tools/gpu_session.sh 23 OUT  train the bench model, unless one is kept; LYNX resident at batch 32/64 at the
 #                                default ((3, 1), the binning spread over programs of 2 rows), in one program, at
 #                                (3, 2) and (2, 1); LYNX's perplexity at alpha 2, 3 and beta 1, 2 on five domains and on
-#                                python_docs, and the multiple-choice task at (3, 1) and (2, 1) (its 2026-12-06 run, with
-#                                the rows timed first: docs/benchmarks/2026-12-06-h200-session9)
+#                                python_docs, and the multiple-choice task at (3, 1) and (2, 1) (its 2026-12-06
+#                                run, with the rows timed first: docs/benchmarks/2026-12-06-h200-session9)
 #   tools/gpu_session.sh 24 OUT  (after part 23 on its machine, or alone, training first) the multiple-choice task at
 #                                (3, 2) when the model was kept; traces of 1,000,000 tokens, the two predictors and
 #                                their recall; rounds by value against one round and LRU at 25% and 10%, batch 1 and 8
 #   tools/gpu_session.sh 25 OUT  (on a machine with the bench model, or training first) every kernel of the trained
 #                                model's resident step on text, exact and LYNX at batch 32 and 64: where LYNX's saved
 #                                expert reads go at batch 64
-#   tools/gpu_session.sh 26 OUT  part 22's tests, then part 25, in one call (about 9 minutes): the next session's first call
+#   tools/gpu_session.sh 26 OUT  part 22's tests, then part 25, in one call (about 9 minutes): the next session's
+#                                first call
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
