@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens ahead the second head (the cache's look-ahead) predicts: an expert used by any of "
                         "the next N tokens (default: %(default)s; on moeflow-tiny's replay at 25%%, batch 1, 2 moved "
                         "4%% fewer bytes than 1)")
+    t.add_argument("--lens-width", type=int, default=0,
+                   help="feed the network each MoE router's view of the token alone (its router on the token's "
+                        "embedding), projected to this width; 0: not (default)")
+    t.add_argument("--cur-width", type=int, default=96,
+                   help="width the token's embedding is projected to (default: %(default)s)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -98,7 +103,7 @@ def train_main(args: argparse.Namespace) -> int:
     batch = args.batch_size or (4096 if device.type == "cuda" else 1024)
     options = TrainOptions(epochs=args.epochs, batch_size=batch, lr=args.lr, hidden=args.hidden,
                            holdout_domain=args.holdout_domain, max_minutes=args.max_minutes, seed=args.seed,
-                           horizon=args.horizon)
+                           horizon=args.horizon, lens_width=args.lens_width, cur_width=args.cur_width)
     files, log = train(checkpoint, traces, options, device, progress=not args.no_progress)
     files.training["trace_files"] = [t.meta["path"] for t in traces]
     out = files.save(args.out)

@@ -45,7 +45,7 @@ def learned_scorer(files: PredictorFiles, checkpoint, data: RouteData, device: s
     """The network's probabilities for trace rows, from the features the runtime predictor would hold (no online
     adaptation: that needs steps in order, which the replay runs)."""
     device = torch.device(device)
-    net = files.net.to(device).eval()
+    net = files.net.to(device).eval().attach_lens(checkpoint)
     emb = checkpoint.tensor("model.embed_tokens.weight").to(device)
     hist = data.history(net.cfg.hist_decay)
 

@@ -54,6 +54,7 @@ def load_predictor(path: str | Path, checkpoint, device: str | torch.device = "c
     """
     files = PredictorFiles.load(path)
     check_model(files, checkpoint, path)
+    files.net.attach_lens(checkpoint)
     device = torch.device(device)
     if embedding is None:
         embedding = checkpoint.tensor("model.embed_tokens.weight").to(device)

@@ -1,7 +1,17 @@
 """The routing-path predictor's network and its files (PRED_DIR), apart from running it (learned.py).
 
-RouteNet: [W_cur cur | W_prev prev | W_last last | W_hist hist] -> GELU MLP -> 2 x L*E logits (this token's
-experts; those of any of the next `horizon` tokens), and the layer-to-layer transitions T_l of the refinement.
+RouteNet: [W_cur cur | W_prev prev | W_last last | W_hist hist (| W_lens lens)] -> GELU MLP -> 2 x L*E logits (this
+token's experts; those of any of the next `horizon` tokens), and the layer-to-layer transitions T_l of the
+refinement.
+
+The router lens (`lens_width` > 0): every MoE layer's own router applied to the current token's normalised
+embedding, lens = cur @ A with A [H, L*E] = [gamma_l * W_l^T] (W_l the layer's router, gamma_l the RMSNorm weight
+before it): what each router would say of the token alone. It is a function of the model's weights, not of the
+traces, so it says something of tokens the traces never held; A is read from the model the predictor is bound to
+(`attach_lens`), never saved with it. On moeflow-tiny, with the token's embedding projected to 8 of its 160
+dimensions (5%, as the bench model's 96 of 2048 are), the lens gave back the recall that squeeze cost: 0.784 ->
+0.798 on validation sequences, 0.668 -> 0.681 on held-out python_docs, against 0.799 / 0.683 unsqueezed; with the
+embedding unsqueezed it changed nothing (docs/benchmarks/2026-12-06-cpu-session9).
 
 PRED_DIR holds predictor.safetensors (float16 weights) and config.json (the widths, the model it was trained
 for and that model's fingerprint); a predictor refuses to load for any other model.
@@ -37,11 +47,13 @@ class NetConfig:
     hidden: int = 256
     hist_decay: float = 0.9
     horizon: int = 1  # the second head: an expert's use in any of the next `horizon` tokens
+    lens_width: int = 0  # the router lens's projection (0: none; the module docstring)
 
     def num_params(self) -> int:
         LE, H = self.num_layers * self.num_experts, self.model_hidden
-        d_in = self.cur_width + self.prev_width + self.last_width + self.hist_width
+        d_in = self.cur_width + self.prev_width + self.last_width + self.hist_width + self.lens_width
         return (H * (self.cur_width + self.prev_width) + (LE + 1) * self.last_width + LE * self.hist_width
+                + (LE + 1) * self.lens_width
                 + (d_in + 1) * self.hidden + (self.hidden + 1) * self.hidden + (self.hidden + 1) * 2 * LE
                 + (self.num_layers - 1) * self.num_experts ** 2)
 
@@ -55,7 +67,11 @@ class RouteNet(nn.Module):
         self.prev = nn.Linear(H, cfg.prev_width, bias=False)
         self.last = nn.Linear(L * E, cfg.last_width)
         self.hist = nn.Linear(L * E, cfg.hist_width, bias=False)
-        d_in = cfg.cur_width + cfg.prev_width + cfg.last_width + cfg.hist_width
+        if cfg.lens_width:
+            self.lens = nn.Linear(L * E, cfg.lens_width)
+            self.register_buffer("lens_basis", torch.zeros(H, L * E), persistent=False)  # A, from the model
+        self._lens_attached = False
+        d_in = cfg.cur_width + cfg.prev_width + cfg.last_width + cfg.hist_width + cfg.lens_width
         self.body = nn.Sequential(nn.Linear(d_in, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         self.head = nn.Linear(cfg.hidden, 2 * L * E)  # this token's routes, and the next token's
         self.transition = nn.Parameter(torch.zeros(L - 1, E, E))  # T_l for layers 1..L-1, from layer l-1's route
@@ -63,8 +79,23 @@ class RouteNet(nn.Module):
     def forward(self, cur: torch.Tensor, prev: torch.Tensor, last: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
         """cur, prev [B, H] normalised embeddings; last, hist [B, L*E]. Returns logits [B, 2, L, E]: [:, 0] for the
         token about to be routed, [:, 1] for any of the `horizon` tokens after it (whatever they turn out to be)."""
-        x = torch.cat([self.cur(cur), self.prev(prev), self.last(last), self.hist(hist)], dim=-1)
-        return self.head(self.body(x)).view(-1, 2, self.cfg.num_layers, self.cfg.num_experts)
+        parts = [self.cur(cur), self.prev(prev), self.last(last), self.hist(hist)]
+        if self.cfg.lens_width:
+            if not self._lens_attached:
+                raise RuntimeError("this predictor reads its model's routers (lens_width > 0): attach_lens(checkpoint) "
+                                   "first")
+            parts.append(self.lens(cur @ self.lens_basis))
+        return self.head(self.body(torch.cat(parts, dim=-1))).view(-1, 2, self.cfg.num_layers, self.cfg.num_experts)
+
+    def attach_lens(self, checkpoint) -> RouteNet:
+        """Read the router lens's A from the model `checkpoint` holds (nothing to read when lens_width is 0)."""
+        if self.cfg.lens_width:
+            cols = [checkpoint.tensor(f"model.layers.{layer}.post_attention_layernorm.weight").float()[:, None]
+                    * checkpoint.tensor(router_weight_name(checkpoint, layer)).float().T
+                    for layer in checkpoint.spec.moe_layers]
+            self.lens_basis.copy_(torch.cat(cols, dim=1).to(self.lens_basis.device))
+            self._lens_attached = True
+        return self
 
     def refined(self, logits: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
         """Every layer's logits once the layer before has routed: routes [B, L, E] multi-hot (teacher-forced)."""

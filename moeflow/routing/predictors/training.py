@@ -168,16 +168,21 @@ class TrainOptions:
     hidden: int | None = None  # None: the widest (multiple of 16, at most 512) within MAX_SHARE of the model
     hist_decay: float = 0.9
     horizon: int = 2  # tokens ahead the second head looks: an expert used by any of them is a positive
+    lens_width: int = 0  # the router lens (net.py): 0 none, else the width of its projection
+    cur_width: int = 96  # the projection of the token's embedding (its share of the model's width: 60% of
+    # moeflow-tiny's 160, 5% of the bench model's 2048)
     val_fraction: float = 0.05  # of the sequences, held out to report validation recall while training
     holdout_domain: str | None = None  # train on every other domain
     max_minutes: float | None = None  # stop early past this
     seed: int = 0
 
 
-def size_net(spec, budget_bytes: int, hidden: int | None, hist_decay: float, horizon: int = 1) -> NetConfig:
+def size_net(spec, budget_bytes: int, hidden: int | None, hist_decay: float, horizon: int = 1,
+             lens_width: int = 0, cur_width: int = 96) -> NetConfig:
     """The widest network whose float16 weights fit `budget_bytes` (or the width asked for, if it fits)."""
     base = dict(num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.router.top_k,
-                model_hidden=spec.hidden_size, hist_decay=hist_decay, horizon=horizon)
+                model_hidden=spec.hidden_size, hist_decay=hist_decay, horizon=horizon, lens_width=lens_width,
+                cur_width=cur_width)
     widths = [hidden] if hidden is not None else list(range(512, 15, -16))
     for w in widths:
         cfg = NetConfig(**base, hidden=w)
@@ -283,6 +288,10 @@ def train(checkpoint, traces: Sequence[Trace], options: TrainOptions, device: st
 
     if options.horizon < 1:
         raise ConfigError(f"the predictor's horizon must be at least 1 token, got {options.horizon}")
+    if isinstance(options.lens_width, bool) or not isinstance(options.lens_width, int) or options.lens_width < 0:
+        raise ConfigError(f"the router lens's width must be an integer >= 0 (0: none), got {options.lens_width!r}")
+    if isinstance(options.cur_width, bool) or not isinstance(options.cur_width, int) or options.cur_width < 1:
+        raise ConfigError(f"the token embedding's projection must be an integer >= 1 wide, got {options.cur_width!r}")
     device = torch.device(device)
     spec = checkpoint.spec
     torch.manual_seed(options.seed)
@@ -303,8 +312,9 @@ def train(checkpoint, traces: Sequence[Trace], options: TrainOptions, device: st
     if len(train_rows) == 0:
         raise ConfigError("no training tokens left after holding out validation sequences and domains")
     budget = int(MAX_SHARE * model_bytes(checkpoint))
-    cfg = size_net(spec, budget, options.hidden, options.hist_decay, options.horizon)
-    net = RouteNet(cfg).to(device)
+    cfg = size_net(spec, budget, options.hidden, options.hist_decay, options.horizon, options.lens_width,
+                   options.cur_width)
+    net = RouteNet(cfg).to(device).attach_lens(checkpoint)
     embedding = checkpoint.tensor("model.embed_tokens.weight").to(device)
     def dev_data(d: RouteData) -> _DeviceData:
         return _DeviceData(d, embedding, cfg.hist_decay, device, cfg.horizon)
