@@ -104,8 +104,9 @@
 #                                python_docs, and the multiple-choice task at (3, 1) and (2, 1) (its 2026-12-06
 #                                run, with the rows timed first: docs/benchmarks/2026-12-06-h200-session9)
 #   tools/gpu_session.sh 24 OUT  (after part 23 on its machine, or alone, training first) the multiple-choice task at
-#                                (3, 2) when the model was kept; traces of 1,000,000 tokens, the two predictors and
-#                                their recall; rounds by value against one round and LRU at 25% and 10%, batch 1 and 8
+#                                (3, 2) when the model was kept; traces of 1,000,000 tokens, the two predictors, the
+#                                same with the router lens and with a wider embedding projection, and their recall;
+#                                rounds by value against one round and LRU at 25% and 10%, batch 1 and 8
 #   tools/gpu_session.sh 25 OUT  (on a machine with the bench model, or training first) every kernel of the trained
 #                                model's resident step on text, exact and LYNX at batch 32 and 64: where LYNX's saved
 #                                expert reads go at batch 64
@@ -662,10 +663,23 @@ case "$part" in
     # (since the ninth session) traces of 1,000,000 tokens: recall was 0.739 from 150,000 and 0.779-0.784 from 300,000
     TRAIN_DOCS=1400 TRAIN_TOKENS=1000000 PRED_EPOCHS=12 traces_and_predictors "$p"
     pack
-    for d in bench bench-no-python_docs; do  # recall (the replay kept short: the rounds below are the bytes)
-        dom=""; [ "$d" = bench-no-python_docs ] && dom="--domains python_docs"
-        timeout 120 python3 -m moeflow.cli predictor eval "$w/pred/$d" --model "$BENCH_MODEL" --trace "$w/test.npz" \
-            --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 4 --json $dom \
+    # (since the ninth session) beside them, on the same traces: the router lens (each router on the token alone),
+    # and the token's embedding projected to 256 of its 2048 dimensions instead of 96 (on moeflow-tiny, squeezed as
+    # the bench model's is, the lens gave back the recall the squeeze cost)
+    for v in "lens --lens-width 64" "wide --cur-width 256"; do  # (not $name: pack's)
+        set -- $v; variant=$1; shift
+        moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-$variant" --device cuda \
+            --epochs 12 --max-minutes 0.9 --no-progress "$@" > "$p/pred_train_$variant.log" 2>&1 &
+        moeflow predictor train "$BENCH_MODEL" --traces "$w/train.npz" --out "$w/pred/bench-$variant-no-python_docs" \
+            --holdout-domain python_docs --device cuda --epochs 12 --max-minutes 0.9 --no-progress "$@" \
+            > "$p/pred_train_${variant}_ho.log" 2>&1 &
+    done
+    wait
+    tail -qn1 "$p"/pred_train_*.log | cut -c1-300
+    for d in bench bench-lens bench-wide bench-no-python_docs bench-lens-no-python_docs bench-wide-no-python_docs; do
+        dom=""; case $d in *no-python_docs) dom="--domains python_docs";; esac
+        timeout 150 python3 -m moeflow.cli predictor eval "$w/pred/$d" --model "$BENCH_MODEL" --trace "$w/test.npz" \
+            --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 2 --json $dom \
             > "$p/eval_$d.json" 2> "$p/eval_$d.err" &
     done
     P=$w/pred/bench
