@@ -115,3 +115,21 @@ def test_gpu_graphed_forward_with_the_lens_equals_the_eager_one(small_trace, tin
     assert pred._graphed is not None
     for c, want in zip(cases, eager):
         assert np.allclose(pred.logits(*c), want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_engine_with_a_lens_predictor_decodes_the_models_own_tokens(small_trace, tiny, tmp_path):
+    from moeflow import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    files, _ = train(tiny, [small_trace], TrainOptions(epochs=1, batch_size=256, val_fraction=0.0, lens_width=16),
+                     progress=False)
+    files.save(tmp_path / "pred")
+    prompts = ["The river", "def main():", "Once upon a time"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    model = str(default_model_dir())
+    plain = LLM(model, device="cpu", max_model_len=64, expert_budget="25%").generate(prompts, params)
+    llm = LLM(model, device="cpu", max_model_len=64, expert_budget="25%", predictor=str(tmp_path / "pred"))
+    assert llm.engine.predictor.net.cfg.lens_width == 16
+    lens = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in lens] == [o.outputs[0].token_ids for o in plain]
+    assert llm.last_stats.cache.prefetch_hits > 0, "the predictor drove prefetches"
