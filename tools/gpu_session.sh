@@ -702,12 +702,13 @@ case "$part" in
     ;;
 26)  # the next session's first call (about 9 minutes with the start): the GPU tests of what has changed since
      # they last ran on a GPU (part 22's list: the rotary's rounding fix, fused ops on by default, LYNX's kernel
-     # spread over programs under graphs), then part 25's kernel profile of the trained model, in one call so that
-     # no machine is lost between them
+     # spread over programs under graphs; and the router lens's graphed forward), then part 25's kernel profile
+     # of the trained model, in one call so that no machine is lost between them
     begin p26
     timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
         tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py > "$p/gpu_tests.log" 2>&1
+        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py tests/routing/test_router_lens.py \
+        > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -2 "$p/gpu_tests.log"
     pack
