@@ -207,11 +207,11 @@ def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weig
                      real: torch.Tensor, exact: torch.Tensor, slot_table: torch.Tensor | None, alpha: float,
                      beta: int, scale: int, bonus: int, normalize: bool,
                      rows_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [T, K] int64, weights [T, K] in the router's weight dtype): lynx.py's rule in one launch.
+    """(ids [T, K] int64, weights [T, K] in the router's weight dtype): lynx.py's rule in one launch, or two.
     scale and bonus: lynx.py's (T + w) * T ** beta and w * T ** beta.
-    rows_per_program: None, one program for the whole step; n, the rule spread over programs of n rows each in
-    two launches and a zeroed [E] buffer (each program sums the popularity over all rows itself; the kept set
-    is OR-ed across programs by atomics, so the ids are the same whatever n)."""
+    rows_per_program: None, one program for the whole step; n (a power of two), the rule spread over programs of
+    n rows each in two launches and a zeroed [E] buffer (each program sums the popularity over all rows itself;
+    the kept set is OR-ed across programs by atomics, so the ids are the same whatever n)."""
     T, E = logits.shape
     K = router_ids.shape[1]
     if T > MAX_ROWS or E > MAX_EXPERTS:
@@ -222,20 +222,19 @@ def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weig
     BT = max(16, triton.next_power_of_2(T))
     BE = max(16, triton.next_power_of_2(E))
     slots = slot_table if slot_table is not None else real  # not read when HAS_SLOTS is off
+    has_slots = slot_table is not None and bonus > 0
+    router_ids, router_weights = router_ids.contiguous(), router_weights.contiguous()
     if rows_per_program:
         RB = rows_per_program
-        has_slots = slot_table is not None and bonus > 0
         kept = torch.zeros(E, dtype=torch.int32, device=logits.device)
         grid = (triton.cdiv(T, RB),)
-        _lynx_propose[grid](logits, router_ids.contiguous(), real, exact, slots, kept, T, E, logits.stride(0),
-                            float(alpha), scale, bonus, K=K, BETA=beta, RB=RB, CH=16, BE=BE, HAS_SLOTS=has_slots,
-                            num_warps=2)
-        _lynx_apply[grid](logits, router_ids.contiguous(), router_weights.contiguous(), real, exact, kept, ids,
-                          weights, T, E, logits.stride(0), K=K, RB=RB, BT=BT, BE=BE, NORMALIZE=normalize,
-                          num_warps=2)
+        _lynx_propose[grid](logits, router_ids, real, exact, slots, kept, T, E, logits.stride(0), float(alpha),
+                            scale, bonus, K=K, BETA=beta, RB=RB, CH=16, BE=BE, HAS_SLOTS=has_slots, num_warps=2)
+        _lynx_apply[grid](logits, router_ids, router_weights, real, exact, kept, ids, weights, T, E,
+                          logits.stride(0), K=K, RB=RB, BT=BT, BE=BE, NORMALIZE=normalize, num_warps=2)
         return ids, weights
-    _affinity_binning[(1,)](logits, router_ids.contiguous(), router_weights.contiguous(), real, exact, slots, ids,
+    _affinity_binning[(1,)](logits, router_ids, router_weights, real, exact, slots, ids,
                             weights, T, E, logits.stride(0), float(alpha), scale, bonus, K=K, BETA=beta, BT=BT,
-                            BE=BE, HAS_SLOTS=slot_table is not None and bonus > 0, NORMALIZE=normalize,
+                            BE=BE, HAS_SLOTS=has_slots, NORMALIZE=normalize,
                             num_warps=8 if BT * BE >= 4096 else 4)
     return ids, weights

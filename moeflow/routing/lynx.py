@@ -85,8 +85,9 @@ class AffinityBinning:
         if self.kernel not in ("auto", "torch", "triton"):
             raise ConfigError(f"LYNX kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
         n = self.rows_per_program
-        if n is not None and n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ConfigError(f"LYNX rows_per_program must be 'auto', None or an integer >= 1, got {n!r}")
+        if n is not None and n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1)):
+            raise ConfigError(f"LYNX rows_per_program must be 'auto', None or a power of two (1, 2, 4, ...), "
+                              f"got {n!r}")
         if self.kernel == "triton" and not _lynx_triton.available():
             raise ConfigError("LYNX kernel 'triton' needs Triton, which is not installed")
 

@@ -284,7 +284,7 @@ def test_resident_weight_is_inert_when_everything_is_resident_or_zero():
 @pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(alpha=-1.0), dict(alpha=float("inf")), dict(beta=0),
                                 dict(beta=1.5), dict(resident_weight=-1), dict(resident_weight=0.5),
                                 dict(rows_per_program=0), dict(rows_per_program=2.0), dict(rows_per_program=True),
-                                dict(rows_per_program="many")])
+                                dict(rows_per_program="many"), dict(rows_per_program=3)])
 def test_bad_parameters_are_refused(kw):
     args = dict(alpha=3.0, beta=2, router=RouterSpec(4, True, False)) | kw
     with pytest.raises(ConfigError):
