@@ -23,7 +23,7 @@ from moeflow.experts.predictive import ExpertFlowPlanner
 from moeflow.experts.replay import belady, decode_steps, make_cache, pool_at, replay
 from moeflow.routing.predictors.learned import load_predictor
 from moeflow.routing.predictors.net import find_predictor
-from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.predictors.route_data import RouteData
 from moeflow.routing.traces import Trace
 from moeflow.weights.checkpoint import Checkpoint
 

@@ -24,7 +24,7 @@ from moeflow.experts.replay import belady, decode_steps, make_cache, pool_at, re
 from moeflow.routing.predictors.base import Prediction
 from moeflow.routing.predictors.learned import load_predictor
 from moeflow.routing.predictors.net import find_predictor
-from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.predictors.route_data import RouteData
 from moeflow.routing.traces import Trace
 from moeflow.weights.checkpoint import Checkpoint
 

@@ -25,7 +25,7 @@ from moeflow.engine.policies import FCFSPolicy, RouteAwarePolicy
 from moeflow.engine.scheduler import SchedulerContext
 from moeflow.experts.replay import belady, make_cache, pool_at, replay, step_of
 from moeflow.routing.predictors.base import StepView
-from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.predictors.route_data import RouteData
 from moeflow.routing.record import StepRoutes
 from moeflow.routing.traces import Trace
 from moeflow.weights.checkpoint import Checkpoint

@@ -26,7 +26,7 @@ import torch
 
 from moeflow.routing.predictors.baselines import fit_baselines
 from moeflow.routing.predictors.net import PredictorFiles, check_model, normalized_embedding
-from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.predictors.route_data import RouteData
 from moeflow.experts.replay import lanes
 
 POLICIES = ("lru", "predictive", "belady")

@@ -18,7 +18,8 @@ from moeflow.routing.predictors import LearnedPredictor, RequestView, StepView, 
 from moeflow.evaluation.predictors import best_baseline, learned_scorer, score, score_baselines
 from moeflow.routing.predictors.learned import union
 from moeflow.routing.predictors.net import PredictorFiles
-from moeflow.routing.predictors.training import RouteData, TrainOptions, train
+from moeflow.routing.predictors.route_data import RouteData
+from moeflow.routing.predictors.training import TrainOptions, train
 from moeflow.routing.record import StepRoutes
 from moeflow.routing.traces import Trace
 from moeflow.weights.checkpoint import Checkpoint

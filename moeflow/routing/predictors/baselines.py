@@ -1,4 +1,4 @@
-"""Cheap routing predictors to score the learned one against, fitted on the same traces (training.RouteData).
+"""Cheap routing predictors to score the learned one against, fitted on the same traces (route_data.RouteData).
 
 Shapes: n tokens scored, L MoE layers, E experts per layer, K top-k, V vocabulary.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeflow.routing.predictors.training import RouteData
+from moeflow.routing.predictors.route_data import RouteData
 
 
 class Baseline:
