@@ -175,6 +175,16 @@ keep_or_train() {  # keep_or_train DIR: the bench model an earlier part left on 
     fi
 }
 
+profile_trained() {  # profile_trained TIMEOUT: the bench model (kept or trained), then every kernel of its resident
+                    # step on test-split text, exact and LYNX at batch 32 and 64, fused ops on (part 25)
+    keep_or_train "$p"
+    pack
+    timeout "$1" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" --batch-sizes 32,64 \
+        --routing exact,lynx --fused-ops 1 --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
+    grep -A8 "^| batch" "$p/kernel_profile/kernel_profile.md"
+    pack
+}
+
 traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
     python3 tools/corpus_sample.py "$w/corpus" train "${TRAIN_DOCS:-400}" > "$w/train_sample.jsonl"
     python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
@@ -607,7 +617,8 @@ case "$part" in
     cut -c1-160 "$p/lynx_binning_time.log"
     timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
         tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py > "$p/gpu_tests.log" 2>&1
+        tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
+        > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -2 "$p/gpu_tests.log"
     pack
@@ -696,12 +707,7 @@ case "$part" in
      # runs 43 experts a layer-step against exact's 64 and the step is no faster (2026-12-06): every kernel of a
      # resident step of the trained model on test-split text, exact and LYNX, batch 32 and 64, fused ops on
     begin p25
-    keep_or_train "$p"
-    pack
-    timeout "${PROFILE_TIMEOUT:-240}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
-        --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
-    grep -A8 "^| batch" "$p/kernel_profile/kernel_profile.md"
-    pack
+    profile_trained "${PROFILE_TIMEOUT:-240}"
     ;;
 26)  # the next session's first call (about 9 minutes with the start): the GPU tests of what has changed since
      # they last ran on a GPU (part 22's list: the rotary's rounding fix, fused ops on by default, LYNX's kernel
@@ -710,17 +716,12 @@ case "$part" in
     begin p26
     timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
         tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py tests/routing/test_router_lens.py \
-        > "$p/gpu_tests.log" 2>&1
+        tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
+        tests/routing/test_router_lens.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -2 "$p/gpu_tests.log"
     pack
-    keep_or_train "$p"
-    pack
-    timeout "${PROFILE_TIMEOUT:-170}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
-        --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --out "$p/kernel_profile" > "$p/kernel_profile.log" 2>&1
-    grep -A8 "^| batch" "$p/kernel_profile/kernel_profile.md"
-    pack
+    profile_trained "${PROFILE_TIMEOUT:-170}"
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
