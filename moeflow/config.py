@@ -135,6 +135,8 @@ class EngineConfig:
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
     fused_ops: bool | None = None  # fused norms, router, QK norm + rotary + KV write; None: on CUDA with Triton
     gate_ahead: bool = False  # True: each MoE layer guesses the next one's experts with its router (the planner's)
+    overlap_output: bool | None = None  # build a step's outputs while the next runs (step() returns them a step
+    # later); None: on CUDA, where the device has a step to run meanwhile
     allow_nonfinite_weights: bool = False  # True: load weights holding NaN or Inf instead of refusing them
 
     def __post_init__(self) -> None:

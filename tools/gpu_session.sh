@@ -723,6 +723,25 @@ case "$part" in
     pack
     profile_trained "${PROFILE_TIMEOUT:-170}"
     ;;
+27)  # the tenth session's first call (about 9 minutes with the start): part 26's GPU tests while the bench model
+     # trains (the engine now builds a step's outputs while the next runs, by default on CUDA, so every engine test
+     # here runs that way); then LYNX resident at batch 32 and 64 with outputs built between steps (overlap=0, the
+     # engine before) and while the next runs (overlap=1), exact and (3, 1) side by side (issue 13's resident target)
+    begin p27
+    timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
+        tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
+        tests/routing/test_router_lens.py > "$p/gpu_tests.log" 2>&1 &
+    tests=$!
+    keep_or_train "$p"
+    wait $tests
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -2 "$p/gpu_tests.log"
+    pack
+    offline "$p" resident "${RESIDENT_TIMEOUT:-200}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx --scheduling fcfs:overlap=0,fcfs:overlap=1
+    pack
+    ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
         for d in bench bench-no-python_docs; do

@@ -7,7 +7,7 @@ to wire a new predictor, selector or scheduling policy into the benchmark:
 
     load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART][:KEY=V...]
     load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton][:rows=N|auto]
-    load_scheduling_arg(text, spec)    fcfs | route-aware
+    load_scheduling_arg(text, spec)    fcfs | route-aware[:wait=W], either with [:overlap=0|1]
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
 switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
@@ -18,7 +18,8 @@ experts earning w bin-0 votes; `kernel` picks how the rule runs: `triton` in one
 (routing/_lynx_triton.py), `torch` in thirty small operations, `auto` (the default) Triton's where it is
 installed; `rows=N` spreads the Triton kernel over programs of N rows (AffinityBinning.rows_per_program), the
 same choice in two launches; `rows=0` keeps it in one program, and `rows=auto` (the default) spreads it from 32
-rows a step.
+rows a step. `overlap=0` on a scheduling value builds each step's outputs between it and the next, with the
+device idle, and `overlap=1` while the next one runs (EngineConfig.overlap_output; by default on CUDA).
 """
 
 from __future__ import annotations
@@ -193,22 +194,42 @@ def load_selector_arg(text: str, engine):
     raise ConfigError(f"--routing {text!r} unknown; choose exact or lynx[:alpha=A][:beta=B][:w=W][:kernel=K][:rows=N]")
 
 
+def _scheduling_options(text: str) -> tuple[str, dict[str, int]]:
+    """`NAME[:wait=W][:overlap=0|1]` -> (NAME, {option: value})."""
+    name, *items = text.split(":")
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        allowed = ("wait", "overlap") if name == "route-aware" else ("overlap",)
+        if not eq or key not in allowed or key in options or not value.isdigit() or key == "overlap" and \
+                value not in ("0", "1"):
+            raise ConfigError(f"--scheduling {text!r}: after ':' give " + (
+                "wait=W (steps a sequence may wait beyond its round-robin share, W >= 0) or " if name == "route-aware"
+                else "") + "overlap=0|1 (build a step's outputs while the next one runs), each once" + (
+                "" if name == "route-aware" else " (wait=W is route-aware's)") + f"; got {item!r}")
+        options[key] = int(value)
+    return name, options
+
+
 def load_scheduling_arg(text: str, spec):
     """A scheduling policy for `--scheduling` value `text`, for a model of `spec` (before any engine exists:
     the engine is built with the first configuration's policy)."""
     from moeflow.engine.policies import POLICIES
 
-    name, _, rest = text.partition(":")
-    if name == "route-aware" and rest:
-        key, _, value = rest.partition("=")
-        if key != "wait" or not value.isdigit():
-            raise ConfigError(f"--scheduling {text!r}: route-aware takes one option, wait=W (steps a sequence may "
-                              "wait beyond its round-robin share, W >= 0)")
-        return POLICIES[name](max_decode_wait=int(value))
-    if text in POLICIES:
-        return POLICIES[text]()
-    raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)} "
-                      "(route-aware[:wait=W])")
+    name, options = _scheduling_options(text)
+    if name not in POLICIES:
+        raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)} "
+                          "(route-aware[:wait=W]; either with [:overlap=0|1])")
+    if "wait" in options:
+        return POLICIES[name](max_decode_wait=options["wait"])
+    return POLICIES[name]()
+
+
+def scheduling_overlap(text: str) -> bool | None:
+    """Whether `--scheduling` value `text` builds a step's outputs while the next one runs (None: the engine's
+    default, EngineConfig.overlap_output)."""
+    options = _scheduling_options(text)[1]
+    return bool(options["overlap"]) if "overlap" in options else None
 
 
 def check(configurations: list[Configuration], engine) -> None:
@@ -234,3 +255,8 @@ def apply(configuration: Configuration, engine) -> None:
         if engine.selector != selector:
             engine.set_selector(selector)
     engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))
+    from moeflow.engine.setup import resolve_overlap_output
+
+    overlap = scheduling_overlap(configuration.scheduling)
+    engine.overlap_output = (overlap if overlap is not None
+                             else resolve_overlap_output(engine.config.overlap_output, engine.device))

@@ -243,7 +243,8 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
         counters = dict(engine.counters)
         while engine.has_unfinished_requests():
             residency = cache.residency().copy() if first_decode is None and not cache.fully_resident else None
-            was_steps, was_stats = engine.counters["decode_steps"], cache.stats.total()
+            was_steps, was_prompt = engine.counters["decode_steps"], engine.counters["prompt_tokens"]
+            was_stats = cache.stats.total()
             t = time.perf_counter()
             outputs = engine.step()
             dt = time.perf_counter() - t
@@ -252,6 +253,8 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
                     first_decode, start_residency = len(steps) - 1, residency
                 result.decode_s += dt
                 decode.add(_minus(cache.stats.total(), was_stats))
+            elif outputs and first_decode is not None and engine.counters["prompt_tokens"] == was_prompt:
+                result.decode_s += dt  # a call that ran nothing and built the last decode step's outputs
             for o in outputs:
                 if o.finished:
                     finished[o.request_id] = o

@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(model=model_dir, device=args.device, dtype=args.dtype,
                                     max_model_len=max_seq_len + 1, max_num_seqs=args.batch_size,
                                     max_num_batched_tokens=args.batch_size * max_seq_len, enforce_eager=True,
-                                    gate_ahead=True),
+                                    gate_ahead=True, overlap_output=False),  # each step's outputs by its routes
                        checkpoint=checkpoint)
     spec = engine.spec
     engine.record.keep_full = True  # weights, router logits and the gate ahead's guesses too (eager prefill steps)

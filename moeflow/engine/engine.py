@@ -7,6 +7,12 @@ step's experts and the planner turns that into prefetches; the model runs (graph
 and fills the RouteRecord; the sampler draws the tokens; after the step's one token sync the
 record is read and shown to the cache statistics, the predictor, the scheduling policy and
 any route listener.
+
+With `overlap_output` (the default on CUDA) the host builds a step's outputs (detokenisation and the
+RequestOutputs) while the device runs the next step, instead of between the two with the device idle: `step`
+then returns the outputs of the step before the one it ran, and a call with nothing left to run returns the
+last step's. Everything the next step depends on (the tokens, the finish of a sequence, its KV row, the
+routes) is still settled at the token sync, so the tokens are the same either way.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
-                                  resolve_dtype, resolve_fused, resolve_max_model_len)
+                                  resolve_dtype, resolve_fused, resolve_max_model_len, resolve_overlap_output)
 from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
@@ -58,6 +64,8 @@ class LLMEngine:
         self.config = config
         self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
         self.cache: ExpertCache | None = None
+        self._unemitted: list[Sequence] = []  # the last step's sequences, whose outputs are not built yet
+        self._ready: list[RequestOutput] = []  # outputs built but not yet returned (a step that failed after)
         self.device = resolve_device(config.device)
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(
             config.model, allow_nonfinite=config.allow_nonfinite_weights)
@@ -106,6 +114,7 @@ class LLMEngine:
                          "decode_s": 0.0, "decode_steps": 0, "layer_steps": 0, "distinct_experts": 0,
                          "picks": 0, "remapped_picks": 0, "predictor_s": 0.0}
         self._predictor_s = 0.0  # this step's host time in the predictor and the planner
+        self._overlap_output = resolve_overlap_output(config.overlap_output, self.device)
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -166,6 +175,17 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RequestError("the scheduling policy can only be replaced while no request is running")
         self.scheduler.policy = policy
+
+    @property
+    def overlap_output(self) -> bool:
+        """Whether `step` builds a step's outputs while the next one runs, and so returns them a step late."""
+        return self._overlap_output
+
+    @overlap_output.setter
+    def overlap_output(self, value: bool) -> None:
+        if self.has_unfinished_requests():
+            raise RequestError("overlap_output can only be changed while no request is running")
+        self._overlap_output = bool(value)
 
     def add_route_listener(self, listener: RouteListener) -> Callable[[], None]:
         """Call `listener(step, routes)` after every step; returns the call that removes it."""
@@ -250,12 +270,16 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        seq.finish_reason = "abort"
-        self._leave(seq)
+        if not seq.finished:  # (a finished one whose last output is not built yet has left already)
+            seq.finish_reason = "abort"
+            self._leave(seq)
+        if seq in self._unemitted:
+            self._unemitted = [s for s in self._unemitted if s is not seq]
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler is not None and self.scheduler.has_unfinished()
+        """Whether a request is waiting, running, or finished with its last output still to come."""
+        return bool(self._unemitted or self._ready) or self.scheduler is not None and self.scheduler.has_unfinished()
 
     @property
     def num_running(self) -> int:
@@ -270,7 +294,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule(self._scheduler_context())
         if batch is None:
-            return []
+            self._emit_unemitted()
+            return self._take_ready()
         t0 = time.perf_counter()
         seqs = batch.seqs
         wall = time.time()
@@ -300,6 +325,7 @@ class LLMEngine:
         if forced:
             at, values = zip(*forced)
             tokens[list(at)] = torch.tensor(values, device=tokens.device)
+        self._emit_unemitted()  # the last step's outputs, built while the device runs this one
         token_list = tokens.tolist()  # the step's one unavoidable device->host sync
         routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop)
         for i, seq in enumerate(seqs):
@@ -318,14 +344,28 @@ class LLMEngine:
             listener(view, routes)
         self._step_index += 1
         now = time.time()
-        outputs = []
         for seq, token in zip(seqs, token_list):
-            ended = seq.append(token, now, self.eos_ids, self.max_model_len)
+            ended = seq.append(token, now, self.eos_ids, self.max_model_len, detokenize=not self._overlap_output)
             if ended is not None:
                 self._finish(seq, *ended)
-            outputs.append(seq.output())
+        self._unemitted = seqs
+        if not self._overlap_output:
+            self._emit_unemitted()
+        return self._take_ready()
+
+    def _emit_unemitted(self) -> None:
+        """Build the outputs of the sequences the last step advanced (but not of those aborted since)."""
+        seqs, self._unemitted = self._unemitted, []
+        for seq in seqs:
+            if self._seqs.get(seq.request_id) is not seq:
+                continue
+            seq.detokenize()
+            self._ready.append(seq.output())
             if seq.finished:
-                self._seqs.pop(seq.request_id, None)
+                del self._seqs[seq.request_id]
+
+    def _take_ready(self) -> list[RequestOutput]:
+        outputs, self._ready = self._ready, []
         return outputs
 
     def _scheduler_context(self) -> SchedulerContext:

@@ -38,6 +38,7 @@ class Sequence:
         self.last_routes: np.ndarray | None = None  # [L, K] the experts its latest token ran, per MoE layer
         self.forced: list[int] | None = None  # teacher forcing: the output tokens it must take
         self.text = ""  # generated text, stop string excluded
+        self.detokenized = 0  # output tokens `text` holds
         self.emitted_chars = 0  # how much of `text` earlier outputs have streamed
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -60,18 +61,19 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def append(self, token: int, now: float, eos_ids, max_model_len: int) -> tuple[str, int | str | None] | None:
+    def append(self, token: int, now: float, eos_ids, max_model_len: int, detokenize: bool = True
+               ) -> tuple[str, int | str | None] | None:
         """Take a generated token; (finish reason, stop reason) if it ends the sequence, else None. A stop
-        string ends it too, and the text is cut at it."""
+        string ends it too, and the text is cut at it. `detokenize=False` leaves the text to `detokenize()`,
+        later, unless the request has stop strings: they need the text now to know whether it ended."""
         p = self.params
         self.output_ids.append(token)
         self.num_cached = self.num_tokens - 1
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
         self.metrics.last_token_time = now
-        if self.detokenizer is not None:
-            self.detokenizer.add(token)
-            self.text = self.detokenizer.text
+        if detokenize or p.stop:
+            self.detokenize()
         if token in p.stop_token_ids:
             return "stop", token
         if not p.ignore_eos and token in eos_ids:
@@ -83,6 +85,15 @@ class Sequence:
                 or (self.forced is not None and len(self.output_ids) == len(self.forced))):
             return "length", None
         return None
+
+    def detokenize(self) -> None:
+        """Bring the text up to the tokens taken so far (a stop string's cut is final: nothing follows it)."""
+        if self.detokenizer is None or self.detokenized == len(self.output_ids):
+            return
+        for token in self.output_ids[self.detokenized:]:
+            self.detokenizer.add(token)
+        self.detokenized = len(self.output_ids)
+        self.text = self.detokenizer.text
 
     def record_logprobs(self, last: torch.Tensor, token: torch.Tensor, prompt: torch.Tensor | None) -> None:
         """The logprobs it asked for: of the sampled token (last [1, V], token [1]), and, after its prefill, of

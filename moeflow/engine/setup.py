@@ -49,6 +49,12 @@ def resolve_fused(asked: bool | None, device: torch.device) -> bool:
     return asked if asked is not None else device.type == "cuda" and fused_decode.fused_available(device)
 
 
+def resolve_overlap_output(asked: bool | None, device: torch.device) -> bool:
+    """EngineConfig.overlap_output: as asked, or by default where the device runs a step while the host works
+    (CUDA); on the CPU the host is the device, and there is nothing to overlap."""
+    return asked if asked is not None else device.type == "cuda"
+
+
 def resolve_max_model_len(asked: int | None, spec: ModelSpec) -> int:
     if asked is None:
         return min(spec.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
