@@ -47,6 +47,7 @@ class LLM:
         enforce_eager: bool = False,
         fused_ops: bool | None = None,
         gate_ahead: bool = False,
+        overlap_output: bool | None = None,
         skip_tokenizer_init: bool = False,
         allow_nonfinite_weights: bool = False,
     ):
@@ -61,7 +62,9 @@ class LLM:
         (models/fused_decode.py), a few launches a layer instead of dozens; None (the default): wherever they can
         run (CUDA with Triton), False: plain torch, True: fused or a ConfigError saying why not.
         gate_ahead: each MoE layer also guesses the next layer's experts with that layer's router, for the
-        predictive cache's correction (ExpertFlowPlanner); the tokens are the same either way."""
+        predictive cache's correction (ExpertFlowPlanner); the tokens are the same either way.
+        overlap_output: build each step's outputs (detokenisation, RequestOutput) while the device runs the next
+        step, not between the two; None (the default): on CUDA. The outputs are the same, a step later."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
@@ -70,7 +73,8 @@ class LLM:
             max_decode_wait=max_decode_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
-            fused_ops=fused_ops, gate_ahead=gate_ahead, allow_nonfinite_weights=allow_nonfinite_weights,
+            fused_ops=fused_ops, gate_ahead=gate_ahead, overlap_output=overlap_output,
+            allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,
                                 predictor=None if predictor is None or isinstance(predictor, str) else predictor)

@@ -58,6 +58,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-ahead", action="store_true",
                    help="each MoE layer also guesses the next layer's experts with that layer's router, for the "
                         "predictive cache's correction (with --predictor); the tokens are the same")
+    g.add_argument("--overlap-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="build each step's outputs (detokenisation, responses) while the device runs the next "
+                        "step; the same outputs, a step later (default: on CUDA)")
     g.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load weights holding NaN or Inf instead of refusing the checkpoint")
 
@@ -68,4 +71,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 predictor=args.predictor, scheduling=args.scheduling, max_decode_wait=args.max_decode_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
                 enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, gate_ahead=args.gate_ahead,
-                allow_nonfinite_weights=args.allow_nonfinite_weights)
+                overlap_output=args.overlap_output, allow_nonfinite_weights=args.allow_nonfinite_weights)

@@ -109,3 +109,17 @@ def test_the_switch_waits_for_the_last_output():
 def test_default_is_off_on_the_cpu_unless_asked(overlap):
     assert engine(None).overlap_output is False
     assert engine(overlap).overlap_output is overlap
+
+
+def test_llm_and_cli_pass_it_on():
+    from moeflow.cli import build_parser
+    from moeflow.commands.common import engine_kwargs
+
+    assert [engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi", *flag]))["overlap_output"]
+            for flag in ([], ["--overlap-output"], ["--no-overlap-output"])] == [None, True, False]
+    from moeflow import LLM
+
+    llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, overlap_output=True)
+    assert llm.engine.overlap_output is True
+    out = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in out] == [5, 5]

@@ -18,7 +18,8 @@ def model_dir(checkpoint):
 
 @pytest.fixture(scope="session")
 def live_server(model_dir):
-    server = LiveServer(model_dir, **ENGINE).start()
+    # outputs built while the next step runs, as a server on CUDA builds them; offline_llm builds them at once
+    server = LiveServer(model_dir, **ENGINE, overlap_output=True).start()
     yield server
     server.stop()
 
