@@ -728,7 +728,7 @@ case "$part" in
      # here runs that way); then LYNX resident at batch 32 and 64 with outputs built between steps (overlap=0, the
      # engine before) and while the next runs (overlap=1), exact and (3, 1) side by side (issue 13's resident target)
     begin p27
-    timeout "${TESTS_TIMEOUT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+    timeout "${TESTS_TIMEOUT:-250}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
         tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
         tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
         tests/routing/test_router_lens.py > "$p/gpu_tests.log" 2>&1 &
