@@ -1,0 +1,117 @@
+"""The host time a decode step spends where the device has nothing to run, with outputs built between steps
+and while the next one runs (EngineConfig.overlap_output).
+
+    PYTHONPATH=. python3 tools/host_critical.py [--model DIR] --data CORPUS [--batch-sizes 8,32,64]
+        [--device cpu|cuda] [--out FILE.json]
+
+For each batch size and each setting (overlap off, then on), on one engine per setting: B requests of the
+corpus test split's first 64 tokens (the domains in turn), sampled (temperature 0.8, top_p 0.95, a seed each),
+48 output tokens, EOS ignored; one untimed run, then one timed. Per decode step it reports, in microseconds:
+`before_launch` (from the call to `step` until the model is launched: scheduling and the step's inputs),
+`after_sync` (from the token sync, or, with overlap, from the end of the output building that precedes it, to
+the end of the call: routes, accounting, each sequence's token), and with overlap `built_during_step` (the
+outputs built while the device runs the step). On a GPU the device idles for before_launch + after_sync; the
+outputs it builds during the step are hidden. On the CPU the host is the device, so only the host's share is
+meaningful there, not the step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def measure(model: str, prompts: list[list[int]], overlap: bool, device: str, output_len: int) -> dict:
+    from moeflow import LLM, SamplingParams
+
+    llm = LLM(model, device=device, max_num_seqs=len(prompts), overlap_output=overlap)
+    engine = llm.engine
+    marks: dict[str, float] = {}
+
+    def wrap(obj, name: str, before: str | None = None, after: str | None = None) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            if before:
+                marks[before] = time.perf_counter()
+            result = inner(*args, **kwargs)
+            if after:
+                marks[after] = time.perf_counter()
+            return result
+
+        setattr(obj, name, timed)
+
+    wrap(engine.runner, "run", before="launch")
+    wrap(engine.sampler, "sample", after="sampled")
+    wrap(engine, "_emit_unemitted", before="emit_in", after="emit_out")
+    totals = {"before_launch": 0.0, "after_sync": 0.0, "built_during_step": 0.0}
+
+    def run(tag: str, timed: bool) -> int:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=output_len, temperature=0.8, top_p=0.95,
+                                                               seed=i, ignore_eos=True))
+        steps = 0
+        while engine.has_unfinished_requests():
+            marks.clear()
+            was = engine.counters["decode_steps"]
+            t0 = time.perf_counter()
+            engine.step()
+            t1 = time.perf_counter()
+            if not timed or engine.counters["decode_steps"] == was:
+                continue
+            steps += 1
+            totals["before_launch"] += marks["launch"] - t0
+            if overlap:
+                totals["after_sync"] += t1 - marks["emit_out"]
+                totals["built_during_step"] += marks["emit_out"] - marks["emit_in"]
+            else:
+                totals["after_sync"] += t1 - marks["sampled"]
+        return steps
+
+    run("warm", False)
+    steps = run("timed", True)
+    row = {k: round(1e6 * v / steps, 1) for k, v in totals.items()}
+    if not overlap:
+        del row["built_during_step"]
+    return {"batch": len(prompts), "overlap_output": overlap, "decode_steps": steps, **row}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model directory (default: the bundled moeflow-tiny)")
+    p.add_argument("--data", required=True, help="the corpus directory (its test split prompts the requests)")
+    p.add_argument("--batch-sizes", default="8,32,64")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output-len", type=int, default=48)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    import torch
+
+    from moeflow.assets import default_model_dir
+    from moeflow.data.corpus import iter_split
+    from moeflow.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = args.model or str(default_model_dir())
+    tok = Tokenizer(model)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = []
+    for doc in iter_split(args.data, "test"):
+        ids = tok.encode(doc.text)
+        if len(ids) >= 64:
+            prompts.append(ids[:64])
+        if len(prompts) == max(sizes):
+            break
+    rows = [measure(model, prompts[:b], overlap, args.device, args.output_len) for b in sizes
+            for overlap in (False, True)]
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        args.out.write_text(json.dumps({"model": model, "device": args.device, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
