@@ -123,3 +123,22 @@ def test_llm_and_cli_pass_it_on():
     assert llm.engine.overlap_output is True
     out = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in out] == [5, 5]
+
+
+def test_teacher_forced_scores_are_the_same_a_step_later():
+    """`eval perplexity` (teacher forcing, logprobs of forced tokens, LYNX beside exact) runs overlapped on CUDA."""
+    from moeflow.evaluation.documents import load_documents
+    from moeflow.evaluation.forcing import make_engine
+    from moeflow.evaluation.perplexity import document_sequences, evaluate_perplexity
+    from moeflow.routing.lynx import AffinityBinning
+
+    scores = []
+    for overlap in (False, True):
+        eng = make_engine(default_model_dir(), 8, 48, device="cpu", dtype="float32")
+        eng.overlap_output = overlap
+        eng.set_selector(AffinityBinning.for_spec(eng.spec))
+        seqs = document_sequences(eng.tokenizer, load_documents(["tests/data/heldout"], max_docs=12), 48)
+        runs = evaluate_perplexity(eng, seqs, ["lynx"])
+        scores.append({mode: (r.tokens, r.perplexity, r.agreement_top1, r.stats.distinct_experts_per_layer_step)
+                       for mode, r in runs.items()})
+    assert scores[0] == scores[1] and scores[0]["exact"][0] > 300
