@@ -110,8 +110,14 @@
 #   tools/gpu_session.sh 25 OUT  (on a machine with the bench model, or training first) every kernel of the trained
 #                                model's resident step on text, exact and LYNX at batch 32 and 64: where LYNX's saved
 #                                expert reads go at batch 64
-#   tools/gpu_session.sh 26 OUT  part 22's tests, then part 25, in one call (about 9 minutes): the next session's
-#                                first call
+#   tools/gpu_session.sh 26 OUT  part 22's tests, then part 25, in one call (about 9 minutes)
+#
+# The tenth session's (2026-12-06; no machine could be started in the session's 30 minutes of device time). For the
+# next session, in order, on one machine: 27, then 25 (keeping 27's model), then 24:
+#
+#   tools/gpu_session.sh 27 OUT  train the bench model; LYNX resident at batch 32/64, exact and (3, 1), with a step's
+#                                outputs built between steps and while the next runs (EngineConfig.overlap_output);
+#                                part 26's GPU tests, now with the engine's outputs overlapped
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -723,23 +729,24 @@ case "$part" in
     pack
     profile_trained "${PROFILE_TIMEOUT:-170}"
     ;;
-27)  # the tenth session's first call (about 9 minutes with the start): part 26's GPU tests while the bench model
-     # trains (the engine now builds a step's outputs while the next runs, by default on CUDA, so every engine test
-     # here runs that way); then LYNX resident at batch 32 and 64 with outputs built between steps (overlap=0, the
-     # engine before) and while the next runs (overlap=1), exact and (3, 1) side by side (issue 13's resident target)
+27)  # the next session's first call (about 9.5 minutes with the start): the bench model (kept or trained); LYNX
+     # resident at batch 32 and 64 with outputs built between steps (overlap=0, the engine before the tenth
+     # session) and while the next step runs (overlap=1, now the default on CUDA), exact and (3, 1) side by side
+     # (issue 13's resident target); then part 26's GPU tests, whose engine tests now run overlapped (last: a
+     # pytest that runs out of time still leaves the tests it ran in its log; on 2026-12-02 tests sharing the GPU
+     # with training crawled, so they run alone)
     begin p27
-    timeout "${TESTS_TIMEOUT:-250}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
+    keep_or_train "$p"
+    pack
+    offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx --scheduling fcfs:overlap=0,fcfs:overlap=1
+    pack
+    timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
         tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
         tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
-        tests/routing/test_router_lens.py > "$p/gpu_tests.log" 2>&1 &
-    tests=$!
-    keep_or_train "$p"
-    wait $tests
+        tests/routing/test_router_lens.py tests/engine/test_overlap_output.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -2 "$p/gpu_tests.log"
-    pack
-    offline "$p" resident "${RESIDENT_TIMEOUT:-200}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
-        --routing exact,lynx --scheduling fcfs:overlap=0,fcfs:overlap=1
     pack
     ;;
 10)

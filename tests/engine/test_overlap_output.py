@@ -142,3 +142,29 @@ def test_teacher_forced_scores_are_the_same_a_step_later():
         scores.append({mode: (r.tokens, r.perplexity, r.agreement_top1, r.stats.distinct_experts_per_layer_step)
                        for mode, r in runs.items()})
     assert scores[0] == scores[1] and scores[0]["exact"][0] > 300
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", ["100%", "25%"])
+def test_cuda_graphs_overlapped_give_the_same_outputs(budget):
+    """On CUDA, decode graphs replayed, every expert resident or a quarter of them: outputs built while the next
+    step runs equal those built at once, LYNX requests beside exact ones."""
+    import torch
+
+    from moeflow import LLM
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    runs = []
+    for overlap in (False, True):
+        llm = LLM(str(default_model_dir()), device="cuda", expert_budget=budget, max_num_seqs=8, max_model_len=256,
+                  overlap_output=overlap)
+        assert llm.engine.runner.graphs is not None
+        ps = [SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=i, logprobs=1,
+                             routing="lynx" if i % 2 else "exact", stop=["\n\n"] if i == 3 else []) for i in range(8)]
+        outs = llm.generate((PROMPTS * 2)[:8], ps)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason, o.outputs[0].logprobs)
+                     for o in outs])
+        del llm
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]
