@@ -29,6 +29,7 @@ from moeflow.config import CacheConfig, EngineConfig
 from moeflow.engine.cuda_graphs import batch_buckets, capture_decode_graphs
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
+from moeflow.engine.requests import forced_tokens, prompt_ids
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
@@ -228,7 +229,7 @@ class LLMEngine:
             offered = ["exact"] + ([self.selector.name] if self.selector is not None else [])
             raise RequestError(f"routing {params.routing!r} is not offered by this engine; it offers "
                                f"{', '.join(offered)}")
-        text, ids = self._tokenize(prompt)
+        text, ids = prompt_ids(prompt, self.tokenizer, self.spec.vocab_size)
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
                                f"(max_model_len) and at least one must be left to generate")
@@ -238,33 +239,9 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63 - 1))
         seq = Sequence(request_id, text, ids, params, arrival_time or time.time(), detok, seed)
         if forced_output is not None:
-            forced = list(forced_output)
-            if not forced or len(forced) > params.max_tokens or any(
-                    isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.spec.vocab_size for t in forced):
-                raise RequestError(f"forced_output must be 1 to max_tokens={params.max_tokens} token ids in "
-                                   f"[0, {self.spec.vocab_size})")
-            if len(ids) + len(forced) > self.max_model_len:
-                raise RequestError(f"prompt and forced output hold {len(ids) + len(forced)} tokens, over "
-                                   f"max_model_len={self.max_model_len}")
-            seq.forced = forced
+            seq.forced = forced_tokens(forced_output, params, len(ids), self.spec.vocab_size, self.max_model_len)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
-
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("prompt is empty")
-            if self.tokenizer is None:
-                raise RequestError("this engine was started without a tokenizer: pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError("a prompt is a string or a list of token ids (ints)")
-        if not prompt:
-            raise RequestError("prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})")
-        return None, list(prompt)
 
     def abort_request(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
