@@ -8,10 +8,11 @@ For each batch size and each setting (overlap off, then on), on one engine per s
 corpus test split's first 64 tokens (the domains in turn), sampled (temperature 0.8, top_p 0.95, a seed each),
 48 output tokens, EOS ignored; one untimed run, then one timed. Per decode step it reports, in microseconds:
 `before_launch` (from the call to `step` until the model is launched: scheduling and the step's inputs),
-`after_sync` (from the token sync, or, with overlap, from the end of the output building that precedes it, to
-the end of the call: routes, accounting, each sequence's token), and with overlap `built_during_step` (the
+`after_sync` (from the token sync to the end of the call: routes, accounting, each sequence's token, and without
+overlap the outputs), `waited` (from the end of the host's launches, or of the output building that follows them,
+to the sync: on a GPU mostly the host waiting for the device, on the CPU the little host work between them), and with overlap `built_during_step` (the
 outputs built while the device runs the step). On a GPU the device idles for before_launch + after_sync; the
-outputs it builds during the step are hidden. On the CPU the host is the device, so only the host's share is
+outputs built during the step are hidden. On the CPU the host is the device, so only the host's share is
 meaningful there, not the step's time.
 """
 
@@ -46,7 +47,8 @@ def measure(model: str, prompts: list[list[int]], overlap: bool, device: str, ou
     wrap(engine.runner, "run", before="launch")
     wrap(engine.sampler, "sample", after="sampled")
     wrap(engine, "_emit_unemitted", before="emit_in", after="emit_out")
-    totals = {"before_launch": 0.0, "after_sync": 0.0, "built_during_step": 0.0}
+    wrap(engine.model.record, "read", before="synced")  # read right after the token sync
+    totals = {"before_launch": 0.0, "after_sync": 0.0, "waited": 0.0, "built_during_step": 0.0}
 
     def run(tag: str, timed: bool) -> int:
         for i, p in enumerate(prompts):
@@ -63,11 +65,10 @@ def measure(model: str, prompts: list[list[int]], overlap: bool, device: str, ou
                 continue
             steps += 1
             totals["before_launch"] += marks["launch"] - t0
+            totals["after_sync"] += t1 - marks["synced"]
+            totals["waited"] += marks["synced"] - (marks["emit_out"] if overlap else marks["sampled"])
             if overlap:
-                totals["after_sync"] += t1 - marks["emit_out"]
                 totals["built_during_step"] += marks["emit_out"] - marks["emit_in"]
-            else:
-                totals["after_sync"] += t1 - marks["sampled"]
         return steps
 
     run("warm", False)
