@@ -118,6 +118,7 @@
 #   tools/gpu_session.sh 27 OUT  train the bench model; LYNX resident at batch 32/64, exact and (3, 1), with a step's
 #                                outputs built between steps and while the next runs (EngineConfig.overlap_output);
 #                                part 26's GPU tests, now with the engine's outputs overlapped
+#   tools/gpu_session.sh 25 OUT  (as above) and then tools/host_critical.py on the GPU machine's host
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -714,6 +715,12 @@ case "$part" in
      # resident step of the trained model on test-split text, exact and LYNX, batch 32 and 64, fused ops on
     begin p25
     profile_trained "${PROFILE_TIMEOUT:-240}"
+    # (since the tenth session) the GPU host's time a decode step where the device idles, outputs built between
+    # steps and during the next (the bundled model: the host's work is per sequence, not per weight)
+    timeout "${HOST_TIMEOUT:-120}" python3 tools/host_critical.py --data "$w/corpus" --device cuda \
+        --batch-sizes 8,32,64 --out "$p/host_critical.json" > "$p/host_critical.log" 2>&1
+    grep '^{' "$p/host_critical.log"
+    pack
     ;;
 26)  # the next session's first call (about 9 minutes with the start): the GPU tests of what has changed since
      # they last ran on a GPU (part 22's list: the rotary's rounding fix, fused ops on by default, LYNX's kernel
