@@ -1,14 +1,10 @@
-"""Expert compute over the slot pool: every backend against the plain-torch reference.
+"""Expert compute over the slot pool, on the CPU: every backend against the plain-torch reference, the kernels'
+checks and tile choices, and the Triton kernels built for sm_90 (test_kernels_triton.py runs them).
 
 T tokens, K top-k, H hidden, I expert width, S slots.
 
     python -m pytest tests/experts/test_kernels.py                                   # CPU (always)
     python -m pytest tests/experts/test_kernels.py -k compile                        # kernels build for sm_90
-    TRITON_INTERPRET=1 python -m pytest tests/experts/test_kernels.py -k interpret   # Triton kernels on CPU
-    python -m pytest tests/experts/test_kernels.py -m gpu                            # on a CUDA machine
-
-The interpreter runs float32/float16 only (it multiplies bfloat16 as raw integers) and needs numpy < 2.4 with
-triton 3.6 (triton-lang/triton#9171); otherwise those tests skip and say why.
 """
 
 import math
@@ -16,72 +12,11 @@ import math
 import pytest
 import torch
 
-from triton_tools import INTERPRET, compile_sm90, interpret
-from moeflow.experts.kernels import combine_rows, fused_moe, fused_moe_rows, resolve_backend
+from kernel_cases import DTYPES, make_case, naive_dense, pool_views, rel_err, rows_in_two_rounds
+from triton_tools import INTERPRET, compile_sm90
+from moeflow.experts.kernels import fused_moe, fused_moe_rows, resolve_backend
 from moeflow.experts.kernels.grouped import moe_grouped, slot_groups
 from moeflow.experts.kernels.reference import moe_reference
-
-CUDA = torch.cuda.is_available()
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def pool_views(pool: torch.Tensor, H: int, I: int) -> tuple[torch.Tensor, torch.Tensor]:
-    S = pool.shape[0]
-    return pool[:, : 2 * I * H].view(S, 2 * I, H), pool[:, 2 * I * H :].view(S, H, I)
-
-
-def make_pool(S, H, I, dtype, device, gen) -> torch.Tensor:
-    """[S, 3IH] with gate/up ~ N(0, 1/H) and down ~ N(0, 1/I): activations stay O(1), fp16 cannot overflow."""
-    pool = torch.empty(S, 3 * I * H, dtype=dtype, device=device)
-    pool.normal_(generator=gen)
-    w_gate_up, w_down = pool_views(pool, H, I)
-    w_gate_up.mul_(H**-0.5)
-    w_down.mul_(I**-0.5)
-    return pool
-
-
-def make_routing(T, K, S, device, gen, *, drop=0.0, ids_dtype=torch.int64):
-    """Distinct slots per token (as a router's top-k), a fraction `drop` of picks set to -1."""
-    scores = torch.rand(T, S, generator=gen, device=device)
-    ids = scores.topk(K, dim=1).indices
-    if drop:
-        ids = torch.where(torch.rand(T, K, generator=gen, device=device) < drop, -1, ids)
-    weights = torch.rand(T, K, generator=gen, device=device) + 0.1
-    return ids.to(ids_dtype), weights
-
-
-def make_case(T, K, H, I, S, dtype=torch.float32, device="cpu", *, seed=0, drop=0.2, ids_dtype=torch.int64):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    pool = make_pool(S, H, I, dtype, device, gen)
-    x = torch.randn(T, H, generator=gen, device=device).to(dtype)
-    ids, weights = make_routing(T, K, S, device, gen, drop=drop, ids_dtype=ids_dtype)
-    return x, ids, weights, pool
-
-
-def naive_dense(x, ids, weights, w_gate_up, w_down):
-    """Per token, per pick, full float64 matmuls: the formula with no batching at all."""
-    T, H = x.shape
-    I = w_down.shape[2]
-    out = torch.zeros(T, H, dtype=torch.float64)
-    for t in range(T):
-        for k in range(ids.shape[1]):
-            s = int(ids[t, k])
-            if s < 0:
-                continue
-            xt = x[t].double()
-            gate, up = w_gate_up[s, :I].double(), w_gate_up[s, I:].double()
-            h = torch.nn.functional.silu(gate @ xt) * (up @ xt)
-            out[t] += float(weights[t, k]) * (w_down[s].double() @ h)
-    return out
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    diff = (out.double() - ref).norm().item()
-    scale = ref.norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 # ---------------------------------------------------------------------------------------------- CPU
@@ -185,24 +120,11 @@ def test_noncontiguous_inputs():
         assert torch.equal(out, fused_moe(x, ids, w, gu, d, backend=backend))
 
 
-def _rows_in_two_rounds(backend, x, ids, w, gu, d):
-    """As an engine with a small cache: experts in slots < S/2 first, the rest in a second call; rows of a
-    pick not in the current round must survive it. Returns (combined output, rows)."""
-    S = gu.shape[0]
-    rows = torch.full((*ids.shape, x.shape[1]), 7.0, device=x.device)
-    rows[ids < 0] = 0.0  # dropped picks are never written: the caller zeroes them
-    first = torch.where(ids < S // 2, ids, -1)
-    fused_moe_rows(x, first, w, gu, d, rows, backend=backend)
-    assert torch.equal(rows[(ids >= S // 2)], torch.full_like(rows[(ids >= S // 2)], 7.0))
-    fused_moe_rows(x, torch.where(ids >= S // 2, ids, -1), w, gu, d, rows, backend=backend)
-    return combine_rows(rows, x.dtype), rows
-
-
 @pytest.mark.parametrize("backend", ["reference", "grouped"])
 def test_rows_over_rounds_equal_one_fused_call(backend):
     x, ids, w, pool = make_case(11, 4, 32, 16, 8, seed=7)
     gu, d = pool_views(pool, 32, 16)
-    out, rows = _rows_in_two_rounds(backend, x, ids, w, gu, d)
+    out, rows = rows_in_two_rounds(backend, x, ids, w, gu, d)
     assert not (rows == 7.0).any()
     assert torch.equal(out, fused_moe(x, ids, w, gu, d, backend=backend))
 
@@ -300,7 +222,7 @@ def test_triton_kernels_compile_for_sm90(dtype_name, M):
     import moeflow.experts.kernels.triton_moe as tm
 
     H, I, S, K = 2048, 768, 128, 8
-    dtype = _DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name]
     cfg = tm.pick_config(M, S, H, I, dtype)
     ty = f"*{dtype_name}"
     common = dict(sorted_ids_ptr="*i32", block_slot_ptr="*i32", M=M, K_top=K, H=H, I=I)
@@ -329,275 +251,3 @@ def test_triton_kernels_compile_for_sm90(dtype_name, M):
         compile_sm90(tm._offsets_kernel, dict(counts_ptr="*i32", pstart_ptr="*i32", block_slot_ptr="*i32",
                       sorted_ids_ptr="*i32", S=S, NB=8, EM=128, M=M),
                       dict(BLOCK_M=16, S_PAD=128, BLOCK_B=32, BLOCK_FILL=1024), 4, 3)
-
-
-# ---------------------------------------------------------------------------------------------- interpreter
-
-def _interp_config(bm):
-    from moeflow.experts.kernels.triton_moe import TileConfig
-
-    return {
-        16: TileConfig(16, 32, 128, 4, 4, 32, 128, 4, 4),
-        32: TileConfig(32, 64, 64, 4, 4, 64, 64, 4, 4),
-        64: TileConfig(64, 64, 64, 4, 4, 128, 64, 4, 4),
-    }[bm]
-
-
-@interpret
-@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("bm", [16, 32])
-def test_interpret_align_layout(bm, ids_dtype):
-    from moeflow.experts.kernels.triton_moe import align_pairs, num_blocks
-
-    S, T, K = 6, 13, 2
-    _, ids, _, _ = make_case(T, K, 32, 16, S, drop=0.3, seed=bm, ids_dtype=ids_dtype)
-    ids[0, 0] = S + 3  # out of range: the kernels drop it rather than read out of bounds
-    flat = ids.reshape(-1)
-    M = flat.numel()
-    sorted_ids, block_slot = align_pairs(flat, S, bm)
-    assert block_slot.numel() == num_blocks(M, S, bm) and sorted_ids.numel() == block_slot.numel() * bm
-    live = [(i, int(s)) for i, s in enumerate(flat.tolist()) if 0 <= s < S]
-    placed = {}
-    for b, slot in enumerate(block_slot.tolist()):
-        rows = sorted_ids[b * bm : (b + 1) * bm].tolist()
-        if slot < 0:
-            assert all(r == M for r in rows)
-            continue
-        for r in rows:
-            if r != M:
-                assert r not in placed and int(flat[r]) == slot
-                placed[r] = slot
-    assert placed == dict(live)
-    active = [s for s in block_slot.tolist() if s >= 0]
-    assert active == sorted(active)  # blocks laid out slot by slot
-    assert all(s == -1 for s in block_slot.tolist()[len(active) :])  # then the unused tail
-
-
-@interpret
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,K,H,I,S", [(1, 2, 32, 16, 6), (3, 2, 32, 16, 6), (5, 2, 32, 16, 6), (5, 2, 40, 24, 6)])
-def test_interpret_triton_matches_reference(T, K, H, I, S, dtype):
-    from moeflow.experts.kernels.triton_moe import moe_triton
-
-    x, ids, w, pool = make_case(T, K, H, I, S, dtype, seed=T * 7 + H)
-    gu, d = pool_views(pool, H, I)
-    out = moe_triton(x, ids, w, gu, d, poison=True)
-    ref = moe_reference(x.float(), ids, w, gu.float(), d.float())
-    assert out.dtype == dtype and not out.isnan().any()
-    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-
-
-@interpret
-def test_interpret_a_layers_slice_of_the_pool_with_the_pools_tiles_is_bitwise_the_whole_pool():
-    """What a fully resident layer runs (compute.py): its experts' slice of the pool, expert ids as slot ids, tiles
-    chosen for the whole pool, against the whole pool with the slot ids of that slice."""
-    T, K, H, I, E, layers = 9, 2, 32, 16, 6, 3
-    x, ids, w, pool = make_case(T, K, H, I, E * layers, seed=5, drop=0.0)
-    ids = ids % E  # this layer's expert ids
-    gu, d = pool_views(pool, H, I)
-    li = 1
-    whole = fused_moe(x, ids + li * E, w, gu, d, backend="triton")
-    sliced = fused_moe(x, ids, w, gu[li * E : (li + 1) * E], d[li * E : (li + 1) * E], backend="triton",
-                       tile_slots=E * layers)
-    assert torch.equal(sliced, whole)
-
-
-@interpret
-@pytest.mark.parametrize("bm", [16, 32, 64])
-def test_interpret_many_pairs_per_slot_and_partial_tiles(bm):
-    """Several BM-blocks per slot, a slot with no pairs, dropped picks, H and I off every tile size."""
-    from moeflow.experts.kernels.triton_moe import moe_triton
-
-    T, K, H, I, S = 37, 2, 72, 40, 6
-    x, _, w, pool = make_case(T, K, H, I, S, seed=bm)
-    gu, d = pool_views(pool, H, I)
-    gen = torch.Generator().manual_seed(bm)
-    ids = torch.tensor([0, 2, 5])[torch.randint(0, 3, (T, K), generator=gen)]
-    ids[::5, 1] = -1
-    out = moe_triton(x, ids.to(torch.int32), w, gu, d, config=_interp_config(bm), poison=True)
-    ref = moe_reference(x, ids, w, gu, d)
-    assert rel_err(out, ref) < 1e-5
-
-
-@interpret
-def test_interpret_slot_permutation_is_bitwise_invisible():
-    from moeflow.experts.kernels.triton_moe import moe_triton
-
-    S, H, I = 6, 32, 16
-    x, ids, w, pool = make_case(5, 2, H, I, S, seed=11)
-    perm = torch.randperm(S, generator=torch.Generator().manual_seed(3))
-    moved = torch.empty_like(pool)
-    moved[perm] = pool
-    moved_ids = torch.where(ids >= 0, perm[ids.clamp(min=0)], -1)
-    out = moe_triton(x, ids, w, *pool_views(pool, H, I))
-    assert torch.equal(out, moe_triton(x, moved_ids, w, *pool_views(moved, H, I)))
-
-
-@interpret
-def test_interpret_rows_over_rounds_equal_one_fused_call():
-    x, ids, w, pool = make_case(11, 4, 32, 16, 8, seed=7)
-    gu, d = pool_views(pool, 32, 16)
-    out, rows = _rows_in_two_rounds("triton", x, ids, w, gu, d)
-    assert not (rows == 7.0).any()
-    assert torch.equal(out, fused_moe(x, ids, w, gu, d, backend="triton"))
-    assert rel_err(out, moe_reference(x, ids, w, gu, d)) < 1e-5
-
-
-@interpret
-def test_interpret_dispatch_and_edge_cases():
-    H, I, S = 32, 16, 6
-    x, ids, w, pool = make_case(4, 2, H, I, S, seed=12)
-    gu, d = pool_views(pool, H, I)
-    assert resolve_backend(x, "triton") == "triton"
-    ref = moe_reference(x, ids, w, gu, d)
-    assert rel_err(fused_moe(x, ids, w, gu, d, backend="triton"), ref) < 1e-5
-    x_nc = torch.stack([x, torch.full_like(x, float("nan"))], dim=2).flatten(1)[:, ::2]
-    assert rel_err(fused_moe(x_nc, ids.t().contiguous().t(), w, gu, d, backend="triton"), ref) < 1e-5
-    dropped = torch.full_like(ids, -1)
-    assert torch.equal(fused_moe(x, dropped, w, gu, d, backend="triton"), torch.zeros_like(x))
-    assert fused_moe(x[:0], ids[:0], w[:0], gu, d, backend="triton").shape == (0, H)
-
-
-# ---------------------------------------------------------------------------------------------- GPU
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HIS = [(h, i, s) for h in (256, 2048) for i in (128, 768) for s in (8, 64, 130)]
-
-
-def _gpu_grid():
-    """Every (dtype, T, K) with the (H, I, S) combinations rotating through them: 60 cases cover each
-    value of every axis many times (and all three tile configs) without the 360-case product."""
-    cases = []
-    n = 0
-    for name in _DTYPES:
-        for T in (1, 3, 16, 64, 257):
-            for K in (1, 2, 4, 8):
-                H, I, S = _HIS[(n * 5) % len(_HIS)]
-                n += 1
-                cases.append(pytest.param(name, T, K, H, I, S, id=f"{name}-T{T}-K{K}-H{H}-I{I}-S{S}"))
-    for name in _DTYPES:  # make sure every dtype meets the mid (BM=32) and prefill (BM=64) tile configs
-        cases.append(pytest.param(name, 64, 4, 256, 128, 8, id=f"{name}-T64-K4-H256-I128-S8-bm32"))
-        cases.append(pytest.param(name, 257, 8, 2048, 768, 8, id=f"{name}-T257-K8-H2048-I768-S8-bm64"))
-    cases.append(pytest.param("bf16", 33, 4, 200, 72, 20, id="bf16-T33-K4-H200-I72-S20-partial-tiles"))
-    cases.append(pytest.param("fp16", 5, 1, 2048, 768, 1, id="fp16-T5-K1-H2048-I768-S1"))
-    return cases
-
-
-def _call_backend(backend, x, ids, w, gu, d):
-    if backend == "triton":
-        from moeflow.experts.kernels.triton_moe import moe_triton
-
-        return moe_triton(x, ids, w, gu, d, poison=True)
-    try:
-        return moe_grouped(x, ids, w, gu, d)
-    except RuntimeError as exc:  # this torch's CUDA _grouped_mm may take bfloat16 only
-        if x.dtype != torch.bfloat16:
-            pytest.skip(f"torch {torch.__version__} _grouped_mm rejects {x.dtype} on CUDA: {exc}")
-        raise
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "grouped"])
-@pytest.mark.parametrize("dtype_name,T,K,H,I,S", _gpu_grid())
-def test_gpu_matches_reference(backend, dtype_name, T, K, H, I, S):
-    dtype = _DTYPES[dtype_name]
-    x, ids, w, pool = make_case(T, K, H, I, S, dtype, "cuda", seed=T * 1000 + K * 100 + S, drop=0.15)
-    gu, d = pool_views(pool, H, I)
-    out = _call_backend(backend, x, ids, w, gu, d)
-    ref = moe_reference(x.float(), ids, w, gu.float(), d.float())
-    assert out.shape == (T, H) and out.dtype == dtype
-    assert not out.isnan().any(), "unwritten (poisoned) rows reached the output"
-    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "grouped"])
-def test_gpu_cuda_graph_replay_matches_eager(backend):
-    T, K, H, I, S = 16, 8, 2048, 768, 64
-    fn = _graph_fn(backend)
-    x, ids, w, pool = make_case(T, K, H, I, S, torch.bfloat16, "cuda", seed=1)
-    gu, d = pool_views(pool, H, I)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles kernels) outside the capture
-        for _ in range(2):
-            fn(x, ids, w, gu, d)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x, ids, w, gu, d)
-    for seed in (2, 3, 4):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        x2 = torch.randn(T, H, generator=gen, device="cuda").bfloat16()
-        ids2, w2 = make_routing(T, K, S, "cuda", gen, drop=0.2)
-        x.copy_(x2)
-        ids.copy_(ids2)
-        w.copy_(w2)
-        graph.replay()
-        eager = fn(x2, ids2, w2, gu, d)
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, eager, rtol=0, atol=0)
-        ref = moe_reference(x2.float(), ids2, w2, gu.float(), d.float())
-        assert rel_err(out, ref) < 1e-2
-
-
-def _graph_fn(backend):
-    if backend == "triton":
-        from moeflow.experts.kernels.triton_moe import moe_triton
-
-        return moe_triton
-    return moe_grouped
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "grouped"])
-@pytest.mark.parametrize("T", [1, 64, 300])
-def test_gpu_slot_permutation_is_bitwise_invisible(backend, T):
-    """Exact mode across cache states: moving experts to other slots must not change one bit."""
-    K, H, I, S = 8, 256, 128, 64
-    x, ids, w, pool = make_case(T, K, H, I, S, torch.bfloat16, "cuda", seed=T)
-    perm = torch.randperm(S, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T))
-    moved = torch.empty_like(pool)
-    moved[perm] = pool
-    moved_ids = torch.where(ids >= 0, perm[ids.clamp(min=0)], -1)
-    fn = _graph_fn(backend)
-    out = fn(x, ids, w, *pool_views(pool, H, I))
-    assert torch.equal(out, fn(x, moved_ids, w, *pool_views(moved, H, I)))
-    assert torch.equal(out, fn(x, ids, w, *pool_views(pool, H, I)))  # and run to run
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "grouped"])
-def test_gpu_pool_beyond_int32_offsets(backend):
-    """Slots whose first element lies past 2**31: offsets must be computed in int64 (4.8 GB bf16 pool)."""
-    H, I, S, T, K = 2048, 768, 512, 4, 2
-    if torch.cuda.mem_get_info()[0] < 8 * 2**30:
-        pytest.skip("needs 8 GiB free GPU memory")
-    pool = torch.zeros(S, 3 * I * H, dtype=torch.bfloat16, device="cuda")
-    assert (S - 1) * pool.stride(0) > 2**31
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    top = torch.arange(S - 4, S, device="cuda")  # only the last slots hold experts
-    pool[top] = make_pool(4, H, I, torch.bfloat16, "cuda", gen)
-    x = torch.randn(T, H, generator=gen, device="cuda").bfloat16()
-    ids = top[torch.randint(0, 4, (T, K), generator=gen, device="cuda")]
-    w = torch.rand(T, K, generator=gen, device="cuda")
-    out = _graph_fn(backend)(x, ids, w, *pool_views(pool, H, I))
-    small_gu, small_d = pool_views(pool[top].float(), H, I)
-    ref = moe_reference(x.float(), ids - (S - 4), w, small_gu, small_d)
-    assert rel_err(out, ref) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["triton", "grouped"])
-def test_gpu_rows_over_rounds_equal_one_fused_call(backend):
-    x, ids, w, pool = make_case(40, 8, 2048, 768, 64, torch.bfloat16, "cuda", seed=8)
-    gu, d = pool_views(pool, 2048, 768)
-    out, rows = _rows_in_two_rounds(backend, x, ids, w, gu, d)
-    assert not (rows == 7.0).any()
-    assert torch.equal(out, fused_moe(x, ids, w, gu, d, backend=backend))
-    assert rel_err(out, moe_reference(x.float(), ids, w, gu.float(), d.float())) < 1e-2
