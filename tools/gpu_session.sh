@@ -545,7 +545,7 @@ case "$part" in
     # pool slices run there too), then the gate ahead's and cross_step's exactness and the gate ahead read
     # from graphs against eager
     timeout "${TESTS_TIMEOUT:-170}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/models/test_fused_decode.py \
-        tests/models/test_decode_attention.py tests/engine/test_gpu.py > "$p/gpu_tests.log" 2>&1
+        tests/models/test_decode_attention_triton.py tests/engine/test_gpu.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     timeout "${PLANNER_TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/experts/test_predictive.py -k "gate_ahead or cross_step" >> "$p/gpu_tests.log" 2>&1
