@@ -118,7 +118,8 @@
 #   tools/gpu_session.sh 27 OUT  train the bench model; LYNX resident at batch 32/64, exact and (3, 1), with a step's
 #                                outputs built between steps and while the next runs (EngineConfig.overlap_output);
 #                                part 26's GPU tests, now with the engine's outputs overlapped
-#   tools/gpu_session.sh 25 OUT  (as above) and then tools/host_critical.py on the GPU machine's host
+#   tools/gpu_session.sh 25 OUT  (as above) and then tools/host_critical.py on the GPU machine's host, and
+#                                tools/moe_tile_time.py (the fused kernel's tiles under LYNX, 16 and 32 rows)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -720,6 +721,11 @@ case "$part" in
     timeout "${HOST_TIMEOUT:-120}" python3 tools/host_critical.py --data "$w/corpus" --device cuda \
         --batch-sizes 8,32,64 --out "$p/host_critical.json" > "$p/host_critical.log" 2>&1
     grep '^{' "$p/host_critical.log"
+    pack
+    # (since the tenth session) the fused MoE kernel's tiles and time, exact against LYNX (3, 1), 16- and 32-row
+    # tiles, at the bench model's expert shape on drawn routings (no model: the batch-64 question in isolation)
+    timeout "${TILES_TIMEOUT:-120}" python3 tools/moe_tile_time.py --out "$p/moe_tiles.json" > "$p/moe_tiles.log" 2>&1
+    cut -c1-160 "$p/moe_tiles.log" | tail -12
     pack
     ;;
 26)  # the next session's first call (about 9 minutes with the start): the GPU tests of what has changed since
