@@ -111,7 +111,8 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     if args.out:
-        args.out.write_text(json.dumps({"model": model, "device": args.device, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"model": args.model or "moeflow-tiny (bundled)", "device": args.device,
+                                        "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
