@@ -195,18 +195,19 @@ def load_selector_arg(text: str, engine):
 
 
 def _scheduling_options(text: str) -> tuple[str, dict[str, int]]:
-    """`NAME[:wait=W][:overlap=0|1]` -> (NAME, {option: value})."""
+    """`NAME[:wait=W][:overlap=0|1]` -> (NAME, {option: value}); wait is route-aware's only."""
     name, *items = text.split(":")
+    allowed = {"overlap": ("0", "1")} | ({"wait": None} if name == "route-aware" else {})
     options = {}
     for item in items:
         key, eq, value = item.partition("=")
-        allowed = ("wait", "overlap") if name == "route-aware" else ("overlap",)
-        if not eq or key not in allowed or key in options or not value.isdigit() or key == "overlap" and \
-                value not in ("0", "1"):
-            raise ConfigError(f"--scheduling {text!r}: after ':' give " + (
-                "wait=W (steps a sequence may wait beyond its round-robin share, W >= 0) or " if name == "route-aware"
-                else "") + "overlap=0|1 (build a step's outputs while the next one runs), each once" + (
-                "" if name == "route-aware" else " (wait=W is route-aware's)") + f"; got {item!r}")
+        values = allowed.get(key, ())
+        if not eq or key not in allowed or key in options or not value.isdigit() or values and value not in values:
+            wait = ("wait=W (steps a sequence may wait beyond its round-robin share, W >= 0) or "
+                    if name == "route-aware" else "")
+            raise ConfigError(f"--scheduling {text!r}: after ':' give {wait}overlap=0|1 (build a step's outputs "
+                              f"while the next one runs), each once" + ("" if wait else " (wait=W is route-aware's)")
+                              + f"; got {item!r}")
         options[key] = int(value)
     return name, options
 
@@ -255,8 +256,4 @@ def apply(configuration: Configuration, engine) -> None:
         if engine.selector != selector:
             engine.set_selector(selector)
     engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))
-    from moeflow.engine.setup import resolve_overlap_output
-
-    overlap = scheduling_overlap(configuration.scheduling)
-    engine.overlap_output = (overlap if overlap is not None
-                             else resolve_overlap_output(engine.config.overlap_output, engine.device))
+    engine.overlap_output = scheduling_overlap(configuration.scheduling)  # None: the engine's default

@@ -34,6 +34,7 @@ from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, S
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
                                   resolve_dtype, resolve_fused, resolve_max_model_len, resolve_overlap_output)
+from moeflow.engine.stats import count_step, new_counters
 from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
@@ -111,9 +112,7 @@ class LLMEngine:
         self._view: StepView | None = None
         self._routed: list[list[int]] = []  # this step's distinct experts per MoE layer, as the host learns them
         self.costs = MeasuredCosts(expert_bytes=self.store.expert_bytes)
-        self.counters = {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0,
-                         "decode_s": 0.0, "decode_steps": 0, "layer_steps": 0, "distinct_experts": 0,
-                         "picks": 0, "remapped_picks": 0, "predictor_s": 0.0}
+        self.counters = new_counters()
         self._predictor_s = 0.0  # this step's host time in the predictor and the planner
         self._overlap_output = resolve_overlap_output(config.overlap_output, self.device)
 
@@ -183,10 +182,12 @@ class LLMEngine:
         return self._overlap_output
 
     @overlap_output.setter
-    def overlap_output(self, value: bool) -> None:
+    def overlap_output(self, value: bool | None) -> None:
+        """True or False; None: the engine's default (EngineConfig.overlap_output, else on CUDA)."""
         if self.has_unfinished_requests():
             raise RequestError("overlap_output can only be changed while no request is running")
-        self._overlap_output = bool(value)
+        self._overlap_output = (bool(value) if value is not None
+                                else resolve_overlap_output(self.config.overlap_output, self.device))
 
     def add_route_listener(self, listener: RouteListener) -> Callable[[], None]:
         """Call `listener(step, routes)` after every step; returns the call that removes it."""
@@ -383,28 +384,15 @@ class LLMEngine:
         self._predictor_s += time.perf_counter() - tp
 
     def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:
-        c = self.counters
         if self.cache.fully_resident:
             self.cache.count_resident_step(routes.used)
         self.cache.collect_stats()
         self.costs.observe(batch.is_prefill, batch.num_tokens, elapsed)
-        if batch.is_prefill:
-            c["prefill_s"] += elapsed
-            c["prompt_tokens"] += batch.num_tokens
-        else:
-            c["decode_s"] += elapsed
-            c["decode_tokens"] += len(batch.seqs)
-            c["decode_steps"] += 1
-            c["layer_steps"] += routes.used.shape[0]
-            c["distinct_experts"] += int(routes.used.sum())
-            c["picks"] += routes.ids.size
-            c["remapped_picks"] += routes.num_remapped
-            for s in batch.seqs:
-                if s.last_step >= 0 and s.output_ids:
-                    s.decode_waits.append(self._step_index - s.last_step - 1)
+        count_step(self.counters, batch.is_prefill, batch.num_tokens, len(batch.seqs), routes, elapsed)
         for s in batch.seqs:
+            if not batch.is_prefill and s.last_step >= 0 and s.output_ids:
+                s.decode_waits.append(self._step_index - s.last_step - 1)
             s.last_step = self._step_index
-        c["generated_tokens"] += len(batch.seqs)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -1,6 +1,6 @@
 """GenerateStats: the engine's figures over a span of steps (one `LLM.generate` call, say).
 
-`EngineSnapshot` is the engine's running totals at one moment; the figures of a span are the
+`new_counters` and `count_step` keep the engine's running totals; `EngineSnapshot` is them at one moment; the figures of a span are the
 difference of two snapshots (`GenerateStats.between`).
 """
 
@@ -10,6 +10,31 @@ import copy
 from dataclasses import dataclass, field
 
 from moeflow.experts.stats import LayerStats
+from moeflow.routing.record import StepRoutes
+
+
+def new_counters() -> dict:
+    """The engine's running totals (LLMEngine.counters), all zero."""
+    return {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+            "decode_steps": 0, "layer_steps": 0, "distinct_experts": 0, "picks": 0, "remapped_picks": 0,
+            "predictor_s": 0.0}
+
+
+def count_step(c: dict, is_prefill: bool, num_tokens: int, num_seqs: int, routes: StepRoutes,
+               elapsed: float) -> None:
+    """Add one step to the running totals `c`: its time, its tokens, and for a decode step its experts."""
+    if is_prefill:
+        c["prefill_s"] += elapsed
+        c["prompt_tokens"] += num_tokens
+    else:
+        c["decode_s"] += elapsed
+        c["decode_tokens"] += num_seqs
+        c["decode_steps"] += 1
+        c["layer_steps"] += routes.used.shape[0]
+        c["distinct_experts"] += int(routes.used.sum())
+        c["picks"] += routes.ids.size
+        c["remapped_picks"] += routes.num_remapped
+    c["generated_tokens"] += num_seqs
 
 
 @dataclass

@@ -102,7 +102,8 @@ def test_the_switch_waits_for_the_last_output():
     with pytest.raises(RequestError, match="overlap_output"):  # a's output is still to come
         eng.overlap_output = False
     assert [o.finished for o in eng.step()] == [True]
-    eng.overlap_output = False
+    eng.overlap_output = None  # the engine's default: off on the CPU
+    assert eng.overlap_output is False
 
 
 @pytest.mark.parametrize("overlap", [False, True])
