@@ -49,12 +49,12 @@ def main(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(model=model_dir, device=args.device, dtype=args.dtype,
                                     max_model_len=max_seq_len + 1, max_num_seqs=args.batch_size,
                                     max_num_batched_tokens=args.batch_size * max_seq_len, enforce_eager=True,
-                                    gate_ahead=True, overlap_output=False),  # each step's outputs by its routes
+                                    gate_ahead=True),
                        checkpoint=checkpoint)
     spec = engine.spec
     engine.record.keep_full = True  # weights, router logits and the gate ahead's guesses too (eager prefill steps)
-    steps: list = []
-    engine.add_route_listener(lambda step, routes: steps.append(routes))
+    steps: list = []  # the step's (view, routes), read before the next step overwrites them
+    engine.add_route_listener(lambda view, routes: steps.append((view, routes)))
     builder = TraceBuilder(spec.moe_layers, {
         "model": model_dir, "architecture": spec.architecture, "dtype": str(engine.dtype).removeprefix("torch."),
         "data": str(data), "split": args.split if data.is_dir() else None, "max_seq_len": max_seq_len,
@@ -69,16 +69,16 @@ def main(args: argparse.Namespace) -> int:
             engine.add_request(str(i), doc[1], params)
         while engine.has_unfinished_requests():
             steps.clear()
-            outs = engine.step()  # max_tokens=1: every step is one prefill
-            routes = steps[0]
-            for i, out in enumerate(outs):
-                rows = routes.rows[i]
-                # [L, n, .] -> [n, L, .]
-                stack = [a[:, rows].swapaxes(0, 1) for a in (routes.router_ids, routes.weights, routes.logits,
-                                                             routes.ahead_ids)]
-                doc = batch[int(out.request_id)][0]
-                builder.add(doc.doc_id, doc.domain, out.prompt_token_ids, *stack)
-                bar.update(rows.stop - rows.start)
+            engine.step()  # max_tokens=1: every step is one prefill
+            for view, routes in steps:
+                for i, rid in enumerate(view.request_ids):
+                    rows = routes.rows[i]
+                    # [L, n, .] -> [n, L, .]
+                    stack = [a[:, rows].swapaxes(0, 1) for a in (routes.router_ids, routes.weights, routes.logits,
+                                                                 routes.ahead_ids)]
+                    doc, ids = batch[int(rid)]
+                    builder.add(doc.doc_id, doc.domain, ids, *stack)
+                    bar.update(rows.stop - rows.start)
         batch.clear()
 
     for doc in docs:
