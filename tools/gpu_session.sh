@@ -157,6 +157,16 @@ session6_tests() {  # session6_tests TIMEOUT: the GPU tests of the sixth session
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -3 "$p/gpu_tests.log"
 }
+gpu_tests() {  # gpu_tests TIMEOUT FILE...: pytest -m gpu on the files into $p/gpu_tests.log, its exit status last
+    local limit=$1
+    shift
+    timeout "$limit" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 "$@" > "$p/gpu_tests.log" 2>&1
+    echo "tests rc $?" >> "$p/gpu_tests.log"
+    tail -2 "$p/gpu_tests.log"
+}
+# the GPU tests of fused ops on by default, the rotary's rounding and LYNX under graphs (parts 22, 26, 27)
+LYNX_GPU_TESTS="tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py
+    tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py"
 offline() {  # offline DIR NAME TIMEOUT ARGS...: bench offline on the bench model's text workload into DIR/NAME
             # (FUSED=1: every configuration with --fused-ops)
     local dir=$1 name=$2 limit=$3
@@ -623,12 +633,7 @@ case "$part" in
     begin p22
     timeout 90 python3 tools/lynx_binning_time.py --out "$p/lynx_binning_time.json" > "$p/lynx_binning_time.log" 2>&1
     cut -c1-160 "$p/lynx_binning_time.log"
-    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
-        > "$p/gpu_tests.log" 2>&1
-    echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -2 "$p/gpu_tests.log"
+    gpu_tests "${TESTS_TIMEOUT:-300}" $LYNX_GPU_TESTS
     pack
     ;;
 23)  # (about 8 minutes alone): the bench model (kept or trained); LYNX resident at batch 32 and 64 at the default
@@ -733,12 +738,7 @@ case "$part" in
      # spread over programs under graphs; and the router lens's graphed forward), then part 25's kernel profile
      # of the trained model, in one call so that no machine is lost between them
     begin p26
-    timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
-        tests/routing/test_router_lens.py > "$p/gpu_tests.log" 2>&1
-    echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -2 "$p/gpu_tests.log"
+    gpu_tests "${TESTS_TIMEOUT:-200}" $LYNX_GPU_TESTS tests/routing/test_router_lens.py
     pack
     profile_trained "${PROFILE_TIMEOUT:-170}"
     ;;
@@ -754,12 +754,8 @@ case "$part" in
     offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
         --routing exact,lynx --scheduling fcfs:overlap=0,fcfs:overlap=1
     pack
-    timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 \
-        tests/engine/test_gpu.py tests/models/test_fused_decode.py tests/routing/test_lynx.py \
-        tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py tests/engine/test_gpu_hooks.py \
-        tests/routing/test_router_lens.py tests/engine/test_overlap_output.py > "$p/gpu_tests.log" 2>&1
-    echo "tests rc $?" >> "$p/gpu_tests.log"
-    tail -2 "$p/gpu_tests.log"
+    gpu_tests "${TESTS_TIMEOUT:-200}" $LYNX_GPU_TESTS tests/routing/test_router_lens.py \
+        tests/engine/test_overlap_output.py
     pack
     ;;
 10)
