@@ -4,9 +4,9 @@ and while the next one runs (EngineConfig.overlap_output).
     PYTHONPATH=. python3 tools/host_critical.py [--model DIR] --data CORPUS [--batch-sizes 8,32,64]
         [--device cpu|cuda] [--out FILE.json]
 
-For each batch size and each setting (overlap off, then on), on one engine per setting: B requests of the
-corpus test split's first 64 tokens (the domains in turn), sampled (temperature 0.8, top_p 0.95, a seed each),
-48 output tokens, EOS ignored; one untimed run, then one timed. Per decode step it reports, in microseconds:
+For each batch size and each setting (overlap off, then on), on one engine per setting: B requests of the text
+workload (moeflow.bench.workload.TextWorkload: corpus test-split prompts of 64-256 tokens, the domains in turn,
+temperature 0.8, top_p 0.95, a seed each, EOS ignored), 48 output tokens; one untimed batch, then one timed. Per decode step it reports, in microseconds:
 `before_launch` (from the call to `step` until the model is launched: scheduling and the step's inputs),
 `after_sync` (from the token sync to the end of the call: routes, accounting, each sequence's token, and without
 overlap the outputs), `waited` (from the end of the host's launches, or of the output building that follows them,
@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 
 
-def measure(model: str, prompts: list[list[int]], overlap: bool, device: str, output_len: int) -> dict:
-    from moeflow import LLM, SamplingParams
+def measure(model: str, data: str, batch: int, overlap: bool, device: str, output_len: int) -> dict:
+    from moeflow import LLM
+    from moeflow.bench.workload import TextWorkload, load_documents
 
-    llm = LLM(model, device=device, max_num_seqs=len(prompts), overlap_output=overlap)
+    llm = LLM(model, device=device, max_num_seqs=batch, overlap_output=overlap)
+    workload = TextWorkload(load_documents(data), llm.tokenizer.encode, output_len=output_len)
     engine = llm.engine
     marks: dict[str, float] = {}
 
@@ -50,10 +52,9 @@ def measure(model: str, prompts: list[list[int]], overlap: bool, device: str, ou
     wrap(engine.model.record, "read", before="synced")  # read right after the token sync
     totals = {"before_launch": 0.0, "after_sync": 0.0, "waited": 0.0, "built_during_step": 0.0}
 
-    def run(tag: str, timed: bool) -> int:
-        for i, p in enumerate(prompts):
-            engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=output_len, temperature=0.8, top_p=0.95,
-                                                               seed=i, ignore_eos=True))
+    def run(tag: str, start: int, timed: bool) -> int:
+        for i, r in enumerate(workload.requests(start, batch)):
+            engine.add_request(f"{tag}-{i}", r.prompt, r.params)
         steps = 0
         while engine.has_unfinished_requests():
             marks.clear()
@@ -71,12 +72,12 @@ def measure(model: str, prompts: list[list[int]], overlap: bool, device: str, ou
                 totals["built_during_step"] += marks["emit_out"] - marks["emit_in"]
         return steps
 
-    run("warm", False)
-    steps = run("timed", True)
+    run("warm", 0, False)
+    steps = run("timed", batch, True)
     row = {k: round(1e6 * v / steps, 1) for k, v in totals.items()}
     if not overlap:
         del row["built_during_step"]
-    return {"batch": len(prompts), "overlap_output": overlap, "decode_steps": steps, **row}
+    return {"batch": batch, "overlap_output": overlap, "decode_steps": steps, **row}
 
 
 def main() -> None:
@@ -92,22 +93,11 @@ def main() -> None:
     import torch
 
     from moeflow.assets import default_model_dir
-    from moeflow.data.corpus import iter_split
-    from moeflow.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     model = args.model or str(default_model_dir())
-    tok = Tokenizer(model)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = []
-    for doc in iter_split(args.data, "test"):
-        ids = tok.encode(doc.text)
-        if len(ids) >= 64:
-            prompts.append(ids[:64])
-        if len(prompts) == max(sizes):
-            break
-    rows = [measure(model, prompts[:b], overlap, args.device, args.output_len) for b in sizes
-            for overlap in (False, True)]
+    rows = [measure(model, args.data, int(b), overlap, args.device, args.output_len)
+            for b in args.batch_sizes.split(",") for overlap in (False, True)]
     for r in rows:
         print(json.dumps(r))
     if args.out:
