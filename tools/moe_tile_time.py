@@ -23,7 +23,6 @@ config (pick_config over the pool, as CachedExperts asks for it); other BMs keep
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -68,16 +67,12 @@ def tile_counts(ids: torch.Tensor, block_ms: list[int]) -> dict:
 
 def time_call(ids_sets: list[torch.Tensor], block_m: int, pool: torch.Tensor, T: int) -> float:
     """Microseconds a fused MoE call, median over replays of a graph that runs the sets in turn on layer slices."""
-    from moeflow.experts.kernels.triton_moe import _fit_stages, moe_triton, pick_config
+    from moeflow.experts.kernels.triton_moe import moe_triton, pick_config, with_block_m
 
     dev, dtype = pool.device, pool.dtype
     cfg = pick_config(T * K, LAYERS * E, H, I, dtype)
     if block_m != cfg.block_m:
-        elt = dtype.itemsize
-        cfg = dataclasses.replace(
-            cfg, block_m=block_m,
-            stages1=_fit_stages(4, (block_m * cfg.block_k1 + 2 * cfg.block_k1 * cfg.block_n1) * elt),
-            stages2=_fit_stages(4, (block_m * cfg.block_k2 + cfg.block_k2 * cfg.block_n2) * elt))
+        cfg = with_block_m(cfg, block_m, dtype)
     x = torch.randn(T, H, device=dev, dtype=dtype)
     w = torch.full((T, K), 1.0 / K, device=dev)
     calls = []

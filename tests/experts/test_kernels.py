@@ -213,9 +213,10 @@ def test_pick_config_fits_shared_memory():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp32"])
-@pytest.mark.parametrize("M", [8, 16384])
-def test_triton_kernels_compile_for_sm90(dtype_name, M):
-    """Catches compile errors (and shared-memory overuse) in the GPU kernels on a CPU-only machine."""
+@pytest.mark.parametrize("M,block_m", [(8, None), (16384, None), (512, None), (512, 32)])
+def test_triton_kernels_compile_for_sm90(dtype_name, M, block_m):
+    """Catches compile errors (and shared-memory overuse) in the GPU kernels on a CPU-only machine. block_m: the
+    decode tiles made taller (with_block_m), as tools/moe_tile_time.py times them."""
     pytest.importorskip("triton")
     if INTERPRET:
         pytest.skip("kernels are interpreted, not compiled, under TRITON_INTERPRET=1")
@@ -224,6 +225,9 @@ def test_triton_kernels_compile_for_sm90(dtype_name, M):
     H, I, S, K = 2048, 768, 128, 8
     dtype = DTYPES[dtype_name]
     cfg = tm.pick_config(M, S, H, I, dtype)
+    if block_m is not None:
+        cfg = tm.with_block_m(cfg, block_m, dtype)
+        assert cfg.block_m == block_m
     ty = f"*{dtype_name}"
     common = dict(sorted_ids_ptr="*i32", block_slot_ptr="*i32", M=M, K_top=K, H=H, I=I)
     k1 = compile_sm90(

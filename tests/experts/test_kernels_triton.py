@@ -110,6 +110,23 @@ def test_interpret_many_pairs_per_slot_and_partial_tiles(bm):
 
 
 @interpret
+def test_interpret_taller_tiles_with_the_decode_blocks():
+    """32-row tiles with the decode config's N and K blocks (with_block_m, as tools/moe_tile_time.py times them)
+    compute what the reference does, with several tiles per slot."""
+    from moeflow.experts.kernels.triton_moe import moe_triton, pick_config, with_block_m
+
+    T, K, H, I, S = 37, 2, 72, 40, 6
+    x, _, w, pool = make_case(T, K, H, I, S, seed=3)
+    gu, d = pool_views(pool, H, I)
+    ids = torch.tensor([0, 2, 5])[torch.randint(0, 3, (T, K), generator=torch.Generator().manual_seed(3))]
+    ids[::5, 1] = -1
+    cfg = with_block_m(pick_config(8, 64, H, I, x.dtype), 32, x.dtype)
+    assert cfg.block_m == 32
+    out = moe_triton(x, ids.to(torch.int32), w, gu, d, config=cfg, poison=True)
+    assert rel_err(out, moe_reference(x, ids, w, gu, d)) < 1e-5
+
+
+@interpret
 def test_interpret_slot_permutation_is_bitwise_invisible():
     from moeflow.experts.kernels.triton_moe import moe_triton
 

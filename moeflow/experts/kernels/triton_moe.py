@@ -19,7 +19,7 @@ Mixtral-sized pool passes 2^31 elements). H and I need not be multiples of the t
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -81,6 +81,16 @@ def pick_config(M: int, S: int, H: int, I: int, dtype: torch.dtype) -> TileConfi
     s1 = _fit_stages(4, (bm * k1 + 2 * k1 * n1) * elt)
     s2 = _fit_stages(4, (bm * k2 + k2 * n2) * elt)
     return TileConfig(bm, n1, k1, w1, s1, n2, k2, w2, s2)
+
+
+def with_block_m(cfg: TileConfig, block_m: int, dtype: torch.dtype) -> TileConfig:
+    """`cfg` with row tiles of block_m, its N and K blocks and warps kept, its stages fitted to shared memory again
+    (for experiments with taller tiles: pick_config never returns these)."""
+    elt = dtype.itemsize
+    return replace(
+        cfg, block_m=block_m,
+        stages1=_fit_stages(4, (block_m * cfg.block_k1 + 2 * cfg.block_k1 * cfg.block_n1) * elt),
+        stages2=_fit_stages(4, (block_m * cfg.block_k2 + cfg.block_k2 * cfg.block_n2) * elt))
 
 
 def num_blocks(M: int, S: int, block_m: int) -> int:
