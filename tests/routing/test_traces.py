@@ -77,3 +77,26 @@ def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
     # the gate ahead's guesses: none at the first MoE layer, an expert id at every other
     assert trace.ahead_ids.shape == trace.topk_ids.shape and (trace.ahead_ids[:, 0] == -1).all()
     assert 0 <= trace.ahead_ids[:, 1:].min() and trace.ahead_ids[:, 1:].max() < 8
+
+
+def test_trace_is_the_same_with_outputs_built_a_step_later(checkpoint, tmp_path, monkeypatch):
+    """trace pairs each step's routes with its requests through the route listener, not through the step's
+    outputs, so outputs built a step later (overlap_output, the CUDA default) trace the same."""
+    import moeflow.engine.engine as engine_module
+    from moeflow.cli import main as cli_main
+
+    model = checkpoint("olmoe", "fused")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    traces = []
+    for overlap in (False, True):
+        monkeypatch.setattr(engine_module, "resolve_overlap_output", lambda asked, device, on=overlap: on)
+        out = tmp_path / f"trace{int(overlap)}.npz"
+        assert cli_main(["trace", str(model), "--data", str(corpus), "--out", str(out), "--device", "cpu",
+                         "--batch-size", "2"]) == 0
+        traces.append(Trace.load(out))
+    a, b = traces
+    assert a.num_tokens == b.num_tokens > 0
+    for name in ("token_ids", "seq_ids", "topk_ids", "topk_weights", "router_logits", "ahead_ids"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
