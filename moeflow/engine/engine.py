@@ -251,7 +251,7 @@ class LLMEngine:
         if not seq.finished:  # (a finished one whose last output is not built yet has left already)
             seq.finish_reason = "abort"
             self._leave(seq)
-        if seq in self._unemitted:
+        if seq in self._unemitted:  # its output is dropped anyway; without it, nothing may be left unfinished
             self._unemitted = [s for s in self._unemitted if s is not seq]
         return True
 
