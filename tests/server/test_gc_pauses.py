@@ -37,7 +37,9 @@ def test_a_frozen_heap_is_not_walked_again_and_later_garbage_still_is():
     try:
         frozen = freeze_start_up_heap()
         del before
-        assert frozen > 1000 and gc.get_freeze_count() == frozen
+        # objects frozen and later freed by their reference count leave the frozen set (other threads of the
+        # test session free some), so the count after the freeze is only bounded, not equal
+        assert frozen > 1000 and 0 < gc.get_freeze_count() <= frozen
         after = _Node()
         gone = weakref.ref(after)
         del after
