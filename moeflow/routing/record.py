@@ -79,7 +79,6 @@ class RouteRecord:
         self.exact = torch.ones(N, dtype=torch.bool, device=device)
         # the row each row copies: itself when real, the last real row for padding
         self.source = torch.arange(N, dtype=torch.int64, device=device)
-        self._source_host = torch.arange(N, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.used = torch.zeros(L, E + 1, dtype=torch.int16, device=device)  # column E: the padding sink
         pin = device.type == "cuda"
         self._stage = torch.zeros(2 * L * N * K + L * (E + 1), dtype=torch.int16, device=device)
@@ -89,7 +88,7 @@ class RouteRecord:
         self._layer_used = torch.zeros(L, 2 * (E + 1), dtype=torch.int16, pin_memory=pin)
         self._layer_used_np = self._layer_used.numpy()
         self._layer_done = torch.cuda.Event() if pin else None
-        self._masks_host = torch.zeros(2, N, dtype=torch.bool, pin_memory=pin)
+        self._pin = pin
         self.keep_full = False  # also keep weights and router logits (eager steps only: the trace command)
         self._logits: list[torch.Tensor | None] = [None] * L
         # gate ahead: [L, E + 1] rows whose top-k by the layer's gate on the layer before's MoE input hold each
@@ -187,13 +186,25 @@ class RouteRecord:
         self._stage[m : m + L * (E + 1)].view(L, E + 1).copy_(self.used)
         self._host[: m + L * (E + 1)].copy_(self._stage[: m + L * (E + 1)], non_blocking=True)
 
-    def read(self, T: int, selected: bool, rows: list[slice], real: int | None = None) -> StepRoutes:
+    def snapshot(self, T: int, selected: bool) -> torch.Tensor:
+        """Start a copy of what `stage(T, selected)` packed into a host buffer of its own (pinned on CUDA), on the
+        current stream, and return it: a step whose routes are read after the next step is launched reads them
+        from here, since that step's `stage` copies over the record's own host buffer. Read it with
+        `read(..., host=)` once the stream has passed this point."""
+        n = (2 if selected else 1) * self.num_layers * T * self.top_k + self.num_layers * (self.num_experts + 1)
+        host = torch.empty(n, dtype=torch.int16, pin_memory=self._pin)
+        host.copy_(self._stage[:n], non_blocking=True)
+        return host
+
+    def read(self, T: int, selected: bool, rows: list[slice], real: int | None = None,
+             host: torch.Tensor | None = None) -> StepRoutes:
         """The routes `stage(T, selected)` copied, for the first `real` rows (default all T; a CUDA graph stages
-        its whole padded bucket); call after the stream that staged them has been synchronised."""
+        its whole padded bucket); call after the stream that staged them has been synchronised. `host`: read
+        them from a `snapshot` instead (its arrays are then the step's own, not views the next step overwrites)."""
         L, K, E = self.num_layers, self.top_k, self.num_experts
         real = T if real is None else real
         n = L * T * K
-        h = self._host_np
+        h = self._host_np if host is None else host.numpy()
         ids = h[:n].reshape(L, T, K)[:, :real]
         router_ids = h[n : 2 * n].reshape(L, T, K)[:, :real] if selected else ids
         m = 2 * n if selected else n
@@ -213,15 +224,17 @@ class RouteRecord:
 
     def set_rows(self, real: int, padded: int, exact: list[bool] | None) -> None:
         """Rows 0..real-1 are real tokens, real..padded-1 padding; `exact` per real row (None: all exact)."""
-        masks = self._masks_host
-        masks[0, :padded] = False
+        # fresh host buffers each step (pinned on CUDA, from the caching allocator, which keeps a block until its
+        # copy is done): a step scheduled ahead (EngineConfig.async_scheduling) writes its rows while the step
+        # before may not have read its own yet
+        masks = torch.zeros(2, padded, dtype=torch.bool, pin_memory=self._pin)
         masks[0, :real] = True
-        masks[1, :padded] = True
+        masks[1] = True
         if exact is not None:
             masks[1, :real] = torch.tensor(exact, dtype=torch.bool)
-        source = self._source_host
+        source = torch.empty(padded, dtype=torch.int64, pin_memory=self._pin)
         source[:real] = torch.arange(real)
-        source[real:padded] = real - 1
-        self.source[:padded].copy_(source[:padded], non_blocking=True)
-        self.real[:padded].copy_(masks[0, :padded], non_blocking=True)
-        self.exact[:padded].copy_(masks[1, :padded], non_blocking=True)
+        source[real:] = real - 1
+        self.source[:padded].copy_(source, non_blocking=True)
+        self.real[:padded].copy_(masks[0], non_blocking=True)
+        self.exact[:padded].copy_(masks[1], non_blocking=True)
