@@ -48,6 +48,7 @@ class LLM:
         fused_ops: bool | None = None,
         gate_ahead: bool = False,
         overlap_output: bool | None = None,
+        async_scheduling: bool = False,
         skip_tokenizer_init: bool = False,
         allow_nonfinite_weights: bool = False,
     ):
@@ -64,7 +65,12 @@ class LLM:
         gate_ahead: each MoE layer also guesses the next layer's experts with that layer's router, for the
         predictive cache's correction (ExpertFlowPlanner); the tokens are the same either way.
         overlap_output: build each step's outputs (detokenisation, RequestOutput) while the device runs the next
-        step, not between the two; None (the default): on CUDA. The outputs are the same, a step later."""
+        step, not between the two; None (the default): on CUDA. The outputs are the same, a step later.
+        async_scheduling: plan and launch each decode step before the host has taken the last one's tokens (they
+        reach the next step on the device), so the host's work between steps overlaps the device's. It applies
+        where nothing that plans a step reads the last one's routes: every expert resident, no predictor, fcfs,
+        and no request asking for logprobs; other steps run as usual. A sequence that ends by a stop token or
+        string runs one step more, whose token is dropped. The tokens are the same either way."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
@@ -74,7 +80,7 @@ class LLM:
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
             fused_ops=fused_ops, gate_ahead=gate_ahead, overlap_output=overlap_output,
-            allow_nonfinite_weights=allow_nonfinite_weights,
+            async_scheduling=async_scheduling, allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,
                                 predictor=None if predictor is None or isinstance(predictor, str) else predictor)

@@ -7,7 +7,7 @@ to wire a new predictor, selector or scheduling policy into the benchmark:
 
     load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART][:KEY=V...]
     load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton][:rows=N|auto]
-    load_scheduling_arg(text, spec)    fcfs | route-aware[:wait=W], either with [:overlap=0|1]
+    load_scheduling_arg(text, spec)    fcfs | route-aware[:wait=W], either with [:overlap=0|1][:async=0|1]
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
 switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
@@ -20,6 +20,8 @@ installed; `rows=N` spreads the Triton kernel over programs of N rows (AffinityB
 same choice in two launches; `rows=0` keeps it in one program, and `rows=auto` (the default) spreads it from 32
 rows a step. `overlap=0` on a scheduling value builds each step's outputs between it and the next, with the
 device idle, and `overlap=1` while the next one runs (EngineConfig.overlap_output; by default on CUDA).
+`async=1` launches each step before the host takes the last one's tokens (EngineConfig.async_scheduling; off by
+default; it applies to fcfs with every expert resident and no predictor).
 """
 
 from __future__ import annotations
@@ -195,9 +197,9 @@ def load_selector_arg(text: str, engine):
 
 
 def _scheduling_options(text: str) -> tuple[str, dict[str, int]]:
-    """`NAME[:wait=W][:overlap=0|1]` -> (NAME, {option: value}); wait is route-aware's only."""
+    """`NAME[:wait=W][:overlap=0|1][:async=0|1]` -> (NAME, {option: value}); wait is route-aware's only."""
     name, *items = text.split(":")
-    allowed = {"overlap": ("0", "1")} | ({"wait": None} if name == "route-aware" else {})
+    allowed = {"overlap": ("0", "1"), "async": ("0", "1")} | ({"wait": None} if name == "route-aware" else {})
     options = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -206,7 +208,8 @@ def _scheduling_options(text: str) -> tuple[str, dict[str, int]]:
             wait = ("wait=W (steps a sequence may wait beyond its round-robin share, W >= 0) or "
                     if name == "route-aware" else "")
             raise ConfigError(f"--scheduling {text!r}: after ':' give {wait}overlap=0|1 (build a step's outputs "
-                              f"while the next one runs), each once" + ("" if wait else " (wait=W is route-aware's)")
+                              "while the next one runs) or async=0|1 (launch a step before the last one's tokens "
+                              "are taken), each once" + ("" if wait else " (wait=W is route-aware's)")
                               + f"; got {item!r}")
         options[key] = int(value)
     return name, options
@@ -220,7 +223,7 @@ def load_scheduling_arg(text: str, spec):
     name, options = _scheduling_options(text)
     if name not in POLICIES:
         raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)} "
-                          "(route-aware[:wait=W]; either with [:overlap=0|1])")
+                          "(route-aware[:wait=W]; either with [:overlap=0|1][:async=0|1])")
     if "wait" in options:
         return POLICIES[name](max_decode_wait=options["wait"])
     return POLICIES[name]()
@@ -231,6 +234,13 @@ def scheduling_overlap(text: str) -> bool | None:
     default, EngineConfig.overlap_output)."""
     options = _scheduling_options(text)[1]
     return bool(options["overlap"]) if "overlap" in options else None
+
+
+def scheduling_async(text: str) -> bool | None:
+    """Whether `--scheduling` value `text` launches a step before the last one's tokens are taken (None: the
+    engine's default, EngineConfig.async_scheduling)."""
+    options = _scheduling_options(text)[1]
+    return bool(options["async"]) if "async" in options else None
 
 
 def check(configurations: list[Configuration], engine) -> None:
@@ -257,3 +267,4 @@ def apply(configuration: Configuration, engine) -> None:
             engine.set_selector(selector)
     engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))
     engine.overlap_output = scheduling_overlap(configuration.scheduling)  # None: the engine's default
+    engine.async_scheduling = scheduling_async(configuration.scheduling)

@@ -61,6 +61,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-output", action=argparse.BooleanOptionalAction, default=None,
                    help="build each step's outputs (detokenisation, responses) while the device runs the next "
                         "step; the same outputs, a step later (default: on CUDA)")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before the host takes the last one's tokens, so the host's work "
+                        "between steps overlaps the device's (every expert resident, no predictor, fcfs; the "
+                        "same tokens)")
     g.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load weights holding NaN or Inf instead of refusing the checkpoint")
 
@@ -71,4 +75,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 predictor=args.predictor, scheduling=args.scheduling, max_decode_wait=args.max_decode_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
                 enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, gate_ahead=args.gate_ahead,
-                overlap_output=args.overlap_output, allow_nonfinite_weights=args.allow_nonfinite_weights)
+                overlap_output=args.overlap_output, async_scheduling=args.async_scheduling,
+                allow_nonfinite_weights=args.allow_nonfinite_weights)

@@ -67,18 +67,19 @@ class _DecodeInputs:
         self.kv_rows = torch.zeros(n, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int64, device=device)
 
-    def load(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> int:
-        """Copy a step's inputs in, padded; returns its batch bucket. `exact`: per row, whether it must stay
-        exact (None: all of them)."""
-        b = bucket(len(ids), self.batch_buckets)
-        pad = b - len(ids)
-        host = torch.tensor([ids + ids[-1:] * pad, positions + positions[-1:] * pad, rows + rows[-1:] * pad],
-                            dtype=torch.int64, pin_memory=True)
-        self.input_ids[:b].copy_(host[0], non_blocking=True)
-        self.positions[:b].copy_(host[1], non_blocking=True)
-        self.kv_rows[:b].copy_(host[2], non_blocking=True)
+    def load(self, last_tokens: torch.Tensor, positions: list[int], rows: list[int], exact: list[bool] | None) -> int:
+        """Copy a step's inputs in, padded; returns its batch bucket. Each row's input token is its KV row's
+        entry of `last_tokens` (a device tensor: ModelRunner.last_tokens), gathered on the device. `exact`: per
+        row, whether it must stay exact (None: all of them)."""
+        b = bucket(len(rows), self.batch_buckets)
+        pad = b - len(rows)
+        host = torch.tensor([positions + positions[-1:] * pad, rows + rows[-1:] * pad], dtype=torch.int64,
+                            pin_memory=True)
+        self.positions[:b].copy_(host[0], non_blocking=True)
+        self.kv_rows[:b].copy_(host[1], non_blocking=True)
+        torch.index_select(last_tokens, 0, self.kv_rows[:b], out=self.input_ids[:b])
         torch.add(self.positions[:b], 1, out=self.context_lens[:b])
-        self.record.set_rows(len(ids), b, exact)
+        self.record.set_rows(len(rows), b, exact)
         return b
 
     def batch(self, b: int, selector: Selector | None, slot_table: torch.Tensor | None) -> ForwardBatch:
@@ -101,6 +102,7 @@ class _DecodeGraphs:
         self.logits = torch.empty(self.inputs.batch_buckets[-1], model.spec.vocab_size, dtype=torch.float32,
                                   device=device)
         self.staged_rows = 0  # rows the last step staged in the RouteRecord: its padded bucket
+        self.input_ids_zero = torch.zeros(1, dtype=torch.int64, device=device)  # capture's inputs: token 0, row 0
 
     @property
     def captures(self) -> int:
@@ -111,7 +113,7 @@ class _DecodeGraphs:
         """Capture every bucket's graphs now, largest first (smaller ones reuse the pool's memory)."""
         for b in reversed(self.inputs.batch_buckets):
             for variant in self.variants:
-                self.inputs.load([0] * b, [0] * b, [0] * b, None)
+                self.inputs.load(self.input_ids_zero, [0] * b, [0] * b, None)
                 self._capture(b, variant)
         torch.cuda.synchronize(self.device)
 
@@ -138,12 +140,14 @@ class ResidentDecodeGraphs(_DecodeGraphs):
 
         self._graphs[b, selector] = self.capturer.run_and_capture(step)
 
-    def run(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> torch.Tensor:
-        """Logits [B, V] of one decode step for B sequences; the step's routes are staged in the record.
-        `exact` None: every row exact (the exact graph runs); else per row, and the selector's graph runs."""
-        b = self.staged_rows = self.inputs.load(ids, positions, rows, exact)
+    def run(self, last_tokens: torch.Tensor, positions: list[int], rows: list[int],
+            exact: list[bool] | None) -> torch.Tensor:
+        """Logits [B, V] of one decode step for B sequences (their KV rows `rows`, each one's input token read
+        from `last_tokens` on the device); the step's routes are staged in the record. `exact` None: every row
+        exact (the exact graph runs); else per row, and the selector's graph runs."""
+        b = self.staged_rows = self.inputs.load(last_tokens, positions, rows, exact)
         self._graphs[b, None if exact is None else self.selector].replay()
-        return self.logits[: len(ids)]
+        return self.logits[: len(rows)]
 
 
 class OffloadedDecodeGraphs(_DecodeGraphs):
@@ -178,9 +182,10 @@ class OffloadedDecodeGraphs(_DecodeGraphs):
                         lambda k=k: self._experts_body(b, k, selector is not None))
         self._pieces[b, selector] = pieces
 
-    def run(self, ids: list[int], positions: list[int], rows: list[int], exact: list[bool] | None) -> torch.Tensor:
+    def run(self, last_tokens: torch.Tensor, positions: list[int], rows: list[int],
+            exact: list[bool] | None) -> torch.Tensor:
         """Logits [B, V] of one decode step for B sequences (see ResidentDecodeGraphs.run)."""
-        b = self.staged_rows = self.inputs.load(ids, positions, rows, exact)
+        b = self.staged_rows = self.inputs.load(last_tokens, positions, rows, exact)
         selected = exact is not None
         pieces = self._pieces[b, self.selector if selected else None]
         moe_layers = self.model.spec.moe_layers
@@ -201,7 +206,7 @@ class OffloadedDecodeGraphs(_DecodeGraphs):
             experts.replay()
             needed = record.layer_experts(k)  # waits for this router's choice, not for the whole device
             self.experts.run_rounds(moe_layers[k], needed, experts.replay, speculated=True)
-        return self.logits[: len(ids)]
+        return self.logits[: len(rows)]
 
     def _piece(self, k: int, b: int, fb: ForwardBatch, selected: bool) -> None:
         """From MoE layer k-1's expert output (embedding for k = 0) to MoE layer k's router (logits and the

@@ -13,6 +13,14 @@ RequestOutputs) while the device runs the next step, instead of between the two 
 then returns the outputs of the step before the one it ran, and a call with nothing left to run returns the
 last step's. Everything the next step depends on (the tokens, the finish of a sequence, its KV row, the
 routes) is still settled at the token sync, so the tokens are the same either way.
+
+With `async_scheduling` (opt-in) a step is planned and launched before the step in flight is settled: its input
+tokens are read on the device (ModelRunner.last_tokens), and the host takes the step before's tokens, routes and
+outputs while the device runs it, so the device does not wait for the host between steps. It applies where
+nothing that plans a step reads the last one's routes or tokens on the host (every expert resident, no
+predictor, fcfs) and no request in the step asked for logprobs; other steps are settled at once. A sequence
+that the step in flight ends by length is not scheduled again; one that a stop token, a stop string or EOS
+ends there runs one step more, whose token is void (neither kept nor counted).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +37,7 @@ import torch
 from moeflow.config import CacheConfig, EngineConfig
 from moeflow.engine.cuda_graphs import batch_buckets, capture_decode_graphs
 from moeflow.engine.kv_cache import KVCache
-from moeflow.engine.model_runner import ModelRunner
+from moeflow.engine.model_runner import ModelRunner, StepLogits
 from moeflow.engine.requests import forced_tokens, prompt_ids
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
@@ -57,6 +66,28 @@ RouteListener = Callable[[StepView, StepRoutes], None]
 log = logging.getLogger("moeflow.engine")
 
 
+@dataclass
+class _Launched:
+    """A step launched on the device, its tokens sampled there and not yet taken by the host."""
+
+    batch: ScheduledBatch
+    index: int
+    view: StepView  # as the step saw its inputs at launch (a step settled a call later rebuilds it then)
+    logits: StepLogits
+    tokens: torch.Tensor  # [B] on the device
+    t0: float  # perf_counter when its launch began
+    # when the next step may be launched before this one is settled: host copies of its tokens and routes,
+    # started at launch, and (CUDA) the event after them
+    host_tokens: torch.Tensor | None = None
+    host_routes: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+
+    @property
+    def ahead(self) -> bool:
+        """Whether the next step may be launched before this one is settled."""
+        return self.host_tokens is not None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, skip_tokenizer_init: bool = False,
                  checkpoint: Checkpoint | SyntheticCheckpoint | None = None, predictor: Predictor | None = None,
@@ -67,6 +98,7 @@ class LLMEngine:
         self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
         self.cache: ExpertCache | None = None
         self._unemitted: list[Sequence] = []  # the last step's sequences, whose outputs are not built yet
+        self._in_flight: _Launched | None = None  # a step launched, not yet settled (async_scheduling)
         self._ready: list[RequestOutput] = []  # outputs built but not yet returned (a step that failed after)
         self.device = resolve_device(config.device)
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(
@@ -115,6 +147,9 @@ class LLMEngine:
         self.counters = new_counters()
         self._predictor_s = 0.0  # this step's host time in the predictor and the planner
         self._overlap_output = resolve_overlap_output(config.overlap_output, self.device)
+        self._async_scheduling = config.async_scheduling
+        self._last_settled = 0.0  # perf_counter when the last step was settled
+        self._pin = self.device.type == "cuda"
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -189,6 +224,18 @@ class LLMEngine:
         self._overlap_output = (bool(value) if value is not None
                                 else resolve_overlap_output(self.config.overlap_output, self.device))
 
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether a step may be planned and launched before the host has taken the last one's tokens."""
+        return self._async_scheduling
+
+    @async_scheduling.setter
+    def async_scheduling(self, value: bool | None) -> None:
+        """True or False; None: the engine's default (EngineConfig.async_scheduling)."""
+        if self.has_unfinished_requests():
+            raise RequestError("async_scheduling can only be changed while no request is running")
+        self._async_scheduling = bool(value) if value is not None else self.config.async_scheduling
+
     def add_route_listener(self, listener: RouteListener) -> Callable[[], None]:
         """Call `listener(step, routes)` after every step; returns the call that removes it."""
         self._listeners.append(listener)
@@ -257,7 +304,8 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is waiting, running, or finished with its last output still to come."""
-        return bool(self._unemitted or self._ready) or self.scheduler is not None and self.scheduler.has_unfinished()
+        return (bool(self._unemitted or self._ready) or self._in_flight is not None
+                or self.scheduler is not None and self.scheduler.has_unfinished())
 
     @property
     def num_running(self) -> int:
@@ -270,14 +318,36 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule(self._scheduler_context())
+        if self._in_flight is not None and not self._can_schedule_ahead():
+            self._settle_in_flight()
+        ahead = self._in_flight  # launched by the last call and not settled (async_scheduling)
+        skip = (lambda s: s.length_ends_ahead(self.max_model_len)) if ahead is not None else None
+        batch = self.scheduler.schedule(self._scheduler_context(), skip=skip)
         if batch is None:
+            self._settle_in_flight()
             self._emit_unemitted()
             return self._take_ready()
+        launched = self._launch(batch)
+        if ahead is not None:  # its tokens, routes and outputs, while the device runs the step just launched
+            self._settle_in_flight()
+            self._emit_unemitted()
+        if launched.ahead:
+            self._in_flight = launched  # settled by the next call, after it launches the step after this one
+            return self._take_ready()
+        self._emit_unemitted()  # the last step's outputs, built while the device runs this one
+        self._settle(launched)
+        if not self._overlap_output:
+            self._emit_unemitted()
+        return self._take_ready()
+
+    def _launch(self, batch: ScheduledBatch) -> _Launched:
+        """Run the step on the device up to its sampled tokens, without waiting for them."""
         t0 = time.perf_counter()
         seqs = batch.seqs
         wall = time.time()
-        view = self._view = batch.view(self._step_index)
+        index = self._step_index
+        self._step_index += 1
+        view = self._view = batch.view(index)
         self._predictor_s = 0.0
         tp = time.perf_counter()
         for s in seqs:
@@ -287,6 +357,9 @@ class LLMEngine:
                 self.sampler.admit(s.kv_row, s.prompt_ids, s.params)
                 if self.predictor is not None:
                     self.predictor.admitted(RequestView(s.request_id, tuple(s.prompt_ids), s.hints))
+            elif s.last_step >= 0 and len(s.output_ids) + s.num_ahead:
+                s.decode_waits.append(index - s.last_step - 1)
+            s.last_step = index
         self._prediction = self.predictor.predict(view) if self.predictor is not None else None
         self._routed = []
         if self._prediction is not None and not self.cache.fully_resident:
@@ -297,21 +370,54 @@ class LLMEngine:
         if self.selector is not None and any(s.params.routing != "exact" for s in seqs):
             exact = [s.params.routing == "exact" for s in seqs]
         logits = self.runner.run(batch, exact, self.selector)
+        made = [len(s.output_ids) + s.num_ahead for s in seqs]  # each one's tokens so far, in flight included
         tokens = self.sampler.sample(logits.last, [s.kv_row for s in seqs], [s.params for s in seqs],
-                                     [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
-        forced = [(i, s.forced[len(s.output_ids)]) for i, s in enumerate(seqs) if s.forced is not None]
+                                     [s.seed for s in seqs], made)
+        forced = [(i, s.forced[n]) for i, (s, n) in enumerate(zip(seqs, made)) if s.forced is not None]
         if forced:
             at, values = zip(*forced)
             tokens[list(at)] = torch.tensor(values, device=tokens.device)
-        self._emit_unemitted()  # the last step's outputs, built while the device runs this one
-        token_list = tokens.tolist()  # the step's one unavoidable device->host sync
-        routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop)
+        self.runner.remember_tokens(tokens)
+        for s in seqs:
+            s.num_ahead += 1
+        launched = _Launched(batch, index, view, logits, tokens, t0)
+        if self._runs_ahead(launched):  # copies of what the host reads later, made before the next step's
+            launched.host_tokens = torch.empty(len(seqs), dtype=torch.int64, pin_memory=self._pin)
+            launched.host_tokens.copy_(tokens, non_blocking=True)
+            launched.host_routes = self.model.record.snapshot(logits.num_tokens, logits.selected)
+            if self._pin:
+                launched.done = torch.cuda.Event()
+                launched.done.record()
+        return launched
+
+    def _settle_in_flight(self) -> None:
+        launched, self._in_flight = self._in_flight, None
+        if launched is not None:
+            self._settle(launched)
+
+    def _settle(self, launched: _Launched) -> None:
+        """Take a launched step's tokens (its one device->host sync), then its routes, accounting and each
+        sequence's token; its outputs are left to `_emit_unemitted`."""
+        batch, logits, seqs = launched.batch, launched.logits, launched.batch.seqs
+        if not launched.ahead:
+            token_list = launched.tokens.tolist()  # the step's one unavoidable device->host sync
+        else:
+            if launched.done is not None:
+                launched.done.synchronize()  # this step's copies only: the step launched after it runs on
+            token_list = launched.host_tokens.tolist()
+        routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop,
+                                        host=launched.host_routes)
         for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None or i in logits.prompt:  # most steps ask for none: no slicing
-                seq.record_logprobs(logits.last[i : i + 1], tokens[i : i + 1], logits.prompt.get(i))
-        self._account(batch, routes, time.perf_counter() - t0)
+                seq.record_logprobs(logits.last[i : i + 1], launched.tokens[i : i + 1], logits.prompt.get(i))
+        # a sequence ended (or aborted) by a token settled since this step was launched: its token here is void
+        live = [not s.finished and self._seqs.get(s.request_id) is s for s in seqs]
+        now = time.perf_counter()
+        self._account(batch, routes, now - max(launched.t0, self._last_settled), sum(live))
+        self._last_settled = now
         for i, s in enumerate(seqs):
             s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
+        view = batch.view(launched.index) if launched.ahead else launched.view
         if self.predictor is not None:
             tp = time.perf_counter()
             self.predictor.observe(view, routes)
@@ -320,16 +426,34 @@ class LLMEngine:
         self.scheduler.policy.update(view, routes)
         for listener in self._listeners:
             listener(view, routes)
-        self._step_index += 1
-        now = time.time()
-        for seq, token in zip(seqs, token_list):
-            ended = seq.append(token, now, self.eos_ids, self.max_model_len, detokenize=not self._overlap_output)
-            if ended is not None:
-                self._finish(seq, *ended)
-        self._unemitted = seqs
-        if not self._overlap_output:
-            self._emit_unemitted()
-        return self._take_ready()
+        wall = time.time()
+        for seq, token, ok in zip(seqs, token_list, live):
+            seq.num_ahead -= 1
+            if ok:
+                ended = seq.append(token, wall, self.eos_ids, self.max_model_len,
+                                   detokenize=not self._overlap_output)
+                if ended is not None:
+                    self._finish(seq, *ended)
+        self._unemitted = [seq for seq, ok in zip(seqs, live) if ok]
+
+    def _can_schedule_ahead(self) -> bool:
+        """Whether the next step can be planned before the step in flight is settled: some running sequence
+        does not end by length with it, or a waiting one can be admitted."""
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        return (any(not s.length_ends_ahead(self.max_model_len) for s in running)
+                or bool(waiting) and self.kv.num_free > 0)
+
+    def _runs_ahead(self, launched: _Launched) -> bool:
+        """Whether the next step may be launched before this one is settled (EngineConfig.async_scheduling):
+        nothing that plans the next step reads this one's routes or tokens on the host (a resident pool, no
+        predictor, a policy that reads neither), and no sequence in it asked for logprobs (read from the
+        step's logits, which the next step overwrites)."""
+        if not self._async_scheduling or not self.cache.fully_resident or self.predictor is not None:
+            return False
+        if getattr(self.scheduler.policy, "reads_routes", True):
+            return False
+        return not any(s.params.logprobs is not None or s.params.prompt_logprobs is not None
+                       for s in launched.batch.seqs)
 
     def _emit_unemitted(self) -> None:
         """Build the outputs of the sequences the last step advanced (but not of those aborted since)."""
@@ -383,16 +507,13 @@ class LLMEngine:
         self.planner.refine(self.cache, li, used, scores, ahead=ahead)
         self._predictor_s += time.perf_counter() - tp
 
-    def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float) -> None:
+    def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float, tokens: int) -> None:
+        """`tokens`: the step's tokens that count (its live sequences': a void one is not generated)."""
         if self.cache.fully_resident:
             self.cache.count_resident_step(routes.used)
         self.cache.collect_stats()
         self.costs.observe(batch.is_prefill, batch.num_tokens, elapsed)
-        count_step(self.counters, batch.is_prefill, batch.num_tokens, len(batch.seqs), routes, elapsed)
-        for s in batch.seqs:
-            if not batch.is_prefill and s.last_step >= 0 and s.output_ids:
-                s.decode_waits.append(self._step_index - s.last_step - 1)
-            s.last_step = self._step_index
+        count_step(self.counters, batch.is_prefill, batch.num_tokens, tokens, routes, elapsed)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -40,6 +40,11 @@ class ModelRunner:
         self.context_buckets = context_buckets(kv.max_len)
         self.slot_table: torch.Tensor | None = None  # the expert cache's device table; None when all resident
         self.graph_step = False  # the step running now replays decode graphs
+        self._kv_rows_t: torch.Tensor | None = None  # [B] the KV rows of the step run last, on the device
+        # each KV row's latest token, as the sampler left it on the device: a decode step reads its inputs from
+        # here, so the host need not know a token before the step that consumes it is launched
+        # (EngineConfig.async_scheduling)
+        self.last_tokens = torch.zeros(kv.rows, dtype=torch.int64, device=device)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -56,14 +61,21 @@ class ModelRunner:
         )
 
     def prepare_decode(self, seqs: list[Sequence]) -> ForwardBatch:
-        context = [s.num_tokens for s in seqs]
+        context = [s.context_len for s in seqs]
+        kv_rows_t = self._tensor([s.kv_row for s in seqs])
         return ForwardBatch(
-            input_ids=self._tensor([s.last_token for s in seqs]),
+            input_ids=self.last_tokens[kv_rows_t],
             positions=self._tensor([c - 1 for c in context]), is_prefill=False,
             kv_rows=[s.kv_row for s in seqs], starts=[c - 1 for c in context], lengths=[1] * len(seqs),
-            kv_rows_t=self._tensor([s.kv_row for s in seqs]), context_lens_t=self._tensor(context),
+            kv_rows_t=kv_rows_t, context_lens_t=self._tensor(context),
             max_context=bucket(max(context), self.context_buckets), slot_table=self.slot_table,
         )
+
+    def remember_tokens(self, tokens: torch.Tensor) -> None:
+        """The last step's sampled (or forced) tokens [B], on the device, become its sequences' latest tokens
+        (at their KV rows, as the step's device tensor of them holds them: the next step's inputs are written
+        after this on the same stream)."""
+        self.last_tokens.index_copy_(0, self._kv_rows_t, tokens)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, exact: list[bool] | None = None,
@@ -77,14 +89,16 @@ class ModelRunner:
         # a replayed decode step publishes each layer's experts to the host (RouteRecord.publish_layer)
         self.graph_step = self.graphs is not None and not batch.is_prefill
         if self.graph_step:
-            logits = self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                     [s.kv_row for s in seqs], exact)
+            logits = self.graphs.run(self.last_tokens, [s.context_len - 1 for s in seqs], [s.kv_row for s in seqs],
+                                     exact)
+            self._kv_rows_t = self.graphs.inputs.kv_rows[: len(seqs)]
             return StepLogits(logits, {}, self.graphs.staged_rows, selected,
                               [slice(i, i + 1) for i in range(len(seqs))])
         experts = self.model.experts if isinstance(self.model.experts, CachedExperts) else None
         if experts is not None:
             experts.forget_pending()
         fb = self.prepare_prefill(seqs) if batch.is_prefill else self.prepare_decode(seqs)
+        self._kv_rows_t = fb.kv_rows_t if fb.kv_rows_t is not None else self._tensor(fb.kv_rows)
         T = sum(fb.lengths)
         self.model.record.set_rows(T, T, None if exact is None else
                                    [e for e, n in zip(exact, fb.lengths) for _ in range(n)])

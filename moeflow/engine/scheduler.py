@@ -13,6 +13,7 @@ chooses.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,10 +115,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, ctx: SchedulerContext) -> ScheduledBatch | None:
+    def schedule(self, ctx: SchedulerContext, skip: Callable[[Sequence], bool] | None = None
+                 ) -> ScheduledBatch | None:
+        """The next step's batch (None: nothing to run). `skip`: running sequences the policy is not offered (the
+        engine's, when the step in flight already ends them)."""
         if not self.has_unfinished():
             return None
-        plan = self.policy.plan(list(self.waiting), list(self.running), ctx)
+        running = self.running if skip is None else [s for s in self.running if not skip(s)]
+        plan = self.policy.plan(list(self.waiting), list(running), ctx)
         self._check(plan)
         if plan.admit:
             for seq in plan.admit:

@@ -37,6 +37,7 @@ class Sequence:
         self.decode_waits: list[int] = []  # per decode step it took: steps it sat out since its previous token
         self.last_routes: np.ndarray | None = None  # [L, K] the experts its latest token ran, per MoE layer
         self.forced: list[int] | None = None  # teacher forcing: the output tokens it must take
+        self.num_ahead = 0  # tokens of steps in flight, on the device, not yet taken (EngineConfig.async_scheduling)
         self.text = ""  # generated text, stop string excluded
         self.detokenized = 0  # output tokens `text` holds
         self.emitted_chars = 0  # how much of `text` earlier outputs have streamed
@@ -49,6 +50,17 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in its context once the steps in flight are taken: its next decode step's context."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_ahead
+
+    def length_ends_ahead(self, max_model_len: int) -> bool:
+        """Whether the tokens in flight already end it by length (known before their values are)."""
+        n = len(self.output_ids) + self.num_ahead
+        return (n >= self.params.max_tokens or self.context_len >= max_model_len
+                or (self.forced is not None and n >= len(self.forced)))
 
     @property
     def last_token(self) -> int:

@@ -20,21 +20,22 @@ def new_counters() -> dict:
             "predictor_s": 0.0}
 
 
-def count_step(c: dict, is_prefill: bool, num_tokens: int, num_seqs: int, routes: StepRoutes,
+def count_step(c: dict, is_prefill: bool, num_tokens: int, generated: int, routes: StepRoutes,
                elapsed: float) -> None:
-    """Add one step to the running totals `c`: its time, its tokens, and for a decode step its experts."""
+    """Add one step to the running totals `c`: its time, its tokens (`generated`: the tokens it gave its
+    sequences, one each but for a sequence that had ended meanwhile), and for a decode step its experts."""
     if is_prefill:
         c["prefill_s"] += elapsed
         c["prompt_tokens"] += num_tokens
     else:
         c["decode_s"] += elapsed
-        c["decode_tokens"] += num_seqs
+        c["decode_tokens"] += generated
         c["decode_steps"] += 1
         c["layer_steps"] += routes.used.shape[0]
         c["distinct_experts"] += int(routes.used.sum())
         c["picks"] += routes.ids.size
         c["remapped_picks"] += routes.num_remapped
-    c["generated_tokens"] += num_seqs
+    c["generated_tokens"] += generated
 
 
 @dataclass

@@ -33,6 +33,7 @@ def longest_waiting(running: list[Sequence], n: int) -> list[Sequence]:
 
 class FCFSPolicy:
     name = "fcfs"
+    reads_routes = False  # plans from arrival and wait alone: the engine may plan a step before the last settles
 
     def plan(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan:
         admitted = admit_in_order(waiting, ctx)

@@ -33,6 +33,7 @@ from moeflow.routing.record import StepRoutes
 class RouteAwarePolicy:
     name = "route-aware"
     wants_predictions = True  # the engine fills ctx.predictions for every running sequence when it can
+    reads_routes = True  # each sequence's latest routes and token: every step is settled before the next is planned
 
     TABLE_DECAY = 0.7  # weight of a token's older routes in the table, per new occurrence
     TABLE_SHARE = 0.8  # weight of the token table against the latest routes in a signature
