@@ -742,20 +742,23 @@ case "$part" in
     pack
     profile_trained "${PROFILE_TIMEOUT:-170}"
     ;;
-27)  # the next session's first call (about 9.5 minutes with the start): the bench model (kept or trained); LYNX
+27)  # the next session's first call (about 10 minutes with the start): the bench model (kept or trained); LYNX
      # resident at batch 32 and 64 with outputs built between steps (overlap=0, the engine before the tenth
-     # session) and while the next step runs (overlap=1, now the default on CUDA), exact and (3, 1) side by side
-     # (issue 13's resident target); then part 26's GPU tests, whose engine tests now run overlapped (last: a
+     # session), while the next step runs (overlap=1, now the default on CUDA), and with each step launched
+     # before the last is settled (async=1, opt-in), exact and (3, 1) side by side (issue 13's resident target);
+     # then part 26's GPU tests and those of both, whose engine tests now run overlapped (last: a
      # pytest that runs out of time still leaves the tests it ran in its log; on 2026-12-02 tests sharing the GPU
      # with training crawled, so they run alone)
     begin p27
     keep_or_train "$p"
     pack
-    offline "$p" resident "${RESIDENT_TIMEOUT:-170}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
-        --routing exact,lynx --scheduling fcfs:overlap=0,fcfs:overlap=1
+    # (since the eleventh session) beside them, steps launched before the last is settled (async=1: the host's
+    # work between steps overlaps the device's, not only the outputs)
+    offline "$p" resident "${RESIDENT_TIMEOUT:-200}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing exact,lynx --scheduling fcfs:overlap=0,fcfs:overlap=1,fcfs:overlap=1:async=1
     pack
     gpu_tests "${TESTS_TIMEOUT:-200}" $LYNX_GPU_TESTS tests/routing/test_router_lens.py \
-        tests/engine/test_overlap_output.py
+        tests/engine/test_overlap_output.py tests/engine/test_async_scheduling.py
     pack
     ;;
 10)

@@ -150,6 +150,9 @@ class LLMEngine:
         self._async_scheduling = config.async_scheduling
         self._last_settled = 0.0  # perf_counter when the last step was settled
         self._pin = self.device.type == "cuda"
+        if self._async_scheduling and self.async_blocker() is not None:
+            log.warning("async_scheduling has no effect on this engine: %s; every step is settled before the "
+                        "next is planned", self.async_blocker())
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -448,12 +451,21 @@ class LLMEngine:
         nothing that plans the next step reads this one's routes or tokens on the host (a resident pool, no
         predictor, a policy that reads neither), and no sequence in it asked for logprobs (read from the
         step's logits, which the next step overwrites)."""
-        if not self._async_scheduling or not self.cache.fully_resident or self.predictor is not None:
-            return False
-        if getattr(self.scheduler.policy, "reads_routes", True):
+        if not self._async_scheduling or self.async_blocker() is not None:
             return False
         return not any(s.params.logprobs is not None or s.params.prompt_logprobs is not None
                        for s in launched.batch.seqs)
+
+    def async_blocker(self) -> str | None:
+        """Why no step of this engine can be launched ahead of the last one's settling, as it is set up now
+        (None: steps can, unless one asks for logprobs)."""
+        if not self.cache.fully_resident:
+            return "an offloaded expert pool plans each step's copies from the last step's routes"
+        if self.predictor is not None:
+            return "the predictor forecasts each step from the last step's routes"
+        if getattr(self.scheduler.policy, "reads_routes", True):
+            return f"scheduling policy {self.scheduler.policy.name!r} chooses from the last step's routes"
+        return None
 
     def _emit_unemitted(self) -> None:
         """Build the outputs of the sequences the last step advanced (but not of those aborted since)."""

@@ -4,6 +4,8 @@ same tokens, text and finish as with every step settled before the next is plann
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from moeflow import LLM, SamplingParams
@@ -156,14 +158,17 @@ def test_abort_while_its_step_is_in_flight():
 
 
 @pytest.mark.parametrize("kind", ["offloaded", "route-aware", "predictor"])
-def test_steps_whose_planning_reads_routes_are_settled_first(kind):
+def test_steps_whose_planning_reads_routes_are_settled_first(kind, caplog):
     """An offloaded pool plans its copies, a predictor forecasts and route-aware scheduling chooses from the last
     step's routes: those engines settle every step before planning the next, and give the same tokens."""
     kwargs = {"offloaded": {"cache": CacheConfig(budget=ExpertBudget.parse("25%"))},
               "route-aware": {"scheduler": "route-aware"}, "predictor": {"predictor": "frequency"}}[kind]
     requests = [(PROMPTS[i], SamplingParams(max_tokens=8, temperature=0.7, seed=i)) for i in range(3)]
     settled, _, _ = drive(engine(False, **kwargs), requests)
-    early, _, ahead = drive(engine(True, **kwargs), requests)
+    with caplog.at_level(logging.WARNING, logger="moeflow.engine"):
+        eng = engine(True, **kwargs)
+    assert "async_scheduling has no effect" in caplog.text and eng.async_blocker() is not None
+    early, _, ahead = drive(eng, requests)
     same(settled, early)
     assert ahead == 0
 
