@@ -49,8 +49,9 @@ def test_concurrent_requests_equal_settled_offline_ones(server, settled):
                 for i, p in enumerate(PROMPTS)]
 
     async def ask_all():
-        client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-        return await asyncio.gather(*(client.completions.create(model=MODEL_NAME, **r) for r in requests))
+        # closed before the loop ends: a client left to the collector logs from its finalizer at a random later time
+        async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*(client.completions.create(model=MODEL_NAME, **r) for r in requests))
 
     got = asyncio.run(ask_all())
     for r, answer in zip(requests, got):
@@ -67,8 +68,8 @@ def test_concurrent_requests_equal_settled_offline_ones(server, settled):
 
 def test_streamed_answer_is_one_chunk_per_token(server, settled):
     want = settled.generate(PROMPTS[0], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
-    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=10, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as client:
+        chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
     assert len(chunks) == 10 and "".join(c.choices[0].text for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == "length"
