@@ -72,7 +72,7 @@ class _Launched:
 
     batch: ScheduledBatch
     index: int
-    view: StepView  # as the step saw its inputs at launch (a step settled a call later rebuilds it then)
+    view: StepView | None  # as the predictor saw its inputs at launch (None without one: built when settled)
     logits: StepLogits
     tokens: torch.Tensor  # [B] on the device
     t0: float  # perf_counter when its launch began
@@ -350,7 +350,9 @@ class LLMEngine:
         wall = time.time()
         index = self._step_index
         self._step_index += 1
-        view = self._view = batch.view(index)
+        # what the predictor sees of the step (built again when it settles if none did: the same, unless a step
+        # launched ahead has taken its tokens since)
+        view = self._view = batch.view(index) if self.predictor is not None else None
         self._predictor_s = 0.0
         tp = time.perf_counter()
         for s in seqs:
@@ -420,7 +422,7 @@ class LLMEngine:
         self._last_settled = now
         for i, s in enumerate(seqs):
             s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
-        view = batch.view(launched.index) if launched.ahead else launched.view
+        view = launched.view or batch.view(launched.index)
         if self.predictor is not None:
             tp = time.perf_counter()
             self.predictor.observe(view, routes)
@@ -498,7 +500,8 @@ class LLMEngine:
             step=self._step_index, free_kv_rows=self.kv.num_free,
             max_num_batched_tokens=self.config.max_num_batched_tokens, max_batch_size=self.max_batch_size,
             residency=None if self.cache.fully_resident else self.cache.residency(),
-            signatures={s.request_id: s.last_routes for s in running if s.last_routes is not None},
+            signatures=({s.request_id: s.last_routes for s in running if s.last_routes is not None}
+                        if getattr(self.scheduler.policy, "reads_routes", True) else {}),
             predictions=predictions, costs=self.costs,
         )
 

@@ -70,7 +70,8 @@ class SchedulerContext:
     """One step's view for the policy. L MoE layers, E experts, K top-k.
 
     residency [L, E] bool: experts on the device or on their way (None: every expert is resident).
-    signatures: request id -> [L, K] the experts its latest token ran, per layer (absent before its first step).
+    signatures: request id -> [L, K] the experts its latest token ran, per layer (absent before its first step;
+        empty for a policy whose reads_routes is False).
     predictions: request id -> [L, E] a predictor's scores for its next token (absent without a predictor).
     """
 
