@@ -171,8 +171,8 @@ class MoEModel:
             record.keep_ahead(li + 1, F.linear(r, self.ahead_gate[li + 1]))
         if batch.selector is not None:
             table = batch.slot_table[li] if batch.slot_table is not None else None
-            chosen = batch.selector.select(layer, routing, SelectionContext(batch.is_prefill, record.real[:T],
-                                                                            record.exact[:T], table))
+            chosen = batch.selector.select(layer, routing, SelectionContext(
+                batch.is_prefill, record.real[:T], record.exact[:T], table, record.selected_out(li, T)))
             routing = Routing(*record.write_selected(li, chosen.ids, chosen.weights), logits)
         return h, r, routing
 

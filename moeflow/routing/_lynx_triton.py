@@ -13,8 +13,10 @@ This kernel computes the same thing in one launch: the step's [T, E] logits sit 
   source row is exact) keeps the router's ids and weights; any other takes its K best-logit kept experts,
   softmax-weighted in float32 (times the row's top-K mass where the family does not renormalise).
 
-Ids equal lynx.py's; weights equal up to float32 rounding of the softmax's sum. Padding rows take their
-source row's choice later (RouteRecord.write_selected), as with the torch selector.
+Ids equal lynx.py's; weights equal up to float32 rounding of the softmax's sum. A padding row's choice is
+computed from the row it copies (its logits and picks), so it is that row's, written in place: the record's
+buffers can be the output (SelectionContext.out) with no copy after, where the torch selector's padding rows
+are copied from their source rows by RouteRecord.write_selected.
 
 On an H100 the one program took 28-32 us a layer at 32-64 rows (2026-12-05, tools/kernel_profile.py), 12% of a
 resident batch-64 step: a single program's K rounds of row reductions over the whole block.
@@ -94,18 +96,21 @@ if triton is not None:
         return (proposed & (real & ~exact)[:, None]) | (picked & (real & exact)[:, None])
 
     @triton.jit
-    def _write_choice(L, m2, kept, t, tm, e, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr, out_w_ptr, T,
-                      K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, NORMALIZE: tl.constexpr):
+    def _write_choice(logits_ptr, stride_l, kept, t, tm, e, em, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr,
+                      out_w_ptr, T, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, NORMALIZE: tl.constexpr):
         """Rows t's choice given the step's kept experts [BE]: the router's ids and weights where all its picks
         are kept or the row it copies (itself when real, else the last real row before it) is exact; else its K
         best-logit kept experts, softmax-weighted in float32 (times its top-K mass where not renormalised)."""
         u = tl.arange(0, BT)
         real_all = tl.load(real_ptr + u, mask=u < T, other=0) != 0
         src = tl.maximum(tl.max(tl.where(real_all[None, :] & (u[None, :] <= t[:, None]), u[None, :], -1), axis=1), 0)
+        # each row's choice is its source row's, computed from that row's logits and picks: a padding row writes
+        # the very choice of the row it copies, so the record needs no copy after (RouteRecord.write_selected)
+        L, m2 = _logits(logits_ptr, src, tm, e, em, stride_l)
         keep = tl.load(exact_ptr + src, mask=tm, other=1) != 0
         all_kept = tl.full(t.shape, 1, tl.int1)
         for k in tl.static_range(K):
-            rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
+            rid = tl.load(ids_ptr + src * K + k, mask=tm, other=-1)
             there = tl.max(((e[None, :] == rid[:, None]) & kept[None, :]).to(tl.int32), axis=1) > 0
             all_kept = all_kept & there
         keep = keep | all_kept
@@ -126,7 +131,7 @@ if triton is not None:
             full = tl.sum(tl.where(m2, tl.exp(L - rowmax[:, None]), 0.0), axis=1)
             mine = tl.zeros(t.shape, dtype=tl.float32)
             for k in tl.static_range(K):
-                rid = tl.load(ids_ptr + t * K + k, mask=tm, other=-1)
+                rid = tl.load(ids_ptr + src * K + k, mask=tm, other=-1)
                 mine += tl.sum(tl.where(e[None, :] == rid[:, None], tl.exp(L - rowmax[:, None]), 0.0), axis=1)
             mass = mine / full
         scan = masked
@@ -135,8 +140,8 @@ if triton is not None:
             pick = tl.min(tl.where(scan == best[:, None], e[None, :], BE), axis=1)
             scan = tl.where(e[None, :] == pick[:, None], float("-inf"), scan)
             weight = tl.exp(best - first) / denom * mass
-            rid = tl.load(ids_ptr + t * K + k, mask=tm, other=0)
-            rw = tl.load(w_ptr + t * K + k, mask=tm, other=0.0)
+            rid = tl.load(ids_ptr + src * K + k, mask=tm, other=0)
+            rw = tl.load(w_ptr + src * K + k, mask=tm, other=0.0)
             out_id = tl.where(keep, rid, pick.to(tl.int64))
             out_w = tl.where(keep, rw.to(tl.float32), weight)
             tl.store(out_ids_ptr + t * K + k, out_id, mask=tm)
@@ -159,8 +164,8 @@ if triton is not None:
         pop = tl.sum(tl.where(real[:, None] & m2, votes, 0), axis=0)
         key = _popularity(pop, votes, qi, m2, e, em, slot_ptr, scale, bonus, HAS_SLOTS)
         kept = tl.max(_votes_kept(key, L, t, tm, e, real, exact, ids_ptr, K, BE).to(tl.int32), axis=0) > 0
-        _write_choice(L, m2, kept, t, tm, e, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr, out_w_ptr, T,
-                      K, BT, BE, NORMALIZE)
+        _write_choice(logits_ptr, stride_l, kept, t, tm, e, em, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr,
+                      out_w_ptr, T, K, BT, BE, NORMALIZE)
 
     @triton.jit
     def _lynx_propose(logits_ptr, ids_ptr, real_ptr, exact_ptr, slot_ptr, kept_ptr, T, E, stride_l, alpha, scale,
@@ -197,27 +202,36 @@ if triton is not None:
         e = tl.arange(0, BE)
         tm = t < T
         em = e < E
-        L, m2 = _logits(logits_ptr, t, tm, e, em, stride_l)
         kept = tl.load(kept_ptr + e, mask=em, other=0) > 0
-        _write_choice(L, m2, kept, t, tm, e, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr, out_w_ptr, T,
-                      K, BT, BE, NORMALIZE)
+        _write_choice(logits_ptr, stride_l, kept, t, tm, e, em, real_ptr, exact_ptr, ids_ptr, w_ptr, out_ids_ptr,
+                      out_w_ptr, T, K, BT, BE, NORMALIZE)
 
 
 def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weights: torch.Tensor,
                      real: torch.Tensor, exact: torch.Tensor, slot_table: torch.Tensor | None, alpha: float,
                      beta: int, scale: int, bonus: int, normalize: bool,
-                     rows_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [T, K] int64, weights [T, K] in the router's weight dtype): lynx.py's rule in one launch, or two.
+                     rows_per_program: int | None = None,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T, K] int64, weights [T, K] in the router's weight dtype): lynx.py's rule in one launch, or two, each
+    padding row (not `real`) taking the choice of the real row it copies (the last one before it).
     scale and bonus: lynx.py's (T + w) * T ** beta and w * T ** beta.
     rows_per_program: None, one program for the whole step; n (a power of two), the rule spread over programs of
     n rows each in two launches and a zeroed [E] buffer (each program sums the popularity over all rows itself;
-    the kept set is OR-ed across programs by atomics, so the ids are the same whatever n)."""
+    the kept set is OR-ed across programs by atomics, so the ids are the same whatever n).
+    out: contiguous (ids, weights) buffers of those shapes and dtypes to write into and return (SelectionContext.out);
+    default new ones."""
     T, E = logits.shape
     K = router_ids.shape[1]
     if T > MAX_ROWS or E > MAX_EXPERTS:
         raise ValueError(f"the LYNX kernel takes at most {MAX_ROWS} rows and {MAX_EXPERTS} experts, got {T} x {E}")
-    ids = torch.empty(T, K, dtype=torch.int64, device=logits.device)
-    weights = torch.empty(T, K, dtype=router_weights.dtype, device=logits.device)
+    if out is not None:
+        ids, weights = out
+        if (ids.shape != (T, K) or weights.shape != (T, K) or ids.dtype != torch.int64
+                or weights.dtype != router_weights.dtype or not (ids.is_contiguous() and weights.is_contiguous())):
+            raise ValueError(f"out must be contiguous [{T}, {K}] int64 ids and {router_weights.dtype} weights")
+    else:
+        ids = torch.empty(T, K, dtype=torch.int64, device=logits.device)
+        weights = torch.empty(T, K, dtype=router_weights.dtype, device=logits.device)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     BT = max(16, triton.next_power_of_2(T))
     BE = max(16, triton.next_power_of_2(E))

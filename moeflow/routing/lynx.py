@@ -129,7 +129,8 @@ class AffinityBinning:
         if self.runs_kernel(logits.is_cuda):
             ids, weights = _lynx_triton.affinity_binning(
                 logits, router_ids, routing.weights, ctx.real, ctx.exact, ctx.slot_table, self.alpha, self.beta,
-                scale, self.resident_weight * top, self.router.normalize, rows_per_program=self.rows_for(T))
+                scale, self.resident_weight * top, self.router.normalize, rows_per_program=self.rows_for(T),
+                out=ctx.out)
             return Routing(ids, weights, logits)
         dev = logits.device
         experts = torch.arange(E, device=dev)

@@ -114,11 +114,20 @@ class RouteRecord:
         """Record a selector's rewritten choice for layer li; returns the record's copies (static addresses).
 
         Padding rows take their source row's choice whatever the selector gave them: they write the same keys
-        and values to the same KV-cache row as that row, so they must compute exactly what it computes."""
+        and values to the same KV-cache row as that row, so they must compute exactly what it computes. A
+        selector that wrote its choice into `selected_out(li, T)` itself (padding rows included) is taken as
+        it is, with no copy."""
         T = ids.shape[0]
+        out_ids, out_w = self.selected_out(li, T)
+        if ids.data_ptr() == out_ids.data_ptr() and weights.data_ptr() == out_w.data_ptr():
+            return out_ids, out_w
         src = self.source[:T]
         torch.index_select(ids, 0, src, out=self.selected_ids[li, :T])
         torch.index_select(weights, 0, src, out=self.selected_weights[li, :T])
+        return self.selected_ids[li, :T], self.selected_weights[li, :T]
+
+    def selected_out(self, li: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The record's [T, K] buffers for layer li's rewritten choice (SelectionContext.out)."""
         return self.selected_ids[li, :T], self.selected_weights[li, :T]
 
     def keep_ahead(self, li: int, scores: torch.Tensor) -> None:

@@ -26,12 +26,15 @@ class SelectionContext:
     batch-level choice must not count. exact: [T] bool, rows whose request asked for exact routing: their
     picks must come out unchanged, and their experts count as kept. slot_table: [E] int32, the device slot
     of each of this layer's experts, -1 when not resident (None when every expert is resident).
+    out: [T, K] (ids int64, weights) buffers a selector may write its choice into, each padding row taking
+    the choice of the real row it copies; one that does returns them (None: none offered).
     """
 
     is_prefill: bool
     real: torch.Tensor
     exact: torch.Tensor
     slot_table: torch.Tensor | None = None
+    out: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Selector(Protocol):

@@ -37,21 +37,32 @@ def case(T, E, K, alpha, beta, normalize, dtype, seed, w=0, device="cpu"):
     return torch_sel, r, SelectionContext(False, real, exact, slots)
 
 
-def kernel_select(sel: AffinityBinning, r, c: SelectionContext, rows_per_program=None):
+def kernel_select(sel: AffinityBinning, r, c: SelectionContext, rows_per_program=None, out=None):
     T, E = r.logits.shape
     top, scale = sel._key_scale(T, E)
     return _lynx_triton.affinity_binning(r.logits, r.ids, r.weights, c.real, c.exact, c.slot_table, sel.alpha,
                                          sel.beta, scale, sel.resident_weight * top, sel.router.normalize,
-                                         rows_per_program=rows_per_program)
+                                         rows_per_program=rows_per_program, out=out)
 
 
-def check_same(sel, r, c, rows_per_program=None):
+def sources(real: torch.Tensor) -> torch.Tensor:
+    """The row each row copies: itself when real, else the last real row before it (RouteRecord.set_rows)."""
+    rows = torch.arange(len(real), device=real.device)
+    return torch.where(real, rows, -1).cummax(dim=0).values.clamp(min=0)
+
+
+def check_same(sel, r, c, rows_per_program=None, out=None):
+    """The kernel's choice is the torch selector's, each padding row's being the choice of the row it copies (which
+    the torch selector's caller, RouteRecord.write_selected, copies there; the kernel computes it so)."""
     want = sel.select(0, r, c)
-    ids, weights = kernel_select(sel, r, c, rows_per_program)
-    np.testing.assert_array_equal(ids.cpu().numpy(), want.ids.cpu().numpy())
+    src = sources(c.real)
+    ids, weights = kernel_select(sel, r, c, rows_per_program, out)
+    np.testing.assert_array_equal(ids.cpu().numpy(), want.ids[src].cpu().numpy())
     assert weights.dtype == want.weights.dtype
     tol = 1e-2 if weights.dtype == torch.bfloat16 else 2e-6
-    np.testing.assert_allclose(weights.float().cpu().numpy(), want.weights.float().cpu().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(weights.float().cpu().numpy(), want.weights[src].float().cpu().numpy(), rtol=tol,
+                               atol=tol)
+    return ids, weights
 
 
 @interpret
@@ -71,6 +82,25 @@ def test_the_kernel_spread_over_programs_chooses_the_same(T, E, K, alpha, beta, 
     for seed in range(3):
         check_same(*case(T, E, K, alpha, beta, seed != 1, torch.float32, seed, w=4 * (seed == 2)),
                    rows_per_program)
+
+
+@interpret
+@pytest.mark.parametrize("rows_per_program", [None, 4])
+def test_the_kernel_writes_into_the_buffers_it_is_given(rows_per_program):
+    """SelectionContext.out: the choice lands in the record's own buffers (padding rows their source row's), and
+    RouteRecord.write_selected then takes them as they are."""
+    from moeflow.routing.record import RouteRecord
+
+    sel, r, c = case(24, 64, 8, 3.0, 1, True, torch.float32, 1)
+    assert not bool(c.real.all())  # padding rows at the end
+    record = RouteRecord(2, 8, 64, 32, torch.float32, torch.device("cpu"))
+    out = record.selected_out(1, 24)
+    ids, weights = check_same(sel, r, c, rows_per_program, out)
+    assert ids.data_ptr() == out[0].data_ptr() and weights.data_ptr() == out[1].data_ptr()
+    got = record.write_selected(1, ids, weights)
+    assert got[0].data_ptr() == out[0].data_ptr() and torch.equal(got[0], ids)
+    with pytest.raises(ValueError, match="out must be"):
+        kernel_select(sel, r, c, rows_per_program, (out[0][:, :4], out[1]))
 
 
 @interpret
