@@ -229,18 +229,12 @@ def load_scheduling_arg(text: str, spec):
     return POLICIES[name]()
 
 
-def scheduling_overlap(text: str) -> bool | None:
-    """Whether `--scheduling` value `text` builds a step's outputs while the next one runs (None: the engine's
-    default, EngineConfig.overlap_output)."""
+def scheduling_switch(text: str, name: str) -> bool | None:
+    """Switch `name` ("overlap": a step's outputs built while the next one runs, EngineConfig.overlap_output;
+    "async": a step launched before the last one's tokens are taken, EngineConfig.async_scheduling) as
+    `--scheduling` value `text` sets it (None: not set, the engine's default)."""
     options = _scheduling_options(text)[1]
-    return bool(options["overlap"]) if "overlap" in options else None
-
-
-def scheduling_async(text: str) -> bool | None:
-    """Whether `--scheduling` value `text` launches a step before the last one's tokens are taken (None: the
-    engine's default, EngineConfig.async_scheduling)."""
-    options = _scheduling_options(text)[1]
-    return bool(options["async"]) if "async" in options else None
+    return bool(options[name]) if name in options else None
 
 
 def check(configurations: list[Configuration], engine) -> None:
@@ -266,5 +260,5 @@ def apply(configuration: Configuration, engine) -> None:
         if engine.selector != selector:
             engine.set_selector(selector)
     engine.set_scheduling(load_scheduling_arg(configuration.scheduling, engine.spec))
-    engine.overlap_output = scheduling_overlap(configuration.scheduling)  # None: the engine's default
-    engine.async_scheduling = scheduling_async(configuration.scheduling)
+    engine.overlap_output = scheduling_switch(configuration.scheduling, "overlap")  # None: the engine's default
+    engine.async_scheduling = scheduling_switch(configuration.scheduling, "async")

@@ -183,8 +183,8 @@ def test_axes_grid_and_hooks(tmp_path):
         axes.load_scheduling_arg("shortest-first", engine.spec)
     # overlap=0|1 on either policy: outputs built between steps or while the next one runs
     assert axes.load_scheduling_arg("route-aware:wait=2:overlap=0", engine.spec).max_decode_wait == 2
-    assert [axes.scheduling_overlap(t) for t in ("fcfs", "fcfs:overlap=0", "route-aware:overlap=1:wait=3")] == \
-           [None, False, True]
+    assert [axes.scheduling_switch(t, "overlap")
+            for t in ("fcfs", "fcfs:overlap=0", "route-aware:overlap=1:wait=3")] == [None, False, True]
     for bad in ("fcfs:overlap=2", "fcfs:overlap=1:overlap=1", "fcfs:overlap"):
         with pytest.raises(ConfigError, match="overlap=0|1"):
             axes.load_scheduling_arg(bad, engine.spec)

@@ -198,9 +198,10 @@ def test_llm_cli_and_bench_plumbing():
     assert llm.engine.async_scheduling is True
     out = llm.generate(["The history of"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 5
-    assert [axes.scheduling_async(t) for t in ("fcfs", "fcfs:async=0", "fcfs:overlap=1:async=1")] == [None, False, True]
+    assert [axes.scheduling_switch(t, "async") for t in ("fcfs", "fcfs:async=0", "fcfs:overlap=1:async=1")] == \
+           [None, False, True]
     with pytest.raises(ConfigError, match="async=0|1"):
-        axes.scheduling_async("fcfs:async=2")
+        axes.scheduling_switch("fcfs:async=2", "async")
 
 
 @pytest.mark.gpu
