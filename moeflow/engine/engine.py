@@ -14,13 +14,8 @@ then returns the outputs of the step before the one it ran, and a call with noth
 last step's. Everything the next step depends on (the tokens, the finish of a sequence, its KV row, the
 routes) is still settled at the token sync, so the tokens are the same either way.
 
-With `async_scheduling` (opt-in) a step is planned and launched before the step in flight is settled: its input
-tokens are read on the device (ModelRunner.last_tokens), and the host takes the step before's tokens, routes and
-outputs while the device runs it, so the device does not wait for the host between steps. It applies where
-nothing that plans a step reads the last one's routes or tokens on the host (every expert resident, no
-predictor, fcfs) and no request in the step asked for logprobs; other steps are settled at once. A sequence
-that the step in flight ends by length is not scheduled again; one that a stop token, a stop string or EOS
-ends there runs one step more, whose token is void (neither kept nor counted).
+With `async_scheduling` (opt-in) the next step is launched before the step in flight is settled, and the host
+settles it while the device runs the next: engine/inflight.py says how, and where it applies.
 """
 
 from __future__ import annotations
@@ -29,15 +24,15 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moeflow.config import CacheConfig, EngineConfig
 from moeflow.engine.cuda_graphs import batch_buckets, capture_decode_graphs
+from moeflow.engine.inflight import LaunchedStep, async_blocker, reads_logits
 from moeflow.engine.kv_cache import KVCache
-from moeflow.engine.model_runner import ModelRunner, StepLogits
+from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.requests import forced_tokens, prompt_ids
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
@@ -66,28 +61,6 @@ RouteListener = Callable[[StepView, StepRoutes], None]
 log = logging.getLogger("moeflow.engine")
 
 
-@dataclass
-class _Launched:
-    """A step launched on the device, its tokens sampled there and not yet taken by the host."""
-
-    batch: ScheduledBatch
-    index: int
-    view: StepView | None  # as the predictor saw its inputs at launch (None without one: built when settled)
-    logits: StepLogits
-    tokens: torch.Tensor  # [B] on the device
-    t0: float  # perf_counter when its launch began
-    # when the next step may be launched before this one is settled: host copies of its tokens and routes,
-    # started at launch, and (CUDA) the event after them
-    host_tokens: torch.Tensor | None = None
-    host_routes: torch.Tensor | None = None
-    done: torch.cuda.Event | None = None
-
-    @property
-    def ahead(self) -> bool:
-        """Whether the next step may be launched before this one is settled."""
-        return self.host_tokens is not None
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, skip_tokenizer_init: bool = False,
                  checkpoint: Checkpoint | SyntheticCheckpoint | None = None, predictor: Predictor | None = None,
@@ -98,7 +71,7 @@ class LLMEngine:
         self.scheduler: Scheduler | None = None  # none until set-up is done: nothing can be running
         self.cache: ExpertCache | None = None
         self._unemitted: list[Sequence] = []  # the last step's sequences, whose outputs are not built yet
-        self._in_flight: _Launched | None = None  # a step launched, not yet settled (async_scheduling)
+        self._in_flight: LaunchedStep | None = None  # a step launched, not yet settled (async_scheduling)
         self._ready: list[RequestOutput] = []  # outputs built but not yet returned (a step that failed after)
         self.device = resolve_device(config.device)
         self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(
@@ -149,7 +122,6 @@ class LLMEngine:
         self._overlap_output = resolve_overlap_output(config.overlap_output, self.device)
         self._async_scheduling = config.async_scheduling
         self._last_settled = 0.0  # perf_counter when the last step was settled
-        self._pin = self.device.type == "cuda"
         if self._async_scheduling and self.async_blocker() is not None:
             log.warning("async_scheduling has no effect on this engine: %s; every step is settled before the "
                         "next is planned", self.async_blocker())
@@ -159,8 +131,7 @@ class LLMEngine:
     def reset_expert_cache(self, cache_config: CacheConfig) -> None:
         """Start from an empty expert cache of a new budget and policy (a fully resident one starts full; the
         host store is kept). A pool of the size it already has is emptied in place, and its CUDA graphs kept."""
-        if self.has_unfinished_requests():
-            raise RequestError("the expert cache can only be replaced while no request is running")
+        self._refuse_while_running("the expert cache can only be replaced")
         num_slots = budget_slots(self.spec, self.store.expert_bytes, cache_config.budget)
         policy = make_policy(cache_config.eviction, self.spec.num_moe_layers, self.spec.num_experts)
         if self.cache is not None and self.cache.num_slots == num_slots:
@@ -189,8 +160,7 @@ class LLMEngine:
         (default: ExpertFlow's predictive cache for a learned predictor, plain prefetching for the others).
         The decode graphs stay as they are: a predictor runs around the step and never inside it; on CUDA a
         predictor that can (the learned one) captures its own forward as graphs, one per batch bucket."""
-        if self.has_unfinished_requests():
-            raise RequestError("the predictor can only be replaced while no request is running")
+        self._refuse_while_running("the predictor can only be replaced")
         self.predictor = predictor
         capture = getattr(predictor, "capture_graphs", None)
         if capture is not None and self.device.type == "cuda" and not self.config.enforce_eager:
@@ -202,16 +172,14 @@ class LLMEngine:
     def set_selector(self, selector: Selector | None) -> None:
         """Offer an approximate selector to requests that ask for it (SamplingParams.routing); decode graphs are
         captured again with a variant that runs it."""
-        if self.has_unfinished_requests():
-            raise RequestError("the selector can only be replaced while no request is running")
+        self._refuse_while_running("the selector can only be replaced")
         self.selector = selector
         self.runner.graphs = None
         self._capture_graphs()
 
     def set_scheduling(self, policy: SchedulingPolicy) -> None:
         """Replace the scheduling policy (only while no request is running)."""
-        if self.has_unfinished_requests():
-            raise RequestError("the scheduling policy can only be replaced while no request is running")
+        self._refuse_while_running("the scheduling policy can only be replaced")
         self.scheduler.policy = policy
 
     @property
@@ -222,8 +190,7 @@ class LLMEngine:
     @overlap_output.setter
     def overlap_output(self, value: bool | None) -> None:
         """True or False; None: the engine's default (EngineConfig.overlap_output, else on CUDA)."""
-        if self.has_unfinished_requests():
-            raise RequestError("overlap_output can only be changed while no request is running")
+        self._refuse_while_running("overlap_output can only be changed")
         self._overlap_output = (bool(value) if value is not None
                                 else resolve_overlap_output(self.config.overlap_output, self.device))
 
@@ -235,9 +202,12 @@ class LLMEngine:
     @async_scheduling.setter
     def async_scheduling(self, value: bool | None) -> None:
         """True or False; None: the engine's default (EngineConfig.async_scheduling)."""
-        if self.has_unfinished_requests():
-            raise RequestError("async_scheduling can only be changed while no request is running")
+        self._refuse_while_running("async_scheduling can only be changed")
         self._async_scheduling = bool(value) if value is not None else self.config.async_scheduling
+
+    def _refuse_while_running(self, what: str) -> None:
+        if self.has_unfinished_requests():
+            raise RequestError(f"{what} while no request is running")
 
     def add_route_listener(self, listener: RouteListener) -> Callable[[], None]:
         """Call `listener(step, routes)` after every step; returns the call that removes it."""
@@ -311,6 +281,11 @@ class LLMEngine:
                 or self.scheduler is not None and self.scheduler.has_unfinished())
 
     @property
+    def in_flight(self) -> ScheduledBatch | None:
+        """The batch of the step launched and not yet settled (async_scheduling), if any."""
+        return self._in_flight.batch if self._in_flight is not None else None
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -321,11 +296,14 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        if self._in_flight is not None and not self._can_schedule_ahead():
-            self._settle_in_flight()
+        decodable = None  # the running sequences the next step may decode (None: all of them)
+        if self._in_flight is not None:  # not those the step in flight ends by length
+            decodable = [s for s in self.scheduler.running if not s.length_ends_ahead(self.max_model_len)]
+            if not decodable and not (self.scheduler.waiting and self.kv.num_free):
+                self._settle_in_flight()  # nothing to plan before it is settled
+                decodable = None
         ahead = self._in_flight  # launched by the last call and not settled (async_scheduling)
-        skip = (lambda s: s.length_ends_ahead(self.max_model_len)) if ahead is not None else None
-        batch = self.scheduler.schedule(self._scheduler_context(), skip=skip)
+        batch = self.scheduler.schedule(self._scheduler_context(), decodable)
         if batch is None:
             self._settle_in_flight()
             self._emit_unemitted()
@@ -343,7 +321,7 @@ class LLMEngine:
             self._emit_unemitted()
         return self._take_ready()
 
-    def _launch(self, batch: ScheduledBatch) -> _Launched:
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         """Run the step on the device up to its sampled tokens, without waiting for them."""
         t0 = time.perf_counter()
         seqs = batch.seqs
@@ -385,14 +363,9 @@ class LLMEngine:
         self.runner.remember_tokens(tokens)
         for s in seqs:
             s.num_ahead += 1
-        launched = _Launched(batch, index, view, logits, tokens, t0)
-        if self._runs_ahead(launched):  # copies of what the host reads later, made before the next step's
-            launched.host_tokens = torch.empty(len(seqs), dtype=torch.int64, pin_memory=self._pin)
-            launched.host_tokens.copy_(tokens, non_blocking=True)
-            launched.host_routes = self.model.record.snapshot(logits.num_tokens, logits.selected)
-            if self._pin:
-                launched.done = torch.cuda.Event()
-                launched.done.record()
+        launched = LaunchedStep(batch, index, view, logits, tokens, t0)
+        if self._async_scheduling and self.async_blocker() is None and not reads_logits(batch):
+            launched.copy_for_later(self.model.record)  # the next step may be launched before it is settled
         return launched
 
     def _settle_in_flight(self) -> None:
@@ -400,18 +373,12 @@ class LLMEngine:
         if launched is not None:
             self._settle(launched)
 
-    def _settle(self, launched: _Launched) -> None:
+    def _settle(self, launched: LaunchedStep) -> None:
         """Take a launched step's tokens (its one device->host sync), then its routes, accounting and each
         sequence's token; its outputs are left to `_emit_unemitted`."""
         batch, logits, seqs = launched.batch, launched.logits, launched.batch.seqs
-        if not launched.ahead:
-            token_list = launched.tokens.tolist()  # the step's one unavoidable device->host sync
-        else:
-            if launched.done is not None:
-                launched.done.synchronize()  # this step's copies only: the step launched after it runs on
-            token_list = launched.host_tokens.tolist()
-        routes = self.model.record.read(logits.num_tokens, logits.selected, logits.rows, real=logits.rows[-1].stop,
-                                        host=launched.host_routes)
+        token_list = launched.token_list()
+        routes = launched.routes(self.model.record)
         for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None or i in logits.prompt:  # most steps ask for none: no slicing
                 seq.record_logprobs(logits.last[i : i + 1], launched.tokens[i : i + 1], logits.prompt.get(i))
@@ -441,33 +408,10 @@ class LLMEngine:
                     self._finish(seq, *ended)
         self._unemitted = [seq for seq, ok in zip(seqs, live) if ok]
 
-    def _can_schedule_ahead(self) -> bool:
-        """Whether the next step can be planned before the step in flight is settled: some running sequence
-        does not end by length with it, or a waiting one can be admitted."""
-        running, waiting = self.scheduler.running, self.scheduler.waiting
-        return (any(not s.length_ends_ahead(self.max_model_len) for s in running)
-                or bool(waiting) and self.kv.num_free > 0)
-
-    def _runs_ahead(self, launched: _Launched) -> bool:
-        """Whether the next step may be launched before this one is settled (EngineConfig.async_scheduling):
-        nothing that plans the next step reads this one's routes or tokens on the host (a resident pool, no
-        predictor, a policy that reads neither), and no sequence in it asked for logprobs (read from the
-        step's logits, which the next step overwrites)."""
-        if not self._async_scheduling or self.async_blocker() is not None:
-            return False
-        return not any(s.params.logprobs is not None or s.params.prompt_logprobs is not None
-                       for s in launched.batch.seqs)
-
     def async_blocker(self) -> str | None:
         """Why no step of this engine can be launched ahead of the last one's settling, as it is set up now
         (None: steps can, unless one asks for logprobs)."""
-        if not self.cache.fully_resident:
-            return "an offloaded expert pool plans each step's copies from the last step's routes"
-        if self.predictor is not None:
-            return "the predictor forecasts each step from the last step's routes"
-        if getattr(self.scheduler.policy, "reads_routes", True):
-            return f"scheduling policy {self.scheduler.policy.name!r} chooses from the last step's routes"
-        return None
+        return async_blocker(self.cache.fully_resident, self.predictor, self.scheduler.policy)
 
     def _emit_unemitted(self) -> None:
         """Build the outputs of the sequences the last step advanced (but not of those aborted since)."""

@@ -13,7 +13,6 @@ chooses.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,14 +115,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, ctx: SchedulerContext, skip: Callable[[Sequence], bool] | None = None
-                 ) -> ScheduledBatch | None:
-        """The next step's batch (None: nothing to run). `skip`: running sequences the policy is not offered (the
-        engine's, when the step in flight already ends them)."""
+    def schedule(self, ctx: SchedulerContext, decodable: list[Sequence] | None = None) -> ScheduledBatch | None:
+        """The next step's batch (None: nothing to run). `decodable`: the running sequences the policy is offered
+        (default all; the engine leaves out those the step in flight ends)."""
         if not self.has_unfinished():
             return None
-        running = self.running if skip is None else [s for s in self.running if not skip(s)]
-        plan = self.policy.plan(list(self.waiting), list(running), ctx)
+        plan = self.policy.plan(list(self.waiting), list(self.running if decodable is None else decodable), ctx)
         self._check(plan)
         if plan.admit:
             for seq in plan.admit:

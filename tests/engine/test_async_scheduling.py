@@ -45,7 +45,7 @@ def drive(eng: LLMEngine, requests: list[tuple[str, SamplingParams]], forced: di
             streamed[o.request_id] = streamed.get(o.request_id, "") + o.outputs[0].new_text
             if o.finished:
                 final[o.request_id] = o
-        ahead += eng._in_flight is not None
+        ahead += eng.in_flight is not None
     assert not eng.has_unfinished_requests() and eng.kv.num_free == eng.kv.rows
     return final, streamed, ahead / calls
 
@@ -145,7 +145,7 @@ def test_abort_while_its_step_is_in_flight():
     eng.add_request("a", PROMPTS[0], p)
     eng.add_request("b", PROMPTS[1], p)
     outs = []
-    while eng._in_flight is None or eng._in_flight.batch.is_prefill:
+    while eng.in_flight is None or eng.in_flight.is_prefill:
         outs += eng.step()
     assert eng.abort_request("a")  # its token in flight is dropped, its KV row given back
     assert eng.kv.num_free == 3
@@ -179,7 +179,7 @@ def test_the_switch_waits_for_the_step_in_flight():
     eng.async_scheduling = True  # (as `bench offline` switches it between runs)
     eng.add_request("a", PROMPTS[3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     eng.step()
-    assert eng._in_flight is not None
+    assert eng.in_flight is not None
     with pytest.raises(RequestError, match="async_scheduling"):
         eng.async_scheduling = False
     while eng.has_unfinished_requests():
