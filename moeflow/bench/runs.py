@@ -248,8 +248,11 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
             t = time.perf_counter()
             outputs = engine.step()
             dt = time.perf_counter() - t
-            if engine.counters["decode_steps"] > was_steps:
-                if first_decode is None:
+            settled_decode = engine.counters["decode_steps"] > was_steps
+            # (async_scheduling: the call that launches the first decode step settles the prefill)
+            launched_decode = engine.in_flight is not None and not engine.in_flight.is_prefill
+            if settled_decode or launched_decode:
+                if settled_decode and first_decode is None:
                     first_decode, start_residency = len(steps) - 1, residency
                 result.decode_s += dt
                 decode.add(_minus(cache.stats.total(), was_stats))
