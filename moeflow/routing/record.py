@@ -180,29 +180,34 @@ class RouteRecord:
 
     # -- the end of the step ----------------------------------------------------------------------
 
+    def _packed(self, T: int, selected: bool) -> tuple[int, int]:
+        """Where `stage(T, selected)` packs: the ids that ran from 0, the router's own from n (when selected),
+        each layer's distinct experts from m, to the end m + L * (E + 1). Returns (n, m)."""
+        n = self.num_layers * T * self.top_k
+        return n, 2 * n if selected else n
+
     def stage(self, T: int, selected: bool) -> None:
         """Pack the step's routes for the host and start their copy (on the current stream; graph-capturable)."""
         L, K, E = self.num_layers, self.top_k, self.num_experts
         ids = self.selected_ids if selected else self.ids
         self.used.zero_()
         self.used.scatter_(1, self._used_rows(ids[:, :T], T).reshape(L, T * K), 1)
-        n = L * T * K
+        n, m = self._packed(T, selected)
         self._stage[:n].view(L, T, K).copy_(ids[:, :T])
-        m = n
         if selected:
-            self._stage[n : 2 * n].view(L, T, K).copy_(self.ids[:, :T])
-            m = 2 * n
-        self._stage[m : m + L * (E + 1)].view(L, E + 1).copy_(self.used)
-        self._host[: m + L * (E + 1)].copy_(self._stage[: m + L * (E + 1)], non_blocking=True)
+            self._stage[n:m].view(L, T, K).copy_(self.ids[:, :T])
+        end = m + L * (E + 1)
+        self._stage[m:end].view(L, E + 1).copy_(self.used)
+        self._host[:end].copy_(self._stage[:end], non_blocking=True)
 
     def snapshot(self, T: int, selected: bool) -> torch.Tensor:
         """Start a copy of what `stage(T, selected)` packed into a host buffer of its own (pinned on CUDA), on the
         current stream, and return it: a step whose routes are read after the next step is launched reads them
         from here, since that step's `stage` copies over the record's own host buffer. Read it with
         `read(..., host=)` once the stream has passed this point."""
-        n = (2 if selected else 1) * self.num_layers * T * self.top_k + self.num_layers * (self.num_experts + 1)
-        host = torch.empty(n, dtype=torch.int16, pin_memory=self._pin)
-        host.copy_(self._stage[:n], non_blocking=True)
+        end = self._packed(T, selected)[1] + self.num_layers * (self.num_experts + 1)
+        host = torch.empty(end, dtype=torch.int16, pin_memory=self._pin)
+        host.copy_(self._stage[:end], non_blocking=True)
         return host
 
     def read(self, T: int, selected: bool, rows: list[slice], real: int | None = None,
@@ -212,11 +217,10 @@ class RouteRecord:
         them from a `snapshot` instead (its arrays are then the step's own, not views the next step overwrites)."""
         L, K, E = self.num_layers, self.top_k, self.num_experts
         real = T if real is None else real
-        n = L * T * K
+        n, m = self._packed(T, selected)
         h = self._host_np if host is None else host.numpy()
         ids = h[:n].reshape(L, T, K)[:, :real]
-        router_ids = h[n : 2 * n].reshape(L, T, K)[:, :real] if selected else ids
-        m = 2 * n if selected else n
+        router_ids = h[n:m].reshape(L, T, K)[:, :real] if selected else ids
         used = h[m : m + L * (E + 1)].reshape(L, E + 1)[:, :E] > 0
         weights = logits = ahead = None
         if self.keep_full:
