@@ -360,7 +360,7 @@ class LLMEngine:
         if forced:
             at, values = zip(*forced)
             tokens[list(at)] = torch.tensor(values, device=tokens.device)
-        self.runner.remember_tokens(tokens)
+        self.runner.remember_tokens(logits, tokens)
         for s in seqs:
             s.num_ahead += 1
         launched = LaunchedStep(batch, index, view, logits, tokens, t0)

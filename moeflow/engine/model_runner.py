@@ -29,6 +29,7 @@ class StepLogits:
     num_tokens: int  # T: rows of the step in the RouteRecord (a graph's padded bucket included)
     selected: bool  # whether a selector rewrote the routing (the record holds both choices)
     rows: list[slice]  # per sequence, its tokens' rows in the RouteRecord
+    kv_rows: torch.Tensor  # [B] each sequence's KV-cache row, on the device (remember_tokens)
 
 
 class ModelRunner:
@@ -40,7 +41,6 @@ class ModelRunner:
         self.context_buckets = context_buckets(kv.max_len)
         self.slot_table: torch.Tensor | None = None  # the expert cache's device table; None when all resident
         self.graph_step = False  # the step running now replays decode graphs
-        self._kv_rows_t: torch.Tensor | None = None  # [B] the KV rows of the step run last, on the device
         # each KV row's latest token, as the sampler left it on the device: a decode step reads its inputs from
         # here, so the host need not know a token before the step that consumes it is launched
         # (EngineConfig.async_scheduling)
@@ -71,11 +71,10 @@ class ModelRunner:
             max_context=bucket(max(context), self.context_buckets), slot_table=self.slot_table,
         )
 
-    def remember_tokens(self, tokens: torch.Tensor) -> None:
-        """The last step's sampled (or forced) tokens [B], on the device, become its sequences' latest tokens
-        (at their KV rows, as the step's device tensor of them holds them: the next step's inputs are written
-        after this on the same stream)."""
-        self.last_tokens.index_copy_(0, self._kv_rows_t, tokens)
+    def remember_tokens(self, logits: StepLogits, tokens: torch.Tensor) -> None:
+        """A step's sampled (or forced) tokens [B], on the device, become its sequences' latest tokens, at their
+        KV rows (the next step's inputs are gathered after this on the same stream)."""
+        self.last_tokens.index_copy_(0, logits.kv_rows, tokens)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, exact: list[bool] | None = None,
@@ -91,14 +90,12 @@ class ModelRunner:
         if self.graph_step:
             logits = self.graphs.run(self.last_tokens, [s.context_len - 1 for s in seqs], [s.kv_row for s in seqs],
                                      exact)
-            self._kv_rows_t = self.graphs.inputs.kv_rows[: len(seqs)]
             return StepLogits(logits, {}, self.graphs.staged_rows, selected,
-                              [slice(i, i + 1) for i in range(len(seqs))])
+                              [slice(i, i + 1) for i in range(len(seqs))], self.graphs.inputs.kv_rows[: len(seqs)])
         experts = self.model.experts if isinstance(self.model.experts, CachedExperts) else None
         if experts is not None:
             experts.forget_pending()
         fb = self.prepare_prefill(seqs) if batch.is_prefill else self.prepare_decode(seqs)
-        self._kv_rows_t = fb.kv_rows_t if fb.kv_rows_t is not None else self._tensor(fb.kv_rows)
         T = sum(fb.lengths)
         self.model.record.set_rows(T, T, None if exact is None else
                                    [e for e, n in zip(exact, fb.lengths) for _ in range(n)])
@@ -115,4 +112,5 @@ class ModelRunner:
             for i, (s, r) in enumerate(zip(seqs, rows)):
                 if s.params.prompt_logprobs is not None:
                     prompt[i] = self.model.logits(hidden[r])
-        return StepLogits(last, prompt, T, selected, rows)
+        kv_rows = fb.kv_rows_t if fb.kv_rows_t is not None else self._tensor(fb.kv_rows)
+        return StepLogits(last, prompt, T, selected, rows, kv_rows)
