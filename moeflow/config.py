@@ -137,8 +137,9 @@ class EngineConfig:
     gate_ahead: bool = False  # True: each MoE layer guesses the next one's experts with its router (the planner's)
     overlap_output: bool | None = None  # build a step's outputs while the next runs (step() returns them a step
     # later); None: on CUDA, where the device has a step to run meanwhile
-    async_scheduling: bool = False  # plan and launch the next step before the host takes this one's tokens
-    # (its input tokens stay on the device); a resident pool, no predictor, a policy that reads no routes
+    async_scheduling: bool | None = None  # plan and launch the next step before the host takes this one's tokens
+    # (its input tokens stay on the device); a resident pool, no predictor, a policy that reads no routes; None: on
+    # CUDA wherever that holds
     allow_nonfinite_weights: bool = False  # True: load weights holding NaN or Inf instead of refusing them
 
     def __post_init__(self) -> None:

@@ -48,7 +48,7 @@ class LLM:
         fused_ops: bool | None = None,
         gate_ahead: bool = False,
         overlap_output: bool | None = None,
-        async_scheduling: bool = False,
+        async_scheduling: bool | None = None,
         skip_tokenizer_init: bool = False,
         allow_nonfinite_weights: bool = False,
     ):
@@ -70,7 +70,8 @@ class LLM:
         reach the next step on the device), so the host's work between steps overlaps the device's. It applies
         where nothing that plans a step reads the last one's routes: every expert resident, no predictor, fcfs,
         and no request asking for logprobs; other steps run as usual. A sequence that ends by a stop token or
-        string runs one step more, whose token is dropped. The tokens are the same either way."""
+        string runs one step more, whose token is dropped. The tokens are the same either way. None (the
+        default): on CUDA."""
         rows = max_num_seqs if max_num_seqs is not None else (max_batch_size or 16)
         config = EngineConfig(
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,

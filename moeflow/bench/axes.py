@@ -20,8 +20,9 @@ installed; `rows=N` spreads the Triton kernel over programs of N rows (AffinityB
 same choice in two launches; `rows=0` keeps it in one program, and `rows=auto` (the default) spreads it from 32
 rows a step. `overlap=0` on a scheduling value builds each step's outputs between it and the next, with the
 device idle, and `overlap=1` while the next one runs (EngineConfig.overlap_output; by default on CUDA).
-`async=1` launches each step before the host takes the last one's tokens (EngineConfig.async_scheduling; off by
-default; it applies to fcfs with every expert resident and no predictor).
+`async=1` launches each step before the host takes the last one's tokens, and `async=0` settles each step first
+(EngineConfig.async_scheduling; by default on CUDA, where it applies: fcfs with every expert resident and no
+predictor).
 """
 
 from __future__ import annotations

@@ -61,10 +61,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-output", action=argparse.BooleanOptionalAction, default=None,
                    help="build each step's outputs (detokenisation, responses) while the device runs the next "
                         "step; the same outputs, a step later (default: on CUDA)")
-    g.add_argument("--async-scheduling", action="store_true",
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the host takes the last one's tokens, so the host's work "
                         "between steps overlaps the device's (every expert resident, no predictor, fcfs; the "
-                        "same tokens)")
+                        "same tokens; default: on CUDA)")
     g.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load weights holding NaN or Inf instead of refusing the checkpoint")
 

@@ -14,8 +14,9 @@ then returns the outputs of the step before the one it ran, and a call with noth
 last step's. Everything the next step depends on (the tokens, the finish of a sequence, its KV row, the
 routes) is still settled at the token sync, so the tokens are the same either way.
 
-With `async_scheduling` (opt-in) the next step is launched before the step in flight is settled, and the host
-settles it while the device runs the next: engine/inflight.py says how, and where it applies.
+With `async_scheduling` (also the default on CUDA) the next step is launched before the step in flight is
+settled, and the host settles it while the device runs the next: engine/inflight.py says how, and where it
+applies.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from moeflow.engine.requests import forced_tokens, prompt_ids
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
-                                  resolve_dtype, resolve_fused, resolve_max_model_len, resolve_overlap_output)
+                                  resolve_async_scheduling, resolve_dtype, resolve_fused, resolve_max_model_len,
+                                  resolve_overlap_output)
 from moeflow.engine.stats import count_step, new_counters
 from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import RequestError
@@ -120,9 +122,9 @@ class LLMEngine:
         self.counters = new_counters()
         self._predictor_s = 0.0  # this step's host time in the predictor and the planner
         self._overlap_output = resolve_overlap_output(config.overlap_output, self.device)
-        self._async_scheduling = config.async_scheduling
+        self._async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
         self._last_settled = 0.0  # perf_counter when the last step was settled
-        if self._async_scheduling and self.async_blocker() is not None:
+        if config.async_scheduling and self.async_blocker() is not None:  # asked for, not the default
             log.warning("async_scheduling has no effect on this engine: %s; every step is settled before the "
                         "next is planned", self.async_blocker())
 
@@ -201,9 +203,10 @@ class LLMEngine:
 
     @async_scheduling.setter
     def async_scheduling(self, value: bool | None) -> None:
-        """True or False; None: the engine's default (EngineConfig.async_scheduling)."""
+        """True or False; None: the engine's default (EngineConfig.async_scheduling, else on CUDA)."""
         self._refuse_while_running("async_scheduling can only be changed")
-        self._async_scheduling = bool(value) if value is not None else self.config.async_scheduling
+        self._async_scheduling = (bool(value) if value is not None
+                                  else resolve_async_scheduling(self.config.async_scheduling, self.device))
 
     def _refuse_while_running(self, what: str) -> None:
         if self.has_unfinished_requests():

@@ -1,6 +1,6 @@
 """A step launched on the device and not yet settled by the host, and when the next step may be launched first.
 
-With `EngineConfig.async_scheduling` the engine plans and launches step N+1 before it settles step N: a decode
+With `EngineConfig.async_scheduling` (by default on CUDA) the engine plans and launches step N+1 before it settles step N: a decode
 step's input tokens are read on the device (ModelRunner.last_tokens), and the host takes step N's tokens, routes
 and outputs while the device runs N+1, so the device does not wait for the host between steps. Settling N then
 reads host copies started when N was launched (its tokens, a RouteRecord.snapshot of its routes, an event after

@@ -55,6 +55,13 @@ def resolve_overlap_output(asked: bool | None, device: torch.device) -> bool:
     return asked if asked is not None else device.type == "cuda"
 
 
+def resolve_async_scheduling(asked: bool | None, device: torch.device) -> bool:
+    """EngineConfig.async_scheduling: as asked, or by default on CUDA, where the host plans a step while the device
+    runs the one before (on an H100 1.12-1.20x resident decode, docs/benchmarks/2026-12-06-h100-session12); on the
+    CPU nothing can overlap. Steps it cannot apply to (LLMEngine.async_blocker) are settled at once either way."""
+    return asked if asked is not None else device.type == "cuda"
+
+
 def resolve_max_model_len(asked: int | None, spec: ModelSpec) -> int:
     if asked is None:
         return min(spec.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)

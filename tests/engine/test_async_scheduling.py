@@ -184,7 +184,7 @@ def test_the_switch_waits_for_the_step_in_flight():
         eng.async_scheduling = False
     while eng.has_unfinished_requests():
         eng.step()
-    eng.async_scheduling = None  # the engine's default: off
+    eng.async_scheduling = None  # the engine's default: off on the CPU
     assert eng.async_scheduling is False
 
 
@@ -193,7 +193,7 @@ def test_llm_cli_and_bench_plumbing():
     from moeflow.commands.common import engine_kwargs
 
     assert [engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi", *flag]))["async_scheduling"]
-            for flag in ([], ["--async-scheduling"])] == [False, True]
+            for flag in ([], ["--async-scheduling"], ["--no-async-scheduling"])] == [None, True, False]
     llm = LLM(str(default_model_dir()), device="cpu", max_model_len=64, async_scheduling=True)
     assert llm.engine.async_scheduling is True
     out = llm.generate(["The history of"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
@@ -202,6 +202,22 @@ def test_llm_cli_and_bench_plumbing():
            [None, False, True]
     with pytest.raises(ConfigError, match="async=0|1"):
         axes.scheduling_switch("fcfs:async=2", "async")
+
+
+def test_the_default_is_on_cuda_only_and_silent_where_it_cannot_apply(caplog):
+    """Unasked, async scheduling is on where a device runs a step while the host plans the next (CUDA), off on the
+    CPU; an engine it cannot apply to (here a predictor) says nothing unless it was asked for."""
+    import torch
+
+    from moeflow.engine.setup import resolve_async_scheduling
+
+    assert [resolve_async_scheduling(a, torch.device(d)) for a in (None, True, False) for d in ("cuda", "cpu")] == \
+           [True, False, True, True, False, False]
+    with caplog.at_level(logging.WARNING, logger="moeflow.engine"):
+        eng = LLMEngine(EngineConfig(model=str(default_model_dir()), device="cpu", max_model_len=64,
+                                     predictor="frequency"))
+    assert eng.async_scheduling is False and eng.async_blocker() is not None
+    assert "async_scheduling" not in caplog.text
 
 
 @pytest.mark.gpu
@@ -214,9 +230,11 @@ def test_cuda_graphs_launched_ahead_give_the_same_outputs(routing):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    def make(run_ahead: bool) -> LLMEngine:
+    def make(run_ahead: bool | None) -> LLMEngine:
         return LLMEngine(EngineConfig(model=str(default_model_dir()), device="cuda", max_model_len=256,
                                       max_num_seqs=8, max_batch_size=4, async_scheduling=run_ahead))
+
+    assert make(None).async_scheduling, "on by default on CUDA"
 
     if routing == "exact":
         requests = mix(stop_tokens_mid_run(make(False)))
