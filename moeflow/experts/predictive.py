@@ -48,6 +48,10 @@ of layer l), and after each offloaded layer's router, from the real route and th
     it moved 1.137x Belady's bytes at 25% batch 8 (1.222x without) and 1.274x at 10% batch 1 (1.391x), with
     7.5 and 2.3 rounds per layer-step; n = 8 keeps batch 8 to 2.1 rounds for 1.157x. Each round is one more
     expert kernel and makes the next round's copies wait for it: whether that pays is a GPU measurement.
+    On an H100 (2026-12-06-h100-session12) the trained bench model's tokens differed from the model's with it at
+    25%, batch 1 (the share of each request's output that matched before its first difference: 12% at n = 1,
+    56% at n = 8; 100% at batch 8, and on the bundled model in graphs and eager), so LLMEngine.set_predictor
+    refuses it on CUDA until the cause is found; on the CPU it stays exact (tests/experts/test_predictive.py).
 
 Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
 the planner only chooses what is resident when, so outputs are identical with it or without it.
