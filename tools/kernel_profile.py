@@ -1,8 +1,8 @@
 """Where a resident decode step's GPU time goes: kernels per step, their summed time against the step's wall
 time, and the kernels grouped by name (torch.profiler with CUDA activity over replayed decode graphs).
 
-    python tools/kernel_profile.py [--batch-sizes 1,32,64] [--routing exact,lynx] [--fused-ops 0,1] [--steps 20]
-                                   [--model DIR --data CORPUS] [--out DIR]
+    python tools/kernel_profile.py [--batch-sizes 1,32,64] [--routing exact,lynx] [--fused-ops 0,1] [--async 0,1]
+                                   [--steps 20] [--model DIR --data CORPUS] [--out DIR]
 
 Model: random weights of the bench model's shapes (`SyntheticCheckpoint.preset("bench-12l")`: 12 layers,
 64 experts, top-8, 2048 x 768, 16 query and 4 KV heads of 128), bfloat16, every expert resident. The kernels
@@ -15,7 +15,10 @@ For each engine (`--fused-ops 0,1`: without and with EngineConfig.fused_ops, one
 process), batch size and routing mode: B requests of 128-token prompts are prefilled and decoded a few warm
 steps; `--steps` decode steps are timed (synchronised, no profiler), then the same number profiled. The
 report (`kernel_profile.json`, `kernel_profile.md`) gives per step: wall time, GPU busy time (summed kernel
-durations), kernel count, and the top kernels by time with their count per step.
+durations), kernel count, the top kernels by time with their count per step, and the device's idle time between
+kernels by gap length with the longest gaps (what runs before and after them): many short gaps are launches
+inside a graph, long ones the device waiting on the host. `--async` profiles each cell with steps settled one by
+one (0), launched before the last is settled (1, the engine's default on CUDA), or both.
 """
 
 from __future__ import annotations
@@ -82,6 +85,30 @@ def _text_prompts(engine, data: str, prompt_len: int) -> list[list[int]]:
     return prompts
 
 
+def idle_gaps(spans: list[tuple[float, float, str]], steps: int) -> dict:
+    """Where the device idles between the profiled steps' kernels (spans: (start us, end us, name)): the idle time
+    a step, split into gaps under 5 us (one kernel launching after another inside a graph), 5-50 us and over 50 us
+    (the device waiting on the host or on a copy), and the five longest gaps with the kernels either side."""
+    spans = sorted(spans)
+    gaps = []
+    end, last = None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    bins = {"under_5us": 0.0, "5_50us": 0.0, "over_50us": 0.0}
+    counts = dict.fromkeys(bins, 0)
+    for g, _, _ in gaps:
+        key = "under_5us" if g < 5 else "5_50us" if g < 50 else "over_50us"
+        bins[key] += g
+        counts[key] += 1
+    return {"ms_per_step": round(sum(g for g, _, _ in gaps) / steps / 1e3, 3),
+            **{f"{k}_ms_per_step": round(v / steps / 1e3, 3) for k, v in bins.items()},
+            **{f"{k}_per_step": round(v / steps, 1) for k, v in counts.items()},
+            "longest": [{"us": round(g, 1), "after": a, "before": b} for g, a, b in sorted(gaps, reverse=True)[:5]]}
+
+
 def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, seed: int,
                  prompts: list[list[int]] | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -116,6 +143,7 @@ def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, 
         "wall_ms_per_step": round(wall * 1e3, 3),
         "gpu_busy_ms_per_step": round(busy_us / 1e3, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
+        "idle": idle_gaps([(e.time_range.start, e.time_range.end, _kernel_name(e.name)) for e in kernels], steps),
         "top": [{"kernel": k, "per_step": round(len(v) / steps, 1), "us_per_step": round(sum(v) / steps, 1),
                  "mean_us": round(sum(v) / len(v), 2)} for k, v in top],
     }
@@ -131,6 +159,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,32,64")
     p.add_argument("--routing", default="exact,lynx")
     p.add_argument("--fused-ops", default="0,1", help="engines to profile: 0 without fused ops, 1 with")
+    p.add_argument("--async", dest="run_ahead", default="1",
+                   help="0, 1 or 0,1: steps settled one by one, or launched before the last is settled "
+                        "(EngineConfig.async_scheduling; on CUDA the default)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--preset", default="bench-12l")
@@ -163,11 +194,13 @@ def main() -> None:
             engine.set_selector(load_selector_arg(next(r for r in routings if r != "exact"), engine))
         for b in batches:
             for r in routings:
-                cell = profile_cell(engine, b, r.split(":", 1)[0], args.steps, args.prompt_len, seed=len(cells),
-                                    prompts=prompts)
-                cell["fused_ops"] = fused
-                cells.append(cell)
-                print(json.dumps({k: v for k, v in cell.items() if k != "top"}), flush=True)
+                for run_ahead in (bool(int(a)) for a in args.run_ahead.split(",")):
+                    engine.async_scheduling = run_ahead
+                    cell = profile_cell(engine, b, r.split(":", 1)[0], args.steps, args.prompt_len, seed=len(cells),
+                                        prompts=prompts)
+                    cell["fused_ops"], cell["async"] = fused, run_ahead
+                    cells.append(cell)
+                    print(json.dumps({k: v for k, v in cell.items() if k != "top"}), flush=True)
         del engine
         gc.collect()  # the pool and its pinned store go before the next engine makes its own
         if device.type == "cuda":
@@ -176,22 +209,30 @@ def main() -> None:
             "model": args.model or f"{args.preset} (random)", "prompt_len": args.prompt_len, "cells": cells}
     (args.out / "kernel_profile.json").write_text(json.dumps(meta, indent=2))
     lines = [f"# Resident decode kernels ({meta['device']}, torch {meta['torch']}, {meta['model']})", "",
-             "| batch | routing | fused ops | ms a step | GPU busy ms | kernels a step | step vs unfused |",
-             "|---:|---|---|---:|---:|---:|---:|"]
-    unfused = {(c["batch"], c["routing"]): c["wall_ms_per_step"] for c in cells if not c["fused_ops"]}
+             "| batch | routing | fused ops | async | ms a step | GPU busy ms | kernels a step | step vs unfused "
+             "| idle ms: gaps < 5 us / 5-50 us / > 50 us |",
+             "|---:|---|---|---|---:|---:|---:|---:|---|"]
+    unfused = {(c["batch"], c["routing"], c["async"]): c["wall_ms_per_step"] for c in cells if not c["fused_ops"]}
     for c in cells:
-        base = unfused.get((c["batch"], c["routing"]))
+        base = unfused.get((c["batch"], c["routing"], c["async"]))
         ratio = f"{base / c['wall_ms_per_step']:.2f}x" if base and c["fused_ops"] else ""
-        lines.append(f"| {c['batch']} | {c['routing']} | {'on' if c['fused_ops'] else 'off'} | {c['wall_ms_per_step']} "
-                     f"| {c['gpu_busy_ms_per_step']} | {c['kernels_per_step']} | {ratio} |")
-    lines.append("")
+        idle = c["idle"]
+        lines.append(f"| {c['batch']} | {c['routing']} | {'on' if c['fused_ops'] else 'off'} "
+                     f"| {'on' if c['async'] else 'off'} | {c['wall_ms_per_step']} | {c['gpu_busy_ms_per_step']} "
+                     f"| {c['kernels_per_step']} | {ratio} | {idle['ms_per_step']}: {idle['under_5us_ms_per_step']} "
+                     f"({idle['under_5us_per_step']}) / {idle['5_50us_ms_per_step']} ({idle['5_50us_per_step']}) / "
+                     f"{idle['over_50us_ms_per_step']} ({idle['over_50us_per_step']}) |")
+    lines += ["", "Idle: the device's time between the profiled steps' kernels, a step, by gap length (count a step in "
+              "brackets); under 5 us is one kernel launching after another, over 50 us the device waiting on the "
+              "host.", ""]
     for c in cells:
-        lines += [f"## batch {c['batch']}, {c['routing']}, fused ops {'on' if c['fused_ops'] else 'off'}: "
-                  f"{c['wall_ms_per_step']} ms a step, GPU busy "
+        lines += [f"## batch {c['batch']}, {c['routing']}, fused ops {'on' if c['fused_ops'] else 'off'}, async "
+                  f"{'on' if c['async'] else 'off'}: {c['wall_ms_per_step']} ms a step, GPU busy "
                   f"{c['gpu_busy_ms_per_step']} ms, {c['kernels_per_step']} kernels", "",
                   "| kernel | per step | us per step | mean us |", "|---|---:|---:|---:|"]
         lines += [f"| `{t['kernel']}` | {t['per_step']} | {t['us_per_step']} | {t['mean_us']} |" for t in c["top"]]
-        lines.append("")
+        lines += ["", "Longest idle gaps: " + "; ".join(f"{g['us']} us after `{g['after']}`, before `{g['before']}`"
+                                                      for g in c["idle"]["longest"]), ""]
     (args.out / "kernel_profile.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
