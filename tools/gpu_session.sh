@@ -121,6 +121,15 @@
 #   tools/gpu_session.sh 25 OUT  (as above) and then tools/host_critical.py on the GPU machine's host, and
 #                                tools/moe_tile_time.py (the fused kernel's tiles under LYNX, 16 and 32 rows)
 #
+# The twelfth session ran 27, 25, 24 and 10 (at 25%, then its command at 10%) on one H100, then the GPU tests part
+# 27 had no time for (docs/benchmarks/2026-12-06-h100-session12). For the next session:
+#
+#   tools/gpu_session.sh 28 OUT  (about 8 minutes with the start) train the bench model; the kernel profile of LYNX
+#                                and exact at batch 32 and 64 with async scheduling off and on, with the device's
+#                                idle gaps (what keeps LYNX at 1.21x at batch 64); a 300,000-token trace and a
+#                                predictor; tools/rounds_diag.py on the bench model (the first step and layer where
+#                                rounds by value leave the tokens at 25% and 10%, batch 1)
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -760,6 +769,27 @@ case "$part" in
     gpu_tests "${TESTS_TIMEOUT:-200}" $LYNX_GPU_TESTS tests/routing/test_router_lens.py \
         tests/engine/test_overlap_output.py tests/engine/test_async_scheduling.py
     pack
+    ;;
+28)  # the next session's first call (about 8 minutes with the start): what keeps LYNX's resident step at batch 64
+     # at 1.21x exact (0.1 ms short of 1.25x; its device idles about 0.35 ms a step more than exact's), and where
+     # rounds by value first leave the model's tokens on the bench model (twelfth session: batch 1 only)
+    begin p28
+    keep_or_train "$p"
+    pack
+    timeout "${PROFILE_TIMEOUT:-150}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
+        --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --async 0,1 --out "$p/kernel_profile" \
+        > "$p/kernel_profile.log" 2>&1
+    grep -A10 "^| batch" "$p/kernel_profile/kernel_profile.md"
+    pack
+    TRAIN_DOCS=400 TRAIN_TOKENS=300000 PRED_EPOCHS=8 traces_and_predictors "$p"
+    pack
+    for b in 25% 10%; do
+        timeout "${DIAG_TIMEOUT:-90}" python3 tools/rounds_diag.py cuda --model "$BENCH_MODEL" \
+            --predictor "$w/pred/bench" --data "$w/corpus" --budget "$b" --rounds 1 --requests 4 \
+            --out "$p/rounds_diag_${b%\%}.json" > "$p/rounds_diag_${b%\%}.log" 2>&1
+        grep '^{' "$p/rounds_diag_${b%\%}.log" | cut -c1-200
+        pack
+    done
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
