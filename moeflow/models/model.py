@@ -172,7 +172,8 @@ class MoEModel:
         if batch.selector is not None:
             table = batch.slot_table[li] if batch.slot_table is not None else None
             chosen = batch.selector.select(layer, routing, SelectionContext(
-                batch.is_prefill, record.real[:T], record.exact[:T], table, record.selected_out(li, T)))
+                batch.is_prefill, record.real[:T], record.exact[:T], table, record.selected_out(li, T),
+                record.scratch[li]))
             routing = Routing(*record.write_selected(li, chosen.ids, chosen.weights), logits)
         return h, r, routing
 

@@ -211,7 +211,8 @@ def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weig
                      real: torch.Tensor, exact: torch.Tensor, slot_table: torch.Tensor | None, alpha: float,
                      beta: int, scale: int, bonus: int, normalize: bool,
                      rows_per_program: int | None = None,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [T, K] int64, weights [T, K] in the router's weight dtype): lynx.py's rule in one launch, or two, each
     padding row (not `real`) taking the choice of the real row it copies (the last one before it).
     scale and bonus: lynx.py's (T + w) * T ** beta and w * T ** beta.
@@ -219,7 +220,8 @@ def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weig
     n rows each in two launches and a zeroed [E] buffer (each program sums the popularity over all rows itself;
     the kept set is OR-ed across programs by atomics, so the ids are the same whatever n).
     out: contiguous (ids, weights) buffers of those shapes and dtypes to write into and return (SelectionContext.out);
-    default new ones."""
+    default new ones. kept: a contiguous [E] int32 buffer of zeros the spread launches may use for the kept set
+    (SelectionContext.scratch; left holding it); default a new zeroed one, one more kernel a call."""
     T, E = logits.shape
     K = router_ids.shape[1]
     if T > MAX_ROWS or E > MAX_EXPERTS:
@@ -240,7 +242,10 @@ def affinity_binning(logits: torch.Tensor, router_ids: torch.Tensor, router_weig
     router_ids, router_weights = router_ids.contiguous(), router_weights.contiguous()
     if rows_per_program:
         RB = rows_per_program
-        kept = torch.zeros(E, dtype=torch.int32, device=logits.device)
+        if kept is None:
+            kept = torch.zeros(E, dtype=torch.int32, device=logits.device)
+        elif kept.shape != (E,) or kept.dtype != torch.int32 or not kept.is_contiguous():
+            raise ValueError(f"kept must be a contiguous [{E}] int32 buffer of zeros")
         grid = (triton.cdiv(T, RB),)
         _lynx_propose[grid](logits, router_ids, real, exact, slots, kept, T, E, logits.stride(0), float(alpha),
                             scale, bonus, K=K, BETA=beta, RB=RB, CH=16, BE=BE, HAS_SLOTS=has_slots, num_warps=2)

@@ -130,7 +130,7 @@ class AffinityBinning:
             ids, weights = _lynx_triton.affinity_binning(
                 logits, router_ids, routing.weights, ctx.real, ctx.exact, ctx.slot_table, self.alpha, self.beta,
                 scale, self.resident_weight * top, self.router.normalize, rows_per_program=self.rows_for(T),
-                out=ctx.out)
+                out=ctx.out, kept=ctx.scratch)
             return Routing(ids, weights, logits)
         dev = logits.device
         experts = torch.arange(E, device=dev)

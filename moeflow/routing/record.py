@@ -80,6 +80,9 @@ class RouteRecord:
         # the row each row copies: itself when real, the last real row for padding
         self.source = torch.arange(N, dtype=torch.int64, device=device)
         self.used = torch.zeros(L, E + 1, dtype=torch.int16, device=device)  # column E: the padding sink
+        # each layer's [E] scratch for a selector (SelectionContext.scratch), zeroed by set_rows before every step
+        # that runs one: one fill a step instead of one inside every layer
+        self.scratch = torch.zeros(L, E, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
         self._stage = torch.zeros(2 * L * N * K + L * (E + 1), dtype=torch.int16, device=device)
         self._host = torch.zeros(self._stage.numel(), dtype=torch.int16, pin_memory=pin)
@@ -251,3 +254,5 @@ class RouteRecord:
         self.source[:padded].copy_(source, non_blocking=True)
         self.real[:padded].copy_(masks[0], non_blocking=True)
         self.exact[:padded].copy_(masks[1], non_blocking=True)
+        if exact is not None:  # a step that runs a selector
+            self.scratch.zero_()

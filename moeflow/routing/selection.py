@@ -28,6 +28,8 @@ class SelectionContext:
     of each of this layer's experts, -1 when not resident (None when every expert is resident).
     out: [T, K] (ids int64, weights) buffers a selector may write its choice into, each padding row taking
     the choice of the real row it copies; one that does returns them (None: none offered).
+    scratch: [E] int32, zeros when the step starts, this layer's alone for the step (None: none offered): a
+    selector that needs a zeroed buffer takes it here instead of zeroing one of its own inside every layer.
     """
 
     is_prefill: bool
@@ -35,6 +37,7 @@ class SelectionContext:
     exact: torch.Tensor
     slot_table: torch.Tensor | None = None
     out: tuple[torch.Tensor, torch.Tensor] | None = None
+    scratch: torch.Tensor | None = None
 
 
 class Selector(Protocol):

@@ -37,12 +37,12 @@ def case(T, E, K, alpha, beta, normalize, dtype, seed, w=0, device="cpu"):
     return torch_sel, r, SelectionContext(False, real, exact, slots)
 
 
-def kernel_select(sel: AffinityBinning, r, c: SelectionContext, rows_per_program=None, out=None):
+def kernel_select(sel: AffinityBinning, r, c: SelectionContext, rows_per_program=None, out=None, kept=None):
     T, E = r.logits.shape
     top, scale = sel._key_scale(T, E)
     return _lynx_triton.affinity_binning(r.logits, r.ids, r.weights, c.real, c.exact, c.slot_table, sel.alpha,
                                          sel.beta, scale, sel.resident_weight * top, sel.router.normalize,
-                                         rows_per_program=rows_per_program, out=out)
+                                         rows_per_program=rows_per_program, out=out, kept=kept)
 
 
 def sources(real: torch.Tensor) -> torch.Tensor:
@@ -51,12 +51,12 @@ def sources(real: torch.Tensor) -> torch.Tensor:
     return torch.where(real, rows, -1).cummax(dim=0).values.clamp(min=0)
 
 
-def check_same(sel, r, c, rows_per_program=None, out=None):
+def check_same(sel, r, c, rows_per_program=None, out=None, kept=None):
     """The kernel's choice is the torch selector's, each padding row's being the choice of the row it copies (which
     the torch selector's caller, RouteRecord.write_selected, copies there; the kernel computes it so)."""
     want = sel.select(0, r, c)
     src = sources(c.real)
-    ids, weights = kernel_select(sel, r, c, rows_per_program, out)
+    ids, weights = kernel_select(sel, r, c, rows_per_program, out, kept)
     np.testing.assert_array_equal(ids.cpu().numpy(), want.ids[src].cpu().numpy())
     assert weights.dtype == want.weights.dtype
     tol = 1e-2 if weights.dtype == torch.bfloat16 else 2e-6
@@ -101,6 +101,27 @@ def test_the_kernel_writes_into_the_buffers_it_is_given(rows_per_program):
     assert got[0].data_ptr() == out[0].data_ptr() and torch.equal(got[0], ids)
     with pytest.raises(ValueError, match="out must be"):
         kernel_select(sel, r, c, rows_per_program, (out[0][:, :4], out[1]))
+
+
+@interpret
+def test_the_spread_kernel_takes_the_records_zeroed_scratch_for_its_kept_set():
+    """SelectionContext.scratch: the spread launches OR the kept set into the record's per-layer [E] buffer, which
+    RouteRecord.set_rows zeroes before every step that runs a selector (one fill a step, not one a layer); the
+    choice is the one a fresh buffer gives."""
+    from moeflow.routing.record import RouteRecord
+
+    sel, r, c = case(40, 64, 8, 3.0, 1, True, torch.float32, 2)
+    record = RouteRecord(2, 8, 64, 64, torch.float32, torch.device("cpu"))
+    for step in range(2):  # the second step reuses the buffer the first left holding its kept set
+        record.set_rows(40, 40, [False] * 40)
+        assert not record.scratch.any(), "zeroed before a step that runs a selector"
+        ids, _ = check_same(sel, r, c, 4, kept=record.scratch[1])
+        kept = record.scratch[1] > 0
+        assert 0 < int(kept.sum()) < 64 and bool(kept[ids.flatten()].all()), "it holds the kept set"
+    record.set_rows(40, 40, None)
+    assert record.scratch[1].any(), "a step without a selector leaves it alone"
+    with pytest.raises(ValueError, match="kept must be"):
+        kernel_select(sel, r, c, 4, kept=torch.zeros(64, dtype=torch.int64))
 
 
 @interpret
