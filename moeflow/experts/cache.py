@@ -183,11 +183,12 @@ class ExpertCache:
         self.upload_slot_table()
         return got
 
-    def release(self, slots: list[int], spent: bool = False) -> None:
+    def release(self, slots: list[int], spent: bool = False, read: list[int] | None = None) -> None:
         """Unpin `slots` once the compute that reads them is enqueued. `spent`: their layer has computed them
         for this step (EvictionOrder.spend: with rounds by value on, a later round of the layer may evict them
-        first)."""
-        self.transfer.mark_read(slots)
+        first). `read`: every slot that compute reads, when more than `slots` (a round computes again the picks
+        of experts kept from an earlier round); a refill of any of them waits for it."""
+        self.transfer.mark_read(slots if read is None else sorted(set(slots) | set(read)))
         for s in slots:
             self._pins[s] -= 1
             owner = self.owner[s]
@@ -204,6 +205,11 @@ class ExpertCache:
         self.upload_slot_table()
         live = self._live[self._ordinal[layer]]
         self.transfer.wait_for(live[live >= 0].tolist(), tag=layer)
+
+    def live_slots(self, layer: int, experts: list[int]) -> list[int]:
+        """The slots the device table shows for `experts` of `layer`: what a compute enqueued now reads for them."""
+        live = self._live[self._ordinal[layer], experts]
+        return live[live >= 0].tolist()
 
     def computable(self, layer: int, experts: list[int]) -> bool:
         """Whether a compute enqueued after `prepare_compute(layer)` (and no cache change since) covered `experts`."""

@@ -79,7 +79,8 @@ class CachedExperts:
         `compute()` runs once per round, after the round's experts are resident and the
         device's slot table says where; picks of experts not resident map to -1 and are
         skipped. (A pick whose expert stayed resident from an earlier round is computed again,
-        to the same row: rounds only happen when the pool is smaller than a layer's needs.)
+        to the same row: rounds only happen when the pool is smaller than a layer's needs. Its
+        slot is read again too, so a later round's refill of it waits for that compute.)
 
         `speculated`: compute() was already enqueued after `cache.prepare_compute(layer)`, before
         the host knew what the router chose. If it covered every needed expert, that run was the
@@ -95,8 +96,11 @@ class CachedExperts:
                 got = cache.acquire(layer, todo)
                 if not got:
                     raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
+                # the round reads every needed expert the table shows, those kept from an earlier round too (their
+                # picks are computed again): a later round may refill any of those slots only after this compute
+                read = cache.live_slots(layer, needed)
                 compute()
-                cache.release(list(got.values()), spent=True)
+                cache.release(list(got.values()), spent=True, read=read)
                 todo = [e for e in todo if e not in got]
         # heard once the layer's own loads are ordered, so what the listener plans for later layers
         # neither delays nor disturbs them; by default later still (the class docstring says when)

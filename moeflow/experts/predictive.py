@@ -51,7 +51,10 @@ of layer l), and after each offloaded layer's router, from the real route and th
     On an H100 (2026-12-06-h100-session12) the trained bench model's tokens differed from the model's with it at
     25%, batch 1 (the share of each request's output that matched before its first difference: 12% at n = 1,
     56% at n = 8; 100% at batch 8, and on the bundled model in graphs and eager), so LLMEngine.set_predictor
-    refuses it on CUDA until the cause is found; on the CPU it stays exact (tests/experts/test_predictive.py).
+    refuses it on CUDA until a GPU run confirms the fix of the likely cause: a round computes again the picks of
+    experts kept from earlier rounds, but only the round's own slots were marked read, so a later round, which
+    evicts those spent experts first, could refill one while the GPU still computed with it
+    (tests/experts/test_round_reads.py). On the CPU, where every call completes at once, it was always exact.
 
 Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
 the planner only chooses what is resident when, so outputs are identical with it or without it.
