@@ -128,7 +128,8 @@
 #                                and exact at batch 32 and 64 with async scheduling off and on, with the device's
 #                                idle gaps (what keeps LYNX at 1.21x at batch 64); a 300,000-token trace and a
 #                                predictor; tools/rounds_diag.py on the bench model (the first step and layer where
-#                                rounds by value leave the tokens at 25% and 10%, batch 1)
+#                                rounds by value leave the tokens at 25% and 10%, batch 1; since c474cba every slot
+#                                a round reads is marked read: all null rows confirm the fix)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
