@@ -124,12 +124,13 @@
 # The twelfth session ran 27, 25, 24 and 10 (at 25%, then its command at 10%) on one H100, then the GPU tests part
 # 27 had no time for (docs/benchmarks/2026-12-06-h100-session12). For the next session:
 #
-#   tools/gpu_session.sh 28 OUT  (about 8 minutes with the start) train the bench model; the kernel profile of LYNX
-#                                and exact at batch 32 and 64 with async scheduling off and on, with the device's
-#                                idle gaps (what keeps LYNX at 1.21x at batch 64); a 300,000-token trace and a
-#                                predictor; tools/rounds_diag.py on the bench model (the first step and layer where
-#                                rounds by value leave the tokens at 25% and 10%, batch 1; since c474cba every slot
-#                                a round reads is marked read: all null rows confirm the fix)
+#   tools/gpu_session.sh 28 OUT  (about 9 minutes with the start) train the bench model; the kernel profile of LYNX
+#                                and exact at batch 64 with async scheduling off and on, with the device's idle
+#                                gaps (what keeps LYNX at 1.21x at batch 64); LYNX at alpha 4 and 5 (beta 1)
+#                                resident at batch 32 and 64 beside (3, 1), with their perplexity and multiple choice
+#   tools/gpu_session.sh 29 OUT  (on 28's machine, about 6 minutes) a 300,000-token trace and a predictor;
+#                                tools/rounds_diag.py on the bench model (where rounds by value leave the tokens at
+#                                25% and 10%, batch 1; since c474cba every slot a round reads is marked read)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -771,17 +772,43 @@ case "$part" in
         tests/engine/test_overlap_output.py tests/engine/test_async_scheduling.py
     pack
     ;;
-28)  # the next session's first call (about 8 minutes with the start): what keeps LYNX's resident step at batch 64
-     # at 1.21x exact (0.1 ms short of 1.25x; its device idles about 0.35 ms a step more than exact's), and where
-     # rounds by value first leave the model's tokens on the bench model (twelfth session: batch 1 only)
+28)  # the next session's first call (about 9 minutes with the start): what keeps LYNX's resident step at batch 64
+     # at 1.21x exact (0.1 ms short of 1.25x): the kernel profile at batch 64 with async scheduling off and on and
+     # the device's idle gaps; higher alpha (fewer experts kept) resident at batch 32 and 64, with its accuracy
     begin p28
     keep_or_train "$p"
     pack
-    timeout "${PROFILE_TIMEOUT:-150}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
-        --batch-sizes 32,64 --routing exact,lynx --fused-ops 1 --async 0,1 --out "$p/kernel_profile" \
+    timeout "${PROFILE_TIMEOUT:-80}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
+        --batch-sizes 64 --routing exact,lynx --fused-ops 1 --async 0,1 --out "$p/kernel_profile" \
         > "$p/kernel_profile.log" 2>&1
-    grep -A10 "^| batch" "$p/kernel_profile/kernel_profile.md"
+    grep -A6 "^| batch" "$p/kernel_profile/kernel_profile.md"
     pack
+    # (3, 1) kept 30 / 43 experts a layer-step at batch 32 / 64 (ninth session); higher alpha, narrower bins, keeps
+    # fewer; async scheduling is the engine's default on CUDA since the twelfth session
+    offline "$p" resident "${RESIDENT_TIMEOUT:-130}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
+        --routing "exact,lynx,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1"
+    pack
+    five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
+    timeout "${SWEEP_TIMEOUT:-80}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
+        --max-docs 160 --max-tokens-per-doc 128 --batch-size 32 --alpha 3,4,5 --beta 1 --device cuda \
+        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err"
+    timeout "${SWEEP_TIMEOUT:-80}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
+        --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha 3,4,5 --beta 1 --device cuda \
+        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
+    grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
+    pack
+    timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
+        --lynx-alpha 4 --lynx-beta 1 --batch-size 32 --device cuda --json --no-progress \
+        > "$p/choice_4_1.json" 2> "$p/choice_4_1.err"
+    cut -c1-300 "$p/choice_4_1.json"
+    pack
+    ;;
+29)  # on part 28's machine (about 6 minutes): a 300,000-token trace and a predictor; tools/rounds_diag.py on the
+     # bench model (the first step and layer where rounds by value leave the tokens at 25% and 10%, batch 1; since
+     # c474cba every slot a round reads is marked read: all-null rows confirm the fix, after which the engine may
+     # stop refusing rounds on CUDA)
+    begin p29
+    keep_or_train "$p"
     TRAIN_DOCS=400 TRAIN_TOKENS=300000 PRED_EPOCHS=8 traces_and_predictors "$p"
     pack
     for b in 25% 10%; do
