@@ -310,6 +310,7 @@ class LLMEngine:
             decodable = [s for s in self.scheduler.running if not s.length_ends_ahead(self.max_model_len)]
             if not decodable and not (self.scheduler.waiting and self.kv.num_free):
                 self._settle_in_flight()  # nothing to plan before it is settled
+                self._emit_unemitted()  # nor any step to build its outputs during
                 decodable = None
         ahead = self._in_flight  # launched by the last call and not settled (async_scheduling)
         batch = self.scheduler.schedule(self._scheduler_context(), decodable)
@@ -320,11 +321,10 @@ class LLMEngine:
         launched = self._launch(batch)
         if ahead is not None:  # its tokens, routes and outputs, while the device runs the step just launched
             self._settle_in_flight()
-            self._emit_unemitted()
+        self._emit_unemitted()  # the last settled step's outputs, built while the device runs this one
         if launched.ahead:
             self._in_flight = launched  # settled by the next call, after it launches the step after this one
             return self._take_ready()
-        self._emit_unemitted()  # the last step's outputs, built while the device runs this one
         self._settle(launched)
         if not self._overlap_output:
             self._emit_unemitted()
@@ -386,6 +386,8 @@ class LLMEngine:
         """Take a launched step's tokens (its one device->host sync), then its routes, accounting and each
         sequence's token; its outputs are left to `_emit_unemitted`."""
         batch, logits, seqs = launched.batch, launched.logits, launched.batch.seqs
+        if self._unemitted:  # never left behind: this step's sequences replace them below
+            self._emit_unemitted()
         token_list = launched.token_list()
         routes = launched.routes(self.model.record)
         for i, seq in enumerate(seqs):

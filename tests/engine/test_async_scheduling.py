@@ -112,15 +112,41 @@ def test_steps_launched_ahead_give_the_same_outputs(batch):
     assert ahead_eng.rows_run > total - prefilled
 
 
-def test_a_request_with_logprobs_settles_its_steps():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_outputs_settled_early_are_not_lost_when_a_prefill_is_launched_ahead(overlap):
+    """Every running sequence ends by length in the step in flight, with requests waiting and no row free: the
+    engine settles that step before planning (nothing left to decode), which frees the rows, and then launches the
+    waiting requests' prefill ahead. The ended sequences' final outputs must still come out (a server's clients
+    waited for them forever: the next settle overwrote them before they were emitted)."""
+    eng = engine(True, overlap_output=overlap)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for i in range(4):  # one prefill step admits all four; they end by length at the same step
+        eng.add_request(str(i), PROMPTS[i], params)
+    eng.step()
+    for i in range(4, 6):  # waiting, no row free
+        eng.add_request(str(i), PROMPTS[i], params)
+    finished = set()
+    for _ in range(100):
+        if not eng.has_unfinished_requests():
+            break
+        finished |= {o.request_id for o in eng.step() if o.finished}
+    assert finished == {str(i) for i in range(6)}
+    assert not eng._seqs and eng.kv.num_free == eng.kv.rows
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_request_with_logprobs_settles_its_steps(overlap):
     """Logprobs are read from a step's logits, which the next step overwrites: such steps are settled at once,
-    and the rest still run ahead."""
+    and the rest still run ahead. With outputs built during the next step (overlap_output, CUDA's default), a
+    step settled at once leaves its outputs to the next call, which may launch a step ahead: they come out all
+    the same, streamed as the settled engine streams them."""
     requests = [(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)),
                 (PROMPTS[1], SamplingParams(max_tokens=20, temperature=0.8, seed=4, ignore_eos=True)),
                 (PROMPTS[2], SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1))]
-    settled, _, _ = drive(engine(False), requests)
-    early, _, ahead = drive(engine(True), requests)
+    settled, settled_streams, _ = drive(engine(False, overlap_output=overlap), requests)
+    early, early_streams, ahead = drive(engine(True, overlap_output=overlap), requests)
     same(settled, early)
+    assert early_streams == settled_streams
     assert len(early["0"].outputs[0].logprobs) == 6 and early["2"].prompt_logprobs is not None
     assert 0.2 <= ahead < 0.9  # once the logprobs requests had ended
 
