@@ -128,9 +128,10 @@
 #                                and exact at batch 64 with async scheduling off and on, with the device's idle
 #                                gaps (what keeps LYNX at 1.21x at batch 64); LYNX at alpha 4 and 5 (beta 1)
 #                                resident at batch 32 and 64 beside (3, 1), with their perplexity and multiple choice
-#   tools/gpu_session.sh 29 OUT  (on 28's machine, about 6 minutes) a 300,000-token trace and a predictor;
+#   tools/gpu_session.sh 29 OUT  (on 28's machine, about 8 minutes) a 300,000-token trace and a predictor;
 #                                tools/rounds_diag.py on the bench model (where rounds by value leave the tokens at
-#                                25% and 10%, batch 1; since c474cba every slot a round reads is marked read)
+#                                25% and 10%, batch 1; since c474cba every slot a round reads is marked read); the
+#                                GPU tests of the changes made after the twelfth session's calls
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -818,6 +819,11 @@ case "$part" in
         grep '^{' "$p/rounds_diag_${b%\%}.log" | cut -c1-200
         pack
     done
+    # the GPU tests of what changed after the twelfth session's calls: LYNX's kept set in the record's scratch
+    # (10ce3f2), a round's reads all marked (c474cba), async scheduling's outputs never dropped (8839c6f)
+    gpu_tests "${TESTS_TIMEOUT:-120}" tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
+        tests/engine/test_async_scheduling.py tests/engine/test_overlap_output.py tests/experts/test_predictive.py
+    pack
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
