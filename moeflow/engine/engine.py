@@ -166,7 +166,7 @@ class LLMEngine:
         if self.device.type == "cuda" and getattr(planner, "rounds", 0):
             # tokens differed from the model's on an H100 (bench model, 25%, batch 1; 2026-12-06-h100-session12);
             # the likely cause, a round's reads of experts kept from earlier rounds left unmarked, is mended
-            # (CachedExperts.run_rounds) but not yet checked on a GPU (tools/rounds_diag.py, gpu_session.sh 28)
+            # (CachedExperts.run_rounds) but not yet checked on a GPU (tools/rounds_diag.py, gpu_session.sh 29)
             raise ConfigError("rounds by value (ExpertFlowPlanner(rounds=...)) changed the tokens on CUDA and stay "
                               "refused there until a GPU run confirms the fix; use rounds=0 (the default)")
         self.predictor = predictor

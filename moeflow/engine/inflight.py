@@ -1,10 +1,11 @@
 """A step launched on the device and not yet settled by the host, and when the next step may be launched first.
 
-With `EngineConfig.async_scheduling` (by default on CUDA) the engine plans and launches step N+1 before it settles step N: a decode
-step's input tokens are read on the device (ModelRunner.last_tokens), and the host takes step N's tokens, routes
-and outputs while the device runs N+1, so the device does not wait for the host between steps. Settling N then
-reads host copies started when N was launched (its tokens, a RouteRecord.snapshot of its routes, an event after
-them), since N+1 overwrites the device buffers they came from.
+With `EngineConfig.async_scheduling` (by default on CUDA) the engine plans and launches step N+1 before it
+settles step N: a decode step's input tokens are read on the device (ModelRunner.last_tokens), and the host
+takes step N's tokens, routes and outputs while the device runs N+1, so the device does not wait for the host
+between steps. Settling N then reads host copies started when N was launched (its tokens, a
+RouteRecord.snapshot of its routes, an event after them), since N+1 overwrites the device buffers they came
+from.
 
 A step runs ahead only where nothing that plans the next one reads its routes or tokens on the host
 (`async_blocker`: every expert resident, no predictor, a policy whose `reads_routes` is False) and no request in
