@@ -49,10 +49,12 @@ def main(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(model=model_dir, device=args.device, dtype=args.dtype,
                                     max_model_len=max_seq_len + 1, max_num_seqs=args.batch_size,
                                     max_num_batched_tokens=args.batch_size * max_seq_len, enforce_eager=True,
-                                    gate_ahead=True),
+                                    gate_ahead=True, async_scheduling=False),
                        checkpoint=checkpoint)
     spec = engine.spec
-    engine.record.keep_full = True  # weights, router logits and the gate ahead's guesses too (eager prefill steps)
+    # weights, router logits and the gate ahead's guesses too (eager prefill steps, each settled before the next is
+    # launched: they are read from the device, which a step launched ahead would overwrite)
+    engine.record.keep_full = True
     steps: list = []  # the step's (view, routes), read before the next step overwrites them
     engine.add_route_listener(lambda view, routes: steps.append((view, routes)))
     builder = TraceBuilder(spec.moe_layers, {

@@ -219,6 +219,9 @@ class RouteRecord:
         its whole padded bucket); call after the stream that staged them has been synchronised. `host`: read
         them from a `snapshot` instead (its arrays are then the step's own, not views the next step overwrites)."""
         L, K, E = self.num_layers, self.top_k, self.num_experts
+        if self.keep_full and host is not None:
+            raise RuntimeError("keep_full reads a step's weights and logits from the device: a step read from a "
+                               "snapshot, after the next was launched, would get the next one's (settle each step)")
         real = T if real is None else real
         n, m = self._packed(T, selected)
         h = self._host_np if host is None else host.numpy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from moeflow.architectures.spec import RouterSpec
@@ -77,3 +78,19 @@ def test_gate_ahead_counts_real_rows_and_is_published_with_the_layer_before():
     rec.layer_experts(0)
     assert np.array_equal(rec.layer_ahead(0, published=True), want)
     rec.publish_layer(L - 1, rec.ids[L - 1, :6])  # the last layer has no next one: nothing to copy, no error
+
+
+def test_a_snapshot_reads_as_the_record_did_but_not_with_the_full_routes():
+    """A step read after the next was launched reads its packed routes from its snapshot (the same arrays as
+    the record's own host buffer); the full routes (keep_full: weights and logits) live on the device only, where
+    the next step overwrites them, so reading them so is refused."""
+    rec = record()
+    fill(rec, T=4, real=4)
+    rec.stage(4, selected=False)
+    rows = [slice(i, i + 1) for i in range(4)]
+    snap = rec.snapshot(4, selected=False)
+    a, b = rec.read(4, False, rows), rec.read(4, False, rows, host=snap)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.used, b.used)
+    rec.keep_full = True
+    with pytest.raises(RuntimeError, match="keep_full"):
+        rec.read(4, False, rows, host=snap)

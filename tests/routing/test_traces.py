@@ -81,7 +81,10 @@ def test_trace_command_records_the_engine_routes(checkpoint, tmp_path):
 
 def test_trace_is_the_same_with_outputs_built_a_step_later(checkpoint, tmp_path, monkeypatch):
     """trace pairs each step's routes with its requests through the route listener, not through the step's
-    outputs, so outputs built a step later (overlap_output, the CUDA default) trace the same."""
+    outputs, so outputs built a step later (overlap_output, the CUDA default) trace the same. With CUDA's defaults
+    emulated, async scheduling too, the command still settles each step before launching the next: it reads
+    each step's weights and logits from the device (RouteRecord.keep_full refuses a step read after the next
+    was launched)."""
     import moeflow.engine.engine as engine_module
     from moeflow.cli import main as cli_main
 
@@ -92,6 +95,8 @@ def test_trace_is_the_same_with_outputs_built_a_step_later(checkpoint, tmp_path,
     traces = []
     for overlap in (False, True):
         monkeypatch.setattr(engine_module, "resolve_overlap_output", lambda asked, device, on=overlap: on)
+        monkeypatch.setattr(engine_module, "resolve_async_scheduling",
+                            lambda asked, device, on=overlap: on if asked is None else asked)
         out = tmp_path / f"trace{int(overlap)}.npz"
         assert cli_main(["trace", str(model), "--data", str(corpus), "--out", str(out), "--device", "cpu",
                          "--batch-size", "2"]) == 0
