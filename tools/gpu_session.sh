@@ -215,6 +215,18 @@ profile_trained() {  # profile_trained TIMEOUT: the bench model (kept or trained
     pack
 }
 
+lynx_sweeps() {  # lynx_sweeps TIMEOUT ALPHAS BETAS: LYNX's perplexity against exact at batch 32 on the five test
+                # domains (sweep_test.jsonl) and on held-out python_docs (sweep_python_docs.jsonl), one after the other
+    local limit=$1 alphas=$2 betas=$3 five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
+    timeout "$limit" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five --max-docs 160 \
+        --max-tokens-per-doc 128 --batch-size 32 --alpha "$alphas" --beta "$betas" --device cuda \
+        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err"
+    timeout "$limit" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
+        --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha "$alphas" --beta "$betas" --device cuda \
+        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
+    grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
+}
+
 traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
     python3 tools/corpus_sample.py "$w/corpus" train "${TRAIN_DOCS:-400}" > "$w/train_sample.jsonl"
     python3 tools/corpus_sample.py "$w/corpus" test 150 > "$w/test_sample.jsonl"
@@ -789,14 +801,7 @@ case "$part" in
     offline "$p" resident "${RESIDENT_TIMEOUT:-130}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 2 \
         --routing "exact,lynx,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1"
     pack
-    five=fortunes,shakespeare,wiki_en,wiki_es,wiki_fr
-    timeout "${SWEEP_TIMEOUT:-80}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains $five \
-        --max-docs 160 --max-tokens-per-doc 128 --batch-size 32 --alpha 3,4,5 --beta 1 --device cuda \
-        > "$p/sweep_test.jsonl" 2> "$p/sweep_test.err"
-    timeout "${SWEEP_TIMEOUT:-80}" python3 docs/lynx/sweep.py "$BENCH_MODEL" --data "$w/corpus" --domains python_docs \
-        --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha 3,4,5 --beta 1 --device cuda \
-        > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
-    grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
+    lynx_sweeps "${SWEEP_TIMEOUT:-80}" 3,4,5 1
     pack
     timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
         --lynx-alpha 4 --lynx-beta 1 --batch-size 32 --device cuda --json --no-progress \
