@@ -28,7 +28,9 @@ def measure(model: str, data: str, batch: int, overlap: bool, device: str, outpu
     from moeflow import LLM
     from moeflow.bench.workload import TextWorkload, load_documents
 
-    llm = LLM(model, device=device, max_num_seqs=batch, overlap_output=overlap)
+    # steps settled one by one (async scheduling, CUDA's default since the twelfth session, would settle each in
+    # the next call and hide the host's work this tool measures)
+    llm = LLM(model, device=device, max_num_seqs=batch, overlap_output=overlap, async_scheduling=False)
     workload = TextWorkload(load_documents(data), llm.tokenizer.encode, output_len=output_len)
     engine = llm.engine
     marks: dict[str, float] = {}
