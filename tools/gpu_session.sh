@@ -122,7 +122,8 @@
 #                                tools/moe_tile_time.py (the fused kernel's tiles under LYNX, 16 and 32 rows)
 #
 # The twelfth session ran 27, 25, 24 and 10 (at 25%, then its command at 10%) on one H100, then the GPU tests part
-# 27 had no time for (docs/benchmarks/2026-12-06-h100-session12). For the next session:
+# 27 had no time for (docs/benchmarks/2026-12-06-h100-session12). For the next session, one right after the other
+# (a warm machine went back 30 s after a call ended, that session; a fresh one trains the model again):
 #
 #   tools/gpu_session.sh 28 OUT  (about 9 minutes with the start) train the bench model; the kernel profile of LYNX
 #                                and exact at batch 64 with async scheduling off and on, with the device's idle
