@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list: fcfs, route-aware[:wait=W] (W: steps a sequence may wait beyond its "
                         "round-robin share; default the engine's, 4); either with :overlap=0|1 (a step's outputs "
                         "built between steps, or while the next runs; default: on CUDA) and :async=0|1 (a step "
-                        "launched before the last is settled; default off)")
+                        "launched before the last is settled; default: on CUDA, where it applies)")
     g.add_argument("--configurations", type=_csv(str), default=None,
                    help="comma list of whole configurations, PREDICTOR/ROUTING/SCHEDULING each (e.g. "
                         "none/exact/fcfs,PRED_DIR/exact/route-aware), in place of the three lists' product; the "

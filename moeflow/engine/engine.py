@@ -38,8 +38,7 @@ from moeflow.engine.requests import forced_tokens, prompt_ids
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
-                                  resolve_async_scheduling, resolve_dtype, resolve_fused, resolve_max_model_len,
-                                  resolve_overlap_output)
+                                  resolve_dtype, resolve_fused, resolve_max_model_len, resolve_overlap)
 from moeflow.engine.stats import count_step, new_counters
 from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import ConfigError, RequestError
@@ -121,8 +120,8 @@ class LLMEngine:
         self.costs = MeasuredCosts(expert_bytes=self.store.expert_bytes)
         self.counters = new_counters()
         self._predictor_s = 0.0  # this step's host time in the predictor and the planner
-        self._overlap_output = resolve_overlap_output(config.overlap_output, self.device)
-        self._async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
+        self._overlap_output = resolve_overlap(config.overlap_output, self.device)
+        self._async_scheduling = resolve_overlap(config.async_scheduling, self.device)
         self._last_settled = 0.0  # perf_counter when the last step was settled
         if config.async_scheduling and self.async_blocker() is not None:  # asked for, not the default
             log.warning("async_scheduling has no effect on this engine: %s; every step is settled before the "
@@ -198,9 +197,7 @@ class LLMEngine:
     @overlap_output.setter
     def overlap_output(self, value: bool | None) -> None:
         """True or False; None: the engine's default (EngineConfig.overlap_output, else on CUDA)."""
-        self._refuse_while_running("overlap_output can only be changed")
-        self._overlap_output = (bool(value) if value is not None
-                                else resolve_overlap_output(self.config.overlap_output, self.device))
+        self._overlap_output = self._switch("overlap_output", value, self.config.overlap_output)
 
     @property
     def async_scheduling(self) -> bool:
@@ -210,9 +207,12 @@ class LLMEngine:
     @async_scheduling.setter
     def async_scheduling(self, value: bool | None) -> None:
         """True or False; None: the engine's default (EngineConfig.async_scheduling, else on CUDA)."""
-        self._refuse_while_running("async_scheduling can only be changed")
-        self._async_scheduling = (bool(value) if value is not None
-                                  else resolve_async_scheduling(self.config.async_scheduling, self.device))
+        self._async_scheduling = self._switch("async_scheduling", value, self.config.async_scheduling)
+
+    def _switch(self, name: str, value: bool | None, configured: bool | None) -> bool:
+        """A switch's new value, set while no request runs: `value`, or for None the engine's default."""
+        self._refuse_while_running(f"{name} can only be changed")
+        return bool(value) if value is not None else resolve_overlap(configured, self.device)
 
     def _refuse_while_running(self, what: str) -> None:
         if self.has_unfinished_requests():

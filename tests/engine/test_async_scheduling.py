@@ -235,9 +235,9 @@ def test_the_default_is_on_cuda_only_and_silent_where_it_cannot_apply(caplog):
     CPU; an engine it cannot apply to (here a predictor) says nothing unless it was asked for."""
     import torch
 
-    from moeflow.engine.setup import resolve_async_scheduling
+    from moeflow.engine.setup import resolve_overlap
 
-    assert [resolve_async_scheduling(a, torch.device(d)) for a in (None, True, False) for d in ("cuda", "cpu")] == \
+    assert [resolve_overlap(a, torch.device(d)) for a in (None, True, False) for d in ("cuda", "cpu")] == \
            [True, False, True, True, False, False]
     with caplog.at_level(logging.WARNING, logger="moeflow.engine"):
         eng = LLMEngine(EngineConfig(model=str(default_model_dir()), device="cpu", max_model_len=64,

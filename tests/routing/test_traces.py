@@ -94,8 +94,8 @@ def test_trace_is_the_same_with_outputs_built_a_step_later(checkpoint, tmp_path,
     (corpus / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     traces = []
     for overlap in (False, True):
-        monkeypatch.setattr(engine_module, "resolve_overlap_output", lambda asked, device, on=overlap: on)
-        monkeypatch.setattr(engine_module, "resolve_async_scheduling",
+        # both switches' CUDA default (on), unless the command asks otherwise
+        monkeypatch.setattr(engine_module, "resolve_overlap",
                             lambda asked, device, on=overlap: on if asked is None else asked)
         out = tmp_path / f"trace{int(overlap)}.npz"
         assert cli_main(["trace", str(model), "--data", str(corpus), "--out", str(out), "--device", "cpu",
