@@ -37,7 +37,7 @@ N = 40
 def run(device: str, budget: str, rounds: int, eager: bool, sampled: bool, pred: bool = True) -> list[list[int]]:
     llm = LLM(str(default_model_dir()), device=device, max_model_len=96, expert_budget=budget, enforce_eager=eager)
     engine = llm.engine
-    if pred:  # the planner is set by hand: set_predictor refuses rounds on CUDA
+    if pred:
         engine.set_predictor(load_predictor(default_model_dir() / "predictor", engine.checkpoint, engine.device))
         engine.planner = ExpertFlowPlanner(rounds=rounds)
     params = (SamplingParams(max_tokens=N, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True) if sampled
@@ -96,7 +96,7 @@ def bench_model(args) -> None:
         llm = LLM(args.model, device=args.device, max_num_seqs=8, expert_budget=args.budget, enforce_eager=eager)
         engine = llm.engine
         engine.set_predictor(load_predictor(args.predictor, engine.checkpoint, engine.device))
-        engine.planner = ExpertFlowPlanner(rounds=rounds)  # by hand: set_predictor refuses rounds on CUDA
+        engine.planner = ExpertFlowPlanner(rounds=rounds)
         engines[name] = (llm, _recorded(engine))
     tokenizer = next(iter(engines.values()))[0].tokenizer
     workload = TextWorkload(load_documents(args.data), tokenizer.encode, output_len=64)

@@ -41,7 +41,7 @@ from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, n
                                   resolve_dtype, resolve_fused, resolve_max_model_len, resolve_overlap)
 from moeflow.engine.stats import count_step, new_counters
 from moeflow.engine.warmup import warm_prefill
-from moeflow.errors import ConfigError, RequestError
+from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
 from moeflow.experts.planning import Planner, PrefetchTop
@@ -162,12 +162,6 @@ class LLMEngine:
         The decode graphs stay as they are: a predictor runs around the step and never inside it; on CUDA a
         predictor that can (the learned one) captures its own forward as graphs, one per batch bucket."""
         self._refuse_while_running("the predictor can only be replaced")
-        if self.device.type == "cuda" and getattr(planner, "rounds", 0):
-            # tokens differed from the model's on an H100 (bench model, 25%, batch 1; 2026-12-06-h100-session12);
-            # the likely cause, a round's reads of experts kept from earlier rounds left unmarked, is mended
-            # (CachedExperts.run_rounds) but not yet checked on a GPU (tools/rounds_diag.py, gpu_session.sh 29)
-            raise ConfigError("rounds by value (ExpertFlowPlanner(rounds=...)) changed the tokens on CUDA and stay "
-                              "refused there until a GPU run confirms the fix; use rounds=0 (the default)")
         self.predictor = predictor
         capture = getattr(predictor, "capture_graphs", None)
         if capture is not None and self.device.type == "cuda" and not self.config.enforce_eager:

@@ -48,13 +48,13 @@ of layer l), and after each offloaded layer's router, from the real route and th
     it moved 1.137x Belady's bytes at 25% batch 8 (1.222x without) and 1.274x at 10% batch 1 (1.391x), with
     7.5 and 2.3 rounds per layer-step; n = 8 keeps batch 8 to 2.1 rounds for 1.157x. Each round is one more
     expert kernel and makes the next round's copies wait for it: whether that pays is a GPU measurement.
-    On an H100 (2026-12-06-h100-session12) the trained bench model's tokens differed from the model's with it at
-    25%, batch 1 (the share of each request's output that matched before its first difference: 12% at n = 1,
-    56% at n = 8; 100% at batch 8, and on the bundled model in graphs and eager), so LLMEngine.set_predictor
-    refuses it on CUDA until a GPU run confirms the fix of the likely cause: a round computes again the picks of
-    experts kept from earlier rounds, but only the round's own slots were marked read, so a later round, which
-    evicts those spent experts first, could refill one while the GPU still computed with it
-    (tests/experts/test_round_reads.py). On the CPU, where every call completes at once, it was always exact.
+    On an H100 (2026-12-06-h100-session12) the trained bench model's tokens once differed from the model's with
+    it at 25%, batch 1: a round computes again the picks of experts kept from earlier rounds, but only the
+    round's own slots were marked read, so a later round, which evicts those spent experts first, could refill one
+    while the GPU still computed with it (tests/experts/test_round_reads.py). With every slot a round reads
+    marked, the bench model's tokens are the model's own at 25% and 10%, batch 1 and 8, n = 1 and 8
+    (2026-12-06-h100-session13), but rounds do not pay there: n = 8 ran 1.04x the planner without rounds at
+    batch 8 and 0.99-1.04x at batch 1, n = 1 0.88-0.95x.
 
 Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
 the planner only chooses what is resident when, so outputs are identical with it or without it.

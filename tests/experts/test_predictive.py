@@ -8,7 +8,6 @@ import torch
 
 from moeflow import LLM, SamplingParams
 from moeflow.assets import default_model_dir
-from moeflow.errors import ConfigError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.policies import LRUPolicy
 from moeflow.experts.predictive import ExpertFlowPlanner
@@ -339,17 +338,21 @@ def test_gpu_tokens_are_the_same_with_the_learned_predictor_and_graphs(budget, o
 
 
 @pytest.mark.gpu
-def test_gpu_rounds_by_value_are_refused_on_cuda():
-    """Rounds by value changed the bench model's tokens on an H100 (25%, batch 1) though not the bundled model's:
-    refused on CUDA, with the reason, until that is found; the engine keeps its planner."""
-    llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget="25%")
+@pytest.mark.parametrize("budget", ["1/layer", "10%", "25%"])
+@pytest.mark.parametrize("rounds", [1, 8])
+def test_gpu_rounds_by_value_leave_the_tokens_alone_under_graphs(budget, rounds, gpu_reference):
+    """Rounds by value evict what a layer computed earlier in the same step: every slot a round reads must stay
+    marked until the GPU is done with it, or a later round refills it under the running kernel (which changed the
+    bench model's tokens on an H100 before c474cba)."""
+    llm = LLM(str(default_model_dir()), device="cuda", max_model_len=64, expert_budget=budget)
+    assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
     pred = load_predictor(default_model_dir() / "predictor", llm.engine.checkpoint, llm.engine.device)
-    before = llm.engine.planner
-    with pytest.raises(ConfigError, match="rounds by value"):
-        llm.engine.set_predictor(pred, ExpertFlowPlanner(rounds=1))
-    assert llm.engine.planner is before
-    llm.engine.set_predictor(pred, ExpertFlowPlanner())
-    assert greedy_tokens(llm)
+    llm.engine.set_predictor(pred, ExpertFlowPlanner(rounds=rounds))
+    acquires = []
+    acquire = llm.engine.cache.acquire
+    llm.engine.cache.acquire = lambda layer, experts: (acquires.append(layer), acquire(layer, experts))[1]
+    assert greedy_tokens(llm) == gpu_reference
+    assert any(a == b for a, b in zip(acquires, acquires[1:])), "some layer was computed in more than one round"
 
 
 @pytest.mark.gpu
