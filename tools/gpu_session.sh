@@ -247,6 +247,30 @@ traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the b
     cp -r "$w/pred" "$1/pred"
 }
 
+serve_policies() {  # serve_policies: moeflow serve at 25%, 128 rows, 32 a step, under each policy in turn, and
+                    # bench serve at 128 streams against it (256 text prompts, 64 tokens each) into $p
+    local policy server
+    for policy in ${SERVE_POLICIES:-fcfs route-aware}; do
+        python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
+            --max-batch-size 32 --scheduling $policy --log-level warning > "$p/server-$policy.log" 2>&1 &
+        server=$!
+        for _ in $(seq 120); do  # up, or given up as soon as the server has exited
+            curl -sf -o /dev/null http://127.0.0.1:8111/health && break
+            kill -0 $server 2>/dev/null || { echo "server ($policy) exited:"; tail -3 "$p/server-$policy.log"; break; }
+            sleep 1
+        done
+        timeout "${SERVE_TIMEOUT:-100}" python3 -m moeflow.cli bench serve --base-url http://127.0.0.1:8111 \
+            --num-prompts 256 --request-rate inf --max-concurrency 128 --dataset text --data "$w/corpus" \
+            --output-len 64 --disable-tqdm --result-file "$p/serve-25-$policy.json" > "$p/serve-$policy.txt" 2>&1
+        curl -s http://127.0.0.1:8111/metrics > "$p/metrics-$policy.txt" 2>/dev/null
+        kill -INT $server 2>/dev/null
+        wait $server
+        echo "$policy:"
+        grep -h "Output token throughput\|Median TTFT\|P99 TPOT\|Median TPOT\|error" "$p/serve-$policy.txt"
+        pack
+    done
+}
+
 case "$part" in
 1)
     (moeflow train --preset bench --data "$w/corpus" --tokenizer "$w/tokenizer" --out "$BENCH_MODEL" --device cuda \
@@ -394,20 +418,7 @@ case "$part" in
         rm -f "$p/sched${budget%\%}"/*.png
         pack
     done
-    for policy in ${SERVE_POLICIES:-fcfs route-aware}; do
-        python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
-            --max-batch-size 32 --scheduling $policy --log-level warning > "$p/server-$policy.log" 2>&1 &
-        server=$!
-        curl -s -o /dev/null --retry 120 --retry-connrefused --retry-delay 1 http://127.0.0.1:8111/health
-        timeout "${SERVE_TIMEOUT:-100}" python3 -m moeflow.cli bench serve --base-url http://127.0.0.1:8111 \
-            --num-prompts 256 --request-rate inf --max-concurrency 128 --dataset text --data "$w/corpus" \
-            --output-len 64 --disable-tqdm --result-file "$p/serve-25-$policy.json" > "$p/serve-$policy.txt" 2>&1
-        curl -s http://127.0.0.1:8111/metrics > "$p/metrics-$policy.txt" 2>/dev/null
-        kill -INT $server
-        wait $server
-        grep -h "Output token throughput\|Median TTFT\|P99 TPOT\|Median TPOT" "$p/serve-$policy.txt"
-        pack
-    done
+    serve_policies
     if [ -n "${HOOKS_BEFORE:-1}" ]; then
         PYTHONPATH="$root/.carry/before:/tmp/site" timeout "${BEFORE_TIMEOUT:-110}" python3 tools/hooks_ab.py \
             "$BENCH_MODEL" --corpus "$w/corpus" --out "$p/hooks-before.json" --label "before" > "$p/hooks-before.log" 2>&1
@@ -830,6 +841,24 @@ case "$part" in
     gpu_tests "${TESTS_TIMEOUT:-120}" tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
         tests/engine/test_async_scheduling.py tests/engine/test_overlap_output.py tests/experts/test_predictive.py
     pack
+    ;;
+30)  # the thirteenth session's last call (about 9 minutes with the start): the GPU test of rounds by value under
+     # graphs (allowed on CUDA again) beside the training; LYNX's default (3, 1) resident at batch 32 and 64 with
+     # three batches a cell (batch 64 read 1.21x and then 1.26x exact in two runs of two); the multiple-choice task
+     # at (3, 1); and the served comparison of route-aware and fcfs at 128 streams (needs .whl)
+    begin p30
+    gpu_tests "${TESTS_TIMEOUT:-150}" -k rounds tests/experts/test_predictive.py &
+    keep_or_train "$p"
+    wait
+    pack
+    offline "$p" resident "${RESIDENT_TIMEOUT:-110}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 3 \
+        --routing exact,lynx
+    pack
+    timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
+        --batch-size 32 --device cuda --json --no-progress > "$p/choice_3_1.json" 2> "$p/choice_3_1.err"
+    cut -c1-300 "$p/choice_3_1.json"
+    pack
+    serve_policies
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)

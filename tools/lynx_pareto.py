@@ -18,8 +18,10 @@ import re
 import sys
 
 
-def bench_ratios(results: dict, budget: str, batch: int) -> dict[tuple[float, int], dict]:
-    """(alpha, beta) -> {tokens_per_s, ratio, distinct} for plain LYNX cells of `budget` x `batch`."""
+def bench_ratios(results: dict, budget: str, batch: int,
+                 default: tuple[float, int] | None = None) -> dict[tuple[float, int], dict]:
+    """(alpha, beta) -> {tokens_per_s, ratio, distinct} for plain LYNX cells of `budget` x `batch`; a cell of
+    plain `lynx` counts as `default` (the model's own (alpha, beta)) when that is given."""
     cells = [r for r in results["runs"] if r["system"] == "moeflow" and r["budget"] == budget
              and r["batch"] == batch]
     exact = [r for r in cells if r["configuration"]["routing"] == "exact"]
@@ -29,8 +31,9 @@ def bench_ratios(results: dict, budget: str, batch: int) -> dict[tuple[float, in
     out = {}
     for r in cells:
         m = re.fullmatch(r"lynx:alpha=([\d.]+):beta=(\d+)", r["configuration"]["routing"])
-        if m:
-            out[float(m[1]), int(m[2])] = {"tokens_per_s": r["decode_tokens_per_s"],
+        key = (float(m[1]), int(m[2])) if m else default if r["configuration"]["routing"] == "lynx" else None
+        if key is not None:
+            out[key] = {"tokens_per_s": r["decode_tokens_per_s"],
                                            "ratio": r["decode_tokens_per_s"] / base,
                                            "distinct": r["distinct_experts_per_layer_step"]}
     return out
@@ -64,9 +67,15 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--md", default=None)
     p.add_argument("--title", default=None)
+    p.add_argument("--lynx-default", default=None, metavar="ALPHA,BETA",
+                   help="the (alpha, beta) that plain `lynx` ran at: the model's default (the bench model's is 3,1)")
     args = p.parse_args()
+    default = None
+    if args.lynx_default:
+        a, b = args.lynx_default.split(",")
+        default = (float(a), int(b))
     with open(args.bench) as f:
-        speed = bench_ratios(json.load(f), args.budget, args.batch)
+        speed = bench_ratios(json.load(f), args.budget, args.batch, default)
     with open(args.sweep) as f:
         exact, acc = sweep_rows(f.read().splitlines())
     keys = sorted(set(speed) & set(acc))
