@@ -121,18 +121,13 @@
 #   tools/gpu_session.sh 25 OUT  (as above) and then tools/host_critical.py on the GPU machine's host, and
 #                                tools/moe_tile_time.py (the fused kernel's tiles under LYNX, 16 and 32 rows)
 #
-# The twelfth session ran 27, 25, 24 and 10 (at 25%, then its command at 10%) on one H100, then the GPU tests part
-# 27 had no time for (docs/benchmarks/2026-12-06-h100-session12). For the next session, one right after the other
-# (a warm machine went back 30 s after a call ended, that session; a fresh one trains the model again):
+# The thirteenth session ran 28, 29 and then, on the same H100, LYNX at 25%, the predictive cache, rounds by value
+# and part 30 (docs/benchmarks/2026-12-06-h100-session13); its device time ran out during part 30's route-aware
+# serving. For the next session (a warm machine goes back 30 s after a call ends; a fresh one trains the model again):
 #
-#   tools/gpu_session.sh 28 OUT  (about 9 minutes with the start) train the bench model; the kernel profile of LYNX
-#                                and exact at batch 64 with async scheduling off and on, with the device's idle
-#                                gaps (what keeps LYNX at 1.21x at batch 64); LYNX at alpha 4 and 5 (beta 1)
-#                                resident at batch 32 and 64 beside (3, 1), with their perplexity and multiple choice
-#   tools/gpu_session.sh 29 OUT  (on 28's machine, about 8 minutes) a 300,000-token trace and a predictor;
-#                                tools/rounds_diag.py on the bench model (where rounds by value leave the tokens at
-#                                25% and 10%, batch 1; since c474cba every slot a round reads is marked read); the
-#                                GPU tests of the changes made after the twelfth session's calls
+#   tools/gpu_session.sh 31 OUT  (about 9 minutes with the start) LYNX's batch-64 step in the kernel profile,
+#                                greedy and sampled as the bench samples, and at (5, 1); the bench at batch 64 with
+#                                four batches a cell; route-aware served beside fcfs at 128 streams (carry .whl)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -857,6 +852,28 @@ case "$part" in
     timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
         --batch-size 32 --device cuda --json --no-progress > "$p/choice_3_1.json" 2> "$p/choice_3_1.err"
     cut -c1-300 "$p/choice_3_1.json"
+    pack
+    serve_policies
+    ;;
+31)  # the next session's first call (about 9 minutes with the start): why LYNX's resident step at batch 64 is
+     # 1.35x exact's in the kernel profile (greedy, 128-token prompts) but 1.17-1.26x in bench offline (sampled at
+     # 0.8, top-p 0.95, 64-256-token prompts), and why (5, 1) keeps fewer experts than (3, 1) there and runs
+     # slower: the profile greedy and sampled, with each cell's experts a layer-step; (5, 1) profiled; the bench's
+     # batch 64 with four batches a cell; then route-aware served beside fcfs (cut short by the device time left,
+     # 2026-12-06; needs .whl)
+    begin p31
+    keep_or_train "$p"
+    pack
+    for cell in "greedy exact,lynx 0 1" "sampled exact,lynx 0.8 0.95" "sampled-5-1 lynx:alpha=5:beta=1 0.8 0.95"; do
+        set -- $cell
+        timeout "${PROFILE_TIMEOUT:-70}" python3 tools/kernel_profile.py --model "$BENCH_MODEL" --data "$w/corpus" \
+            --batch-sizes 64 --routing "$2" --fused-ops 1 --async 1 --temperature "$3" --top-p "$4" \
+            --out "$p/kernel_profile_$1" > "$p/kernel_profile_$1.log" 2>&1
+        grep -A4 "^| batch" "$p/kernel_profile_$1/kernel_profile.md"
+        pack
+    done
+    offline "$p" resident "${RESIDENT_TIMEOUT:-120}" --budgets 100% --batch-sizes 64 --batches-per-cell 4 \
+        --routing "exact,lynx,lynx:alpha=5:beta=1"
     pack
     serve_policies
     ;;

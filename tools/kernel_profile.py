@@ -2,7 +2,8 @@
 time, and the kernels grouped by name (torch.profiler with CUDA activity over replayed decode graphs).
 
     python tools/kernel_profile.py [--batch-sizes 1,32,64] [--routing exact,lynx] [--fused-ops 0,1] [--async 0,1]
-                                   [--steps 20] [--model DIR --data CORPUS] [--out DIR]
+                                   [--steps 20] [--model DIR --data CORPUS] [--temperature T --top-p P]
+                                   [--out DIR]
 
 Model: random weights of the bench model's shapes (`SyntheticCheckpoint.preset("bench-12l")`: 12 layers,
 64 experts, top-8, 2048 x 768, 16 query and 4 KV heads of 128), bfloat16, every expert resident. The kernels
@@ -13,7 +14,10 @@ first --prompt-len tokens, the domains in turn), so that LYNX's remapping is the
 
 For each engine (`--fused-ops 0,1`: without and with EngineConfig.fused_ops, one after the other in this
 process), batch size and routing mode: B requests of 128-token prompts are prefilled and decoded a few warm
-steps; `--steps` decode steps are timed (synchronised, no profiler), then the same number profiled. The
+steps; `--steps` decode steps are timed (synchronised, no profiler), then the same number profiled. Decoding is
+greedy unless --temperature says otherwise (bench offline's text workload samples at 0.8, top-p 0.95: on a trained
+model greedy text repeats itself more, which LYNX's kept set can follow); each cell reports the distinct experts a
+layer-step its timed steps ran. The
 report (`kernel_profile.json`, `kernel_profile.md`) gives per step: wall time, GPU busy time (summed kernel
 durations), kernel count, the top kernels by time with their count per step, and the device's idle time between
 kernels by gap length with the longest gaps (what runs before and after them): many short gaps are launches
@@ -33,7 +37,8 @@ from pathlib import Path
 import torch
 
 
-def _requests(engine, n: int, prompt_len: int, routing: str, start: int, prompts: list[list[int]] | None = None):
+def _requests(engine, n: int, prompt_len: int, routing: str, start: int, prompts: list[list[int]] | None = None,
+              temperature: float = 0.0, top_p: float = 1.0):
     import numpy as np
 
     from moeflow.sampling import SamplingParams
@@ -44,8 +49,9 @@ def _requests(engine, n: int, prompt_len: int, routing: str, start: int, prompts
             ids = prompts[(start * n + i) % len(prompts)]
         else:
             ids = rng.integers(1, engine.spec.vocab_size, prompt_len).tolist()
-        engine.add_request(f"r{start}-{i}", ids, SamplingParams(max_tokens=10_000, temperature=0.0,
-                                                                  ignore_eos=True, routing=routing))
+        engine.add_request(f"r{start}-{i}", ids, SamplingParams(max_tokens=10_000, temperature=temperature,
+                                                                  top_p=top_p, seed=start * n + i, ignore_eos=True,
+                                                                  routing=routing))
 
 
 def _decode_ready(engine, n: int) -> None:
@@ -110,19 +116,23 @@ def idle_gaps(spans: list[tuple[float, float, str]], steps: int) -> dict:
 
 
 def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, seed: int,
-                 prompts: list[list[int]] | None = None) -> dict:
+                 prompts: list[list[int]] | None = None, temperature: float = 0.0, top_p: float = 1.0) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    _requests(engine, batch, prompt_len, routing, seed, prompts)
+    _requests(engine, batch, prompt_len, routing, seed, prompts, temperature, top_p)
     _decode_ready(engine, batch)
     for _ in range(3):
         engine.step()
     _sync()
+    before = dict(engine.counters)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync()
     wall = (time.perf_counter() - t0) / steps
+    engine.step()  # settles the last timed step, if it was launched ahead, so that its experts are counted
+    layer_steps = engine.counters["layer_steps"] - before["layer_steps"]
+    distinct = (engine.counters["distinct_experts"] - before["distinct_experts"]) / max(1, layer_steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
@@ -143,6 +153,7 @@ def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, 
         "wall_ms_per_step": round(wall * 1e3, 3),
         "gpu_busy_ms_per_step": round(busy_us / 1e3, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
+        "experts_per_layer_step": round(distinct, 1),
         "idle": idle_gaps([(e.time_range.start, e.time_range.end, _kernel_name(e.name)) for e in kernels], steps),
         "top": [{"kernel": k, "per_step": round(len(v) / steps, 1), "us_per_step": round(sum(v) / steps, 1),
                  "mean_us": round(sum(v) / len(v), 2)} for k, v in top],
@@ -164,6 +175,9 @@ def main() -> None:
                         "(EngineConfig.async_scheduling; on CUDA the default)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (bench offline's text workload samples at 0.8, top-p 0.95)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--preset", default="bench-12l")
     p.add_argument("--device", default="cuda", help="cpu runs the same steps (a smoke test: no kernels are seen)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
@@ -197,7 +211,7 @@ def main() -> None:
                 for run_ahead in (bool(int(a)) for a in args.run_ahead.split(",")):
                     engine.async_scheduling = run_ahead
                     cell = profile_cell(engine, b, r.split(":", 1)[0], args.steps, args.prompt_len, seed=len(cells),
-                                        prompts=prompts)
+                                        prompts=prompts, temperature=args.temperature, top_p=args.top_p)
                     cell["fused_ops"], cell["async"] = fused, run_ahead
                     cells.append(cell)
                     print(json.dumps({k: v for k, v in cell.items() if k != "top"}), flush=True)
@@ -206,12 +220,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "model": args.model or f"{args.preset} (random)", "prompt_len": args.prompt_len, "cells": cells}
+            "model": args.model or f"{args.preset} (random)", "prompt_len": args.prompt_len,
+            "temperature": args.temperature, "top_p": args.top_p, "cells": cells}
     (args.out / "kernel_profile.json").write_text(json.dumps(meta, indent=2))
     lines = [f"# Resident decode kernels ({meta['device']}, torch {meta['torch']}, {meta['model']})", "",
-             "| batch | routing | fused ops | async | ms a step | GPU busy ms | kernels a step | step vs unfused "
-             "| idle ms: gaps < 5 us / 5-50 us / > 50 us |",
-             "|---:|---|---|---|---:|---:|---:|---:|---|"]
+             f"Sampling: temperature {args.temperature}, top-p {args.top_p}.", "",
+             "| batch | routing | fused ops | async | ms a step | GPU busy ms | kernels a step | experts a layer-step "
+             "| step vs unfused | idle ms: gaps < 5 us / 5-50 us / > 50 us |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
     unfused = {(c["batch"], c["routing"], c["async"]): c["wall_ms_per_step"] for c in cells if not c["fused_ops"]}
     for c in cells:
         base = unfused.get((c["batch"], c["routing"], c["async"]))
@@ -219,7 +235,7 @@ def main() -> None:
         idle = c["idle"]
         lines.append(f"| {c['batch']} | {c['routing']} | {'on' if c['fused_ops'] else 'off'} "
                      f"| {'on' if c['async'] else 'off'} | {c['wall_ms_per_step']} | {c['gpu_busy_ms_per_step']} "
-                     f"| {c['kernels_per_step']} | {ratio} | {idle['ms_per_step']}: {idle['under_5us_ms_per_step']} "
+                     f"| {c['kernels_per_step']} | {c['experts_per_layer_step']} | {ratio} | {idle['ms_per_step']}: {idle['under_5us_ms_per_step']} "
                      f"({idle['under_5us_per_step']}) / {idle['5_50us_ms_per_step']} ({idle['5_50us_per_step']}) / "
                      f"{idle['over_50us_ms_per_step']} ({idle['over_50us_per_step']}) |")
     lines += ["", "Idle: the device's time between the profiled steps' kernels, a step, by gap length (count a step in "
