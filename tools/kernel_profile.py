@@ -17,8 +17,8 @@ process), batch size and routing mode: B requests of 128-token prompts are prefi
 steps; `--steps` decode steps are timed (synchronised, no profiler), then the same number profiled. Decoding is
 greedy unless --temperature says otherwise (bench offline's text workload samples at 0.8, top-p 0.95: on a trained
 model greedy text repeats itself more, which LYNX's kept set can follow); each cell reports the distinct experts a
-layer-step its timed steps ran. The
-report (`kernel_profile.json`, `kernel_profile.md`) gives per step: wall time, GPU busy time (summed kernel
+layer-step its timed steps ran.
+The report (`kernel_profile.json`, `kernel_profile.md`) gives per step: wall time, GPU busy time (summed kernel
 durations), kernel count, the top kernels by time with their count per step, and the device's idle time between
 kernels by gap length with the longest gaps (what runs before and after them): many short gaps are launches
 inside a graph, long ones the device waiting on the host. `--async` profiles each cell with steps settled one by
