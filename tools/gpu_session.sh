@@ -128,6 +128,9 @@
 #   tools/gpu_session.sh 31 OUT  (about 9 minutes with the start) LYNX's batch-64 step in the kernel profile,
 #                                greedy and sampled as the bench samples, and at (5, 1); the bench at batch 64 with
 #                                four batches a cell; route-aware served beside fcfs at 128 streams (carry .whl)
+#   tools/gpu_session.sh 32 OUT  (on 31's machine, about 8 minutes) a trace and a predictor; where the copy engine
+#                                idles at 25% batch 1 (tools/copy_timeline.py) and the prefetch arms meant to fill
+#                                it (cross_step, lookahead 4, everything at the step's start) against LRU
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -876,6 +879,25 @@ case "$part" in
         --routing "exact,lynx,lynx:alpha=5:beta=1"
     pack
     serve_policies
+    ;;
+32)  # on part 31's machine (about 8 minutes): where the copy engine idles at 25% batch 1 (busy about 70% of the
+     # step: the predictive cache's bytes would allow about 1.7x LRU if its copies overlapped all else, and it runs
+     # 1.25x), and whether the prefetch arms that exist for it fill that idle: across the step's end (cross_step),
+     # deeper (lookahead 4), everything at the step's start. Never run on a GPU: parts 15 and 20 had no time left.
+    begin p32
+    keep_or_train "$p"
+    TRAIN_DOCS=400 TRAIN_TOKENS=300000 PRED_EPOCHS=8 traces_and_predictors "$p"
+    pack
+    P=$w/pred/bench
+    timeout "${TIMELINE_TIMEOUT:-150}" python3 tools/copy_timeline.py "$BENCH_MODEL" --predictor "$P" \
+        --corpus "$w/corpus" --batch-sizes 1 --out "$p/timeline" \
+        --arms "none,PRED,PRED:cross_step=1,PRED:lookahead=12:issue_now=512:issue_per_layer=512" \
+        > "$p/timeline.log" 2>&1
+    grep -h '^{' "$p/timeline.log" | cut -c1-250
+    pack
+    offline "$p" prefetch "${SWEEP_TIMEOUT:-240}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4,$P:lookahead=12:issue_now=512:issue_per_layer=512"
+    pack
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
