@@ -130,7 +130,8 @@
 #                                four batches a cell; route-aware served beside fcfs at 128 streams (carry .whl)
 #   tools/gpu_session.sh 32 OUT  (on 31's machine, about 8 minutes) a trace and a predictor; where the copy engine
 #                                idles at 25% batch 1 (tools/copy_timeline.py) and the prefetch arms meant to fill
-#                                it (cross_step, lookahead 4, everything at the step's start) against LRU
+#                                it (cross_step, lookahead 4, everything at the step's start) against LRU; the
+#                                predictor and planner's host time under cProfile (tools/host_profile.py)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -894,6 +895,12 @@ case "$part" in
         --arms "none,PRED,PRED:cross_step=1,PRED:lookahead=12:issue_now=512:issue_per_layer=512" \
         > "$p/timeline.log" 2>&1
     grep -h '^{' "$p/timeline.log" | cut -c1-250
+    pack
+    # the predictor and planner's host time at batch 1 rose from 2.2 ms a token (2026-12-05, session6, after its
+    # fixes) to 3.2-3.5 ms (session8 on, by_value on or off): where it goes now, under cProfile
+    timeout "${HOSTPROF_TIMEOUT:-90}" python3 tools/host_profile.py "$BENCH_MODEL" --predictor "$P" \
+        --corpus "$w/corpus" --batch-sizes 1 --out "$p/host_profile" > "$p/host_profile.log" 2>&1
+    tail -2 "$p/host_profile.log" | cut -c1-250
     pack
     offline "$p" prefetch "${SWEEP_TIMEOUT:-240}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4,$P:lookahead=12:issue_now=512:issue_per_layer=512"
