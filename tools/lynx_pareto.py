@@ -33,9 +33,8 @@ def bench_ratios(results: dict, budget: str, batch: int,
         m = re.fullmatch(r"lynx:alpha=([\d.]+):beta=(\d+)", r["configuration"]["routing"])
         key = (float(m[1]), int(m[2])) if m else default if r["configuration"]["routing"] == "lynx" else None
         if key is not None:
-            out[key] = {"tokens_per_s": r["decode_tokens_per_s"],
-                                           "ratio": r["decode_tokens_per_s"] / base,
-                                           "distinct": r["distinct_experts_per_layer_step"]}
+            out[key] = {"tokens_per_s": r["decode_tokens_per_s"], "ratio": r["decode_tokens_per_s"] / base,
+                        "distinct": r["distinct_experts_per_layer_step"]}
     return out
 
 

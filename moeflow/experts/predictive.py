@@ -53,8 +53,8 @@ of layer l), and after each offloaded layer's router, from the real route and th
     round's own slots were marked read, so a later round, which evicts those spent experts first, could refill one
     while the GPU still computed with it (tests/experts/test_round_reads.py). With every slot a round reads
     marked, the bench model's tokens are the model's own at 25% and 10%, batch 1 and 8, n = 1 and 8
-    (2026-12-06-h100-session13), but rounds do not pay there: n = 8 ran 1.04x the planner without rounds at
-    batch 8 and 0.99-1.04x at batch 1, n = 1 0.88-0.95x.
+    (2026-12-06-h100-session13), but rounds pay little there: n = 8 ran 1.04-1.08x the planner without rounds
+    at batch 8 and 0.99-1.04x at batch 1, n = 1 0.88-0.95x.
 
 Each part has its own switch, for ablation. Whatever is switched on, the router decides every token's experts:
 the planner only chooses what is resident when, so outputs are identical with it or without it.
