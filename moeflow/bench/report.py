@@ -69,10 +69,22 @@ def derive(meta: dict, results: list[RunResult]) -> list[dict]:
             b = by_cell.get((base_label, r.budget, r.batch))
             if b is not None and label != base_label:
                 d["vs_base_tokens_per_s"] = r.decode_tokens_per_s / b.decode_tokens_per_s if b.decode_s else None
+                # batch j of both ran the same prompts: the ratio batch by batch says how far the pooled one varies
+                d["vs_base_tokens_per_s_batches"] = [x / y if y else None for x, y in
+                                                     zip(r.batch_tokens_per_s, b.batch_tokens_per_s)]
                 d["vs_base_bytes_per_token"] = r.bytes_per_token / b.bytes_per_token if b.bytes_per_token else None
                 d["vs_base_same_tokens"] = _agreement(r.outputs, b.outputs)
         rows.append(d)
     return rows
+
+
+def _vs_base(row: dict) -> str:
+    """The tok/s ratio against the baseline, and its range over the cell's batches when there are several."""
+    ratio = row.get("vs_base_tokens_per_s")
+    batches = [x for x in row.get("vs_base_tokens_per_s_batches") or [] if x is not None]
+    if ratio is None or len(batches) < 2:
+        return _fmt(ratio, ".2f")
+    return f"{ratio:.2f} ({min(batches):.2f}-{max(batches):.2f})"
 
 
 def speedups(rows: list[dict], accelerate_budget: str | None) -> list[dict]:
@@ -205,8 +217,7 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
             _pct(r.get("fraction_of_weight_read_floor")),
         ]
         if compare:
-            line += [_fmt(r.get("vs_base_tokens_per_s"), ".2f"), _fmt(r.get("vs_base_bytes_per_token"), ".2f"),
-                     _pct(r.get("vs_base_same_tokens"))]
+            line += [_vs_base(r), _fmt(r.get("vs_base_bytes_per_token"), ".2f"), _pct(r.get("vs_base_same_tokens"))]
         if remapped:
             line.append(_pct(r["remapped_picks"] / r["picks"] if r["picks"] else None))
         if predicted:
@@ -226,9 +237,10 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
               "during the timed batches (0 when warm). Config: predictor/routing/scheduling. Predictor share: the "
               "decode time the host spent in the predictor and the cache planner (predict, refine, observe)."]
     if compare:
-        lines.append("Against the baseline configuration of the same cell: tok/s and MB/tok as ratios, and tokens "
-                     "as base, the mean share of each request's output matching the baseline's before the first "
-                     "difference (100% for exact configurations).")
+        lines.append("Against the baseline configuration of the same cell: tok/s and MB/tok as ratios (tok/s with, "
+                     "where the cell ran more than one batch, the lowest and highest ratio of a batch against the "
+                     "baseline's batch of the same prompts), and tokens as base, the mean share of each request's "
+                     "output matching the baseline's before the first difference (100% for exact configurations).")
     if meta.get("pinned_h2d_bytes_per_s"):
         lines.append("Floors: an offloaded run's floor is its decode-phase expert bytes over the measured pinned "
                      "bandwidth plus the resident (100%) decode time at the same batch; the Belady floor does the "

@@ -65,6 +65,7 @@ class RunResult:
     remapped_picks: int = 0
     graph_captures: int = 0  # decode graphs captured during the timed batches (should be 0)
     predictor_s: float = 0.0  # decode steps' host time in the predictor and the cache planner
+    batch_decode: list[tuple[int, float]] = field(default_factory=list)  # per batch: (decode tokens, decode s)
     distinct_tokens: list[int] = field(default_factory=list)  # distinct output tokens, per request
     outputs: list[list[int]] = field(default_factory=list)  # per request, in stream order (not in results.json)
     extra: dict = field(default_factory=dict)
@@ -72,6 +73,11 @@ class RunResult:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def batch_tokens_per_s(self) -> list[float]:
+        """Each batch's decode tokens/s, in run order (the cell's figure pools them)."""
+        return [n / t if t else 0.0 for n, t in self.batch_decode]
 
     @property
     def hit_rate(self) -> float:
@@ -104,7 +110,8 @@ class RunResult:
         d = asdict(self)
         del d["outputs"]
         tokens = self.distinct_tokens
-        return d | {"decode_tokens_per_s": self.decode_tokens_per_s, "hit_rate": self.hit_rate,
+        return d | {"decode_tokens_per_s": self.decode_tokens_per_s, "batch_tokens_per_s": self.batch_tokens_per_s,
+                    "hit_rate": self.hit_rate,
                     "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
                     "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
                     "predictor_share": self.predictor_s / self.decode_s if self.decode_s else 0.0,
@@ -216,7 +223,9 @@ def run_moeflow(engine: LLMEngine, budget: str, batches: list[list[Request]], wa
     for j, batch in enumerate(batches):
         if not engine.cache.fully_resident:
             engine.reset_expert_cache(cache_config)  # the same size: emptied in place, graphs kept
+        tokens, seconds = result.decode_tokens, result.decode_s
         _timed_batch(engine, batch, f"b{j}", result, ttfts, tpots)
+        result.batch_decode.append((result.decode_tokens - tokens, result.decode_s - seconds))
     result.graph_captures = engine.graph_captures - captures
     result.ttft_s = float(np.mean(ttfts))
     result.tpot_s = float(np.mean(tpots)) if tpots else 0.0

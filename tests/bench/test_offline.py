@@ -139,14 +139,22 @@ def test_text_workload_end_to_end_on_cpu(tmp_path, capsys):
         low, full = moeflow[conf, "25%"], moeflow[conf, "100%"]
         assert 0 < low["belady_bytes_per_token"] <= low["bytes_per_token"] and low["moved_over_belady"] >= 1
         assert full["hits"] == low["hits"] + low["misses"], "sampled with the same seeds: the same routes"
+    for r in moeflow.values():  # two batches a cell: each one's own rate, and the pooled one between them
+        per = r["batch_tokens_per_s"]
+        assert len(per) == 2 and min(per) <= r["decode_tokens_per_s"] <= max(per)
     prev = moeflow["previous/exact/fcfs", "25%"]
     assert prev["vs_base_tokens_per_s"] > 0 and prev["vs_base_same_tokens"] == 1.0, "a predictor changes no token"
+    base = moeflow["none/exact/fcfs", "25%"]
+    assert prev["vs_base_tokens_per_s_batches"] == pytest.approx(
+        [x / y for x, y in zip(prev["batch_tokens_per_s"], base["batch_tokens_per_s"])])
     hf = next(r for r in runs if r["system"] == "transformers")
     assert hf["prompt_tokens"] == moeflow["none/exact/fcfs", "100%"]["prompt_tokens"], "the same prompts"
     assert hf["decode_tokens"] == 8 and len(hf["distinct_tokens"]) == 4
     text = (out / "results.md").read_text()
     assert "- workload: text: documents of" in text and "temperature 0.8, top_p 0.95" in text
     assert "| tokens as base |" in text and "validation loss" in text and "--predictors none,previous" in text
+    lo, hi = sorted(prev["vs_base_tokens_per_s_batches"])
+    assert f"| {prev['vs_base_tokens_per_s']:.2f} ({lo:.2f}-{hi:.2f}) |" in text, "the ratio with its range"
     assert "- engine: 2 sequences at once, at most 2 per decode step, lru eviction" in text
     assert (out / "summary.md").is_file() and (out / "bytes_per_token.png").is_file()
 
