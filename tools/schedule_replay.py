@@ -1,7 +1,7 @@
 """How many bytes decode scheduling could save: fcfs, route-aware, and route-aware told each next route exactly.
 
     PYTHONPATH=. python3 tools/schedule_replay.py TRACE.npz [--model DIR] [--budget 25%] [--running 64]
-        [--batch 16] [--prompt 64] [--tokens 64] [--waits 4]
+        [--batch 16] [--prompt 64] [--tokens 64] [--waits 4] [--evictions lru,pending]
 
 Exact decoding gives a sequence the same tokens whatever the schedule, so the route of its j-th decode step is
 fixed: here it is the route of token prompt+j of one of the trace's sequences (the trace's text stands in for what
@@ -11,6 +11,10 @@ policy learns its token table from the prompts' routes first, as it does from a 
 policy whose every signature is the sequence's true next route (a predictor that is always right). Each line:
 expert bytes moved per decode token, against fcfs's, and Belady's optimal cache of the same slots on the same
 schedule (what the best eviction could add to that schedule). Moves no weights and runs no model.
+
+`--evictions lru,pending` adds, beside LRU, eviction that keeps what the running sequences share: before each
+step every expert's priority is the number of running sequences whose last route used it (LRU among equals),
+the scheduler's own signatures turned into a cache order, under fcfs and under route-aware.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ class _Seq:
 
 
 def simulate(data: RouteData, starts: list[int], policy, oracle: bool, spec, slots: int, expert_bytes: int,
-             batch: int, prompt: int, tokens: int) -> tuple[float, float]:
-    """(bytes per decode token, Belady's bytes per decode token on the same schedule)."""
+             batch: int, prompt: int, tokens: int, eviction: str = "lru") -> tuple[float, float]:
+    """(bytes per decode token, Belady's bytes per decode token on the same schedule). eviction "pending": the
+    cache keeps longest the experts most running sequences used at their last step."""
     L, E = data.num_layers, data.num_experts
     seqs = [_Seq(f"s{i}", s) for i, s in enumerate(starts)]
     # the prompts, as one prefill step: the policy learns their routes
@@ -76,6 +81,11 @@ def simulate(data: RouteData, starts: list[int], policy, oracle: bool, spec, slo
         view = StepView(step, False, tuple(s.request_id for s in chosen),
                         tuple((int(data.token_ids[r]),) for r in at), tuple(prompt + s.done + 1 for s in chosen))
         st = step_of(view, data.routes[at], E)
+        if eviction == "pending":
+            shared = np.zeros((L, E))
+            for s in running:
+                np.add.at(shared, (np.arange(L)[:, None], s.last_routes.astype(np.int64)), 1.0)
+            cache.order.prioritize(shared)
         replay([st], cache)
         policy.update(view, st.routes)
         steps.append(st)
@@ -98,6 +108,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--waits", default="4", help="route-aware's max_decode_wait values to try (comma list)")
+    p.add_argument("--evictions", default="lru", help="lru, and pending (the module docstring), comma list")
     args = p.parse_args()
     ck = Checkpoint(args.model)
     spec = ck.spec
@@ -120,6 +131,11 @@ def main() -> None:
             moved, opt = run(RouteAwarePolicy(max_decode_wait=wait), oracle)
             name = f"route-aware{' oracle' if oracle else ''} wait {wait}"
             print(f"{name}: {moved / base:.3f}, Belady {opt / base:.3f}", flush=True)
+    if "pending" in args.evictions.split(","):
+        for name, policy in (("fcfs", FCFSPolicy()), ("route-aware wait 4", RouteAwarePolicy(max_decode_wait=4))):
+            moved, opt = simulate(data, starts, policy, False, spec, slots, expert_bytes, args.batch, args.prompt,
+                                  args.tokens, "pending")
+            print(f"{name}, pending eviction: {moved / base:.3f}, Belady {opt / base:.3f}", flush=True)
 
 
 if __name__ == "__main__":
