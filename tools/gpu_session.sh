@@ -911,8 +911,10 @@ case "$part" in
         --corpus "$w/corpus" --batch-sizes 1 --out "$p/host_profile" > "$p/host_profile.log" 2>&1
     tail -2 "$p/host_profile.log" | cut -c1-250
     pack
-    offline "$p" prefetch "${SWEEP_TIMEOUT:-240}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
-        --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4,$P:lookahead=12:issue_now=512:issue_per_layer=512"
+    # (and rounds by value at n = 8 a second time: 1.04-1.08x the planner without rounds at batch 8 in the
+    # thirteenth session's one run, the candidate for a default)
+    offline "$p" prefetch "${SWEEP_TIMEOUT:-270}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4,$P:lookahead=12:issue_now=512:issue_per_layer=512,$P:rounds=8"
     pack
     ;;
 33)  # on part 31's or 32's machine (about 6 minutes): held-out recall against the trace's size. Trained on five
