@@ -111,8 +111,7 @@ class RunResult:
         del d["outputs"]
         tokens = self.distinct_tokens
         return d | {"decode_tokens_per_s": self.decode_tokens_per_s, "batch_tokens_per_s": self.batch_tokens_per_s,
-                    "hit_rate": self.hit_rate,
-                    "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
+                    "hit_rate": self.hit_rate, "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
                     "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
                     "predictor_share": self.predictor_s / self.decode_s if self.decode_s else 0.0,
                     "distinct_experts_per_layer_step": self.distinct_experts_per_layer_step,
