@@ -145,6 +145,11 @@
 # Needs .carry/corpus.tgz (corpus/ and tokenizer/) and, for serving, .whl (fastapi and its needs). Write the commit
 # here before each call (`git rev-parse HEAD > COMMIT`, untracked, so it travels with the tree): the device's .git
 # is not this checkout's, so a COMMIT written there names a stale commit (as on 2026-12-05).
+# .whl, for the device's Python 3.12 (ignored: `echo /.whl/ >> .git/info/exclude`), from the versions the test
+# venv resolved: `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux2014_x86_64 -d .whl fastapi==0.165.0 uvicorn==0.55.0 pydantic==2.14.4
+# pydantic_core==2.50.5 starlette==1.10.0 annotated-types==0.8.0 typing-inspection==0.4.5
+# opentelemetry-api==1.45.3 typing_extensions==4.16.0` (the image has anyio, h11, click and annotated-doc).
 # Part 15 ran out of its 600 s on an H100 on 2026-12-05 before its sweep: tests, traces, the A/B and the sweep need
 # two calls there (TESTS_TIMEOUT=150 and SWEEP_TIMEOUT as a second call on the same machine).
 set -uo pipefail
