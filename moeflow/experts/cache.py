@@ -186,9 +186,9 @@ class ExpertCache:
     def release(self, slots: list[int], spent: bool = False, read: list[int] | None = None) -> None:
         """Unpin `slots` once the compute that reads them is enqueued. `spent`: their layer has computed them
         for this step (EvictionOrder.spend: with rounds by value on, a later round of the layer may evict them
-        first). `read`: every slot that compute reads, when more than `slots` (a round computes again the picks
-        of experts kept from an earlier round); a refill of any of them waits for it."""
-        self.transfer.mark_read(slots if read is None else sorted(set(slots) | set(read)))
+        first). `read`: the other slots that compute reads, if any (a round computes again the picks of experts
+        kept from an earlier round); a refill of any of them waits for it too."""
+        self.transfer.mark_read(slots if not read else list(set(slots).union(read)))
         for s in slots:
             self._pins[s] -= 1
             owner = self.owner[s]

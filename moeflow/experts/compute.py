@@ -97,8 +97,9 @@ class CachedExperts:
                 if not got:
                     raise RuntimeError(f"expert cache: no slot could be freed for layer {layer}")
                 # the round reads every needed expert the table shows, those kept from an earlier round too (their
-                # picks are computed again): a later round may refill any of those slots only after this compute
-                read = cache.live_slots(layer, needed)
+                # picks are computed again): a later round may refill any of those slots only after this compute.
+                # A round that got them all (the one round of nearly every layer) reads no others.
+                read = None if len(got) == len(needed) else cache.live_slots(layer, needed)
                 compute()
                 cache.release(list(got.values()), spent=True, read=read)
                 todo = [e for e in todo if e not in got]
