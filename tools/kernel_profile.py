@@ -34,6 +34,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -125,12 +126,20 @@ def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, 
         engine.step()
     _sync()
     before = dict(engine.counters)
+    tiles = []  # each layer-step's row tiles of BM = 16 the expert kernels run: an expert with more pairs
+    # than one tile holds is read by as many programs as it has tiles (one weight read each, unless L2 keeps it)
+
+    def count_tiles(view, routes) -> None:
+        for layer in routes.ids:
+            tiles.append(int(np.sum(-(-np.bincount(layer[layer >= 0].ravel()) // 16))))
+    remove = engine.add_route_listener(count_tiles)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync()
     wall = (time.perf_counter() - t0) / steps
     engine.step()  # settles the last timed step, if it was launched ahead, so that its experts are counted
+    remove()
     layer_steps = engine.counters["layer_steps"] - before["layer_steps"]
     distinct = (engine.counters["distinct_experts"] - before["distinct_experts"]) / max(1, layer_steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -154,6 +163,7 @@ def profile_cell(engine, batch: int, routing: str, steps: int, prompt_len: int, 
         "gpu_busy_ms_per_step": round(busy_us / 1e3, 3),
         "kernels_per_step": round(len(kernels) / steps, 1),
         "experts_per_layer_step": round(distinct, 1),
+        "row_tiles_per_layer_step": round(float(np.mean(tiles)), 1) if tiles else None,
         "idle": idle_gaps([(e.time_range.start, e.time_range.end, _kernel_name(e.name)) for e in kernels], steps),
         "top": [{"kernel": k, "per_step": round(len(v) / steps, 1), "us_per_step": round(sum(v) / steps, 1),
                  "mean_us": round(sum(v) / len(v), 2)} for k, v in top],
@@ -226,8 +236,8 @@ def main() -> None:
     lines = [f"# Resident decode kernels ({meta['device']}, torch {meta['torch']}, {meta['model']})", "",
              f"Sampling: temperature {args.temperature}, top-p {args.top_p}.", "",
              "| batch | routing | fused ops | async | ms a step | GPU busy ms | kernels a step | experts a layer-step "
-             "| step vs unfused | idle ms: gaps < 5 us / 5-50 us / > 50 us |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "| row tiles of 16 a layer-step | step vs unfused | idle ms: gaps < 5 us / 5-50 us / > 50 us |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     unfused = {(c["batch"], c["routing"], c["async"]): c["wall_ms_per_step"] for c in cells if not c["fused_ops"]}
     for c in cells:
         base = unfused.get((c["batch"], c["routing"], c["async"]))
@@ -235,7 +245,7 @@ def main() -> None:
         idle = c["idle"]
         lines.append(f"| {c['batch']} | {c['routing']} | {'on' if c['fused_ops'] else 'off'} "
                      f"| {'on' if c['async'] else 'off'} | {c['wall_ms_per_step']} | {c['gpu_busy_ms_per_step']} "
-                     f"| {c['kernels_per_step']} | {c['experts_per_layer_step']} | {ratio} | {idle['ms_per_step']}: {idle['under_5us_ms_per_step']} "
+                     f"| {c['kernels_per_step']} | {c['experts_per_layer_step']} | {c['row_tiles_per_layer_step']} | {ratio} | {idle['ms_per_step']}: {idle['under_5us_ms_per_step']} "
                      f"({idle['under_5us_per_step']}) / {idle['5_50us_ms_per_step']} ({idle['5_50us_per_step']}) / "
                      f"{idle['over_50us_ms_per_step']} ({idle['over_50us_per_step']}) |")
     lines += ["", "Idle: the device's time between the profiled steps' kernels, a step, by gap length (count a step in "
