@@ -127,6 +127,8 @@ class EngineConfig:
     scheduler: str = "fcfs"
     predictor: str | None = None  # a predictor's name ("previous", "frequency") or directory; None: on demand
     max_decode_wait: int = 4  # route-aware scheduling: steps a sequence may wait beyond its round-robin share
+    max_admit_wait: int | None = None  # route-aware, offloaded: steps a new request may be held back to be
+    # prefilled with others (0: at once, as fcfs; None: the running sequences' wait bound)
     routing_modes: tuple[str, ...] = ("exact", "lynx")  # what requests may ask for; lynx's graphs cost start-up
     lynx_alpha: float | None = None  # None: the model's default (architectures/lynx.py)
     lynx_beta: int | None = None
@@ -169,6 +171,8 @@ class EngineConfig:
             raise ConfigError(f"lynx_resident_weight must be an integer >= 0, got {self.lynx_resident_weight!r}")
         if self.max_decode_wait < 0:
             raise ConfigError(f"max_decode_wait must be >= 0, got {self.max_decode_wait}")
+        if self.max_admit_wait is not None and self.max_admit_wait < 0:
+            raise ConfigError(f"max_admit_wait must be >= 0, got {self.max_admit_wait}")
         if self.scheduler not in SCHEDULER_POLICIES:
             raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
 

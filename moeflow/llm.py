@@ -42,6 +42,7 @@ class LLM:
         predictor: str | Predictor | None = None,
         scheduling: str = "fcfs",
         max_decode_wait: int = 4,
+        max_admit_wait: int | None = None,
         routing_modes: tuple[str, ...] = ("exact", "lynx"),
         seed: int = 0,
         enforce_eager: bool = False,
@@ -56,6 +57,8 @@ class LLM:
         max_batch_size: the most sequences one decode step takes (default max_num_seqs).
         max_decode_wait: with scheduling="route-aware", the most steps a running sequence may sit out beyond its
         round-robin share of the decode steps (fairness: time per output token stays within that of fcfs's).
+        max_admit_wait: with scheduling="route-aware" and experts offloaded, the most steps a new request is held
+        back so that it is prefilled with others (0: admitted at once; None: max_decode_wait's bound).
         predictor: None (load experts on demand), a built-in name ("previous", "frequency"), or a Predictor.
         routing_modes: what requests may ask for with SamplingParams.routing ("lynx": batch-aware expert reduction,
         approximate; its decode graphs are captured at start-up too).
@@ -77,7 +80,7 @@ class LLM:
             model=str(model), device=device, dtype=dtype, max_model_len=max_model_len, max_num_seqs=rows,
             max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
             cache=CacheConfig(budget=ExpertBudget.parse(expert_budget), eviction=eviction), scheduler=scheduling,
-            max_decode_wait=max_decode_wait,
+            max_decode_wait=max_decode_wait, max_admit_wait=max_admit_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
             fused_ops=fused_ops, gate_ahead=gate_ahead, overlap_output=overlap_output,

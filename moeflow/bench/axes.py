@@ -7,7 +7,7 @@ to wire a new predictor, selector or scheduling policy into the benchmark:
 
     load_predictor_arg(text, engine)   none | previous | frequency | PRED_DIR[:no-PART][:KEY=V...]
     load_selector_arg(text, engine)    exact | lynx[:alpha=A][:beta=B][:w=W][:kernel=auto|torch|triton][:rows=N|auto]
-    load_scheduling_arg(text, spec)    fcfs | route-aware[:wait=W], either with [:overlap=0|1][:async=0|1]
+    load_scheduling_arg(text, spec)    fcfs | route-aware[:wait=W][:admit=A], either with [:overlap=0|1][:async=0|1]
 
 A trained predictor runs with ExpertFlow's predictive cache (experts/predictive.py); `PRED_DIR:no-PART`
 switches one part of it off for an ablation: quotas, protect, prefetch, correct (the planner's parts) or
@@ -198,19 +198,22 @@ def load_selector_arg(text: str, engine):
 
 
 def _scheduling_options(text: str) -> tuple[str, dict[str, int]]:
-    """`NAME[:wait=W][:overlap=0|1][:async=0|1]` -> (NAME, {option: value}); wait is route-aware's only."""
+    """`NAME[:wait=W][:admit=A][:overlap=0|1][:async=0|1]` -> (NAME, {option: value}); wait and admit are
+    route-aware's only."""
     name, *items = text.split(":")
-    allowed = {"overlap": ("0", "1"), "async": ("0", "1")} | ({"wait": None} if name == "route-aware" else {})
+    allowed = {"overlap": ("0", "1"), "async": ("0", "1")} | ({"wait": None, "admit": None}
+                                                               if name == "route-aware" else {})
     options = {}
     for item in items:
         key, eq, value = item.partition("=")
         values = allowed.get(key, ())
         if not eq or key not in allowed or key in options or not value.isdigit() or values and value not in values:
-            wait = ("wait=W (steps a sequence may wait beyond its round-robin share, W >= 0) or "
+            wait = ("wait=W (steps a sequence may wait beyond its round-robin share, W >= 0), admit=A (steps a "
+                    "new request may be held back to be prefilled with others, A >= 0) or "
                     if name == "route-aware" else "")
             raise ConfigError(f"--scheduling {text!r}: after ':' give {wait}overlap=0|1 (build a step's outputs "
                               "while the next one runs) or async=0|1 (launch a step before the last one's tokens "
-                              "are taken), each once" + ("" if wait else " (wait=W is route-aware's)")
+                              "are taken), each once" + ("" if wait else " (wait=W and admit=A are route-aware's)")
                               + f"; got {item!r}")
         options[key] = int(value)
     return name, options
@@ -224,10 +227,9 @@ def load_scheduling_arg(text: str, spec):
     name, options = _scheduling_options(text)
     if name not in POLICIES:
         raise ConfigError(f"--scheduling {text!r} unknown; choose one of {', '.join(POLICIES)} "
-                          "(route-aware[:wait=W]; either with [:overlap=0|1][:async=0|1])")
-    if "wait" in options:
-        return POLICIES[name](max_decode_wait=options["wait"])
-    return POLICIES[name]()
+                          "(route-aware[:wait=W][:admit=A]; either with [:overlap=0|1][:async=0|1])")
+    named = {"wait": "max_decode_wait", "admit": "max_admit_wait"}
+    return POLICIES[name](**{named[k]: v for k, v in options.items() if k in named})
 
 
 def scheduling_switch(text: str, name: str) -> bool | None:

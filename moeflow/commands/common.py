@@ -47,6 +47,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-decode-wait", type=int, default=4,
                    help="route-aware: the most steps a running sequence may sit out beyond its round-robin share "
                         "of the decode steps (default: %(default)s)")
+    g.add_argument("--max-admit-wait", type=int, default=None,
+                   help="route-aware with experts offloaded: the most steps a new request is held back to be "
+                        "prefilled with others (0: at once, as fcfs; default: the running sequences' wait bound)")
     g.add_argument("--routing-modes", default="exact,lynx",
                    help="routing requests may ask for: exact, and lynx (approximate batch-aware expert reduction); "
                         "default: %(default)s")
@@ -73,6 +76,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(expert_budget=args.expert_budget, eviction=args.eviction, device=args.device, dtype=args.dtype,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_batch_size=args.max_batch_size,
                 predictor=args.predictor, scheduling=args.scheduling, max_decode_wait=args.max_decode_wait,
+                max_admit_wait=args.max_admit_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
                 enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, gate_ahead=args.gate_ahead,
                 overlap_output=args.overlap_output, async_scheduling=args.async_scheduling,

@@ -69,7 +69,8 @@ def resolve_max_model_len(asked: int | None, spec: ModelSpec) -> int:
 
 def named_policy(config: EngineConfig) -> SchedulingPolicy:
     if config.scheduler == "route-aware":
-        return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait)
+        return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait,
+                                                  max_admit_wait=config.max_admit_wait)
     return SCHEDULING_POLICIES[config.scheduler]()
 
 

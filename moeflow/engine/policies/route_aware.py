@@ -14,7 +14,16 @@ already needed by the picks so far (then the fewest new distinct experts, then t
 Fairness: round-robin over N sequences in steps of M makes each wait ceil(N/M) - 1 steps between
 tokens, and no policy can do better for all of them; this one lets a sequence wait at most
 `max_decode_wait` steps beyond that share, taking every sequence that reached its bound first, so
-time per output token stays within a fixed number of steps of fcfs's. Admission is fcfs's.
+time per output token stays within a fixed number of steps of fcfs's.
+
+Admission is fcfs's order, held back while the expert cache is offloaded, a full decode step runs without the
+newcomers, and the prefill would take fewer than M: new requests then wait, at most `max_admit_wait` steps past
+the step at which fcfs would have admitted them (default: a running sequence's bound, so no newcomer is held longer
+than a running one may wait), and are prefilled together. Offloaded, a prefill step costs nearly the same whatever it admits (its prompt tokens route to most
+experts of every layer) and every running sequence waits for it. Without the hold, sequences that route-aware
+decodes unevenly finish one by one, each freed row is refilled by a prefill of its own, and served at 128
+streams those prefills took back all that the route-aware decode steps saved
+(docs/benchmarks/2026-12-06-h100-session14).
 """
 
 from __future__ import annotations
@@ -38,10 +47,16 @@ class RouteAwarePolicy:
     TABLE_DECAY = 0.7  # weight of a token's older routes in the table, per new occurrence
     TABLE_SHARE = 0.8  # weight of the token table against the latest routes in a signature
 
-    def __init__(self, max_decode_wait: int = 4, distinct_weight: float = 0.0):
+    def __init__(self, max_decode_wait: int = 4, distinct_weight: float = 0.0, max_admit_wait: int | None = None):
+        """max_admit_wait: the most steps a waiting request is held back to be prefilled with others (0: admitted as
+        soon as fcfs would; None: the running sequences' wait bound)."""
         if max_decode_wait < 0:
             raise ValueError(f"max_decode_wait must be >= 0, got {max_decode_wait}")
+        if max_admit_wait is not None and max_admit_wait < 0:
+            raise ValueError(f"max_admit_wait must be >= 0, got {max_admit_wait}")
         self.max_decode_wait = max_decode_wait
+        self.max_admit_wait = max_admit_wait
+        self._waiting_since: dict[str, int] = {}  # request id -> the step at which a plan first saw it waiting
         self.distinct_weight = distinct_weight  # cost of a new distinct but resident expert, vs 1 for a load
         # the per-token table: token id -> its row of `_tab` [rows, L, E], how often each expert took it, decayed
         self._row: dict[int, int] = {}
@@ -53,7 +68,9 @@ class RouteAwarePolicy:
 
     def plan(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan:
         admitted = admit_in_order(waiting, ctx)
-        if admitted:
+        if admitted and not self.holds_admission(waiting, running, admitted, ctx):
+            for s in admitted:
+                self._waiting_since.pop(s.request_id, None)
             return StepPlan(admit=admitted)
         M = ctx.max_batch_size
         if len(running) <= M:
@@ -84,6 +101,27 @@ class RouteAwarePolicy:
             free = np.maximum(free, sigs[pick])
         chosen = set(order[taken].tolist())
         return StepPlan(decode=[s for i, s in enumerate(running) if i in chosen])
+
+    def admit_wait_bound(self, num_running: int, batch: int) -> int:
+        """The most steps a waiting request is held back before it is admitted."""
+        return self.wait_bound(num_running, batch) if self.max_admit_wait is None else self.max_admit_wait
+
+    def holds_admission(self, waiting: list[Sequence], running: list[Sequence], admitted: list[Sequence],
+                        ctx: SchedulerContext) -> bool:
+        """Whether to decode now and prefill `admitted` (fcfs's admission) later, with more."""
+        since = self._waiting_since
+        if len(since) > 4 * len(waiting) + 64:  # requests aborted while waiting leave their entries behind
+            ids = {s.request_id for s in waiting}
+            self._waiting_since = since = {r: t for r, t in since.items() if r in ids}
+        for s in waiting:
+            since.setdefault(s.request_id, ctx.step)
+        M = ctx.max_batch_size
+        if ctx.residency is None or len(running) < M or len(admitted) >= M:
+            return False  # resident (a prefill is cheap), a decode step to fill, or a full prefill already
+        if len(admitted) < min(len(waiting), ctx.free_kv_rows):
+            return False  # the prompt-token budget is what stops it: waiting would not make it larger
+        oldest = ctx.step - since[waiting[0].request_id]
+        return oldest < self.admit_wait_bound(len(running), M)
 
     def _signatures(self, running: list[Sequence], ctx: SchedulerContext) -> np.ndarray:
         """Each sequence's expected experts, [N, L*E] in [0, 1]; a sequence with no signature yet expects none."""
