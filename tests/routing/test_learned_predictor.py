@@ -161,6 +161,35 @@ def test_runtime_predictor_tracks_requests_and_refines(tiny):
     assert not pred._seqs
 
 
+def test_a_batch_predicts_for_each_sequence_what_it_predicts_for_it_alone(tiny):
+    """Decode rows are gathered from every sequence's state at once (a route-aware scheduler scores all the running
+    ones each step): a sequence's row must not depend on the others in the batch, nor on their order. Sequences
+    with and without a history and last routes are mixed."""
+    pred = load_predictor(SHIPPED, tiny, adapt=False)
+    L, E, K = 8, 32, 4
+    rng = np.random.default_rng(1)
+    rids = [f"r{i}" for i in range(7)]
+    for rid in rids:
+        pred.admitted(RequestView(rid, (0, 5)))
+    for index, fed in enumerate((rids[:5], rids[2:6])):  # r6 is never observed, r0 and r1 only once
+        ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in fed]) for _ in range(L)])
+        used = np.zeros((L, E), dtype=bool)
+        np.put_along_axis(used, ids.reshape(L, -1), True, axis=1)
+        view = StepView(index, False, tuple(fed), tuple((int(t),) for t in rng.integers(1, 2000, len(fed))),
+                        tuple([3] * len(fed)))
+        pred.observe(view, StepRoutes(ids, ids, used, [slice(i, i + 1) for i in range(len(fed))]))
+    tokens = {rid: int(t) for rid, t in zip(rids, rng.integers(1, 2000, len(rids)))}
+
+    def rows(order):
+        view = StepView(9, False, tuple(order), tuple((tokens[r],) for r in order), tuple([4] * len(order)))
+        return dict(zip(order, pred.predict(view).per_request))
+
+    together = rows(rids[::-1])
+    for rid in rids:
+        np.testing.assert_allclose(together[rid], rows([rid])[rid], rtol=0, atol=1e-5)
+    assert not np.allclose(together["r6"], together["r3"], atol=1e-3), "histories make the rows differ"
+
+
 def test_cli_trains_and_evaluates(heldout_trace, tmp_path, capsys):
     from moeflow.cli import main
 

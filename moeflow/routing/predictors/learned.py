@@ -161,33 +161,32 @@ class LearnedPredictor(PredictorBase):
         """Per row (one per token predicted): its token, the token before, that token's routes (multi-hot, flat)
         and the sequence's history; and how many rows each sequence has."""
         L, E = self.L, self.E
-        cur, prev, counts = [], [], []
-        lasts, hists = [], []
-        for rid, ids in zip(step.request_ids, step.input_ids):
-            s = self._seqs.setdefault(rid, _Sequence())
-            if step.is_prefill:
+        seqs = [self._seqs.setdefault(rid, _Sequence()) for rid in step.request_ids]
+        if step.is_prefill:
+            cur, prev, counts = [], [], []
+            for ids in step.input_ids:
                 ids = ids[-PREFILL_TOKENS:]
-                n = len(ids)
                 cur.extend(ids)
                 prev.extend([-1, *ids[:-1]])
-                lasts.append(np.zeros((n, L * E), dtype=np.float32))
-                hists.append(np.zeros((n, L * E), dtype=np.float32))
-            else:
-                n = 1
-                cur.append(ids[-1])
-                prev.append(s.last_token)
-                last = np.zeros((L, E), dtype=np.float32)
-                if s.last_routes is not None:
-                    np.put_along_axis(last, s.last_routes.astype(np.int64), 1.0, axis=1)
-                lasts.append(last.reshape(1, -1))
-                hists.append(self._history(s).reshape(1, -1))
-            counts.append(n)
-        return cur, prev, np.concatenate(lasts), np.concatenate(hists), counts
-
-    def _history(self, s: _Sequence) -> np.ndarray:
-        if s.seen == 0:
-            return np.zeros((self.L, self.E), dtype=np.float32)
-        return (s.ema / (1.0 - self.cfg.hist_decay ** s.seen)).astype(np.float32)
+                counts.append(len(ids))
+            zeros = np.zeros((len(cur), L * E), dtype=np.float32)
+            return cur, prev, zeros, zeros.copy(), counts
+        # decode: one row per sequence, its arrays gathered at once (a scheduler scores every running sequence)
+        n = len(seqs)
+        last = np.zeros((n, L, E), dtype=np.float32)
+        routed = [i for i, s in enumerate(seqs) if s.last_routes is not None]
+        if routed:
+            hot = np.zeros((len(routed), L, E), dtype=np.float32)
+            np.put_along_axis(hot, np.stack([seqs[i].last_routes for i in routed]).astype(np.int64), 1.0, axis=2)
+            last[routed] = hot
+        hist = np.zeros((n, L, E), dtype=np.float32)
+        seen = [i for i, s in enumerate(seqs) if s.seen]
+        if seen:
+            d = self.cfg.hist_decay
+            correction = np.array([1.0 - d ** seqs[i].seen for i in seen])  # the average's bias correction
+            hist[seen] = np.stack([seqs[i].ema for i in seen]) / correction[:, None, None]
+        return ([ids[-1] for ids in step.input_ids], [s.last_token for s in seqs], last.reshape(n, -1),
+                hist.reshape(n, -1), [1] * n)
 
     @torch.inference_mode()
     def capture_graphs(self, buckets: tuple[int, ...]) -> None:
