@@ -3,6 +3,7 @@ and the predictor and scheduling policy its configuration names."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from moeflow.models import fused_decode
 from moeflow.routing.lynx import AffinityBinning
 from moeflow.routing.predictors import BUILTIN, Predictor, find_predictor, load_predictor, make_predictor
 
+log = logging.getLogger("moeflow.engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096
 
@@ -71,6 +73,9 @@ def named_policy(config: EngineConfig) -> SchedulingPolicy:
     if config.scheduler == "route-aware":
         return SCHEDULING_POLICIES["route-aware"](max_decode_wait=config.max_decode_wait,
                                                   max_admit_wait=config.max_admit_wait)
+    if config.max_admit_wait is not None:
+        log.warning("max_admit_wait=%d has no effect with scheduling %r: only route-aware holds requests back",
+                    config.max_admit_wait, config.scheduler)
     return SCHEDULING_POLICIES[config.scheduler]()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -159,7 +161,7 @@ def test_route_aware_prefills_new_requests_together_and_moves_fewer_bytes_served
     assert held < fcfs, (held, fcfs, held / fcfs)
 
 
-def test_the_wait_bound_is_set_from_llm_the_cli_and_the_bench(capsys):
+def test_the_wait_bound_is_set_from_llm_the_cli_and_the_bench(capsys, caplog):
     from moeflow.bench import axes
     from moeflow.cli import build_parser
     from moeflow.commands.common import engine_kwargs
@@ -186,6 +188,10 @@ def test_the_wait_bound_is_set_from_llm_the_cli_and_the_bench(capsys):
     args = build_parser().parse_args(["serve", "--scheduling", "route-aware", "--max-admit-wait", "6"])
     assert engine_kwargs(args)["max_admit_wait"] == 6
     assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["max_admit_wait"] is None
+    with caplog.at_level(logging.WARNING, logger="moeflow.engine"):
+        LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=32, max_num_seqs=2,
+            max_admit_wait=3)
+    assert "max_admit_wait=3 has no effect with scheduling 'fcfs'" in caplog.text
     for bad in ("route-aware:w=9", "route-aware:wait=-1", "route-aware:admit=x", "fcfs:wait=1", "fcfs:admit=1"):
         with pytest.raises(ConfigError, match="route-aware"):
             axes.load_scheduling_arg(bad, spec)
