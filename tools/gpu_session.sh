@@ -142,13 +142,12 @@
 # device time left. For the next session:
 #
 #   tools/gpu_session.sh 35 OUT  (about 9 minutes with the start) route-aware served with new requests held back to
-#                                be prefilled together, beside fcfs and beside admission at once (carry .whl); LYNX's
-#                                accuracy at (3, 4, 5; 1) and multiple choice at (5, 1)
-#   tools/gpu_session.sh 36 OUT  (on 35's machine, about 7 minutes) LYNX at (3, 1), (4, 1) and (5, 1) resident at
-#                                batch 32 and 64, four batches a cell, and (5, 1) at 25% batch 32, plain and
-#                                cache-aware
+#                                be prefilled together, beside fcfs and beside admission at once (carry .whl)
+#   tools/gpu_session.sh 36 OUT  (on 35's machine, about 7 minutes) LYNX's accuracy at (3, 4, 5; 1), multiple
+#                                choice at (5, 1), and the three resident at batch 32 and 64, four batches a cell
 #   tools/gpu_session.sh 37 OUT  (on the same machine, about 9 minutes) held-out recall from a 4,000,000-token
 #                                trace with 16 epochs at width 1024
+#   tools/gpu_session.sh 38 OUT  (about 4 minutes) LYNX (5, 1) at 25% batch 32, plain and cache-aware
 #   tools/gpu_session.sh 32 OUT  (if time is left) as above
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
@@ -970,13 +969,18 @@ case "$part" in
 35)  # the next session's first call (about 9 minutes with the start): route-aware served with new requests held
      # back to be prefilled together (the default since this part was written) beside fcfs and beside admission at
      # once (--max-admit-wait 0, as the fourteenth session served it: 71 prefills against fcfs's 13, which took
-     # back the 1.20x its decode steps gained); then LYNX's (5, 1) accuracy, the candidate default (1.26x at
-     # batch 64 in the fourteenth session; +0.96% perplexity on five domains in the thirteenth, held-out and
-     # multiple choice never measured)
+     # back the 1.20x its decode steps gained); needs .whl
     begin p35
     keep_or_train "$p"
     pack
-    SERVE_POLICIES="fcfs route-aware route-aware:admit=0" serve_policies
+    SERVE_POLICIES="${SERVE_POLICIES:-fcfs route-aware route-aware:admit=0}" serve_policies
+    ;;
+36)  # on part 35's machine (about 7 minutes): LYNX's (5, 1), the candidate default for the bench model (1.26x exact
+     # at batch 64 in the fourteenth session, against (3, 1)'s 1.20x; +0.96% perplexity on five domains in the
+     # thirteenth): its accuracy on five domains and held-out python_docs beside (3, 1) and (4, 1), multiple
+     # choice at (5, 1), and the three resident at batch 32 and 64, four batches a cell
+    begin p36
+    keep_or_train "$p"
     lynx_sweeps "${SWEEP_TIMEOUT:-80}" 3,4,5 1
     pack
     timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
@@ -984,14 +988,13 @@ case "$part" in
         > "$p/choice_5_1.json" 2> "$p/choice_5_1.err"
     cut -c1-300 "$p/choice_5_1.json"
     pack
-    ;;
-36)  # on part 35's machine (about 7 minutes): LYNX at (4, 1) and (5, 1) against (3, 1) where issue 13 measures it,
-     # four batches a cell: resident at batch 32 and 64, and at 25% batch 32 plain and cache-aware
-    begin p36
-    keep_or_train "$p"
     offline "$p" resident "${RESIDENT_TIMEOUT:-200}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 4 \
         --routing "exact,lynx,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1"
     pack
+    ;;
+38)  # on part 36's machine (about 4 minutes), if (5, 1) holds its accuracy: at 25% batch 32, plain and cache-aware
+    begin p38
+    keep_or_train "$p"
     offline "$p" lynx25 "${LYNX25_TIMEOUT:-200}" --budgets 25% --batch-sizes 32 --batches-per-cell 2 \
         --routing "exact,lynx:alpha=5:beta=1,lynx:alpha=5:beta=1:w=4"
     pack
