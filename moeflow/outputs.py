@@ -28,6 +28,10 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    # decode steps the engine ran while the request, running, took no token (more sequences running than one
+    # step takes): in all, and the most in a row; a prefill step in between is not counted
+    decode_wait_steps: int = 0
+    max_decode_wait_steps: int = 0
 
 
 @dataclass

@@ -114,6 +114,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._listeners: list[RouteListener] = []
         self._step_index = 0
+        self._decode_launches = 0  # decode steps launched so far
         self._prediction: Prediction | None = None
         self._view: StepView | None = None
         self._routed: list[list[int]] = []  # this step's distinct experts per MoE layer, as the host learns them
@@ -336,6 +337,7 @@ class LLMEngine:
         view = self._view = batch.view(index) if self.predictor is not None else None
         self._predictor_s = 0.0
         tp = time.perf_counter()
+        decode = not batch.is_prefill
         for s in seqs:
             if s.metrics.first_scheduled_time is None:
                 s.metrics.first_scheduled_time = wall
@@ -343,9 +345,13 @@ class LLMEngine:
                 self.sampler.admit(s.kv_row, s.prompt_ids, s.params)
                 if self.predictor is not None:
                     self.predictor.admitted(RequestView(s.request_id, tuple(s.prompt_ids), s.hints))
-            elif s.last_step >= 0 and len(s.output_ids) + s.num_ahead:
-                s.decode_waits.append(index - s.last_step - 1)
+            else:  # the decode steps it sat out since its last token (its prefill's, or a decode step's)
+                waited = self._decode_launches - s.decode_mark
+                s.metrics.decode_wait_steps += waited
+                s.metrics.max_decode_wait_steps = max(s.metrics.max_decode_wait_steps, waited)
             s.last_step = index
+            s.decode_mark = self._decode_launches + decode
+        self._decode_launches += decode
         self._prediction = self.predictor.predict(view) if self.predictor is not None else None
         self._routed = []
         if self._prediction is not None and not self.cache.fully_resident:

@@ -34,7 +34,7 @@ class Sequence:
         self.seed = seed  # the sampler's noise for this request is a function of (seed, token index) alone
         self.hints = RequestHints(params.task, params.ttft_slo_ms, params.tpot_slo_ms, params.priority)
         self.last_step = -1  # the engine step that last advanced it
-        self.decode_waits: list[int] = []  # per decode step it took: steps it sat out since its previous token
+        self.decode_mark = 0  # the engine's decode steps launched up to and including the one that last advanced it
         self.last_routes: np.ndarray | None = None  # [L, K] the experts its latest token ran, per MoE layer
         self.forced: list[int] | None = None  # teacher forcing: the output tokens it must take
         self.num_ahead = 0  # tokens of steps in flight, on the device, not yet taken (EngineConfig.async_scheduling)

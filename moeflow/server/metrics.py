@@ -24,6 +24,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 480.0, 960.0, 1920.0, 7680.0)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 2.5,
                  5.0, 10.0)  # bench serve reads the 0.25 s one
+_WAIT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # decode steps
 _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # bench serve reads 0.05
 _CACHE_FIELDS = ("hits", "misses", "bytes_moved", "prefetch_bytes", "stall_s", "prefetch_hits",
                  "wasted_prefetches")
@@ -43,6 +44,10 @@ class ServerMetrics:
                              buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("moeflow:e2e_request_latency_seconds", "Arrival to last token", m,
                              buckets=_E2E_BUCKETS, registry=r)
+        self.decode_wait = Histogram("moeflow:request_max_decode_wait_steps", "The most decode steps a finished "
+                                     "request sat out between two of its tokens (more running than a step takes: "
+                                     "round-robin's share, or route-aware's choice within its bound)", m,
+                                     buckets=_WAIT_BUCKETS, registry=r)
         self.success = Counter("moeflow:request_success", "Requests that ended, by reason (stop, length, abort, "
                                "error)", (*m, "finished_reason"), registry=r)
         self.rejections = Counter("moeflow:request_rejected", "Requests refused with 503 (queue_full, draining)",
@@ -136,6 +141,7 @@ class ServerMetrics:
             self._last_token[out.request_id] = t.last_token_time
             if out.finished:
                 self.e2e.labels(name).observe(max(0.0, t.finished_time - t.arrival_time))
+                self.decode_wait.labels(name).observe(t.max_decode_wait_steps)
                 self.request_ended(out.request_id, out.outputs[0].finish_reason or "stop")
         self._set_expert_memory(engine)
         for layer, stats in engine.cache.stats.per_layer.items():

@@ -45,7 +45,11 @@ class Reference:
         waits = [ctx.step - s.last_step - 1 for s in running]
         order = sorted(range(len(running)), key=lambda i: -waits[i])  # stable: the longest waiting first
         bound = self.p.wait_bound(len(running), M)
-        chosen = [i for i in order if waits[i] >= bound][:M]
+        # earliest deadline first: for every h >= 0, the sequences whose deadline falls within the next h steps
+        # (slack <= h) fit in this step and the h after it only if this step takes count - h * M of them
+        slack = [max(bound - waits[i], 0) for i in order]
+        forced = max(0, max(sum(1 for s in slack if s <= h) - h * M for h in range(max(slack) + 1)))
+        chosen = order[: min(forced, M)]
         sigs = [self.signature(s, L, E, ctx.predictions) for s in running]
         covered = np.max([sigs[i] for i in chosen], axis=0) if chosen else np.zeros(L * E)
         free = covered if ctx.residency is None else np.maximum(covered, ctx.residency.reshape(-1))

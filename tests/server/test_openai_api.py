@@ -267,7 +267,7 @@ METRICS = ["moeflow:num_requests_running", "moeflow:num_requests_waiting", "moef
            "moeflow:expert_device_memory_bytes", "moeflow:cuda_graph_captures", "moeflow:decode_distinct_experts_total",
            "moeflow:decode_layer_steps_total", "moeflow:decode_remapped_picks_total",
            "moeflow:expert_prefetch_hits_total", "moeflow:expert_prefetch_wasted_total",
-           "moeflow:step_duration_seconds_bucket"]
+           "moeflow:step_duration_seconds_bucket", "moeflow:request_max_decode_wait_steps_bucket"]
 
 
 def test_metrics_exposition(http, live_server):
@@ -281,6 +281,7 @@ def test_metrics_exposition(http, live_server):
     pool = live_server.engine.cache.pool
     assert live_server.metric("moeflow:expert_device_memory_bytes") == pool.numel() * pool.element_size()
     assert live_server.metric("moeflow:decode_layer_steps_total") > 0
+    assert live_server.metric("moeflow:request_max_decode_wait_steps_count") >= 1
     assert live_server.metric("moeflow:cuda_graph_captures") == live_server.engine.graph_captures
     # the request's prefill step and its two decode steps (at least: other tests share the server)
     assert live_server.metric("moeflow:step_duration_seconds_count", kind="prefill") >= 1

@@ -13,8 +13,12 @@ already needed by the picks so far (then the fewest new distinct experts, then t
 
 Fairness: round-robin over N sequences in steps of M makes each wait ceil(N/M) - 1 steps between
 tokens, and no policy can do better for all of them; this one lets a sequence wait at most
-`max_decode_wait` steps beyond that share, taking every sequence that reached its bound first, so
-time per output token stays within a fixed number of steps of fcfs's.
+`max_decode_wait` steps beyond that share, so time per output token stays within a fixed number of
+steps of fcfs's. Each sequence has a deadline (the step by which it must decode to keep its bound);
+a step first takes the sequences without which some later step would have more deadlines than it
+has room for (earliest deadline first: the f soonest, f = max over h >= 0 of the deadlines within
+h steps less h * M), which is every sequence at its bound and, when a cohort shares one deadline
+(sequences admitted by one prefill), enough of it in the steps before.
 
 Admission is fcfs's order, held back while the expert cache is offloaded, a full decode step runs without the
 newcomers, and the prefill would take fewer than M: new requests then wait, at most `max_admit_wait` steps past
@@ -78,8 +82,11 @@ class RouteAwarePolicy:
         waits = np.array([ctx.step - s.last_step - 1 for s in running])
         bound = self.wait_bound(len(running), M)
         order = np.argsort(-waits, kind="stable")  # the longest waiting first: the tie-break everywhere below
-        # sequences at their bound go first, the longest waiting of them if there are more than fit
-        due = [int(i) for i in order if waits[i] >= bound][:M]
+        # the steps each may still sit out, soonest deadline first; the j-th of them (0-based) shares the steps up
+        # to its own deadline with at least j others, so f of them must decode now
+        slack = np.maximum(bound - waits[order], 0)
+        forced = int(max(0, (np.arange(1, len(order) + 1) - slack * M).max()))
+        due = [int(i) for i in order[: min(forced, M)]]
         sigs = self._signatures(running, ctx)[order]  # [N, L*E] in wait order: how likely each routes to each expert
         taken = np.zeros(len(running), dtype=bool)  # in wait order
         rank = np.empty(len(running), dtype=np.int64)
