@@ -104,6 +104,11 @@ SCHEDULER_POLICIES = ("fcfs", "route-aware")
 ROUTING_MODES = ("exact", "lynx")
 
 
+def _is_int(value) -> bool:
+    """An integer, and not a bool (True would pass isinstance(True, int))."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     budget: ExpertBudget = field(default_factory=lambda: ExpertBudget("fraction", 1.0))
@@ -169,10 +174,10 @@ class EngineConfig:
         if isinstance(self.lynx_resident_weight, bool) or not isinstance(self.lynx_resident_weight, int) \
                 or self.lynx_resident_weight < 0:
             raise ConfigError(f"lynx_resident_weight must be an integer >= 0, got {self.lynx_resident_weight!r}")
-        if self.max_decode_wait < 0:
-            raise ConfigError(f"max_decode_wait must be >= 0, got {self.max_decode_wait}")
-        if self.max_admit_wait is not None and self.max_admit_wait < 0:
-            raise ConfigError(f"max_admit_wait must be >= 0, got {self.max_admit_wait}")
+        if not _is_int(self.max_decode_wait) or self.max_decode_wait < 0:
+            raise ConfigError(f"max_decode_wait must be an integer >= 0 (steps), got {self.max_decode_wait!r}")
+        if self.max_admit_wait is not None and (not _is_int(self.max_admit_wait) or self.max_admit_wait < 0):
+            raise ConfigError(f"max_admit_wait must be an integer >= 0 (steps) or None, got {self.max_admit_wait!r}")
         if self.scheduler not in SCHEDULER_POLICIES:
             raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
 

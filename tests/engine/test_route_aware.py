@@ -201,8 +201,10 @@ def test_the_wait_bound_is_set_from_llm_the_cli_and_the_bench(capsys, caplog):
     llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=32, max_num_seqs=2,
               scheduling="route-aware", max_decode_wait=7)
     assert llm.engine.scheduler.policy.max_decode_wait == 7
-    with pytest.raises(ConfigError, match="max_decode_wait must be >= 0"):
-        LLM(str(default_model_dir()), device="cpu", max_model_len=32, scheduling="route-aware", max_decode_wait=-1)
+    for bad in (-1, 1.5):
+        with pytest.raises(ConfigError, match="max_decode_wait must be an integer >= 0"):
+            LLM(str(default_model_dir()), device="cpu", max_model_len=32, scheduling="route-aware",
+                max_decode_wait=bad)
     args = build_parser().parse_args(["serve", "--scheduling", "route-aware", "--max-decode-wait", "2"])
     assert engine_kwargs(args)["max_decode_wait"] == 2
     assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["max_decode_wait"] == 4
@@ -214,8 +216,10 @@ def test_the_wait_bound_is_set_from_llm_the_cli_and_the_bench(capsys, caplog):
     llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=32, max_num_seqs=2,
               scheduling="route-aware", max_admit_wait=0)
     assert llm.engine.scheduler.policy.max_admit_wait == 0
-    with pytest.raises(ConfigError, match="max_admit_wait must be >= 0"):
-        LLM(str(default_model_dir()), device="cpu", max_model_len=32, scheduling="route-aware", max_admit_wait=-1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="max_admit_wait must be an integer >= 0"):
+            LLM(str(default_model_dir()), device="cpu", max_model_len=32, scheduling="route-aware",
+                max_admit_wait=bad)
     args = build_parser().parse_args(["serve", "--scheduling", "route-aware", "--max-admit-wait", "6"])
     assert engine_kwargs(args)["max_admit_wait"] == 6
     assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["max_admit_wait"] is None
