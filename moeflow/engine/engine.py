@@ -3,10 +3,10 @@
 Each `step` runs one scheduled batch (a prefill of newly admitted sequences, or one decode
 token for the running sequences the scheduling policy picked) and returns an output for
 every sequence it advanced. Around the model run, in order: the predictor forecasts the
-step's experts and the planner turns that into prefetches; the model runs (graphed or eager)
-and fills the RouteRecord; the sampler draws the tokens; after the step's one token sync the
-record is read and shown to the cache statistics, the predictor, the scheduling policy and
-any route listener.
+step's experts and the planner turns that into prefetches (engine/forecast.py); the model runs
+(graphed or eager) and fills the RouteRecord; the sampler draws the tokens; after the step's one
+token sync the record is read and shown to the cache statistics, the predictor, the scheduling
+policy and any route listener.
 
 With `overlap_output` (the default on CUDA) the host builds a step's outputs (detokenisation and the
 RequestOutputs) while the device runs the next step, instead of between the two with the device idle: `step`
@@ -31,6 +31,7 @@ import torch
 
 from moeflow.config import CacheConfig, EngineConfig
 from moeflow.engine.cuda_graphs import batch_buckets, capture_decode_graphs
+from moeflow.engine.forecast import Forecast
 from moeflow.engine.inflight import LaunchedStep, async_blocker, reads_logits
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
@@ -44,13 +45,12 @@ from moeflow.engine.warmup import warm_prefill
 from moeflow.errors import RequestError
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.compute import CachedExperts
-from moeflow.experts.planning import Planner, PrefetchTop
-from moeflow.experts.predictive import ExpertFlowPlanner
+from moeflow.experts.planning import Planner
 from moeflow.experts.policies import make_policy
 from moeflow.experts.store import ExpertStore
 from moeflow.models.model import MoEModel
 from moeflow.outputs import RequestOutput
-from moeflow.routing.predictors import LearnedPredictor, Prediction, Predictor, RequestView, StepView
+from moeflow.routing.predictors import Predictor, StepView
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
 from moeflow.sampling import Sampler, SamplingParams
@@ -97,8 +97,7 @@ class LLMEngine:
         self.kv = KVCache(spec.num_layers, config.max_num_seqs, spec.num_kv_heads, self.max_model_len,
                           spec.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv, self.device)
-        self.predictor: Predictor | None = None
-        self.planner: Planner = PrefetchTop()
+        self.forecast = Forecast(self.record, spec.num_moe_layers, self.model.ahead_gate)
         self.set_predictor(predictor if predictor is not None else named_predictor(config, spec, self.checkpoint, self.device,
                                                                         self.model.w["model.embed_tokens.weight"]))
         self.selector: Selector | None = named_selector(config, spec)
@@ -115,12 +114,8 @@ class LLMEngine:
         self._listeners: list[RouteListener] = []
         self._step_index = 0
         self._decode_launches = 0  # decode steps launched so far
-        self._prediction: Prediction | None = None
-        self._view: StepView | None = None
-        self._routed: list[list[int]] = []  # this step's distinct experts per MoE layer, as the host learns them
         self.costs = MeasuredCosts(expert_bytes=self.store.expert_bytes)
         self.counters = new_counters()
-        self._predictor_s = 0.0  # this step's host time in the predictor and the planner
         self._overlap_output = resolve_overlap(config.overlap_output, self.device)
         self._async_scheduling = resolve_overlap(config.async_scheduling, self.device)
         self._last_settled = 0.0  # perf_counter when the last step was settled
@@ -149,7 +144,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             gc.collect()  # graphs and caches may sit in reference cycles
             torch.cuda.empty_cache()
-        self.cache = ExpertCache(self.store, num_slots, self.device, policy)
+        self.cache = self.forecast.cache = ExpertCache(self.store, num_slots, self.device, policy)
         self.model.experts = CachedExperts(self.cache)
         self.model.experts.route_listener = self._on_layer_routed
         self.runner.slot_table = None if self.cache.fully_resident else self.cache.slot_table
@@ -163,13 +158,22 @@ class LLMEngine:
         The decode graphs stay as they are: a predictor runs around the step and never inside it; on CUDA a
         predictor that can (the learned one) captures its own forward as graphs, one per batch bucket."""
         self._refuse_while_running("the predictor can only be replaced")
-        self.predictor = predictor
-        capture = getattr(predictor, "capture_graphs", None)
-        if capture is not None and self.device.type == "cuda" and not self.config.enforce_eager:
-            capture(batch_buckets(self.max_batch_size))
-        if planner is None:
-            planner = ExpertFlowPlanner() if isinstance(predictor, LearnedPredictor) else PrefetchTop()
-        self.planner = planner
+        graphed = self.device.type == "cuda" and not self.config.enforce_eager
+        self.forecast.install(predictor, planner, batch_buckets(self.max_batch_size) if graphed else ())
+
+    @property
+    def predictor(self) -> Predictor | None:
+        return self.forecast.predictor
+
+    @property
+    def planner(self) -> Planner:
+        """What turns the predictor's forecasts into cache moves; replaceable while no request runs."""
+        return self.forecast.planner
+
+    @planner.setter
+    def planner(self, planner: Planner) -> None:
+        self._refuse_while_running("the planner can only be replaced")
+        self.forecast.planner = planner
 
     def set_selector(self, selector: Selector | None) -> None:
         """Offer an approximate selector to requests that ask for it (SamplingParams.routing); decode graphs are
@@ -334,17 +338,14 @@ class LLMEngine:
         self._step_index += 1
         # what the predictor sees of the step (built again when it settles if none did: the same, unless a step
         # launched ahead has taken its tokens since)
-        view = self._view = batch.view(index) if self.predictor is not None else None
-        self._predictor_s = 0.0
-        tp = time.perf_counter()
+        view = self.forecast.begin(batch, index)
         decode = not batch.is_prefill
         for s in seqs:
             if s.metrics.first_scheduled_time is None:
                 s.metrics.first_scheduled_time = wall
             if batch.is_prefill:
                 self.sampler.admit(s.kv_row, s.prompt_ids, s.params)
-                if self.predictor is not None:
-                    self.predictor.admitted(RequestView(s.request_id, tuple(s.prompt_ids), s.hints))
+                self.forecast.admitted(s)
             else:  # the decode steps it sat out since its last token (its prefill's, or a decode step's)
                 waited = self._decode_launches - s.decode_mark
                 s.metrics.decode_wait_steps += waited
@@ -352,12 +353,7 @@ class LLMEngine:
             s.last_step = index
             s.decode_mark = self._decode_launches + decode
         self._decode_launches += decode
-        self._prediction = self.predictor.predict(view) if self.predictor is not None else None
-        self._routed = []
-        if self._prediction is not None and not self.cache.fully_resident:
-            self.planner.plan(self.cache, self._prediction)
-        if self.predictor is not None:
-            self._predictor_s += time.perf_counter() - tp
+        self.forecast.plan()
         exact = None
         if self.selector is not None and any(s.params.routing != "exact" for s in seqs):
             exact = [s.params.routing == "exact" for s in seqs]
@@ -401,11 +397,9 @@ class LLMEngine:
         for i, s in enumerate(seqs):
             s.last_routes = routes.ids[:, logits.rows[i].stop - 1].copy()
         view = launched.view or batch.view(launched.index)
-        if self.predictor is not None:
-            tp = time.perf_counter()
-            self.predictor.observe(view, routes)
-            if not batch.is_prefill:
-                self.counters["predictor_s"] += self._predictor_s + time.perf_counter() - tp
+        forecast_s = self.forecast.observe(view, routes)
+        if not batch.is_prefill:
+            self.counters["predictor_s"] += forecast_s
         self.scheduler.policy.update(view, routes)
         for listener in self._listeners:
             listener(view, routes)
@@ -442,15 +436,8 @@ class LLMEngine:
     def _scheduler_context(self) -> SchedulerContext:
         running = self.scheduler.running
         predictions = {}
-        if (getattr(self.scheduler.policy, "wants_predictions", False) and self.predictor is not None
-                and len(running) > self.max_batch_size):
-            # what each running sequence is expected to route next, as if they all decoded now (predict
-            # looks, it does not learn: observe does that)
-            view = StepView(self._step_index, False, tuple(s.request_id for s in running),
-                            tuple((s.last_token,) for s in running), tuple(s.num_tokens for s in running))
-            guess = self.predictor.predict(view)
-            if guess is not None and guess.per_request is not None:
-                predictions = {s.request_id: guess.per_request[i] for i, s in enumerate(running)}
+        if getattr(self.scheduler.policy, "wants_predictions", False) and len(running) > self.max_batch_size:
+            predictions = self.forecast.running_predictions(running, self._step_index)
         return SchedulerContext(
             step=self._step_index, free_kv_rows=self.kv.num_free,
             max_num_batched_tokens=self.config.max_num_batched_tokens, max_batch_size=self.max_batch_size,
@@ -462,20 +449,7 @@ class LLMEngine:
 
     def _on_layer_routed(self, layer: int, used: list[int]) -> None:
         """An offloaded layer's router has spoken (the host knows its experts): let the planner correct course."""
-        if self._prediction is None:
-            return
-        tp = time.perf_counter()
-        li = self.cache.ordinal(layer)
-        self._routed.append(used)
-        refine = getattr(self.predictor, "refine", None)
-        scores = None
-        if refine is not None and getattr(self.planner, "uses_refined", True):
-            scores = refine(self._view, li, self._routed)
-        ahead = None
-        if self.model.ahead_gate and li + 1 < self.spec.num_moe_layers and self.planner.uses_ahead:
-            ahead = self.model.record.layer_ahead(li, published=self.runner.graph_step)
-        self.planner.refine(self.cache, li, used, scores, ahead=ahead)
-        self._predictor_s += time.perf_counter() - tp
+        self.forecast.layer_routed(layer, used, self.runner.graph_step)
 
     def _account(self, batch: ScheduledBatch, routes: StepRoutes, elapsed: float, tokens: int) -> None:
         """`tokens`: the step's tokens that count (its live sequences': a void one is not generated)."""
@@ -492,5 +466,4 @@ class LLMEngine:
 
     def _leave(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        if self.predictor is not None:
-            self.predictor.finished(seq.request_id)
+        self.forecast.finished(seq.request_id)
