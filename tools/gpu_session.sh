@@ -254,6 +254,14 @@ lynx_sweeps() {  # lynx_sweeps TIMEOUT ALPHAS BETAS: LYNX's perplexity against e
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
 }
 
+lynx_choice() {  # lynx_choice TIMEOUT ALPHA BETA: the multiple-choice task, exact and LYNX at (ALPHA, BETA), batch
+                 # 32, into $p/choice_ALPHA_BETA.json
+    timeout "$1" python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
+        --lynx-alpha "$2" --lynx-beta "$3" --batch-size 32 --device cuda --json --no-progress \
+        > "$p/choice_$2_$3.json" 2> "$p/choice_$2_$3.err"
+    cut -c1-300 "$p/choice_$2_$3.json"
+}
+
 traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the bench model and its two predictors
     # (PRED_ARGS: more `predictor train` arguments for both, e.g. --hidden 1024)
     python3 tools/corpus_sample.py "$w/corpus" train "${TRAIN_DOCS:-400}" > "$w/train_sample.jsonl"
@@ -726,14 +734,9 @@ case "$part" in
         --max-docs 102 --max-tokens-per-doc 128 --batch-size 32 --alpha 2,3 --beta 1,2 --device cuda \
         > "$p/sweep_python_docs.jsonl" 2> "$p/sweep_python_docs.err"
     pack
-    for ab in "3 1" "2 1"; do
-        set -- $ab
-        timeout 60 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
-            --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json --no-progress \
-            > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err"
-    done
+    lynx_choice 60 3 1
+    lynx_choice 60 2 1
     grep -h '^{' "$p/sweep_test.jsonl" "$p/sweep_python_docs.jsonl" | cut -c1-200
-    cut -c1-300 "$p"/choice_*.json
     pack
     ;;
 24)  # (about 7 minutes after part 23 on its machine; 9 alone, training first): the multiple-choice task at (3, 2)
@@ -744,13 +747,7 @@ case "$part" in
     keep_or_train "$p"
     pack
     if [ "$kept" = 1 ]; then  # on part 23's model only: its perplexity sweep is the other half of the accuracy
-        for ab in "3 2"; do
-            set -- $ab
-            timeout 60 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
-                --lynx-alpha "$1" --lynx-beta "$2" --batch-size 32 --device cuda --json --no-progress \
-                > "$p/choice_$1_$2.json" 2> "$p/choice_$1_$2.err"
-            cut -c1-200 "$p/choice_$1_$2.json"
-        done
+        lynx_choice 60 3 2
         pack
     fi
     # (since the ninth session) traces of 1,000,000 tokens: recall was 0.739 from 150,000 and 0.779-0.784 from 300,000
@@ -848,10 +845,7 @@ case "$part" in
     pack
     lynx_sweeps "${SWEEP_TIMEOUT:-80}" 3,4,5 1
     pack
-    timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
-        --lynx-alpha 4 --lynx-beta 1 --batch-size 32 --device cuda --json --no-progress \
-        > "$p/choice_4_1.json" 2> "$p/choice_4_1.err"
-    cut -c1-300 "$p/choice_4_1.json"
+    lynx_choice 50 4 1
     pack
     ;;
 29)  # on part 28's machine (about 6 minutes): a 300,000-token trace and a predictor; tools/rounds_diag.py on the
@@ -887,9 +881,7 @@ case "$part" in
     offline "$p" resident "${RESIDENT_TIMEOUT:-110}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 3 \
         --routing exact,lynx
     pack
-    timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
-        --batch-size 32 --device cuda --json --no-progress > "$p/choice_3_1.json" 2> "$p/choice_3_1.err"
-    cut -c1-300 "$p/choice_3_1.json"
+    lynx_choice 50 3 1
     pack
     serve_policies
     ;;
@@ -983,10 +975,7 @@ case "$part" in
     keep_or_train "$p"
     lynx_sweeps "${SWEEP_TIMEOUT:-80}" 3,4,5 1
     pack
-    timeout 50 python3 -m moeflow.cli eval choice "$BENCH_MODEL" --data "$w/corpus" --routing exact,lynx \
-        --lynx-alpha 5 --lynx-beta 1 --batch-size 32 --device cuda --json --no-progress \
-        > "$p/choice_5_1.json" 2> "$p/choice_5_1.err"
-    cut -c1-300 "$p/choice_5_1.json"
+    lynx_choice 50 5 1
     pack
     offline "$p" resident "${RESIDENT_TIMEOUT:-200}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 4 \
         --routing "exact,lynx,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1"
