@@ -143,6 +143,7 @@
 #
 #   tools/gpu_session.sh 35 OUT  (about 9 minutes with the start) route-aware served with new requests held back to
 #                                be prefilled together, beside fcfs and beside admission at once (carry .whl)
+#   tools/gpu_session.sh 39 OUT  (on 35's machine, about 3 minutes) the GPU tests of this session's changes
 #   tools/gpu_session.sh 36 OUT  (on 35's machine, about 7 minutes) LYNX's accuracy at (3, 4, 5; 1), multiple
 #                                choice at (5, 1), and the three resident at batch 32 and 64, four batches a cell
 #   tools/gpu_session.sh 37 OUT  (on the same machine, about 9 minutes) held-out recall from a 4,000,000-token
@@ -986,6 +987,15 @@ case "$part" in
     keep_or_train "$p"
     offline "$p" lynx25 "${LYNX25_TIMEOUT:-200}" --budgets 25% --batch-sizes 32 --batches-per-cell 2 \
         --routing "exact,lynx:alpha=5:beta=1,lynx:alpha=5:beta=1:w=4"
+    pack
+    ;;
+39)  # on any machine (about 3 minutes; no bench model needed): the GPU tests of the fourteenth session's changes:
+     # the predictor and planner moved into engine/forecast.py (the learned predictor's exactness grid under
+     # graphs, the deferred listener, the hooks), decode features gathered at once (the graphed forward), the decode
+     # wait count (async scheduling)
+    begin p39
+    gpu_tests "${TESTS_TIMEOUT:-240}" tests/experts/test_predictive.py tests/experts/test_deferred_listener.py \
+        tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/engine/test_async_scheduling.py
     pack
     ;;
 37)  # on part 35's or 36's machine (about 9 minutes): held-out recall at 4,000,000 trace tokens, trained longer
