@@ -65,10 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "defaults, w=0: plain LYNX; w>0: cache-aware, resident experts earn w bin-0 votes; "
                         "kernel=triton: the rule in one launch per layer)")
     g.add_argument("--scheduling", type=_csv(str), default=["fcfs"],
-                   help="comma list: fcfs, route-aware[:wait=W][:admit=A] (W: steps a sequence may wait beyond its "
-                        "round-robin share; default the engine's, 4; A: steps a new request may be held back to be "
-                        "prefilled with others, offloaded; default W's bound); either with :overlap=0|1 (a step's outputs "
-                        "built between steps, or while the next runs; default: on CUDA) and :async=0|1 (a step "
+                   help="comma list: fcfs, route-aware[:wait=W][:admit=A] (W: steps a sequence may wait beyond "
+                        "its round-robin share; default the engine's, 4; A: steps a new request may be held back to "
+                        "be prefilled with others, offloaded; default W's bound); either with :overlap=0|1 (a step's "
+                        "outputs built between steps, or while the next runs; default: on CUDA) and :async=0|1 (a step "
                         "launched before the last is settled; default: on CUDA, where it applies)")
     g.add_argument("--configurations", type=_csv(str), default=None,
                    help="comma list of whole configurations, PREDICTOR/ROUTING/SCHEDULING each (e.g. "

@@ -131,8 +131,8 @@ def test_admission_is_held_back_only_while_it_pays_and_never_past_its_bound():
     assert admitted(policy, 13, later) == [] and admitted(policy, 15, later) == ["200"]
     policy = RouteAwarePolicy(max_decode_wait=1, max_admit_wait=5)
     assert [admitted(policy, step) for step in range(20, 26)] == [[]] * 5 + [ids]
-    for case in (dict(residency=None), dict(running=running[:3]), dict(waiting=[FakeSeq(300 + i, None) for i in range(4)]),
-                 dict(tokens=1)):
+    four = [FakeSeq(300 + i, None) for i in range(4)]
+    for case in (dict(residency=None), dict(running=running[:3]), dict(waiting=four), dict(tokens=1)):
         got = admitted(RouteAwarePolicy(max_decode_wait=1), 0, **case)
         assert got == [s.request_id for s in case.get("waiting", waiting)][: 1 if "tokens" in case else None], case
     assert admitted(RouteAwarePolicy(max_admit_wait=0), 0) == ids

@@ -20,14 +20,15 @@ has room for (earliest deadline first: the f soonest, f = max over h >= 0 of the
 h steps less h * M), which is every sequence at its bound and, when a cohort shares one deadline
 (sequences admitted by one prefill), enough of it in the steps before.
 
-Admission is fcfs's order, held back while the expert cache is offloaded, a full decode step runs without the
-newcomers, and the prefill would take fewer than M: new requests then wait, at most `max_admit_wait` steps past
-the step at which fcfs would have admitted them (default: a running sequence's bound, so no newcomer is held longer
-than a running one may wait), and are prefilled together. Offloaded, a prefill step costs nearly the same whatever it admits (its prompt tokens route to most
-experts of every layer) and every running sequence waits for it. Without the hold, sequences that route-aware
-decodes unevenly finish one by one, each freed row is refilled by a prefill of its own, and served at 128
-streams those prefills took back all that the route-aware decode steps saved
-(docs/benchmarks/2026-12-06-h100-session14).
+Admission is fcfs's order, held back while the expert cache is offloaded, a full decode step runs
+without the newcomers, and the prefill would take fewer than M: new requests then wait, at most
+`max_admit_wait` steps past the step at which fcfs would have admitted them (default: a running
+sequence's bound, so no newcomer is held longer than a running one may wait), and are prefilled
+together. Offloaded, a prefill step costs nearly the same whatever it admits (its prompt tokens
+route to most experts of every layer), and every running sequence waits for it. Without the hold,
+sequences that route-aware decodes unevenly finish one by one, each freed row is refilled by a
+prefill of its own, and served at 128 streams those prefills took back all that the route-aware
+decode steps saved (docs/benchmarks/2026-12-06-h100-session14).
 """
 
 from __future__ import annotations
