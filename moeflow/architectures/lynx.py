@@ -27,8 +27,8 @@ MOEFLOW_MODEL_DEFAULTS: dict[tuple[str, int, int, int, int], tuple[float, int]] 
     # multiple choice unchanged, 1.15x exact resident at batch 32 against 1.10x for Qwen3's (3, 2)
     # (docs/benchmarks/2026-12-06-h200-session9); on an H100 with async scheduling +0.57% / +0.46%, +0.5 points,
     # 1.36-1.45x / 1.17-1.26x exact resident at batch 32 / 64 (docs/benchmarks/2026-12-06-h100-session13). (5, 1),
-    # +0.96% on five domains, ran 1.05x at batch 64 there and 1.26x on the next session's model, where (3, 1) ran
-    # 1.20x (docs/benchmarks/2026-12-06-h100-session14); its held-out and multiple-choice accuracy are not measured
+    # +0.96% / +0.75% there, ran 1.05x at batch 64 there and 1.26x on the next session's model, where (3, 1) ran
+    # 1.20x (docs/benchmarks/2026-12-06-h100-session14); its multiple-choice accuracy is not measured
     ("qwen3_moe", 2048, 12, 64, 8): (3.0, 1),
 }
 
