@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/closed_loop.py --data test_sample.jsonl [--model DIR] [--requests 256] [--in-flight 128]
         [--batch 32] [--tokens 32] [--budget 25%] [--policies fcfs,route-aware:admit=0,route-aware] [--device cpu]
+        [--predictor auto|PRED_DIR]
 
 `moeflow bench serve --max-concurrency C` keeps C requests in flight and sends the next as one finishes. This
 drives an engine the same way, without a server, so which experts cross does not depend on the machine: the
@@ -11,7 +12,8 @@ exactly --tokens tokens from a prompt of 20-40 tokens of a document of --data (a
 decode wait of any request (RequestMetrics.max_decode_wait_steps), the expert bytes moved and whether every
 request's tokens equal the first policy's.
 
-A policy is fcfs or route-aware[:wait=W][:admit=A] (--max-decode-wait W, --max-admit-wait A).
+A policy is fcfs or route-aware[:wait=W][:admit=A] (--max-decode-wait W, --max-admit-wait A), each with
+:predictor to run with --predictor (its predictive cache; route-aware then reads its forecasts).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def prompts_from(path: str, tokenizer, n: int) -> list[list[int]]:
 def run(args, policy: str, prompts: list[list[int]]) -> tuple[dict[str, list[int]], dict]:
     name, *options = policy.split(":")
     keys = {"wait": "max_decode_wait", "admit": "max_admit_wait"}
-    engine_options = {keys[k]: int(v) for k, v in (o.split("=") for o in options)}
+    engine_options = {keys[k]: int(v) for k, v in (o.split("=") for o in options if o != "predictor")}
+    if "predictor" in options:
+        engine_options["predictor"] = args.predictor
     llm = LLM(args.model, device=args.device, dtype="float32" if args.device == "cpu" else "auto",
               max_model_len=max(PROMPT_LENGTHS) + args.tokens + 8, max_num_seqs=args.in_flight,
               max_batch_size=args.batch, expert_budget=args.budget, scheduling=name, **engine_options)
@@ -84,6 +88,7 @@ def main() -> None:
     p.add_argument("--budget", default="25%")
     p.add_argument("--policies", default="fcfs,route-aware:admit=0,route-aware")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--predictor", default="auto", help="for policies with :predictor (default: the model's own)")
     args = p.parse_args()
     prompts = prompts_from(args.data, Tokenizer(args.model), args.requests)
     first = None
