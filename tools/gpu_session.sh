@@ -149,6 +149,7 @@
 #   tools/gpu_session.sh 37 OUT  (on the same machine, about 9 minutes) held-out recall from a 4,000,000-token
 #                                trace with 16 epochs at width 1024
 #   tools/gpu_session.sh 40 OUT  (on 37's machine, about 3 minutes) `predictor eval` of 37's held-out predictor
+#   tools/gpu_session.sh 41 OUT  (on 37's machine, about 4 minutes) route-aware served with the predictor's forecasts
 #   tools/gpu_session.sh 38 OUT  (about 4 minutes) LYNX (5, 1) at 25% batch 32, plain and cache-aware
 #   tools/gpu_session.sh 32 OUT  (if time is left) as above
 #
@@ -287,11 +288,13 @@ traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the b
 
 serve_policies() {  # serve_policies: moeflow serve at 25%, 128 rows, 32 a step, under each policy in turn, and
                     # bench serve at 128 streams against it (256 text prompts, 64 tokens each) into $p
-    # (a policy route-aware:admit=A serves with --max-admit-wait A; its files are named route-aware-admit-A)
+    # (a policy route-aware:admit=A serves with --max-admit-wait A, one with :predictor with --predictor
+    # $w/pred/bench; its files are named route-aware-admit-A, route-aware-predictor)
     local policy server extra
     for policy in ${SERVE_POLICIES:-fcfs route-aware}; do
         extra=""
         case $policy in *:admit=*) extra="--max-admit-wait ${policy##*admit=}" ;; esac
+        case $policy in *:predictor*) extra="$extra --predictor $w/pred/bench" ;; esac
         python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
             --max-batch-size 32 --scheduling ${policy%%:*} $extra --log-level warning \
             > "$p/server-${policy//[:=]/-}.log" 2>&1 &
@@ -1009,6 +1012,12 @@ case "$part" in
     TRAIN_DOCS=14000 TRAIN_TOKENS="${BIG_TOKENS:-4000000}" MAX_SEQ_LEN=512 PRED_EPOCHS=16 PRED_MINUTES=3.5 \
         PRED_ARGS="--hidden ${PRED_HIDDEN:-1024}" traces_and_predictors "$p"
     pack
+    ;;
+41)  # on part 37's machine (about 4 minutes): route-aware with its predictor's forecasts served beside route-aware
+     # alone (on the CPU's closed loop, tools/closed_loop.py: 0.75x fcfs's bytes against 0.82x)
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 37 first)" >&2; exit 3; }
+    begin p41
+    SERVE_POLICIES="${SERVE_POLICIES:-route-aware route-aware:predictor}" serve_policies
     ;;
 40)  # on part 37's machine (about 3 minutes): `predictor eval` of its held-out predictor on python_docs (the
      # baselines beside it, and the replay at 25% batch 1)
