@@ -197,6 +197,9 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
     predicted = any(r.get("predictor_s") for r in rows)
     if predicted:
         header.append("predictor share")
+    waited = any(r.get("max_decode_wait") for r in rows)  # more sequences running than a step takes
+    if waited:
+        header.append("decode wait max (p99)")
     cells = []
     for r in rows:
         moeflow = r["system"] == "moeflow"
@@ -222,6 +225,9 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
             line.append(_pct(r["remapped_picks"] / r["picks"] if r["picks"] else None))
         if predicted:
             line.append(_pct(r.get("predictor_share") if moeflow else None))
+        if waited:
+            line.append("" if r.get("max_decode_wait") is None
+                        else f"{r['max_decode_wait']} ({r['max_decode_wait_p99']:.0f})")
         cells.append(line)
     lines.append(table(header, cells, right_from=3))
     if speed:
@@ -235,7 +241,9 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
               "experts a decode step used per MoE layer. Distinct tok/req: distinct output tokens per request, "
               "mean (min); a decode stuck in a loop shows a small number here. Graphs: decode graphs captured "
               "during the timed batches (0 when warm). Config: predictor/routing/scheduling. Predictor share: the "
-              "decode time the host spent in the predictor and the cache planner (predict, refine, observe)."]
+              "decode time the host spent in the predictor and the cache planner (predict, refine, observe). "
+              "Decode wait: the most decode steps a request sat out in a row, the longest over the cell's "
+              "requests (and the 99th percentile of the per-request figure)."]
     if compare:
         lines.append("Against the baseline configuration of the same cell: tok/s and MB/tok as ratios (tok/s with, "
                      "where the cell ran more than one batch, the lowest and highest ratio of a batch against the "

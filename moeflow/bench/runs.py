@@ -67,6 +67,8 @@ class RunResult:
     predictor_s: float = 0.0  # decode steps' host time in the predictor and the cache planner
     batch_decode: list[tuple[int, float]] = field(default_factory=list)  # per batch: (decode tokens, decode s)
     distinct_tokens: list[int] = field(default_factory=list)  # distinct output tokens, per request
+    # per request (moeflow): the most decode steps it sat out in a row (RequestMetrics.max_decode_wait_steps)
+    max_decode_waits: list[int] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)  # per request, in stream order (not in results.json)
     extra: dict = field(default_factory=dict)
 
@@ -109,8 +111,9 @@ class RunResult:
     def as_dict(self) -> dict:
         d = asdict(self)
         del d["outputs"]
-        tokens = self.distinct_tokens
-        return d | {"decode_tokens_per_s": self.decode_tokens_per_s, "batch_tokens_per_s": self.batch_tokens_per_s,
+        tokens, waits = self.distinct_tokens, self.max_decode_waits
+        return d | {"max_decode_wait": max(waits) if waits else None,
+                    "max_decode_wait_p99": float(np.percentile(waits, 99)) if waits else None,"decode_tokens_per_s": self.decode_tokens_per_s, "batch_tokens_per_s": self.batch_tokens_per_s,
                     "hit_rate": self.hit_rate, "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
                     "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
                     "predictor_share": self.predictor_s / self.decode_s if self.decode_s else 0.0,
@@ -299,6 +302,7 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
         result.outputs.append(list(tokens))
         result.distinct_tokens.append(len(set(tokens)))
         m = o.metrics
+        result.max_decode_waits.append(m.max_decode_wait_steps)
         ttfts.append(m.first_token_time - m.arrival_time)
         if len(tokens) > 1:
             tpots.append((m.last_token_time - m.first_token_time) / (len(tokens) - 1))

@@ -283,6 +283,8 @@ def test_a_cell_larger_than_a_decode_step_and_than_the_kv_rows(checkpoint):
     assert r.decode_tokens == 6 * 3 and len(r.distinct_tokens) == 6 and r.prompt_tokens == 6 * 6
     assert r.decode_steps >= 9, "two sequences per decode step at most"
     assert 0 < r.belady_misses <= r.misses and r.graph_captures == 0
+    # four running and two a step: fcfs's round robin has each sit out one decode step between its tokens
+    assert len(r.max_decode_waits) == 6 and max(r.max_decode_waits) == 1, r.max_decode_waits
 
 
 def test_whole_configurations_in_place_of_the_product(tmp_path, capsys):
@@ -309,5 +311,7 @@ def test_whole_configurations_in_place_of_the_product(tmp_path, capsys):
     runs = {r["config"]: r for r in report["runs"] if r["system"] == "moeflow"}
     assert sorted(runs) == ["none/exact/fcfs", "previous/exact/route-aware"]
     assert runs["previous/exact/route-aware"]["vs_base_same_tokens"] == 1.0
+    assert all(r["max_decode_wait"] >= 1 for r in runs.values()), "four running, two a step"
+    assert "decode wait max (p99)" in (out / "results.md").read_text()
     command = report["meta"]["command"]  # runs again as written
     assert "--configurations none/exact/fcfs,previous/exact/route-aware" in command and "--routing" not in command
