@@ -5,9 +5,9 @@
         [--predictor auto|PRED_DIR]
 
 `moeflow bench serve --max-concurrency C` keeps C requests in flight and sends the next as one finishes. This
-drives an engine the same way, without a server, so which experts cross does not depend on the machine: the
-bundled model on a CPU shows what a policy does to the bytes served on a GPU. Every request decodes greedily for
-exactly --tokens tokens from a prompt of 20-40 tokens of a document of --data (a jsonl with a "text" field, e.g.
+drives an engine the same way (moeflow.bench.closed_loop), without a server, so which experts cross does not depend
+on the machine: the bundled model on a CPU shows what a policy does to the bytes served on a GPU. Every request decodes greedily for
+exactly --tokens tokens from a prompt of 20-40 tokens of a document of --data (a jsonl of corpus documents, e.g.
 `tools/corpus_sample.py CORPUS test 150`). Each policy's run reports the prefill and decode steps, the longest
 decode wait of any request (RequestMetrics.max_decode_wait_steps), the expert bytes moved and whether every
 request's tokens equal the first policy's.
@@ -21,17 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from moeflow import LLM, SamplingParams
 from moeflow.assets import default_model_dir
+from moeflow.bench.closed_loop import closed_loop
+from moeflow.data.corpus import iter_jsonl
 from moeflow.tokenizer import Tokenizer
 
 PROMPT_LENGTHS = (20, 30, 40, 25, 35)
 
 
 def prompts_from(path: str, tokenizer, n: int) -> list[list[int]]:
-    texts = [json.loads(line)["text"] for line in open(path) if line.strip()]
-    encoded = (tokenizer.encode(t) for t in texts)
+    encoded = (tokenizer.encode(d.text) for d in iter_jsonl(Path(path)))
     prompts = [ids[: PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)]] for i, ids in enumerate(encoded)
                if len(ids) >= max(PROMPT_LENGTHS)][:n]
     if len(prompts) < n:
@@ -49,38 +51,20 @@ def run(args, policy: str, prompts: list[list[int]]) -> tuple[dict[str, list[int
     llm = LLM(args.model, device=args.device, dtype="float32" if args.device == "cpu" else "auto",
               max_model_len=max(PROMPT_LENGTHS) + args.tokens + 8, max_num_seqs=args.in_flight,
               max_batch_size=args.batch, expert_budget=args.budget, scheduling=name, **engine_options)
-    engine = llm.engine
-    prefills = []
-    engine.add_route_listener(lambda view, routes: prefills.append(view.is_prefill))
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    sent = 0
-
-    def send() -> None:
-        nonlocal sent
-        engine.add_request(str(sent), prompts[sent], params)
-        sent += 1
-
-    for _ in range(min(args.in_flight, len(prompts))):
-        send()
-    tokens, waits = {}, []
     t0 = time.perf_counter()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = out.outputs[0].token_ids
-                waits.append(out.metrics.max_decode_wait_steps)
-                if sent < len(prompts):
-                    send()
-    moved = engine.cache.stats.total().bytes_moved
-    return tokens, {"policy": policy, "prefill_steps": sum(prefills), "decode_steps": engine.counters["decode_steps"],
-                    "max_decode_wait": max(waits), "mib_moved": round(moved / 2**20, 1),
-                    "seconds": round(time.perf_counter() - t0, 1)}
+    run = closed_loop(llm.engine, prompts, SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True),
+                      args.in_flight)
+    tokens = {r: o.outputs[0].token_ids for r, o in run.outputs.items()}
+    return tokens, {"policy": policy, "prefill_steps": run.prefill_steps,
+                    "decode_steps": llm.engine.counters["decode_steps"],
+                    "max_decode_wait": max(o.metrics.max_decode_wait_steps for o in run.outputs.values()),
+                    "mib_moved": round(run.bytes_moved / 2**20, 1), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(default_model_dir()))
-    p.add_argument("--data", required=True, help="jsonl with a 'text' field per line")
+    p.add_argument("--data", required=True, help="a jsonl of corpus documents (tools/corpus_sample.py)")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--in-flight", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="the most sequences one decode step takes")

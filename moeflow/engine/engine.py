@@ -294,6 +294,11 @@ class LLMEngine:
         return self._in_flight.batch if self._in_flight is not None else None
 
     @property
+    def next_step_index(self) -> int:
+        """The index the next step launched gets (StepView.index)."""
+        return self._step_index
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import greedy, heldout_prompts
 from moeflow import LLM, SamplingParams
 from moeflow.assets import default_model_dir
+from moeflow.bench.closed_loop import closed_loop
 from moeflow.engine.policies.route_aware import RouteAwarePolicy
 from moeflow.engine.scheduler import MeasuredCosts, SchedulerContext
 
@@ -138,38 +139,20 @@ def test_admission_is_held_back_only_while_it_pays_and_never_past_its_bound():
     assert admitted(RouteAwarePolicy(max_admit_wait=0), 0) == ids
 
 
-def closed_loop(prompts, concurrency, batch, tokens, **engine):
-    """Serving as `bench serve --max-concurrency` drives it: `concurrency` requests in flight, the next added as
-    one finishes. Each request's tokens, each one's steps between its arrival and its prefill, the prefill
-    steps, and the expert bytes moved."""
+def served(prompts, concurrency, batch, tokens, **engine):
+    """Serving's closed loop (`bench serve --max-concurrency`; moeflow.bench.closed_loop) on the bundled model at
+    25%: each request's tokens, each one's steps between its sending and its prefill, the prefill steps, the
+    expert bytes moved, and each request's longest decode wait."""
     llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=concurrency,
               max_batch_size=batch, expert_budget="25%", **engine)
-    e = llm.engine
-    arrived, admitted = {}, {}
-    e.add_route_listener(lambda view, routes: view.is_prefill and admitted.update(
-        dict.fromkeys(view.request_ids, view.index)))
-
-    def add(i):
-        arrived[str(i)] = e._step_index
-        e.add_request(str(i), prompts[i], SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
-
-    for i in range(concurrency):
-        add(i)
-    done, n = {}, concurrency
-    while e.has_unfinished_requests():
-        for o in e.step():
-            if o.finished:
-                done[o.request_id] = o
-                if n < len(prompts):
-                    add(n)
-                    n += 1
-    waits = [admitted[r] - arrived[r] for r in arrived]
-    prefills = len(set(admitted.values()))
-    decode_waits = [done[str(i)].metrics.max_decode_wait_steps for i in range(len(prompts))]
-    assert max(decode_waits) <= e.scheduler.policy.wait_bound(concurrency, batch) if engine["scheduling"] == \
-        "route-aware" else True
-    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))], waits, prefills, \
-        e.cache.stats.total().bytes_moved, decode_waits
+    run = closed_loop(llm.engine, prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+                      concurrency)
+    outputs = [run.outputs[str(i)] for i in range(len(prompts))]
+    decode_waits = [o.metrics.max_decode_wait_steps for o in outputs]
+    if engine["scheduling"] == "route-aware":
+        assert max(decode_waits) <= llm.engine.scheduler.policy.wait_bound(concurrency, batch), decode_waits
+    return ([o.outputs[0].token_ids for o in outputs], run.admission_waits, run.prefill_steps, run.bytes_moved,
+            decode_waits)
 
 
 def test_route_aware_prefills_new_requests_together_and_moves_fewer_bytes_served():
@@ -178,17 +161,17 @@ def test_route_aware_prefills_new_requests_together_and_moves_fewer_bytes_served
     bytes. Held back (at most 7 steps here, a running sequence's bound), newcomers are prefilled together
     (measured: 13 prefills, 0.83 of the bytes, 0.88 of fcfs's), and every request's tokens stay its own."""
     prompts = heldout_prompts(LLM(str(default_model_dir()), device="cpu").tokenizer, 48, lengths=(20, 30, 40, 25, 35))
-    base, _, _, fcfs, fcfs_waits = closed_loop(prompts, 16, 4, 16, scheduling="fcfs")
-    at_once_tokens, _, at_once_prefills, at_once, _ = closed_loop(prompts, 16, 4, 16, scheduling="route-aware",
-                                                                  max_admit_wait=0)
-    tokens, waits, prefills, held, decode_waits = closed_loop(prompts, 16, 4, 16, scheduling="route-aware")
+    base, _, _, fcfs, fcfs_waits = served(prompts, 16, 4, 16, scheduling="fcfs")
+    at_once_tokens, _, at_once_prefills, at_once, _ = served(prompts, 16, 4, 16, scheduling="route-aware",
+                                                             max_admit_wait=0)
+    tokens, waits, prefills, held, decode_waits = served(prompts, 16, 4, 16, scheduling="route-aware")
     assert tokens == base and at_once_tokens == base
     assert max(waits) <= 7, waits
     assert prefills <= 0.5 * at_once_prefills, (prefills, at_once_prefills)
     assert held <= 0.9 * at_once, (held, at_once, held / at_once)
     assert held < fcfs, (held, fcfs, held / fcfs)
     # each request's decode waits, in its metrics: fcfs takes the 16 in turn, 4 a step (3 decode steps out
-    # between tokens); route-aware's stay within its bound (checked in closed_loop) and go past that share
+    # between tokens); route-aware's stay within its bound (checked in served) and go past that share
     assert max(fcfs_waits) <= 3 and max(decode_waits) > 3, (fcfs_waits, decode_waits)
 
 
