@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeflow.bench.workload import Request
 from moeflow.engine.engine import LLMEngine
 from moeflow.outputs import RequestOutput
-from moeflow.sampling import SamplingParams
 
 
 @dataclass
@@ -29,8 +29,9 @@ class ClosedLoop:
         return [self.prefilled[r] - self.sent[r] for r in self.sent]
 
 
-def closed_loop(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, in_flight: int) -> ClosedLoop:
-    """Send prompts[0..in_flight), then the next prompt each time a request finishes, until all have finished."""
+def closed_loop(engine: LLMEngine, requests: list[Request], in_flight: int) -> ClosedLoop:
+    """Send requests[0..in_flight) (request i with id str(i)), then the next each time one finishes, until all
+    have finished."""
     run = ClosedLoop()
     remove = engine.add_route_listener(lambda view, routes: view.is_prefill and run.prefilled.update(
         dict.fromkeys(view.request_ids, view.index)))
@@ -38,16 +39,16 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], params: SamplingPar
 
     def send(i: int) -> None:
         run.sent[str(i)] = engine.next_step_index
-        engine.add_request(str(i), prompts[i], params)
+        engine.add_request(str(i), requests[i].prompt, requests[i].params)
 
     try:
-        for i in range(min(in_flight, len(prompts))):
+        for i in range(min(in_flight, len(requests))):
             send(i)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
                     run.outputs[out.request_id] = out
-                    if len(run.sent) < len(prompts):
+                    if len(run.sent) < len(requests):
                         send(len(run.sent))
     finally:
         remove()

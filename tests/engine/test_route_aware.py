@@ -11,6 +11,7 @@ from helpers import greedy, heldout_prompts
 from moeflow import LLM, SamplingParams
 from moeflow.assets import default_model_dir
 from moeflow.bench.closed_loop import closed_loop
+from moeflow.bench.workload import Request
 from moeflow.engine.policies.route_aware import RouteAwarePolicy
 from moeflow.engine.scheduler import MeasuredCosts, SchedulerContext
 
@@ -145,8 +146,8 @@ def served(prompts, concurrency, batch, tokens, **engine):
     expert bytes moved, and each request's longest decode wait."""
     llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=concurrency,
               max_batch_size=batch, expert_budget="25%", **engine)
-    run = closed_loop(llm.engine, prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
-                      concurrency)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    run = closed_loop(llm.engine, [Request(p, params) for p in prompts], concurrency)
     outputs = [run.outputs[str(i)] for i in range(len(prompts))]
     decode_waits = [o.metrics.max_decode_wait_steps for o in outputs]
     if engine["scheduling"] == "route-aware":
