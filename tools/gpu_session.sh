@@ -153,6 +153,15 @@
 #   tools/gpu_session.sh 38 OUT  (about 4 minutes) LYNX (5, 1) at 25% batch 32, plain and cache-aware
 #   tools/gpu_session.sh 32 OUT  (if time is left) as above
 #
+# The fifteenth session's first four calls got no machine (6 of its 30 minutes), which left about 20: enough for
+# one issue's remaining run, not for 35-41. Issue 13 misses one target (resident batch 64, 1.20x at (3, 1)); these
+# two calls measure whether (4, 1) or (5, 1) meets all of its targets on one model:
+#
+#   tools/gpu_session.sh 42 OUT  (about 9 minutes with the start) the bench model; LYNX's accuracy at (3, 4, 5; 1)
+#                                on five domains and held-out python_docs; multiple choice at (4, 1) and (5, 1)
+#   tools/gpu_session.sh 43 OUT  (on 42's machine, about 7 minutes) resident batch 32 and 64, four batches a cell,
+#                                exact and the three; 25% batch 32, exact, (4, 1) and (5, 1), and (5, 1) cache-aware
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1027,6 +1036,29 @@ case "$part" in
         --model "$BENCH_MODEL" --trace "$w/test.npz" --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 12 \
         --json --domains python_docs > "$p/eval_bench-no-python_docs.json" 2> "$p/eval_bench-no-python_docs.err"
     cut -c1-200 "$p/eval_bench-no-python_docs.json"
+    pack
+    ;;
+42)  # the fifteenth session's first call (about 9 minutes with the start): the bench model; LYNX's perplexity at
+     # (3, 4, 5; 1) on five domains and on held-out python_docs; the multiple-choice task at (4, 1) and (5, 1), the
+     # candidates for the bench model's default (issue 13's last missed target is batch 64 resident, 1.20x at (3, 1))
+    begin p42
+    keep_or_train "$p"
+    pack
+    lynx_sweeps "${SWEEP_TIMEOUT:-80}" 3,4,5 1
+    pack
+    lynx_choice 55 4 1
+    lynx_choice 55 5 1
+    pack
+    ;;
+43)  # on part 42's machine (about 7 minutes): the same candidates' speed, resident at batch 32 and 64 (four batches
+     # a cell) and at 25% batch 32 (two), beside exact
+    begin p43
+    keep_or_train "$p"
+    offline "$p" resident "${RESIDENT_TIMEOUT:-200}" --budgets 100% --batch-sizes 32,64 --batches-per-cell 4 \
+        --routing "exact,lynx,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1"
+    pack
+    offline "$p" lynx25 "${LYNX25_TIMEOUT:-200}" --budgets 25% --batch-sizes 32 --batches-per-cell 2 \
+        --routing "exact,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1,lynx:alpha=5:beta=1:w=4"
     pack
     ;;
 10)
