@@ -23,13 +23,14 @@ OLMOE_DEFAULTS = (3.0, 2)
 # (family, hidden, layers, experts, top-k) -> (alpha, beta), measured on held-out text at batch 32.
 MOEFLOW_MODEL_DEFAULTS: dict[tuple[str, int, int, int, int], tuple[float, int]] = {
     ("qwen3_moe", 160, 8, 32, 4): (2.5, 2),  # moeflow-tiny: docs/lynx/README.md
-    # the `bench` preset (Qwen3-30B-A3B's expert shape): +0.28% perplexity on five domains, +0.69% on python_docs,
-    # multiple choice unchanged, 1.15x exact resident at batch 32 against 1.10x for Qwen3's (3, 2)
-    # (docs/benchmarks/2026-12-06-h200-session9); on an H100 with async scheduling +0.57% / +0.46%, +0.5 points,
-    # 1.36-1.45x / 1.17-1.26x exact resident at batch 32 / 64 (docs/benchmarks/2026-12-06-h100-session13). (5, 1),
-    # +0.96% / +0.75% there, ran 1.05x at batch 64 there and 1.26x on the next session's model, where (3, 1) ran
-    # 1.20x (docs/benchmarks/2026-12-06-h100-session14); its multiple-choice accuracy is not measured
-    ("qwen3_moe", 2048, 12, 64, 8): (3.0, 1),
+    # the `bench` preset (Qwen3-30B-A3B's expert shape): (5, 1), measured on one model with every target of issue
+    # 13 beside it on an H100 (docs/benchmarks/2026-12-06-h100-session15): +0.51% perplexity on five domains,
+    # +0.78% on held-out python_docs, -0.5 points of multiple choice; resident 1.42-1.56x exact at batch 32 and
+    # 1.25-1.28x at 64 (three runs; 1.26x in the session before, 1.05x in a two-batch run on the model before that);
+    # 2.36x exact at 25% batch 32. (3, 1), the default before, has more room in accuracy (+0.30% / +0.63%) but
+    # ran 1.18-1.20x at batch 64 on that model (1.17-1.26x before); (4, 1) lost 1.0 point of multiple choice and
+    # ran 1.22x at batch 64 there
+    ("qwen3_moe", 2048, 12, 64, 8): (5.0, 1),
 }
 
 

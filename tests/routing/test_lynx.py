@@ -316,7 +316,7 @@ def test_defaults_by_family_and_for_the_bundled_model():
     assert lynx_defaults(dataclasses.replace(qwen3, family="olmoe")) == (3.0, 2)
     bench = dataclasses.replace(tiny, hidden_size=2048, num_layers=12, num_experts=64,
                                 router=dataclasses.replace(tiny.router, top_k=8))
-    assert lynx_defaults(bench) == (3.0, 1), "the bench preset's measured defaults"
+    assert lynx_defaults(bench) == (5.0, 1), "the bench preset's measured defaults"
     assert lynx_defaults(dataclasses.replace(bench, num_layers=48)) == (3.0, 2), "only that shape"
 
 
