@@ -162,6 +162,17 @@
 #   tools/gpu_session.sh 43 OUT  (on 42's machine, about 7 minutes) resident batch 32 and 64, four batches a cell,
 #                                exact and the three; 25% batch 32, exact, (4, 1) and (5, 1), and (5, 1) cache-aware
 #
+# The fifteenth session ran 42, 43, 39 and 35 on one H100 (docs/benchmarks/2026-12-06-h100-session15). For the next
+# session, issue 12's held-out recall and route-aware with forecasts (issue 14):
+#
+#   tools/gpu_session.sh 44 OUT  (about 7 minutes with the start) the bench model; then LYNX's GPU tests on the engine
+#                                as the fourteenth session left it (engine/forecast.py, decode waits)
+#   tools/gpu_session.sh 37 OUT  (on 44's machine, about 9 minutes) held-out recall from a 4,000,000-token trace with
+#                                16 epochs at width 1024
+#   tools/gpu_session.sh 40 OUT  (on 37's machine, about 3 minutes) `predictor eval` of 37's held-out predictor
+#   tools/gpu_session.sh 41 OUT  (on 37's machine, about 4 minutes) route-aware served with the predictor's forecasts
+#   tools/gpu_session.sh 32 OUT  (if time is left) as above
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1059,6 +1070,16 @@ case "$part" in
     pack
     offline "$p" lynx25 "${LYNX25_TIMEOUT:-200}" --budgets 25% --batch-sizes 32 --batches-per-cell 2 \
         --routing "exact,lynx:alpha=4:beta=1,lynx:alpha=5:beta=1,lynx:alpha=5:beta=1:w=4"
+    pack
+    ;;
+44)  # the next session's first call (about 7 minutes with the start): the bench model, then the GPU tests of LYNX
+     # (graphs against eager, exact rows untouched) on the engine as the fourteenth session changed it; the fifteenth
+     # session's GPU tests covered those changes but not LYNX's files
+    begin p44
+    keep_or_train "$p"
+    pack
+    gpu_tests "${TESTS_TIMEOUT:-240}" tests/routing/test_lynx.py tests/routing/test_lynx_engine.py \
+        tests/routing/test_lynx_triton.py tests/engine/test_gpu.py
     pack
     ;;
 10)
