@@ -153,7 +153,7 @@
 #   tools/gpu_session.sh 38 OUT  (about 4 minutes) LYNX (5, 1) at 25% batch 32, plain and cache-aware
 #   tools/gpu_session.sh 32 OUT  (if time is left) as above
 #
-# The fifteenth session's first four calls got no machine (6 of its 30 minutes), which left about 20: enough for
+# The fifteenth session's first five calls got no machine (9 of its 30 minutes), which left 21: enough for
 # one issue's remaining run, not for 35-41. Issue 13 misses one target (resident batch 64, 1.20x at (3, 1)); these
 # two calls measure whether (4, 1) or (5, 1) meets all of its targets on one model:
 #
