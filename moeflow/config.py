@@ -168,11 +168,9 @@ class EngineConfig:
                               f"{', '.join(ROUTING_MODES[1:])}")
         if self.lynx_alpha is not None and not (math.isfinite(self.lynx_alpha) and self.lynx_alpha > 0):
             raise ConfigError(f"lynx_alpha must be a finite number > 0, got {self.lynx_alpha}")
-        if self.lynx_beta is not None and (isinstance(self.lynx_beta, bool) or not isinstance(self.lynx_beta, int)
-                                           or self.lynx_beta < 1):
+        if self.lynx_beta is not None and (not _is_int(self.lynx_beta) or self.lynx_beta < 1):
             raise ConfigError(f"lynx_beta must be an integer >= 1, got {self.lynx_beta!r}")
-        if isinstance(self.lynx_resident_weight, bool) or not isinstance(self.lynx_resident_weight, int) \
-                or self.lynx_resident_weight < 0:
+        if not _is_int(self.lynx_resident_weight) or self.lynx_resident_weight < 0:
             raise ConfigError(f"lynx_resident_weight must be an integer >= 0, got {self.lynx_resident_weight!r}")
         if not _is_int(self.max_decode_wait) or self.max_decode_wait < 0:
             raise ConfigError(f"max_decode_wait must be an integer >= 0 (steps), got {self.max_decode_wait!r}")
