@@ -35,7 +35,7 @@ from moeflow.engine.forecast import Forecast
 from moeflow.engine.inflight import LaunchedStep, async_blocker, reads_logits
 from moeflow.engine.kv_cache import KVCache
 from moeflow.engine.model_runner import ModelRunner
-from moeflow.engine.requests import forced_tokens, prompt_ids
+from moeflow.engine.requests import new_sequence
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
 from moeflow.engine.setup import (budget_slots, named_policy, named_predictor, named_selector, resolve_device,
@@ -54,7 +54,7 @@ from moeflow.routing.predictors import Predictor, StepView
 from moeflow.routing.record import RouteRecord, StepRoutes
 from moeflow.routing.selection import Selector
 from moeflow.sampling import Sampler, SamplingParams
-from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeflow.tokenizer import Tokenizer
 from moeflow.weights.checkpoint import Checkpoint
 from moeflow.weights.synthetic import SyntheticCheckpoint
 
@@ -252,23 +252,12 @@ class LLMEngine:
         request that sampled them would, so a scorer sees real decode batches."""
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if params.routing != "exact" and (self.selector is None or self.selector.name != params.routing):
-            offered = ["exact"] + ([self.selector.name] if self.selector is not None else [])
-            raise RequestError(f"routing {params.routing!r} is not offered by this engine; it offers "
-                               f"{', '.join(offered)}")
-        text, ids = prompt_ids(prompt, self.tokenizer, self.spec.vocab_size)
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
-                               f"(max_model_len) and at least one must be left to generate")
-        detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63 - 1))
-        seq = Sequence(request_id, text, ids, params, arrival_time or time.time(), detok, seed)
-        if forced_output is not None:
-            seq.forced = forced_tokens(forced_output, params, len(ids), self.spec.vocab_size, self.max_model_len)
+        offered = ("exact",) + ((self.selector.name,) if self.selector is not None else ())
+        seq = new_sequence(request_id, prompt, params, tokenizer=self.tokenizer, vocab_size=self.spec.vocab_size,
+                           max_model_len=self.max_model_len, offered=offered,
+                           draw_seed=lambda: int(self._seeds.integers(2**63 - 1)),
+                           arrival_time=arrival_time or time.time(),
+                           forced_output=forced_output)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -346,17 +335,10 @@ class LLMEngine:
         view = self.forecast.begin(batch, index)
         decode = not batch.is_prefill
         for s in seqs:
-            if s.metrics.first_scheduled_time is None:
-                s.metrics.first_scheduled_time = wall
-            if batch.is_prefill:
+            s.launched(index, self._decode_launches, decode, wall)
+            if not decode:
                 self.sampler.admit(s.kv_row, s.prompt_ids, s.params)
                 self.forecast.admitted(s)
-            else:  # the decode steps it sat out since its last token (its prefill's, or a decode step's)
-                waited = self._decode_launches - s.decode_mark
-                s.metrics.decode_wait_steps += waited
-                s.metrics.max_decode_wait_steps = max(s.metrics.max_decode_wait_steps, waited)
-            s.last_step = index
-            s.decode_mark = self._decode_launches + decode
         self._decode_launches += decode
         self.forecast.plan()
         exact = None

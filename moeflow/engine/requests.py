@@ -1,10 +1,37 @@
-"""What a request brings, checked before the engine accepts it: its prompt as token ids, its forced output."""
+"""What a request brings, checked before the engine accepts it: its prompt as token ids, its routing, its forced
+output; and the Sequence the engine runs for it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from moeflow.engine.sequence import Sequence
 from moeflow.errors import RequestError
 from moeflow.sampling import SamplingParams
-from moeflow.tokenizer import Tokenizer
+from moeflow.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def new_sequence(request_id: str, prompt: str | list[int], params: SamplingParams, *, tokenizer: Tokenizer | None,
+                 vocab_size: int, max_model_len: int, offered: tuple[str, ...], draw_seed: Callable[[], int],
+                 arrival_time: float, forced_output: list[int] | None = None) -> Sequence:
+    """The request checked and made a Sequence. `offered`: the routing modes the engine runs; `draw_seed`: the
+    sampler's seed for params that bring none (called only for an accepted request, so a refused one changes no
+    other request's seed)."""
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    if params.routing not in offered:
+        raise RequestError(f"routing {params.routing!r} is not offered by this engine; it offers {', '.join(offered)}")
+    text, ids = prompt_ids(prompt, tokenizer, vocab_size)
+    if len(ids) >= max_model_len:
+        raise RequestError(f"prompt has {len(ids)} tokens, but the context holds {max_model_len} (max_model_len) "
+                           f"and at least one must be left to generate")
+    detok = IncrementalDetokenizer(tokenizer, ids, params.skip_special_tokens) if tokenizer is not None else None
+    forced = forced_tokens(forced_output, params, len(ids), vocab_size, max_model_len) if forced_output is not None \
+        else None
+    seed = params.seed if params.seed is not None else draw_seed()
+    seq = Sequence(request_id, text, ids, params, arrival_time, detok, seed)
+    seq.forced = forced
+    return seq
 
 
 def prompt_ids(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int) -> tuple[str | None, list[int]]:

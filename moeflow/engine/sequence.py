@@ -73,6 +73,18 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def launched(self, step: int, decode_steps: int, decode: bool, wall: float) -> None:
+        """The engine launches step `step` with this sequence in it, after `decode_steps` decode steps; a decode
+        step counts the decode steps it sat out since its last token (its prefill's or a decode step's)."""
+        if self.metrics.first_scheduled_time is None:
+            self.metrics.first_scheduled_time = wall
+        if decode:
+            waited = decode_steps - self.decode_mark
+            self.metrics.decode_wait_steps += waited
+            self.metrics.max_decode_wait_steps = max(self.metrics.max_decode_wait_steps, waited)
+        self.last_step = step
+        self.decode_mark = decode_steps + decode
+
     def append(self, token: int, now: float, eos_ids, max_model_len: int, detokenize: bool = True
                ) -> tuple[str, int | str | None] | None:
         """Take a generated token; (finish reason, stop reason) if it ends the sequence, else None. A stop
