@@ -33,8 +33,12 @@ def closed_loop(engine: LLMEngine, requests: list[Request], in_flight: int) -> C
     """Send requests[0..in_flight) (request i with id str(i)), then the next each time one finishes, until all
     have finished."""
     run = ClosedLoop()
-    remove = engine.add_route_listener(lambda view, routes: view.is_prefill and run.prefilled.update(
-        dict.fromkeys(view.request_ids, view.index)))
+
+    def prefilled(view, routes) -> None:
+        if view.is_prefill:
+            run.prefilled.update(dict.fromkeys(view.request_ids, view.index))
+
+    remove = engine.add_route_listener(prefilled)
     moved = engine.cache.stats.total().bytes_moved
 
     def send(i: int) -> None:

@@ -113,7 +113,8 @@ class RunResult:
         del d["outputs"]
         tokens, waits = self.distinct_tokens, self.max_decode_waits
         return d | {"max_decode_wait": max(waits) if waits else None,
-                    "max_decode_wait_p99": float(np.percentile(waits, 99)) if waits else None,"decode_tokens_per_s": self.decode_tokens_per_s, "batch_tokens_per_s": self.batch_tokens_per_s,
+                    "max_decode_wait_p99": float(np.percentile(waits, 99)) if waits else None,
+                    "decode_tokens_per_s": self.decode_tokens_per_s, "batch_tokens_per_s": self.batch_tokens_per_s,
                     "hit_rate": self.hit_rate, "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
                     "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
                     "predictor_share": self.predictor_s / self.decode_s if self.decode_s else 0.0,
