@@ -173,6 +173,12 @@
 #   tools/gpu_session.sh 41 OUT  (on 37's machine, about 4 minutes) route-aware served with the predictor's forecasts
 #   tools/gpu_session.sh 32 OUT  (if time is left) as above
 #
+# The sixteenth session's order (part 45 takes part 40's eval and part 32's prefetch arms, on 37's predictor):
+#
+#   tools/gpu_session.sh 44 OUT, then 37 OUT on its machine
+#   tools/gpu_session.sh 45 OUT  (on 37's machine, about 7 minutes) `predictor eval` of 37's held-out predictor; the
+#                                prefetch arms (cross_step, lookahead 4, both) against LRU at 25%, batch 1 and 8
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1080,6 +1086,22 @@ case "$part" in
     pack
     gpu_tests "${TESTS_TIMEOUT:-240}" tests/routing/test_lynx.py tests/routing/test_lynx_engine.py \
         tests/routing/test_lynx_triton.py tests/engine/test_gpu.py
+    pack
+    ;;
+45)  # on part 37's machine (about 7 minutes): `predictor eval` of its held-out predictor (part 40), then whether the
+     # prefetch arms meant to fill the copy engine's idle time at batch 1 (busy about 70% of a 25% step: the bytes
+     # allow about 1.8x LRU, the cache runs 1.26x) do fill it: across the step's end (cross_step), deeper
+     # (lookahead 4), both; 25%, batch 1 and 8, with part 37's predictor (never run on a GPU: part 32 had no time)
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 37 first)" >&2; exit 3; }
+    begin p45
+    timeout "${EVAL_TIMEOUT:-170}" python3 -m moeflow.cli predictor eval "$w/pred/bench-no-python_docs" \
+        --model "$BENCH_MODEL" --trace "$w/test.npz" --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 12 \
+        --json --domains python_docs > "$p/eval_bench-no-python_docs.json" 2> "$p/eval_bench-no-python_docs.err"
+    cut -c1-200 "$p/eval_bench-no-python_docs.json"
+    pack
+    P=$w/pred/bench
+    offline "$p" prefetch "${SWEEP_TIMEOUT:-330}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
+        --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4"
     pack
     ;;
 10)
