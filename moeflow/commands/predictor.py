@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="tokens per step (default: 1024 on CPU, 4096 on CUDA)")
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--hidden", type=int, default=None,
-                   help="width of the network (default: the widest within 2%% of the model's bytes, at most 512)")
+                   help="width of the network (default: the widest within 2%% of the model's bytes, at most 1024)")
     t.add_argument("--horizon", type=int, default=2,
                    help="tokens ahead the second head (the cache's look-ahead) predicts: an expert used by any of "
                         "the next N tokens (default: %(default)s; on moeflow-tiny's replay at 25%%, batch 1, 2 moved "

@@ -341,3 +341,21 @@ def test_rounds_by_value_move_fewer_bytes_at_batch_8(heldout_trace, tiny):
     floor = belady(steps, slots, eb, spec.moe_layers).bytes_per_token
     print({n: round(b / floor, 3) for n, b in moved.items()})
     assert moved[1] <= 0.96 * moved[0] and moved[1] >= floor
+
+
+def test_the_default_width_is_the_widest_within_the_share_up_to_the_cap():
+    """size_net: no width asked, the widest multiple of 16 whose float16 weights fit the budget, at most MAX_WIDTH
+    (the bench shape's 2% would allow far more); a width asked for that does not fit is refused."""
+    from types import SimpleNamespace
+
+    from moeflow.routing.predictors.training import MAX_WIDTH, size_net
+
+    bench = SimpleNamespace(num_moe_layers=12, num_experts=64, router=SimpleNamespace(top_k=8), hidden_size=2048)
+    assert size_net(bench, 10**12, None, 0.9, horizon=2).hidden == MAX_WIDTH == 1024
+    wide = size_net(bench, 10**12, None, 0.9, horizon=2)
+    budget = 2 * wide.num_params() - 1  # one byte short of the widest
+    narrower = size_net(bench, budget, None, 0.9, horizon=2)
+    assert narrower.hidden == MAX_WIDTH - 16 and 2 * narrower.num_params() <= budget
+    assert size_net(bench, 10**12, 2048, 0.9, horizon=2).hidden == 2048, "a width asked for is kept when it fits"
+    with pytest.raises(ConfigError, match="hidden width 2048 needs"):
+        size_net(bench, budget, 2048, 0.9, horizon=2)

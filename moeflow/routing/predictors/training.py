@@ -35,6 +35,10 @@ from moeflow.routing.predictors.route_data import RouteData
 from moeflow.routing.traces import Trace
 
 MAX_SHARE = 0.02  # a predictor's bytes (float16 weights) may be at most this share of the model's
+# the default width's cap. On the bench model (4M trace tokens, python_docs held out) width 1024 scored 0.713
+# held-out recall after 8 epochs and 0.723 after 16, where width 512 had scored 0.691 after 8 on another training of
+# the same model (docs/benchmarks/2026-12-06-h100-session16); its forward is one CUDA graph either way
+MAX_WIDTH = 1024
 
 
 @dataclass
@@ -43,7 +47,7 @@ class TrainOptions:
     batch_size: int = 1024
     lr: float = 3e-3
     weight_decay: float = 0.01
-    hidden: int | None = None  # None: the widest (multiple of 16, at most 512) within MAX_SHARE of the model
+    hidden: int | None = None  # None: the widest (multiple of 16, at most MAX_WIDTH) within MAX_SHARE of the model
     hist_decay: float = 0.9
     horizon: int = 2  # tokens ahead the second head looks: an expert used by any of them is a positive
     lens_width: int = 0  # the router lens (net.py): 0 none, else the width of its projection
@@ -61,7 +65,7 @@ def size_net(spec, budget_bytes: int, hidden: int | None, hist_decay: float, hor
     base = dict(num_layers=spec.num_moe_layers, num_experts=spec.num_experts, top_k=spec.router.top_k,
                 model_hidden=spec.hidden_size, hist_decay=hist_decay, horizon=horizon, lens_width=lens_width,
                 cur_width=cur_width)
-    widths = [hidden] if hidden is not None else list(range(512, 15, -16))
+    widths = [hidden] if hidden is not None else list(range(MAX_WIDTH, 15, -16))
     for w in widths:
         cfg = NetConfig(**base, hidden=w)
         if 2 * cfg.num_params() <= budget_bytes:
