@@ -179,6 +179,15 @@
 #   tools/gpu_session.sh 45 OUT  (on 37's machine, about 7 minutes) `predictor eval` of 37's held-out predictor; the
 #                                prefetch arms (cross_step, lookahead 4, both) against LRU at 25%, batch 1 and 8
 #
+# The sixteenth session ran 44, 37, 40 and part of 45 on one H100 (docs/benchmarks/2026-12-06-h100-session16). For the
+# next session, where the predictive step's host time goes at batch 1 (issue 12's speed targets):
+#
+#   tools/gpu_session.sh 46 OUT  (about 9 minutes with the start) the bench model, a trace and a predictor,
+#                                tools/host_profile.py at 25% batch 1
+#   tools/gpu_session.sh 47 OUT  (on 46's machine, about 3 minutes) prefetches all at the step's start, and
+#                                correction off, beside the default and LRU
+#   tools/gpu_session.sh 41 OUT  (on a machine with part 37's predictor) route-aware served with forecasts
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1102,6 +1111,32 @@ case "$part" in
     P=$w/pred/bench
     offline "$p" prefetch "${SWEEP_TIMEOUT:-330}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4"
+    pack
+    ;;
+46)  # the next session's first call (about 9 minutes with the start): where the predictive step's host time goes at
+     # batch 1. The sixteenth session measured the predictor and planner at 4.2-7.8 ms of a 12-16 ms step at 25%
+     # (34-47% of decode time, against 2.1 ms in the sixth session), with only 21-25% of the step stalled on copies:
+     # the bench model, a 300,000-token trace and a predictor at the default width (1024 since that session), then
+     # tools/host_profile.py at batch 1 (LRU and the predictive cache timed, then the predictive run under cProfile)
+    begin p46
+    keep_or_train "$p"
+    pack
+    TRAIN_DOCS=400 TRAIN_TOKENS=300000 PRED_EPOCHS=8 PRED_MINUTES=1.5 traces_and_predictors "$p"
+    pack
+    timeout "${HOSTPROF_TIMEOUT:-120}" python3 tools/host_profile.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
+        --corpus "$w/corpus" --batch-sizes 1 --out "$p/host_profile" > "$p/host_profile.log" 2>&1
+    tail -2 "$p/host_profile.log" | cut -c1-250
+    head -40 "$p/host_profile/cprofile-b1.txt"
+    pack
+    ;;
+47)  # on part 46's machine (about 3 minutes): at 25% batch 1, three batches a cell, the predictive cache beside LRU
+     # with every prefetch issued at the step's start (less host work after each router) and with correction off
+     # (no predictor refine and no re-plan after each router)
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 46 first)" >&2; exit 3; }
+    begin p47
+    P=$w/pred/bench
+    offline "$p" host "${SWEEP_TIMEOUT:-200}" --budgets 25% --batch-sizes 1 --batches-per-cell 3 \
+        --predictors "none,$P,$P:lookahead=12:issue_now=512:issue_per_layer=512,$P:no-correct"
     pack
     ;;
 10)
