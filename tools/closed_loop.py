@@ -16,7 +16,9 @@ and whether every request's tokens equal the first policy's (they must: a reques
 own seed and step alone).
 
 A policy is fcfs or route-aware[:wait=W][:admit=A] (--max-decode-wait W, --max-admit-wait A), each with
-:predictor to run with --predictor (its predictive cache; route-aware then reads its forecasts).
+:predictor to run with --predictor (its predictive cache; route-aware then reads its forecasts); or
+window[:wait=W], grouping over more than one step (tools/schedule_replay.py's WindowPolicy, not an engine policy),
+installed on a route-aware engine.
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ def run(args, policy: str, requests) -> tuple[dict[str, list[int]], dict]:
     engine_options = {keys[k]: int(v) for k, v in (o.split("=") for o in options if o != "predictor")}
     if "predictor" in options:
         engine_options["predictor"] = args.predictor
+    window = name == "window"
     llm = LLM(args.model, device=args.device, dtype="float32" if args.device == "cpu" else "auto",
               max_model_len=max(len(r.prompt) for r in requests) + args.tokens + 1, max_num_seqs=args.in_flight,
-              max_batch_size=args.batch, expert_budget=args.budget, scheduling=name, **engine_options)
+              max_batch_size=args.batch, expert_budget=args.budget,
+              scheduling="route-aware" if window else name, **engine_options)
+    if window:
+        from schedule_replay import WindowPolicy  # beside this script
+
+        llm.engine.scheduler.policy = WindowPolicy(engine_options.get("max_decode_wait", 4))
     t0 = time.perf_counter()
     loop = closed_loop(llm.engine, requests, args.in_flight)
     waits = loop.admission_waits
