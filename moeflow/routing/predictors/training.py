@@ -36,8 +36,8 @@ from moeflow.routing.traces import Trace
 
 MAX_SHARE = 0.02  # a predictor's bytes (float16 weights) may be at most this share of the model's
 # the default width's cap. On the bench model (4M trace tokens, python_docs held out) width 1024 scored 0.713
-# held-out recall after 8 epochs and 0.723 after 16, where width 512 had scored 0.691 after 8 on another training of
-# the same model (docs/benchmarks/2026-12-06-h100-session16); its forward is one CUDA graph either way
+# held-out recall after 8 of 16 epochs and 0.723 after 16, where width 512 had scored 0.691 after 8 (on another
+# training of the same model; docs/benchmarks/2026-12-06-h100-session16); its forward is one CUDA graph either way
 MAX_WIDTH = 1024
 
 
