@@ -6,7 +6,8 @@
 For each batch size, on one engine and the same requests (the text workload: corpus test-split prompts of
 64-256 tokens, temperature 0.8, top_p 0.95, a seed per request, 64 output tokens): LRU, then the learned
 predictor with ExpertFlow's planner, each timed as `bench offline` times it; then the predictive run once more
-under cProfile. Writes DIR/profile.json (tokens/s, MB per token, stall and predictor shares) and, per batch size,
+under cProfile. Writes DIR/profile.json (tokens/s, MB per token, stall and predictor shares, the predictor's and
+planner's host time a step by phase) and, per batch size,
 DIR/cprofile-bN.txt: the host functions by own time and by cumulative time. cProfile slows Python code, not
 device work, so its shares overstate the host; they say where the host time is, the timed runs say how much.
 """
@@ -41,10 +42,16 @@ def main() -> None:
         row = {"budget": args.budget, "batch": batch}
         for name, conf in confs.items():
             axes.apply(conf, engine)
+            was, steps_were = dict(engine.forecast.phase_s), engine.counters["decode_steps"]
             r = run_moeflow(engine, args.budget, timed, warm, configuration=conf.as_dict())
+            # the predictor's and planner's host time a decode step, by phase (Forecast.phase_s), over the warm-up
+            # batch's decode steps and the timed ones
+            steps = max(1, engine.counters["decode_steps"] - steps_were)
             row[name] = {"decode_tokens_per_s": r.decode_tokens_per_s, "mb_per_token": r.bytes_per_token / 1e6,
                          "stall_share": r.stall_share, "predictor_share": r.predictor_s / r.decode_s,
-                         "decode_ms_per_step": 1e3 * r.decode_s / max(1, r.decode_steps)}
+                         "decode_ms_per_step": 1e3 * r.decode_s / max(1, r.decode_steps),
+                         "phase_ms_per_step": {k: round(1e3 * (v - was[k]) / steps, 4)
+                                               for k, v in engine.forecast.phase_s.items()}}
         axes.apply(confs["predictive"], engine)
         prof = cProfile.Profile()
         prof.enable()

@@ -7,7 +7,10 @@ guess joins it), and the planner corrects course. After the step's token sync th
 A scheduling policy may also ask what every running sequence is expected to route next.
 
 None of it changes a token: a forecast only decides which experts are on the device when a layer needs them.
-The host time it takes is counted per decode step (LLMEngine.counters["predictor_s"]).
+The host time it takes is counted per decode step (LLMEngine.counters["predictor_s"]), and split by phase over
+every decode step so far in `Forecast.phase_s`: the predictor's forecast before the step (predict), the planner's
+moves from it (plan), after each router the predictor's refined forecast (refine) and the planner's correction
+(correct), and after the step the predictor's learning (observe).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from moeflow.routing.predictors import LearnedPredictor, Prediction, Predictor, 
 from moeflow.routing.record import RouteRecord, StepRoutes
 
 
+PHASES = ("predict", "plan", "refine", "correct", "observe")
+
+
 class Forecast:
     def __init__(self, record: RouteRecord, num_moe_layers: int, ahead_gate: bool):
         """`record`: the model's route record (the gate ahead's guesses are read from it); `ahead_gate`: whether
@@ -39,6 +45,8 @@ class Forecast:
         self._view: StepView | None = None
         self._routed: list[list[int]] = []  # this step's distinct experts per MoE layer, as the host learns them
         self._step_s = 0.0  # this step's host time in the predictor and the planner so far
+        self._step_phases = dict.fromkeys(PHASES, 0.0)  # the same, by phase
+        self.phase_s = dict.fromkeys(PHASES, 0.0)  # the decode steps' host time by phase, summed since set-up
 
     def install(self, predictor: Predictor | None, planner: Planner | None = None,
                 graph_buckets: tuple[int, ...] = ()) -> None:
@@ -57,6 +65,7 @@ class Forecast:
     def begin(self, batch: ScheduledBatch, index: int) -> StepView | None:
         """Step `index` is about to run `batch`: what the predictor sees of it (None without a predictor)."""
         self._step_s = 0.0
+        self._step_phases = dict.fromkeys(PHASES, 0.0)
         self._view = batch.view(index) if self.predictor is not None else None
         return self._view
 
@@ -74,9 +83,10 @@ class Forecast:
             return
         t = time.perf_counter()
         self._prediction = self.predictor.predict(self._view)
+        t = self._spent("predict", t)
         if self._prediction is not None and not self.cache.fully_resident:
             self.planner.plan(self.cache, self._prediction)
-        self._step_s += time.perf_counter() - t
+            self._spent("plan", t)
 
     def layer_routed(self, layer: int, used: list[int], graph_step: bool) -> None:
         """An offloaded layer's router has spoken (the host knows its experts): refine and correct course.
@@ -90,11 +100,12 @@ class Forecast:
         scores = None
         if refine is not None and getattr(self.planner, "uses_refined", True):
             scores = refine(self._view, li, self._routed)
+        t = self._spent("refine", t)
         ahead = None
         if self._ahead_gate and li + 1 < self._num_layers and self.planner.uses_ahead:
             ahead = self._record.layer_ahead(li, published=graph_step)
         self.planner.refine(self.cache, li, used, scores, ahead=ahead)
-        self._step_s += time.perf_counter() - t
+        self._spent("correct", t)
 
     def observe(self, view: StepView, routes: StepRoutes) -> float:
         """The step's routes, after its token sync: the predictor learns them. Returns the step's host time in
@@ -103,7 +114,18 @@ class Forecast:
             return 0.0
         t = time.perf_counter()
         self.predictor.observe(view, routes)
-        return self._step_s + time.perf_counter() - t
+        self._spent("observe", t)
+        if not view.is_prefill:
+            for phase, secs in self._step_phases.items():
+                self.phase_s[phase] += secs
+        return self._step_s
+
+    def _spent(self, phase: str, since: float) -> float:
+        """Count the host time from `since` to now to this step and to `phase`; returns now."""
+        now = time.perf_counter()
+        self._step_s += now - since
+        self._step_phases[phase] += now - since
+        return now
 
     def finished(self, request_id: str) -> None:
         if self.predictor is not None:

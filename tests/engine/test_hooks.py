@@ -75,6 +75,25 @@ def test_decode_steps_count_the_host_time_a_predictor_and_its_planner_take(bundl
     engine.set_predictor(None)
 
 
+def test_the_decode_steps_host_time_is_split_by_phase(bundled):
+    """Forecast.phase_s: predict, plan, refine, correct and observe over the decode steps add up to the decode steps'
+    predictor_s; with the shipped predictor and ExpertFlow's planner at 25%, every phase takes some time."""
+    from moeflow.engine.forecast import PHASES
+    from moeflow.routing.predictors import load_predictor
+    from moeflow.routing.predictors.net import find_predictor
+
+    llm, prompts = bundled
+    engine = llm.engine
+    engine.set_predictor(load_predictor(find_predictor(default_model_dir()), engine.checkpoint))
+    engine.reset_expert_cache(CacheConfig(budget=ExpertBudget.parse("25%")))
+    was, phases_were = engine.counters["predictor_s"], dict(engine.forecast.phase_s)
+    run_grid_cell(llm, prompts[:2], STEPS)
+    phases = {p: engine.forecast.phase_s[p] - phases_were[p] for p in PHASES}
+    assert all(secs > 0 for secs in phases.values()), phases
+    assert sum(phases.values()) == pytest.approx(engine.counters["predictor_s"] - was, rel=1e-9)
+    engine.set_predictor(None)
+
+
 def test_refined_scores_are_computed_only_for_a_planner_that_reads_them(bundled):
     from moeflow.experts.predictive import ExpertFlowPlanner
     from moeflow.routing.predictors import make_predictor
