@@ -186,7 +186,9 @@
 #                                tools/host_profile.py at 25% batch 1
 #   tools/gpu_session.sh 47 OUT  (on 46's machine, about 3 minutes) prefetches all at the step's start, and
 #                                correction off, beside the default and LRU
-#   tools/gpu_session.sh 41 OUT  (on a machine with part 37's predictor) route-aware served with forecasts
+#   tools/gpu_session.sh 41 OUT  (on 46's machine, with its predictor) route-aware served with forecasts
+#   tools/gpu_session.sh 39 OUT  (about 4 minutes) the GPU tests of the forecast path, which the sixteenth session's
+#                                per-phase host timing (engine/forecast.py, 4ac56b6) changed after its GPU calls
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
