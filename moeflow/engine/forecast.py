@@ -44,8 +44,7 @@ class Forecast:
         self._prediction: Prediction | None = None  # this step's, None without a predictor
         self._view: StepView | None = None
         self._routed: list[list[int]] = []  # this step's distinct experts per MoE layer, as the host learns them
-        self._step_s = 0.0  # this step's host time in the predictor and the planner so far
-        self._step_phases = dict.fromkeys(PHASES, 0.0)  # the same, by phase
+        self._step_phases = dict.fromkeys(PHASES, 0.0)  # this step's host time in the predictor and the planner
         self.phase_s = dict.fromkeys(PHASES, 0.0)  # the decode steps' host time by phase, summed since set-up
 
     def install(self, predictor: Predictor | None, planner: Planner | None = None,
@@ -64,16 +63,14 @@ class Forecast:
 
     def begin(self, batch: ScheduledBatch, index: int) -> StepView | None:
         """Step `index` is about to run `batch`: what the predictor sees of it (None without a predictor)."""
-        self._step_s = 0.0
         self._step_phases = dict.fromkeys(PHASES, 0.0)
         self._view = batch.view(index) if self.predictor is not None else None
         return self._view
 
     def admitted(self, seq: Sequence) -> None:
+        """A prefill step admits `seq` (untimed: no prefill step's host time is counted)."""
         if self.predictor is not None:
-            t = time.perf_counter()
             self.predictor.admitted(RequestView(seq.request_id, tuple(seq.prompt_ids), seq.hints))
-            self._step_s += time.perf_counter() - t
 
     def plan(self) -> None:
         """Forecast the step begun and let the planner move the cache ahead of it."""
@@ -118,12 +115,11 @@ class Forecast:
         if not view.is_prefill:
             for phase, secs in self._step_phases.items():
                 self.phase_s[phase] += secs
-        return self._step_s
+        return sum(self._step_phases.values())
 
     def _spent(self, phase: str, since: float) -> float:
-        """Count the host time from `since` to now to this step and to `phase`; returns now."""
+        """Count the host time from `since` to now to this step's `phase`; returns now."""
         now = time.perf_counter()
-        self._step_s += now - since
         self._step_phases[phase] += now - since
         return now
 
