@@ -33,7 +33,6 @@ import numpy as np
 
 from moeflow.assets import default_model_dir
 from moeflow.engine.policies import FCFSPolicy, RouteAwarePolicy
-from moeflow.engine.policies.fcfs import admit_in_order
 from moeflow.engine.scheduler import SchedulerContext, StepPlan
 from moeflow.experts.replay import belady, make_cache, pool_at, replay, step_of
 from moeflow.routing.predictors.base import StepView
@@ -124,17 +123,15 @@ class WindowPolicy(RouteAwarePolicy):
         self._groups: list[list[str]] = []  # the window's groups still to decode, by request id
 
     def plan(self, waiting, running, ctx: SchedulerContext) -> StepPlan:
-        admitted = admit_in_order(waiting, ctx)
-        if admitted and not self.holds_admission(waiting, running, admitted, ctx):
-            for s in admitted:
-                self._waiting_since.pop(s.request_id, None)
-            return StepPlan(admit=admitted)
+        admission = self.admission(waiting, running, ctx)
+        if admission is not None:
+            return admission
         M = ctx.max_batch_size
         if len(running) <= M:
             return StepPlan(decode=list(running))
         ids = {s.request_id for s in running}
-        left = {r for g in self._groups for r in g if r in ids}
-        fresh = ids - {r for g in self._groups for r in g}
+        grouped = {r for g in self._groups for r in g}
+        left, fresh = grouped & ids, ids - grouped
         if not left or fresh:
             pending = [s for s in running if s.request_id in left or s.request_id in fresh]
             resident = ctx.residency.reshape(-1).astype(np.float64) if ctx.residency is not None else None

@@ -72,11 +72,9 @@ class RouteAwarePolicy:
         return math.ceil(num_running / batch) - 1 + self.max_decode_wait
 
     def plan(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan:
-        admitted = admit_in_order(waiting, ctx)
-        if admitted and not self.holds_admission(waiting, running, admitted, ctx):
-            for s in admitted:
-                self._waiting_since.pop(s.request_id, None)
-            return StepPlan(admit=admitted)
+        admission = self.admission(waiting, running, ctx)
+        if admission is not None:
+            return admission
         M = ctx.max_batch_size
         if len(running) <= M:
             return StepPlan(decode=list(running))
@@ -109,6 +107,15 @@ class RouteAwarePolicy:
             free = np.maximum(free, sigs[pick])
         chosen = set(order[taken].tolist())
         return StepPlan(decode=[s for i, s in enumerate(running) if i in chosen])
+
+    def admission(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan | None:
+        """This step's prefill: fcfs's admission unless it is held back (holds_admission); None to decode."""
+        admitted = admit_in_order(waiting, ctx)
+        if not admitted or self.holds_admission(waiting, running, admitted, ctx):
+            return None
+        for s in admitted:
+            self._waiting_since.pop(s.request_id, None)
+        return StepPlan(admit=admitted)
 
     def admit_wait_bound(self, num_running: int, batch: int) -> int:
         """The most steps a waiting request is held back before it is admitted."""
