@@ -323,6 +323,14 @@ traces_and_predictors() {  # traces_and_predictors DIR: part 9's traces of the b
     cp -r "$w/pred" "$1/pred"
 }
 
+heldout_eval() {  # heldout_eval TIMEOUT: `predictor eval` of the held-out predictor (part 37's) on the test split's
+                  # python_docs, the baselines beside it and the replay at 25% batch 1, into $p
+    timeout "$1" python3 -m moeflow.cli predictor eval "$w/pred/bench-no-python_docs" \
+        --model "$BENCH_MODEL" --trace "$w/test.npz" --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 12 \
+        --json --domains python_docs > "$p/eval_bench-no-python_docs.json" 2> "$p/eval_bench-no-python_docs.err"
+    cut -c1-200 "$p/eval_bench-no-python_docs.json"
+}
+
 serve_policies() {  # serve_policies: moeflow serve at 25%, 128 rows, 32 a step, under each policy in turn, and
                     # bench serve at 128 streams against it (256 text prompts, 64 tokens each) into $p
     # (a policy route-aware:admit=A serves with --max-admit-wait A, one with :predictor with --predictor
@@ -1060,10 +1068,7 @@ case "$part" in
      # baselines beside it, and the replay at 25% batch 1)
     [ -f "$w/pred/bench-no-python_docs/config.json" ] || { echo "no predictor here (part 37 first)" >&2; exit 3; }
     begin p40
-    timeout "${EVAL_TIMEOUT:-200}" python3 -m moeflow.cli predictor eval "$w/pred/bench-no-python_docs" \
-        --model "$BENCH_MODEL" --trace "$w/test.npz" --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 12 \
-        --json --domains python_docs > "$p/eval_bench-no-python_docs.json" 2> "$p/eval_bench-no-python_docs.err"
-    cut -c1-200 "$p/eval_bench-no-python_docs.json"
+    heldout_eval "${EVAL_TIMEOUT:-200}"
     pack
     ;;
 42)  # the fifteenth session's first call (about 9 minutes with the start): the bench model; LYNX's perplexity at
@@ -1105,10 +1110,7 @@ case "$part" in
      # (lookahead 4), both; 25%, batch 1 and 8, with part 37's predictor (never run on a GPU: part 32 had no time)
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 37 first)" >&2; exit 3; }
     begin p45
-    timeout "${EVAL_TIMEOUT:-170}" python3 -m moeflow.cli predictor eval "$w/pred/bench-no-python_docs" \
-        --model "$BENCH_MODEL" --trace "$w/test.npz" --budgets 25% --batch-sizes 1 --replay-tokens 300 --threads 12 \
-        --json --domains python_docs > "$p/eval_bench-no-python_docs.json" 2> "$p/eval_bench-no-python_docs.err"
-    cut -c1-200 "$p/eval_bench-no-python_docs.json"
+    heldout_eval "${EVAL_TIMEOUT:-170}"
     pack
     P=$w/pred/bench
     offline "$p" prefetch "${SWEEP_TIMEOUT:-330}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
