@@ -34,7 +34,7 @@ import torch
 
 from moeflow.experts.policies import EvictionPolicy
 from moeflow.experts.eviction_order import EvictionOrder
-from moeflow.experts.quotas import donor_layer, least_valuable
+from moeflow.experts.quotas import ValueVictims, donor_layer
 from moeflow.experts.slot_table import DeviceSlotTable
 from moeflow.experts.stats import CacheStats, LayerStats
 from moeflow.experts.store import ExpertStore
@@ -228,6 +228,7 @@ class ExpertCache:
         """
         li = self._ordinal[layer]
         spare = None  # what may go for them: neither protected nor predicted (made at the first eviction)
+        victims = None  # slots shared by value: what may go, least valuable first (made at the first eviction)
         order = self.order
         quota = int(order.quota[li])
         by_value = order.by_value
@@ -239,8 +240,10 @@ class ExpertCache:
             if self._free and (by_value or self._held[li] < quota):
                 slot = self._free.pop()
             elif by_value:
-                victim = least_valuable(li, self._idle, order.unprotected, self._held, order.floor, order.priority,
-                                        self.policy, exclude=experts, below=order.margin * score)
+                if victims is None:
+                    victims = ValueVictims(li, self._idle, order.unprotected, self._held, order.floor, order.priority,
+                                           self.policy, exclude=experts)
+                victim = victims.take(below=order.margin * score)
                 if victim is None:
                     break
                 slot = int(self.slot_of[victim])
@@ -367,8 +370,9 @@ class ExpertCache:
             yield self._free.pop()
         order = self.order
         if order.by_value:
-            while (victim := least_valuable(li, self._idle, order.unprotected, self._held, order.floor,
-                                            order.priority, self.policy)) is not None:
+            victims = ValueVictims(li, self._idle, order.unprotected, self._held, order.floor, order.priority,
+                                   self.policy)
+            while (victim := victims.take()) is not None:
                 if got is not None and order.round_ends(li, victim, got):
                     break
                 slot = int(self.slot_of[victim])

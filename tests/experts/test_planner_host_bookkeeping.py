@@ -1,6 +1,7 @@
 """What the cache keeps up to date so as not to recompute it, and the planner's shortcuts, against their plain
 definitions: the idle mask, the device table's image and the unprotected mask after every call of a replay; the
-top-n selection, the donor layer and the quota trim against the sort-everything forms they replace."""
+top-n selection, the donor layer and the quota trim against the sort-everything forms they replace; the victims a
+run of evictions by value takes against the masks over every layer made again for each."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from moeflow.assets import default_model_dir
 from moeflow.experts.cache import LIVE, ExpertCache
 from moeflow.experts.policies import make_policy
 from moeflow.experts.predictive import ExpertFlowPlanner, _best, _trim
-from moeflow.experts.quotas import donor_layer
+from moeflow.experts.quotas import ValueVictims, donor_layer, least_valuable
 from moeflow.experts.replay import FakeStore, decode_steps, replay
 from moeflow.weights.checkpoint import Checkpoint
 
@@ -138,3 +139,80 @@ def test_trim_takes_what_one_at_a_time_from_the_largest_takes():
             over[j] -= 1
             want[j] -= 1
         assert _trim(counts, floor, excess) == want
+
+
+def least_valuable_by_masks(li, idle, unprotected, held, floor, priority, policy, exclude=None, below=None):
+    """The victim by value as the cache chose it before keeping candidates across a run: every mask made again."""
+    may_give = held > floor
+    may_give[li] = held[li] > 0
+    candidates = idle & may_give[:, None]
+    if exclude is not None:
+        candidates[li, exclude] = False
+    spare = candidates & unprotected
+    if np.count_nonzero(spare):
+        candidates = spare
+    elif below is not None:
+        return None
+    elif not np.count_nonzero(candidates):
+        if not idle.any():
+            return None
+        candidates = idle
+    p = np.where(candidates, priority, np.inf)
+    lowest = p.min()
+    if below is not None and lowest >= below:
+        return None
+    ties = p == lowest
+    if np.count_nonzero(ties) == 1:
+        return divmod(int(ties.argmax()), ties.shape[1])
+    return policy.victim_anywhere(ties)
+
+
+class ShownTies:
+    """An eviction policy that records every mask of equals it is shown."""
+
+    def __init__(self, policy):
+        self.policy, self.shown = policy, []
+
+    def victim_anywhere(self, candidates):
+        self.shown.append(candidates.copy())
+        return self.policy.victim_anywhere(candidates)
+
+
+def test_value_victims_take_what_masks_made_again_take():
+    rng = np.random.default_rng(4)
+    later_takes = 0
+    for trial in range(1500):
+        L, E = int(rng.integers(1, 6)), int(rng.integers(2, 12))
+        floor = int(rng.integers(0, 3))
+        idle = rng.random((L, E)) < 0.6
+        held = idle.sum(axis=1) + rng.integers(0, 2, size=L)  # pinned experts count too
+        unprotected = rng.random((L, E)) < (0.1 if trial % 5 == 0 else 0.7)
+        priority = np.floor(rng.random((L, E)) * int(rng.integers(1, 5))) / 4  # few values: many equals
+        if trial % 11 == 0:
+            priority[rng.random((L, E)) < 0.2] = np.inf if trial % 2 else np.nan
+        policy = make_policy("lru", L, E)
+        for e in rng.permutation(L * E):
+            policy.touch(*divmod(int(e), E))
+        li = int(rng.integers(0, L))
+        exclude = rng.choice(E, size=int(rng.integers(1, 3)), replace=False).tolist() if trial % 2 else None
+        victims = ValueVictims(li, idle, unprotected, held, floor, priority, ShownTies(policy), exclude)
+        for take in range(int(rng.integers(1, 2 * E))):
+            below = float(rng.random()) if exclude is not None else None
+            want_policy = ShownTies(policy)
+            want = least_valuable_by_masks(li, idle.copy(), unprotected, held.copy(), floor, priority, want_policy,
+                                           exclude, below)
+            assert least_valuable(li, idle.copy(), unprotected, held.copy(), floor, priority, policy, exclude,
+                                  below) == want
+            victims.policy.shown.clear()
+            got = victims.take(below)
+            assert got == want
+            assert len(victims.policy.shown) == len(want_policy.shown)
+            assert all((a == b).all() for a, b in zip(victims.policy.shown, want_policy.shown))
+            if got is None or not idle[got]:
+                break
+            later_takes += take > 0
+            if take % 7 != 6:  # else the pick stays where it is: the next take makes the candidates again
+                idle[got] = False  # evicted, and its slot filled for li with an expert that is pinned
+                held[got[0]] -= 1
+                held[li] += 1
+    assert later_takes > 1000

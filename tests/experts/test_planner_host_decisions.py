@@ -7,7 +7,8 @@ the same on any machine. Every part of ExpertFlowPlanner acts on it: quotas, pro
 (with guesses the refinement later drops) and correction.
 
 The expected figures were obtained by running this file's `decisions` with the cache and planner as they were
-before their host-time rewrite (moeflow at commit f6881b2), and must not change with a speed-up.
+before their host-time rewrite (moeflow at commit f6881b2), and must not change with a speed-up; those of slots
+shared by value (the planner's default), before a run of evictions by value kept its candidates (commit 56c019a).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class ScriptedPredictor(PredictorBase):
         return Prediction(scores=s.astype(np.float32))
 
 
-def decisions(slots: int, batch: int) -> dict:
+def decisions(slots: int, batch: int, planner: ExpertFlowPlanner) -> dict:
     """The replay's counters and a digest of where every expert lived at the end of every step."""
     spec = Checkpoint(default_model_dir()).spec
     L, E, K = spec.num_moe_layers, spec.num_experts, spec.router.top_k
@@ -90,10 +91,7 @@ def decisions(slots: int, batch: int) -> dict:
     def snapshot(_: int) -> None:
         h.update(cache.slot_of.astype(np.int64).tobytes())
 
-    # slots shared by count quotas, set again after every router, as the planner did by default when these
-    # figures were taken: the path with the most decisions in it
-    r = replay(steps, cache, ScriptedPredictor(steps), ExpertFlowPlanner(requota=True, by_value=False),
-               on_step=snapshot)
+    r = replay(steps, cache, ScriptedPredictor(steps), planner, on_step=snapshot)
     return {"stats": [getattr(r.stats, f) for f in FIELDS], "slot_of_digest": h.hexdigest()[:16]}
 
 
@@ -110,4 +108,28 @@ EXPECTED = {
 
 @pytest.mark.parametrize("slots,batch", sorted(EXPECTED))
 def test_replay_decisions_are_pinned(slots, batch):
-    assert decisions(slots, batch) == EXPECTED[slots, batch]
+    # slots shared by count quotas, set again after every router, as the planner did by default when these
+    # figures were taken: the path with the most decisions in it
+    assert decisions(slots, batch, ExpertFlowPlanner(requota=True, by_value=False)) == EXPECTED[slots, batch]
+
+
+# slots, batch, rounds -> the same, slots shared by value (see the docstring)
+EXPECTED_BY_VALUE = {
+    (12, 1, 0): {"stats": [3001, 6727, 6727000, 1535, 1535000, 1178, 357], "slot_of_digest": "9fe59b92fec030d1"},
+    (12, 1, 1): {"stats": [3643, 6085, 6085000, 394, 394000, 389, 5], "slot_of_digest": "9ce73141f84255bf"},
+    (12, 4, 0): {"stats": [257, 7950, 7950000, 459, 459000, 157, 302], "slot_of_digest": "71c4339ba1f0b63b"},
+    (12, 4, 1): {"stats": [891, 7316, 7316000, 25, 25000, 25, 0], "slot_of_digest": "ee75889e8affb344"},
+    (25, 1, 0): {"stats": [6973, 2755, 2755000, 1499, 1499000, 797, 702], "slot_of_digest": "5e93ee847d230fca"},
+    (25, 1, 1): {"stats": [7339, 2389, 2389000, 588, 588000, 535, 53], "slot_of_digest": "79600f93f1fcd02b"},
+    (25, 4, 0): {"stats": [1634, 6573, 6573000, 1018, 1018000, 774, 244], "slot_of_digest": "4d373e801c7954ed"},
+    (25, 4, 1): {"stats": [2194, 6013, 6013000, 61, 61000, 61, 0], "slot_of_digest": "bbd95f27cb601d04"},
+    (64, 1, 0): {"stats": [9669, 59, 59000, 9349, 9349000, 997, 8343], "slot_of_digest": "885ff36d9274ad4c"},
+    (64, 1, 1): {"stats": [9666, 62, 62000, 9354, 9354000, 1004, 8341], "slot_of_digest": "d3e37738f22e2b81"},
+    (64, 4, 0): {"stats": [5321, 2886, 2886000, 1486, 1486000, 971, 497], "slot_of_digest": "80e6899e4b239879"},
+    (64, 4, 1): {"stats": [5438, 2769, 2769000, 654, 654000, 439, 200], "slot_of_digest": "26be101e74b1a586"},
+}
+
+
+@pytest.mark.parametrize("slots,batch,rounds", sorted(EXPECTED_BY_VALUE))
+def test_replay_decisions_by_value_are_pinned(slots, batch, rounds):
+    assert decisions(slots, batch, ExpertFlowPlanner(rounds=rounds)) == EXPECTED_BY_VALUE[slots, batch, rounds]
