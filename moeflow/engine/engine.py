@@ -340,6 +340,8 @@ class LLMEngine:
                 self.sampler.admit(s.kv_row, s.prompt_ids, s.params)
                 self.forecast.admitted(s)
         self._decode_launches += decode
+        if not self.cache.fully_resident:
+            self.cache.transfer.follow_current_stream()
         self.forecast.plan()
         exact = None
         if self.selector is not None and any(s.params.routing != "exact" for s in seqs):

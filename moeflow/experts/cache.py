@@ -300,7 +300,7 @@ class ExpertCache:
         prefetch is still queued show -1: nothing has ordered their fill ahead of a compute yet."""
         if not self._table_dirty:
             return
-        self._device_table.upload(self._live)
+        self._device_table.upload(self._live, self.transfer.compute)
         self._table_dirty = False
 
     def _went_live(self, slots: list[int]) -> None:

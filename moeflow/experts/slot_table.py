@@ -23,8 +23,9 @@ class DeviceSlotTable:
         self._staging_done = [torch.cuda.Event() if pin else None for _ in self._staging]
         self._next = 0
 
-    def upload(self, live: np.ndarray) -> None:
-        """Make the device table `live` ([L, E], the host's map), ordered on the current stream."""
+    def upload(self, live: np.ndarray, stream: torch.cuda.Stream | None) -> None:
+        """Make the device table `live` ([L, E], the host's map), ordered on `stream`, the current one (the
+        compute stream, which the caller keeps so that it is not looked up at every upload; None on the CPU)."""
         i = self._next
         self._next = (i + 1) % len(self._staging)
         done = self._staging_done[i]
@@ -33,4 +34,4 @@ class DeviceSlotTable:
         np.copyto(self._staging_host[i], live)
         self.table.copy_(self._staging[i], non_blocking=done is not None)
         if done is not None:
-            done.record()
+            done.record(stream)

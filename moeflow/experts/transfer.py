@@ -38,6 +38,9 @@ class TransferEngine:
         if self.is_cuda and device.index is None:  # torch.cuda's calls are slow to resolve a device without one
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        # the stream the engine computes on, taken once a step (follow_current_stream) rather than looked up at
+        # every call: torch.cuda spends several microseconds of host time on each lookup, a few dozen a layer
+        self.compute = torch.cuda.current_stream(device) if self.is_cuda else None
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None  # prefetches
         # demand misses: their own stream, at the highest priority CUDA gives a stream
         self.demand_stream = torch.cuda.Stream(device, priority=-1) if self.is_cuda else None
@@ -84,7 +87,6 @@ class TransferEngine:
         # onto the copy stream and back by hand: `with torch.cuda.stream(...)` looks the current device up on
         # every entry, which costs more host time than the copies' own calls
         stream = self.demand_stream if priority == Priority.DEMAND and self.separate_demand else self.stream
-        compute = torch.cuda.current_stream(self.device)
         torch.cuda.set_stream(stream)
         try:
             waited = set()
@@ -98,10 +100,16 @@ class TransferEngine:
             done = torch.cuda.Event()  # one event marks every fill of this batch
             done.record(stream)
         finally:
-            torch.cuda.set_stream(compute)
+            torch.cuda.set_stream(self.compute)
         for slot, _, _ in loads:
             self._fill_done[slot] = done
             self._last_fill[slot] = (done, stream)
+
+    def follow_current_stream(self) -> None:
+        """Compute on the stream current now: the engine calls this before each step, so that moeflow run under a
+        caller's own stream orders its copies against that stream."""
+        if self.is_cuda:
+            self.compute = torch.cuda.current_stream(self.device)
 
     def issue_prefetches(self, limit: int | None = None) -> list[int]:
         """Issue up to `limit` queued prefetches (all if None), earliest deadline first; returns their slots."""
@@ -143,7 +151,7 @@ class TransferEngine:
         pending = [s for s in slots if self._fill_done[s] is not None]
         if not pending:
             return promoted
-        compute = torch.cuda.current_stream(self.device)
+        compute = self.compute
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(compute)
         waited = set()
@@ -162,7 +170,7 @@ class TransferEngine:
         if not self.is_cuda or not slots:
             return
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(self.compute)
         for s in slots:
             self._read_done[s] = event
 
