@@ -190,6 +190,15 @@
 #   tools/gpu_session.sh 39 OUT  (about 4 minutes) the GPU tests of the forecast path, which the sixteenth session's
 #                                per-phase host timing (engine/forecast.py, 4ac56b6) changed after its GPU calls
 #
+# The seventeenth session ran 46, 47, 41 and 39 on one H100, then 48 on a fresh one and part 47's correction arm
+# typed on the command line (docs/benchmarks/2026-12-06-h100-session17). For the next session:
+#
+#   tools/gpu_session.sh 39 OUT  (about 5 minutes with the start) the forecast path's GPU tests, on the tree with
+#                                the seventeenth session's host-time changes (the compute stream kept; the eviction
+#                                search by value, quotas.ValueVictims), which ran on the GPU only in part 48's
+#                                timing, not under its tests
+#   tools/gpu_session.sh 44 OUT  the engine's and LYNX's GPU tests, for the same changes
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1142,6 +1151,34 @@ case "$part" in
     offline "$p" host "${SWEEP_TIMEOUT:-200}" --budgets 25% --batch-sizes 1 --batches-per-cell 3 \
         --predictors "none,$P,$P:lookahead=12:issue_now=512:issue_per_layer=512,$P:no-correct"
     pack
+    ;;
+48)  # the seventeenth session's last call (about 8 minutes with the start): the bench model, a trace and a predictor;
+     # the host-time changes against the tree before them (.carry/before: `git archive BEFORE moeflow
+     # tools/host_profile.py`, less the bundled model), tools/host_profile.py from each tree in turn, twice, on the
+     # same model and predictor; between the two rounds, when the copy engine idles at 25% batch 1
+     # (tools/copy_timeline.py: before the step's first copy, after its last, between copies) for LRU, the
+     # predictive cache, cross_step and correction off
+    begin p48
+    keep_or_train "$p"
+    pack
+    TRAIN_DOCS=400 TRAIN_TOKENS=300000 PRED_EPOCHS=8 PRED_MINUTES=1.5 traces_and_predictors "$p"
+    pack
+    for round in 0 1; do
+        for tree in before after; do
+            src=$root; [ "$tree" = before ] && src=$root/.carry/before
+            PYTHONPATH="$src:/tmp/site" timeout "${PROFILE_TIMEOUT:-60}" python3 "$src/tools/host_profile.py" \
+                "$BENCH_MODEL" --predictor "$w/pred/bench" --corpus "$w/corpus" --budget 25% --batch-sizes 1 \
+                --out "$p/profile-$tree-$round" > "$p/host_profile-$tree-$round.log" 2>&1
+            echo "$tree $round"; grep -h '^{' "$p/host_profile-$tree-$round.log" | cut -c1-700
+            pack
+        done
+        [ "$round" = 1 ] && break
+        timeout "${TIMELINE_TIMEOUT:-150}" python3 tools/copy_timeline.py "$BENCH_MODEL" --predictor "$w/pred/bench" \
+            --corpus "$w/corpus" --batch-sizes 1 --out "$p/timeline" \
+            --arms "none,PRED,PRED:cross_step=1,PRED:no-correct" > "$p/timeline.log" 2>&1
+        grep -h '^{' "$p/timeline.log" | cut -c1-300
+        pack
+    done
     ;;
 10)
     if [ "${EVALS:-0}" = 1 ]; then  # part 11's predictors scored on the CPU cores meanwhile (recall, no replay)
