@@ -123,12 +123,10 @@ class WindowPolicy(RouteAwarePolicy):
         self._groups: list[list[str]] = []  # the window's groups still to decode, by request id
 
     def plan(self, waiting, running, ctx: SchedulerContext) -> StepPlan:
-        admission = self.admission(waiting, running, ctx)
-        if admission is not None:
-            return admission
+        plan = self.unchosen(waiting, running, ctx)
+        if plan is not None:
+            return plan
         M = ctx.max_batch_size
-        if len(running) <= M:
-            return StepPlan(decode=list(running))
         ids = {s.request_id for s in running}
         grouped = {r for g in self._groups for r in g}
         left, fresh = grouped & ids, ids - grouped

@@ -72,12 +72,10 @@ class RouteAwarePolicy:
         return math.ceil(num_running / batch) - 1 + self.max_decode_wait
 
     def plan(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan:
-        admission = self.admission(waiting, running, ctx)
-        if admission is not None:
-            return admission
+        plan = self.unchosen(waiting, running, ctx)
+        if plan is not None:
+            return plan
         M = ctx.max_batch_size
-        if len(running) <= M:
-            return StepPlan(decode=list(running))
         waits = np.array([ctx.step - s.last_step - 1 for s in running])
         bound = self.wait_bound(len(running), M)
         order = np.argsort(-waits, kind="stable")  # the longest waiting first: the tie-break everywhere below
@@ -108,14 +106,16 @@ class RouteAwarePolicy:
         chosen = set(order[taken].tolist())
         return StepPlan(decode=[s for i, s in enumerate(running) if i in chosen])
 
-    def admission(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan | None:
-        """This step's prefill: fcfs's admission unless it is held back (holds_admission); None to decode."""
+    def unchosen(self, waiting: list[Sequence], running: list[Sequence], ctx: SchedulerContext) -> StepPlan | None:
+        """This step's plan where there is nothing to choose: a prefill of fcfs's admission unless it is held back
+        (holds_admission), else a decode of every running sequence when they all fit in one step; None when the
+        step must choose which sequences decode."""
         admitted = admit_in_order(waiting, ctx)
-        if not admitted or self.holds_admission(waiting, running, admitted, ctx):
-            return None
-        for s in admitted:
-            self._waiting_since.pop(s.request_id, None)
-        return StepPlan(admit=admitted)
+        if admitted and not self.holds_admission(waiting, running, admitted, ctx):
+            for s in admitted:
+                self._waiting_since.pop(s.request_id, None)
+            return StepPlan(admit=admitted)
+        return StepPlan(decode=list(running)) if len(running) <= ctx.max_batch_size else None
 
     def admit_wait_bound(self, num_running: int, batch: int) -> int:
         """The most steps a waiting request is held back before it is admitted."""
