@@ -181,6 +181,8 @@ def test_a_batch_predicts_for_each_sequence_what_it_predicts_for_it_alone(tiny):
     tokens = {rid: int(t) for rid, t in zip(rids, rng.integers(1, 2000, len(rids)))}
 
     def rows(order):
+        for state in pred._seqs.values():
+            state.scored = None  # score every row afresh, in this batch (test_a_sequence_is_scored_once_per_state)
         view = StepView(9, False, tuple(order), tuple((tokens[r],) for r in order), tuple([4] * len(order)))
         return dict(zip(order, pred.predict(view).per_request))
 
@@ -188,6 +190,52 @@ def test_a_batch_predicts_for_each_sequence_what_it_predicts_for_it_alone(tiny):
     for rid in rids:
         np.testing.assert_allclose(together[rid], rows([rid])[rid], rtol=0, atol=1e-5)
     assert not np.allclose(together["r6"], together["r3"], atol=1e-3), "histories make the rows differ"
+
+
+def test_a_sequence_is_scored_once_per_state(tiny):
+    """A route-aware scheduler scores every running sequence before a step, and the step then predicts for the
+    ones it runs: the network runs once for each sequence's state and fed token, whoever asks, and a sequence
+    is scored again once the step's routes are observed or it feeds another token. Reused rows give what a
+    fresh forward gives."""
+    L, E, K = 8, 32, 4
+    pred, fresh = load_predictor(SHIPPED, tiny), load_predictor(SHIPPED, tiny)
+    rows_run = []
+    forward = pred.logits
+    pred.logits = lambda cur, *rest: rows_run.append(len(cur)) or forward(cur, *rest)
+    rids = [f"r{i}" for i in range(6)]
+    rng = np.random.default_rng(2)
+    tokens = {rid: int(t) for rid, t in zip(rids, rng.integers(1, 2000, len(rids)))}
+
+    def view(index, order):
+        return StepView(index, False, tuple(order), tuple((tokens[r],) for r in order), tuple([4] * len(order)))
+
+    def observe(index, order):
+        ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in order]) for _ in range(L)])
+        used = np.zeros((L, E), dtype=bool)
+        np.put_along_axis(used, ids.reshape(L, -1), True, axis=1)
+        routes = StepRoutes(ids, ids, used, [slice(i, i + 1) for i in range(len(order))])
+        for p in (pred, fresh):
+            p.observe(view(index, order), routes)
+
+    for p in (pred, fresh):
+        for rid in rids:
+            p.admitted(RequestView(rid, (0, 5)))
+    observe(0, rids)
+    pred.predict(view(1, rids))  # the scheduler scores all six
+    chosen = ["r4", "r1", "r2"]
+    step = pred.predict(view(1, chosen))
+    assert rows_run == [6], "the step's rows were scored before it"
+    expect = fresh.predict(view(1, chosen))
+    for got, want in ((step.scores, expect.scores), (step.per_request, expect.per_request),
+                      (step.next_scores, expect.next_scores)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    observe(1, chosen)
+    tokens["r5"] += 1  # r5 feeds another token without being observed
+    pred.predict(view(2, rids))
+    assert rows_run == [6, 4], "only the observed sequences and the one feeding another token run again"
+    np.testing.assert_allclose(pred.predict(view(2, rids)).per_request, fresh.predict(view(2, rids)).per_request,
+                               rtol=0, atol=1e-6)
+    assert rows_run == [6, 4]
 
 
 def test_cli_trains_and_evaluates(heldout_trace, tmp_path, capsys):

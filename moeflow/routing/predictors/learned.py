@@ -81,6 +81,9 @@ class _Sequence:
     last_routes: np.ndarray | None = None  # [L, K]
     ema: np.ndarray | None = None  # [L, E] raw exponential moving average of its tokens' multi-hot routes
     seen: int = 0  # tokens in the average (for the bias correction)
+    # the network's answer for the state above and the token it feeds next: (that token, logits [2, L, E], the
+    # history row [L*E] fed with them); observe() clears it, since the state it was computed from has moved on
+    scored: tuple[int, np.ndarray, np.ndarray] | None = None
 
 
 class OnlineCalibration:
@@ -157,21 +160,22 @@ class LearnedPredictor(PredictorBase):
 
     # -- before the step ----------------------------------------------------------------------
 
-    def _features(self, step: StepView) -> tuple[list[int], list[int], np.ndarray, np.ndarray, list[int]]:
-        """Per row (one per token predicted): its token, the token before, that token's routes (multi-hot, flat)
-        and the sequence's history; and how many rows each sequence has."""
+    def _prefill_features(self, step: StepView) -> tuple[list[int], list[int], np.ndarray, np.ndarray, list[int]]:
+        """Per row (one per prompt token predicted, the last PREFILL_TOKENS of each): its token, the token before,
+        no routes and no history; and how many rows each sequence has."""
+        cur, prev, counts = [], [], []
+        for ids in step.input_ids:
+            ids = ids[-PREFILL_TOKENS:]
+            cur.extend(ids)
+            prev.extend([-1, *ids[:-1]])
+            counts.append(len(ids))
+        zeros = np.zeros((len(cur), self.L * self.E), dtype=np.float32)
+        return cur, prev, zeros, zeros.copy(), counts
+
+    def _decode_features(self, seqs: list[_Sequence]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """One row per sequence: the token before the one it feeds, that token's routes (multi-hot, flat) and the
+        sequence's history, the arrays gathered at once."""
         L, E = self.L, self.E
-        seqs = [self._seqs.setdefault(rid, _Sequence()) for rid in step.request_ids]
-        if step.is_prefill:
-            cur, prev, counts = [], [], []
-            for ids in step.input_ids:
-                ids = ids[-PREFILL_TOKENS:]
-                cur.extend(ids)
-                prev.extend([-1, *ids[:-1]])
-                counts.append(len(ids))
-            zeros = np.zeros((len(cur), L * E), dtype=np.float32)
-            return cur, prev, zeros, zeros.copy(), counts
-        # decode: one row per sequence, its arrays gathered at once (a scheduler scores every running sequence)
         n = len(seqs)
         last = np.zeros((n, L, E), dtype=np.float32)
         routed = [i for i, s in enumerate(seqs) if s.last_routes is not None]
@@ -185,8 +189,22 @@ class LearnedPredictor(PredictorBase):
             d = self.cfg.hist_decay
             correction = np.array([1.0 - d ** seqs[i].seen for i in seen])  # the average's bias correction
             hist[seen] = np.stack([seqs[i].ema for i in seen]) / correction[:, None, None]
-        return ([ids[-1] for ids in step.input_ids], [s.last_token for s in seqs], last.reshape(n, -1),
-                hist.reshape(n, -1), [1] * n)
+        return [s.last_token for s in seqs], last.reshape(n, -1), hist.reshape(n, -1)
+
+    def _decode_logits(self, step: StepView) -> tuple[np.ndarray, np.ndarray]:
+        """A decode step's logits [B, 2, L, E] and history rows [B, L*E], one row per sequence. A sequence's row is
+        computed once for each state it reaches (observe() moves it on) and token it feeds: a scheduler that
+        scores every running sequence before a step, and the step that then runs some of them, share one
+        forward of the network, and a sequence that sat out a step is not scored again."""
+        seqs = [self._seqs.setdefault(rid, _Sequence()) for rid in step.request_ids]
+        cur = [ids[-1] for ids in step.input_ids]
+        fresh = [i for i, (s, t) in enumerate(zip(seqs, cur)) if s.scored is None or s.scored[0] != t]
+        if fresh:
+            prev, last, hist = self._decode_features([seqs[i] for i in fresh])
+            z = self.logits([cur[i] for i in fresh], prev, last, hist)
+            for j, i in enumerate(fresh):
+                seqs[i].scored = (cur[i], z[j].copy(), hist[j].copy())
+        return (np.stack([s.scored[1] for s in seqs]), np.stack([s.scored[2] for s in seqs]))
 
     @torch.inference_mode()
     def capture_graphs(self, buckets: tuple[int, ...]) -> None:
@@ -210,8 +228,11 @@ class LearnedPredictor(PredictorBase):
     def predict(self, step: StepView) -> Prediction | None:
         if step.batch_size == 0:
             return None
-        cur, prev, last, hist, counts = self._features(step)
-        both = self.logits(cur, prev, last, hist)
+        if step.is_prefill:
+            cur, prev, last, hist, counts = self._prefill_features(step)
+            both = self.logits(cur, prev, last, hist)
+        else:
+            both, hist = self._decode_logits(step)
         z, z_next = both[:, 0], both[:, 1]
         hist = hist.reshape(z.shape)
         if step.is_prefill:
@@ -287,6 +308,7 @@ class LearnedPredictor(PredictorBase):
             s.seen += len(tok)
             s.last_routes = tok[-1].copy()
             s.last_token = int(step.input_ids[b][-1])
+            s.scored = None
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
