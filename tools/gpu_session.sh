@@ -199,6 +199,14 @@
 #                                timing, not under its tests
 #   tools/gpu_session.sh 44 OUT  the engine's and LYNX's GPU tests, for the same changes
 #
+# The eighteenth session's (the forecast path's and LYNX's tests in one call; then route-aware served with the
+# predictor's forecasts, now scored once per sequence state, beside route-aware alone and fcfs):
+#
+#   tools/gpu_session.sh 49 OUT  (about 7 minutes with the start) parts 39's and 44's GPU tests
+#   tools/gpu_session.sh 50 OUT  (about 6 minutes) the bench model, a trace and the predictors
+#   SERVE_POLICIES="fcfs route-aware route-aware:predictor" tools/gpu_session.sh 41 OUT  (on 50's machine, about 5
+#                                minutes) served at 128 streams
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1124,6 +1132,24 @@ case "$part" in
     P=$w/pred/bench
     offline "$p" prefetch "${SWEEP_TIMEOUT:-330}" --budgets 25% --batch-sizes 1,8 --batches-per-cell 2 \
         --predictors "none,$P,$P:cross_step=1,$P:lookahead=4,$P:cross_step=1:lookahead=4"
+    pack
+    ;;
+49)  # the eighteenth session's first call (about 7 minutes with the start; no bench model needed): part 39's and part
+     # 44's GPU tests in one call, on the tree with the seventeenth session's host-time changes (the compute stream
+     # kept, quotas.ValueVictims) and the eighteenth's (a decode row scored once per sequence state)
+    begin p49
+    gpu_tests "${TESTS_TIMEOUT:-480}" tests/experts/test_predictive.py tests/experts/test_deferred_listener.py \
+        tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/engine/test_async_scheduling.py \
+        tests/routing/test_lynx.py tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
+        tests/engine/test_gpu.py
+    pack
+    ;;
+50)  # (about 6 minutes with a warm machine) the bench model, a 300,000-token trace and the predictors at the default
+     # width: what part 41 serves with
+    begin p50
+    keep_or_train "$p"
+    pack
+    TRAIN_DOCS=400 TRAIN_TOKENS=300000 PRED_EPOCHS=8 PRED_MINUTES=1.5 traces_and_predictors "$p"
     pack
     ;;
 46)  # the next session's first call (about 9 minutes with the start): where the predictive step's host time goes at
