@@ -306,7 +306,9 @@ class LLMEngine:
                 self._emit_unemitted()  # nor any step to build its outputs during
                 decodable = None
         ahead = self._in_flight  # launched by the last call and not settled (async_scheduling)
+        t = time.perf_counter()
         batch = self.scheduler.schedule(self._scheduler_context(), decodable)
+        self.counters["schedule_s"] += time.perf_counter() - t  # host time outside the steps, choosing them
         if batch is None:
             self._settle_in_flight()
             self._emit_unemitted()

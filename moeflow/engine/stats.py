@@ -17,7 +17,7 @@ def new_counters() -> dict:
     """The engine's running totals (LLMEngine.counters), all zero."""
     return {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
             "decode_steps": 0, "layer_steps": 0, "distinct_experts": 0, "picks": 0, "remapped_picks": 0,
-            "predictor_s": 0.0}
+            "predictor_s": 0.0, "schedule_s": 0.0}
 
 
 def count_step(c: dict, is_prefill: bool, num_tokens: int, generated: int, routes: StepRoutes,

@@ -75,6 +75,11 @@ class ServerMetrics:
         self.picks = Counter("moeflow:decode_expert_picks", "(token, pick) pairs of decode steps", m, registry=r)
         self.remapped = Counter("moeflow:decode_remapped_picks", "Picks an approximate selector (LYNX) moved to "
                                 "another expert", m, registry=r)
+        self.schedule_time = Counter("moeflow:scheduling_seconds", "Host time choosing each step (the scheduling "
+                                     "policy and what it reads: residency, the predictor's forecasts), outside the "
+                                     "steps' own time", m, registry=r)
+        self.predictor_time = Counter("moeflow:predictor_seconds", "Decode steps' host time in the predictor and the "
+                                      "expert-cache planner, inside the steps' time", m, registry=r)
         self.step_time = Histogram("moeflow:step_duration_seconds", "One engine step, scheduling to its tokens on the "
                                    "host, by kind (prefill or decode)", (*m, "kind"), buckets=_STEP_BUCKETS,
                                    registry=r)
@@ -125,6 +130,8 @@ class ServerMetrics:
         for counter, key in ((self.distinct, "distinct_experts"), (self.layer_steps, "layer_steps"),
                              (self.picks, "picks"), (self.remapped, "remapped_picks")):
             counter.labels(name).inc(max(0, c[key] - before.get(key, 0)))
+        for counter, key in ((self.schedule_time, "schedule_s"), (self.predictor_time, "predictor_s")):
+            counter.labels(name).inc(max(0.0, c[key] - before.get(key, 0.0)))
         for kind in ("prefill", "decode"):  # a step adds its time to one of the two
             spent = c[f"{kind}_s"] - before.get(f"{kind}_s", 0.0)
             if spent > 0:

@@ -267,7 +267,8 @@ METRICS = ["moeflow:num_requests_running", "moeflow:num_requests_waiting", "moef
            "moeflow:expert_device_memory_bytes", "moeflow:cuda_graph_captures", "moeflow:decode_distinct_experts_total",
            "moeflow:decode_layer_steps_total", "moeflow:decode_remapped_picks_total",
            "moeflow:expert_prefetch_hits_total", "moeflow:expert_prefetch_wasted_total",
-           "moeflow:step_duration_seconds_bucket", "moeflow:request_max_decode_wait_steps_bucket"]
+           "moeflow:step_duration_seconds_bucket", "moeflow:request_max_decode_wait_steps_bucket",
+           "moeflow:scheduling_seconds_total", "moeflow:predictor_seconds_total"]
 
 
 def test_metrics_exposition(http, live_server):
@@ -286,6 +287,8 @@ def test_metrics_exposition(http, live_server):
     # the request's prefill step and its two decode steps (at least: other tests share the server)
     assert live_server.metric("moeflow:step_duration_seconds_count", kind="prefill") >= 1
     assert live_server.metric("moeflow:step_duration_seconds_count", kind="decode") >= 2
+    # the host time spent choosing those steps, as the engine counted it
+    assert 0 < live_server.metric("moeflow:scheduling_seconds_total") <= live_server.engine.counters["schedule_s"]
 
 
 def test_routing_and_request_hints(http, offline_llm):
