@@ -375,6 +375,7 @@ serve_policies() {  # serve_policies: moeflow serve at 25%, 128 rows, 32 a step,
         wait $server
         echo "$policy:"
         grep -h "Output token throughput\|Median TTFT\|P99 TPOT\|Median TPOT\|error" "$p/serve-${policy//[:=]/-}.txt"
+        grep -h "^moeflow:scheduling_seconds_total\|^moeflow:predictor_seconds_total" "$p/metrics-${policy//[:=]/-}.txt"
         pack
     done
 }
