@@ -207,6 +207,10 @@
 #   SERVE_POLICIES="fcfs route-aware route-aware:predictor" tools/gpu_session.sh 41 OUT  (on 50's machine, about 5
 #                                minutes) served at 128 streams
 #
+# The eighteenth session got a machine at its sixteenth call, with 584 s left: it ran part 39 and part 44's tests
+# without the bench model (docs/benchmarks/2026-12-06-h100-session18). For the next session: 50, then the line
+# with part 41 above, on the same machine.
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
