@@ -238,6 +238,74 @@ def test_a_sequence_is_scored_once_per_state(tiny):
     assert rows_run == [6, 4]
 
 
+def test_observe_moves_each_sequence_on_by_its_own_tokens(tiny):
+    """A prefill (prompts of several lengths) and decode steps (subsets of the sequences, learned all at once):
+    each sequence's route history follows ema <- d ema + (1 - d) multi-hot route, token by token, and its last
+    routes, last token and token count are its own."""
+    pred = load_predictor(SHIPPED, tiny)
+    L, E, K = 8, 32, 4
+    d = pred.cfg.hist_decay
+    rng = np.random.default_rng(3)
+    rids = [f"r{i}" for i in range(5)]
+    want = {rid: np.zeros((L, E)) for rid in rids}
+    seen = dict.fromkeys(rids, 0)
+
+    def step(index, order, lengths):
+        fed = tuple(tuple(int(t) for t in rng.integers(1, 2000, n)) for n in lengths)
+        ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(sum(lengths))]) for _ in range(L)])
+        used = np.zeros((L, E), dtype=bool)
+        np.put_along_axis(used, ids.reshape(L, -1), True, axis=1)
+        starts = np.cumsum([0, *lengths])
+        rows = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        view = StepView(index, max(lengths) > 1, tuple(order), fed, tuple(lengths))
+        pred.predict(view)
+        pred.observe(view, StepRoutes(ids, ids, used, rows))
+        for rid, r, tokens in zip(order, rows, fed):
+            for j in range(r.start, r.stop):
+                hot = np.zeros((L, E))
+                hot[np.arange(L)[:, None], ids[:, j]] = 1.0
+                want[rid] = d * want[rid] + (1 - d) * hot
+            seen[rid] += r.stop - r.start
+            state = pred._seqs[rid]
+            assert state.last_token == tokens[-1] and state.seen == seen[rid]
+            assert np.array_equal(state.last_routes, ids[:, r.stop - 1])
+
+    for rid in rids:
+        pred.admitted(RequestView(rid, (0,)))
+    step(0, rids, [3, 1, 6, 2, 4])
+    step(1, rids, [1] * 5)
+    step(2, ["r3", "r0"], [1, 1])
+    step(3, ["r4", "r1", "r3"], [1, 1, 1])
+    for rid in rids:
+        np.testing.assert_allclose(pred._seqs[rid].ema, want[rid], rtol=1e-12, atol=1e-15)
+    a, b = pred._seqs["r0"].ema, pred._seqs["r3"].ema
+    assert not np.shares_memory(a, b), "each sequence owns its history"
+
+
+def test_calibration_moves_by_the_log_loss_of_each_forecaster():
+    """OnlineCalibration.update against the log-loss written out (both logs of every entry)."""
+    from moeflow.routing.predictors.learned import OnlineCalibration, sigmoid
+
+    rng = np.random.default_rng(4)
+    B, L, E, K = 6, 5, 16, 2
+    cal = OnlineCalibration(L, K)
+    bias, theta = cal.bias.copy(), cal.theta.copy()
+    for _ in range(3):
+        logits, hist = rng.normal(size=(B, L, E)), rng.random((B, L, E))
+        actual = np.zeros((B, L, E))
+        np.put_along_axis(actual, np.argsort(rng.random((B, L, E)), -1)[..., :K], 1.0, axis=-1)
+        p = np.clip(sigmoid(logits + bias[None, :, None]), 1e-4, 1 - 1e-4)
+        h = np.clip(hist, 0.02, 0.98)
+        bias = np.clip(bias + cal.rate * (actual.sum(-1) - p.sum(-1)).mean(0) / K, -2.0, 2.0)
+        def loss(q):
+            return -(actual * np.log(q) + (1 - actual) * np.log(1 - q)).sum(-1).mean(0) / K
+        theta = np.clip(theta + cal.mix_rate * (loss(p) - loss(h)), -8.0, cal.max_theta)
+        cal.update(logits, hist, actual)
+        np.testing.assert_allclose(cal.bias, bias, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(cal.theta, theta, rtol=0, atol=1e-12)
+    assert not np.allclose(cal.theta, -3.0), "the mixing weights moved"
+
+
 def test_cli_trains_and_evaluates(heldout_trace, tmp_path, capsys):
     from moeflow.cli import main
 

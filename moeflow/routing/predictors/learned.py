@@ -122,8 +122,10 @@ class OnlineCalibration:
         self.bias += self.rate * (actual.sum(-1) - p.sum(-1)).mean(0) / self.top_k
         np.clip(self.bias, -2.0, 2.0, out=self.bias)
 
-        def loss(q: np.ndarray) -> np.ndarray:  # [L] log-loss per pick
-            return -(actual * np.log(q) + (1 - actual) * np.log(1 - q)).sum(-1).mean(0) / self.top_k
+        picked = actual > 0
+
+        def loss(q: np.ndarray) -> np.ndarray:  # [L] log-loss per pick: one log per entry, of q or of 1 - q
+            return -np.log(np.where(picked, q, 1 - q)).sum(-1).mean(0) / self.top_k
 
         self.theta = np.clip(self.theta + self.mix_rate * (loss(p) - loss(h)), -8.0, self.max_theta)
 
@@ -282,7 +284,7 @@ class LearnedPredictor(PredictorBase):
     # -- after the step -----------------------------------------------------------------------
 
     def observe(self, step: StepView, routes: StepRoutes) -> None:
-        L, E, d = self.L, self.E, self.cfg.hist_decay
+        L, E = self.L, self.E
         ids = routes.router_ids  # what the router chose: the routing the predictor learns
         if self._step is not None and self._step[0] == step.index and not step.is_prefill:
             _, z, hist, per, _ = self._step
@@ -294,20 +296,33 @@ class LearnedPredictor(PredictorBase):
             self.recall = 0.95 * self.recall + 0.05 * hit
             if self.adapt:
                 self.calibration.update(z, hist, actual)
-        for b, rid in enumerate(step.request_ids):
-            s = self._seqs.setdefault(rid, _Sequence())
-            rows = routes.rows[b]
-            tok = ids[:, rows].transpose(1, 0, 2)  # [t, L, K]
-            hot = np.zeros((len(tok), L, E), dtype=np.float64)
-            np.put_along_axis(hot, tok.astype(np.int64), 1.0, axis=2)
-            if s.ema is None:
-                s.ema = np.zeros((L, E), dtype=np.float64)
-            # ema <- d^t ema + (1-d) sum_j d^(t-1-j) hot_j : the t tokens of this step, oldest first
-            w = (1 - d) * d ** np.arange(len(tok) - 1, -1, -1)
-            s.ema = d ** len(tok) * s.ema + np.tensordot(w, hot, axes=1)
-            s.seen += len(tok)
-            s.last_routes = tok[-1].copy()
-            s.last_token = int(step.input_ids[b][-1])
+        seqs = [self._seqs.setdefault(rid, _Sequence()) for rid in step.request_ids]
+        last_ids = [int(ids_fed[-1]) for ids_fed in step.input_ids]
+        if all(r.stop - r.start == 1 for r in routes.rows):  # a decode step: every sequence at once
+            self._learn(seqs, last_ids, ids[:, [r.start for r in routes.rows]].transpose(1, 0, 2)[:, None])
+        else:
+            for s, last, r in zip(seqs, last_ids, routes.rows):
+                self._learn([s], [last], ids[:, r].transpose(1, 0, 2)[None])
+
+    def _learn(self, seqs: list[_Sequence], last_ids: list[int], tok: np.ndarray) -> None:
+        """Sequences `seqs` routed their step's t tokens, the last of them `last_ids`, to tok [n, t, L, K] (oldest
+        first; t = 1 in a decode step, and n = 1 when t > 1): each one's route history, last routes and last token
+        move on."""
+        L, E, d = self.L, self.E, self.cfg.hist_decay
+        n, t = tok.shape[:2]
+        hot = np.zeros((n, t, L, E), dtype=np.float64)
+        np.put_along_axis(hot, tok.astype(np.int64), 1.0, axis=3)
+        ema = np.stack([np.zeros((L, E)) if s.ema is None else s.ema for s in seqs])
+        if t == 1:
+            ema = d * ema + (1 - d) * hot[:, 0]
+        else:  # ema <- d^t ema + (1-d) sum_j d^(t-1-j) hot_j
+            w = (1 - d) * d ** np.arange(t - 1, -1, -1)
+            ema = d ** t * ema + np.tensordot(w, hot[0], axes=1)
+        for s, row, routed, last in zip(seqs, ema, tok, last_ids):
+            s.ema = row.copy()  # not a view: the step's array would live as long as any of its rows
+            s.seen += t
+            s.last_routes = routed[-1].copy()
+            s.last_token = last
             s.scored = None
 
 
