@@ -79,9 +79,10 @@ class ServerMetrics:
                                      "policy and what it reads: residency, the predictor's forecasts), outside the "
                                      "steps' own time", m, registry=r)
         self.predictor_time = Counter("moeflow:predictor_seconds", "Decode steps' host time in the predictor and the "
-                                      "expert-cache planner, inside the steps' time", m, registry=r)
-        self.step_time = Histogram("moeflow:step_duration_seconds", "One engine step, scheduling to its tokens on the "
-                                   "host, by kind (prefill or decode)", (*m, "kind"), buckets=_STEP_BUCKETS,
+                                      "expert-cache planner: forecasts and cache moves during each step, and the "
+                                      "predictor learning the step's routes after it", m, registry=r)
+        self.step_time = Histogram("moeflow:step_duration_seconds", "One engine step, from its launch (once "
+                                   "scheduled) to its tokens on the host, by kind (prefill or decode)", (*m, "kind"), buckets=_STEP_BUCKETS,
                                    registry=r)
         self.gc_pause = Histogram("moeflow:gc_pause_seconds", "One garbage collection, which stops every thread, "
                                   "by generation (2: a full one)", (*m, "generation"), buckets=_GC_BUCKETS,

@@ -297,6 +297,8 @@ class LearnedPredictor(PredictorBase):
             if self.adapt:
                 self.calibration.update(z, hist, actual)
         seqs = [self._seqs.setdefault(rid, _Sequence()) for rid in step.request_ids]
+        if not seqs:
+            return
         last_ids = [int(ids_fed[-1]) for ids_fed in step.input_ids]
         if all(r.stop - r.start == 1 for r in routes.rows):  # a decode step: every sequence at once
             self._learn(seqs, last_ids, ids[:, [r.start for r in routes.rows]].transpose(1, 0, 2)[:, None])
