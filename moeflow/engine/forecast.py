@@ -136,7 +136,12 @@ class Forecast:
             return {}
         view = StepView(index, False, tuple(s.request_id for s in running), tuple((s.last_token,) for s in running),
                         tuple(s.num_tokens for s in running))
-        guess = self.predictor.predict(view)
-        if guess is None or guess.per_request is None:
+        per_request = getattr(self.predictor, "per_request", None)  # the rows alone, where a predictor offers them
+        if per_request is not None:
+            rows = per_request(view)
+        else:
+            guess = self.predictor.predict(view)
+            rows = None if guess is None else guess.per_request
+        if rows is None:
             return {}
-        return {s.request_id: guess.per_request[i] for i, s in enumerate(running)}
+        return {s.request_id: rows[i] for i, s in enumerate(running)}

@@ -221,7 +221,9 @@ def test_a_sequence_is_scored_once_per_state(tiny):
         for rid in rids:
             p.admitted(RequestView(rid, (0, 5)))
     observe(0, rids)
-    pred.predict(view(1, rids))  # the scheduler scores all six
+    scored = pred.per_request(view(1, rids))  # the scheduler scores all six, as Forecast.running_predictions does
+    assert pred._step is None, "scoring for a scheduler leaves the step's forecast alone"
+    np.testing.assert_allclose(scored, fresh.predict(view(1, rids)).per_request, rtol=0, atol=1e-6)
     chosen = ["r4", "r1", "r2"]
     step = pred.predict(view(1, chosen))
     assert rows_run == [6], "the step's rows were scored before it"

@@ -1,14 +1,16 @@
 """The learned predictor's host time in one route-aware decode step, at the bench model's shape, on the CPU.
 
-    PYTHONPATH=TREE .venv/bin/python docs/benchmarks/2026-12-06-cpu-session18/predictor_cycle_time.py [N] [B]
+    PYTHONPATH=TREE .venv/bin/python docs/benchmarks/2026-12-06-cpu-session18/predictor_cycle_time.py [N] [B] [stub]
 
 N sequences run (default 128) and B of them decode each step (default 32), as `moeflow serve --max-num-seqs N
 --max-batch-size B --scheduling route-aware --predictor ...` runs them. One step's predictor calls: before it, the
-scheduler scores all N (`Forecast.running_predictions`); the step predicts for the B it runs; after it, the predictor
-observes their routes. The network is a RouteNet of the bench shape (12 MoE layers x 64 experts, top-8, width 2048,
+scheduler scores all N (`Forecast.running_predictions`: `per_request()` where the tree has it, else `predict()`); the
+step predicts for the B it runs; after it, the predictor observes their routes. The network is a RouteNet of the bench shape (12 MoE layers x 64 experts, top-8, width 2048,
 hidden 1024) with its initial weights, on the CPU with one thread: its forward costs far more here than on a GPU,
 where it is a CUDA graph, so the `forward` column says how many rows each step's forwards ran, and `observe` is
-timed on its own. Prints the median over 40 steps, each with fresh routes and tokens, after 5 unmeasured ones.
+timed on its own. With `stub`, the forward returns fixed logits at once, so the figure is the host's own
+bookkeeping: what is left of the scoring where the forward is a CUDA graph. Prints the median over 40 steps, each
+with fresh routes and tokens, after 5 unmeasured ones.
 """
 
 import statistics
@@ -32,6 +34,9 @@ pred = LearnedPredictor(RouteNet(NetConfig(L, E, K, H, hidden=1024, horizon=2)),
                         torch.device("cpu"))
 rows_run = []
 forward = pred.logits
+if len(sys.argv) > 3 and sys.argv[3] == "stub":
+    fixed = np.random.default_rng(1).normal(size=(N, 2, L, E)).astype(np.float32)
+    forward = lambda cur, *rest: fixed[: len(cur)].copy()  # noqa: E731
 pred.logits = lambda cur, *rest: rows_run.append(len(cur)) or forward(cur, *rest)
 rng = np.random.default_rng(0)
 rids = [f"r{i}" for i in range(N)]
@@ -56,6 +61,8 @@ def next_tokens(order):
         tokens[r] = int(rng.integers(1, V))
 
 
+# the scheduler's question, as Forecast.running_predictions asks it (trees before per_request() use predict())
+score = getattr(pred, "per_request", pred.predict)
 pred.observe(view(0, rids), routes(rids))
 next_tokens(rids)
 cycle, obs, rows = [], [], []
@@ -64,7 +71,7 @@ for index in range(1, 46):
     routed = routes(chosen)
     rows_run.clear()
     t0 = time.perf_counter()
-    pred.predict(view(index, rids))
+    score(view(index, rids))
     pred.predict(view(index, chosen))
     t1 = time.perf_counter()
     pred.observe(view(index, chosen), routed)

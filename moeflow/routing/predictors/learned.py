@@ -243,12 +243,26 @@ class LearnedPredictor(PredictorBase):
             per = np.stack([union(p[e - n : e]) for e, n in zip(ends, counts)])
             nxt = p_next[ends - 1]  # the first decode token follows the last prompt token
         else:
-            per = self.calibration.apply(z, hist) if self.adapt else sigmoid(z)
+            per = self._chances(z, hist)
             nxt = sigmoid(z_next)
         scores = union(per).astype(np.float32)
         self._step = None if step.is_prefill else (step.index, z, hist, per, scores.copy())
         return LearnedPrediction(scores=scores, per_request=per.astype(np.float32),
                                  confidence=self.recall.astype(np.float32), next_scores=union(nxt).astype(np.float32))
+
+    def _chances(self, z: np.ndarray, hist: np.ndarray) -> np.ndarray:
+        """Decode rows' logits and histories [B, L, E] -> each sequence's chance of picking each expert."""
+        return self.calibration.apply(z, hist) if self.adapt else sigmoid(z)
+
+    def per_request(self, step: StepView) -> np.ndarray | None:
+        """What each sequence of a decode step is expected to route, [B, L, E]: predict()'s per_request alone, for a
+        scheduler weighing every running sequence. It computes no union, no look-ahead, and leaves the forecast of
+        the step in hand as it is (None for a prefill or an empty step)."""
+        if step.batch_size == 0 or step.is_prefill:
+            return None
+        both, hist = self._decode_logits(step)
+        z = both[:, 0]
+        return self._chances(z, hist.reshape(z.shape)).astype(np.float32)
 
     # -- as each layer routes ----------------------------------------------------------------
 
