@@ -247,7 +247,8 @@ begin() {  # begin NAME: this part's results folder, $p = $w/NAME, with the comm
 pack() { tar czf "$out/$name.tgz" -C "$w" "$name"; }
 session6_tests() {  # session6_tests TIMEOUT: the GPU tests of the sixth session's changes into $p/gpu_tests.log
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
-        tests/routing/test_learned_predictor.py tests/experts/test_predictive.py tests/engine/test_gpu.py \
+        tests/routing/test_learned_predictor.py tests/routing/test_learned_runtime.py tests/experts/test_predictive.py \
+        tests/engine/test_gpu.py \
         tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -3 "$p/gpu_tests.log"
@@ -1066,7 +1067,8 @@ case "$part" in
      # wait count (async scheduling)
     begin p39
     gpu_tests "${TESTS_TIMEOUT:-240}" tests/experts/test_predictive.py tests/experts/test_deferred_listener.py \
-        tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/engine/test_async_scheduling.py
+        tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/routing/test_learned_runtime.py \
+        tests/engine/test_async_scheduling.py
     pack
     ;;
 37)  # on part 35's or 36's machine (about 9 minutes: the trace about 5, the two trainings side by side at most 3.5):
@@ -1144,7 +1146,8 @@ case "$part" in
      # kept, quotas.ValueVictims) and the eighteenth's (a decode row scored once per sequence state)
     begin p49
     gpu_tests "${TESTS_TIMEOUT:-480}" tests/experts/test_predictive.py tests/experts/test_deferred_listener.py \
-        tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/engine/test_async_scheduling.py \
+        tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/routing/test_learned_runtime.py \
+        tests/engine/test_async_scheduling.py \
         tests/routing/test_lynx.py tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
         tests/engine/test_gpu.py
     pack
