@@ -322,8 +322,7 @@ class LearnedPredictor(PredictorBase):
 
     def _learn(self, seqs: list[_Sequence], last_ids: list[int], tok: np.ndarray) -> None:
         """Sequences `seqs` routed their step's t tokens, the last of them `last_ids`, to tok [n, t, L, K] (oldest
-        first; t = 1 in a decode step, and n = 1 when t > 1): each one's route history, last routes and last token
-        move on."""
+        first; t = 1 in a decode step): each one's route history, last routes and last token move on."""
         L, E, d = self.L, self.E, self.cfg.hist_decay
         n, t = tok.shape[:2]
         hot = np.zeros((n, t, L, E), dtype=np.float64)
@@ -333,7 +332,7 @@ class LearnedPredictor(PredictorBase):
             ema = d * ema + (1 - d) * hot[:, 0]
         else:  # ema <- d^t ema + (1-d) sum_j d^(t-1-j) hot_j
             w = (1 - d) * d ** np.arange(t - 1, -1, -1)
-            ema = d ** t * ema + np.tensordot(w, hot[0], axes=1)
+            ema = d ** t * ema + np.stack([np.tensordot(w, h, axes=1) for h in hot])
         for s, row, routed, last in zip(seqs, ema, tok, last_ids):
             s.ema = row.copy()  # not a view: the step's array would live as long as any of its rows
             s.seen += t
