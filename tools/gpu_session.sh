@@ -211,6 +211,14 @@
 # without the bench model (docs/benchmarks/2026-12-06-h100-session18). For the next session: 50, then the line
 # with part 41 above, on the same machine.
 #
+# The nineteenth session's order, on one machine: 50; then 51 (issue 14's offline target with the predictive
+# cache's rounds by value, which moved 0.68x fcfs's bytes at issue 14's shape on moeflow-tiny against route-aware
+# alone's 0.82x: docs/benchmarks/2026-12-06-cpu-session19); then the line with part 41 above.
+#
+#   tools/gpu_session.sh 51 OUT  (on 50's machine, about 5 minutes) 256 requests, max_num_seqs 256, max_batch_size
+#                                32, 25%: fcfs, route-aware, route-aware with the predictor, and with its rounds
+#                                by value (n = 8)
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1150,6 +1158,16 @@ case "$part" in
         tests/engine/test_async_scheduling.py \
         tests/routing/test_lynx.py tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
         tests/engine/test_gpu.py
+    pack
+    ;;
+51)  # on part 50's machine (about 5 minutes): issue 14's offline cell at 25%, route-aware with the predictive
+     # cache and its rounds by value beside fcfs and route-aware alone
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 50 first)" >&2; exit 3; }
+    begin p51
+    P=$w/pred/bench
+    offline "$p" sched25 "${SCHED_TIMEOUT:-540}" --budgets 25% --batch-sizes 256 --max-num-seqs 256 \
+        --max-batch-size 32 --batches-per-cell 1 \
+        --configurations "none/exact/fcfs,none/exact/route-aware,$P/exact/route-aware,$P:rounds=8/exact/route-aware"
     pack
     ;;
 50)  # (about 6 minutes with a warm machine) the bench model, a 300,000-token trace and the predictors at the default
