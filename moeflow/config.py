@@ -142,6 +142,8 @@ class EngineConfig:
     enforce_eager: bool = False  # True: never replay decode steps as CUDA graphs
     fused_ops: bool | None = None  # fused norms, router, QK norm + rotary + KV write; None: on CUDA with Triton
     gate_ahead: bool = False  # True: each MoE layer guesses the next one's experts with its router (the planner's)
+    expert_rounds: int = 0  # the predictive cache (a learned predictor): an offloaded layer whose loads would evict
+    # experts worth more than ones it holds computes its experts in rounds of at least this many (0: off)
     overlap_output: bool | None = None  # build a step's outputs while the next runs (step() returns them a step
     # later); None: on CUDA, where the device has a step to run meanwhile
     async_scheduling: bool | None = None  # plan and launch the next step before the host takes this one's tokens
@@ -176,6 +178,8 @@ class EngineConfig:
             raise ConfigError(f"max_decode_wait must be an integer >= 0 (steps), got {self.max_decode_wait!r}")
         if self.max_admit_wait is not None and (not _is_int(self.max_admit_wait) or self.max_admit_wait < 0):
             raise ConfigError(f"max_admit_wait must be an integer >= 0 (steps) or None, got {self.max_admit_wait!r}")
+        if not _is_int(self.expert_rounds) or self.expert_rounds < 0:
+            raise ConfigError(f"expert_rounds must be an integer >= 0 (0: off), got {self.expert_rounds!r}")
         if self.scheduler not in SCHEDULER_POLICIES:
             raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
 

@@ -48,6 +48,7 @@ class LLM:
         enforce_eager: bool = False,
         fused_ops: bool | None = None,
         gate_ahead: bool = False,
+        expert_rounds: int = 0,
         overlap_output: bool | None = None,
         async_scheduling: bool | None = None,
         skip_tokenizer_init: bool = False,
@@ -67,6 +68,10 @@ class LLM:
         run (CUDA with Triton), False: plain torch, True: fused or a ConfigError saying why not.
         gate_ahead: each MoE layer also guesses the next layer's experts with that layer's router, for the
         predictive cache's correction (ExpertFlowPlanner); the tokens are the same either way.
+        expert_rounds: with a learned predictor's predictive cache, an offloaded layer whose loads would evict
+        experts worth more than ones it already holds computes its experts in rounds of at least this many, the
+        experts of each round then making room for the rest (ExpertFlowPlanner's rounds by value; 0, the default:
+        off). Fewer bytes cross to the device when a step runs many sequences; the tokens are the same either way.
         overlap_output: build each step's outputs (detokenisation, RequestOutput) while the device runs the next
         step, not between the two; None (the default): on CUDA. The outputs are the same, a step later.
         async_scheduling: plan and launch each decode step before the host has taken the last one's tokens (they
@@ -83,7 +88,7 @@ class LLM:
             max_decode_wait=max_decode_wait, max_admit_wait=max_admit_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
-            fused_ops=fused_ops, gate_ahead=gate_ahead, overlap_output=overlap_output,
+            fused_ops=fused_ops, gate_ahead=gate_ahead, expert_rounds=expert_rounds, overlap_output=overlap_output,
             async_scheduling=async_scheduling, allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,

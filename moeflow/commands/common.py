@@ -61,6 +61,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-ahead", action="store_true",
                    help="each MoE layer also guesses the next layer's experts with that layer's router, for the "
                         "predictive cache's correction (with --predictor); the tokens are the same")
+    g.add_argument("--expert-rounds", type=int, default=0, metavar="N",
+                   help="with a learned --predictor: an offloaded layer whose loads would evict experts worth more "
+                        "than ones it holds computes its experts in rounds of at least N, each round's experts then "
+                        "making room for the rest (fewer bytes moved at large decode batches; default: 0, off); "
+                        "the tokens are the same")
     g.add_argument("--overlap-output", action=argparse.BooleanOptionalAction, default=None,
                    help="build each step's outputs (detokenisation, responses) while the device runs the next "
                         "step; the same outputs, a step later (default: on CUDA)")
@@ -79,5 +84,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_admit_wait=args.max_admit_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
                 enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, gate_ahead=args.gate_ahead,
+                expert_rounds=args.expert_rounds,
                 overlap_output=args.overlap_output, async_scheduling=args.async_scheduling,
                 allow_nonfinite_weights=args.allow_nonfinite_weights)

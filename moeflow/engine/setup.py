@@ -103,6 +103,17 @@ def named_predictor(config: EngineConfig, spec: ModelSpec, checkpoint, device: t
     return load_predictor(path, checkpoint, device, embedding=embedding)
 
 
+def check_expert_rounds(config: EngineConfig, predictor: Predictor | None, planner) -> None:
+    """config.expert_rounds asks the predictive cache, which only a learned predictor brings, for rounds by value:
+    refused where the engine's planner took no rounds."""
+    if not config.expert_rounds or getattr(planner, "rounds", 0) == config.expert_rounds:
+        return
+    has = (f"its predictor is {type(predictor).__name__}" if predictor is not None
+           else f"predictor={config.predictor!r} found none" if config.predictor else "it has no predictor")
+    raise ConfigError(f"expert_rounds={config.expert_rounds} needs the predictive cache, which a learned predictor "
+                      f"brings (a predictor directory, or 'auto' with a model that ships one); {has}")
+
+
 def budget_slots(spec: ModelSpec, expert_bytes: int, budget: ExpertBudget) -> int:
     """The slots `budget` buys, refused with the smallest budget that works if it cannot hold one token's top-k."""
     slots = budget.num_slots(expert_bytes=expert_bytes, num_moe_layers=spec.num_moe_layers,

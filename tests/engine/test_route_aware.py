@@ -85,10 +85,10 @@ def test_fewer_running_than_a_step_takes_decodes_them_all():
     assert len(RouteAwarePolicy().plan([], seqs, ctx(0, 4, None)).decode) == 3
 
 
-def decode_bytes(policy, prompts, steps, budget="25%"):
+def decode_bytes(policy, prompts, steps, budget="25%", **engine):
     """Tokens, and expert bytes moved after the one prefill step that admits every prompt."""
     llm = LLM(str(default_model_dir()), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=len(prompts),
-              max_batch_size=16, expert_budget=budget, scheduling=policy)
+              max_batch_size=16, expert_budget=budget, scheduling=policy, **engine)
     engine = llm.engine
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, greedy(steps))
@@ -100,14 +100,33 @@ def decode_bytes(policy, prompts, steps, budget="25%"):
     return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))], engine.cache.stats.total().bytes_moved - before
 
 
-def test_route_aware_is_exact_and_moves_fewer_bytes_than_fcfs():
+@pytest.fixture(scope="module")
+def fcfs_run():
+    """64 prompts of real text, and fcfs's tokens and decode bytes for them (64 running, 16 a step, 25%)."""
+    prompts = heldout_prompts(LLM(str(default_model_dir()), device="cpu").tokenizer, 64)
+    return prompts, *decode_bytes("fcfs", prompts, 12)
+
+
+def test_route_aware_is_exact_and_moves_fewer_bytes_than_fcfs(fcfs_run):
     """64 prompts of real text, 64 running, 16 per decode step, a 25% budget: the same tokens as fcfs, and fewer
     expert bytes moved in decode (measured: 0.80 of fcfs's; the issue asks for at least 20% fewer)."""
-    prompts = heldout_prompts(LLM(str(default_model_dir()), device="cpu").tokenizer, 64)
-    fcfs_tokens, fcfs = decode_bytes("fcfs", prompts, 12)
+    prompts, fcfs_tokens, fcfs = fcfs_run
     tokens, aware = decode_bytes("route-aware", prompts, 12)
     assert tokens == fcfs_tokens
     assert aware <= 0.8 * fcfs, (aware, fcfs, aware / fcfs)
+
+
+def test_route_aware_with_the_predictive_cache_and_its_rounds_is_exact_and_moves_fewer_bytes(fcfs_run):
+    """The same cell with the shipped predictor: its forecasts choose the steps and its predictive cache plans
+    the copies, then also with rounds by value (expert_rounds=8). The tokens stay fcfs's; measured 0.660 and
+    0.641 of fcfs's bytes."""
+    prompts, fcfs_tokens, fcfs = fcfs_run
+    tokens, predicted = decode_bytes("route-aware", prompts, 12, predictor="auto")
+    assert tokens == fcfs_tokens
+    tokens, rounds = decode_bytes("route-aware", prompts, 12, predictor="auto", expert_rounds=8)
+    assert tokens == fcfs_tokens
+    assert predicted <= 0.68 * fcfs, (predicted, fcfs, predicted / fcfs)
+    assert rounds <= 0.98 * predicted, (rounds, predicted, rounds / predicted)
 
 
 def test_admission_is_held_back_only_while_it_pays_and_never_past_its_bound():

@@ -393,3 +393,25 @@ def test_rounds_by_value_refuse_nonsense_and_need_slots_shared_by_value():
     assert cache.order.after_use is not None and cache.order.min_round == 2
     ExpertFlowPlanner().plan(cache, scores)
     assert cache.order.after_use is None, "a planner without rounds switches them off again"
+
+
+def test_expert_rounds_are_set_from_llm_and_the_cli_and_refused_without_the_predictive_cache():
+    from moeflow.cli import build_parser
+    from moeflow.commands.common import engine_kwargs
+    from moeflow.errors import ConfigError
+
+    def llm(**kw):
+        return LLM(str(default_model_dir()), device="cpu", max_model_len=32, expert_budget="25%", **kw)
+
+    assert llm(predictor="auto", expert_rounds=8).engine.planner.rounds == 8
+    assert llm(predictor="auto").engine.planner.rounds == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="expert_rounds must be an integer >= 0"):
+            llm(predictor="auto", expert_rounds=bad)
+    with pytest.raises(ConfigError, match="expert_rounds=8 needs the predictive cache.*it has no predictor"):
+        llm(expert_rounds=8)
+    with pytest.raises(ConfigError, match="needs the predictive cache.*its predictor is FrequencyPredictor"):
+        llm(predictor="frequency", expert_rounds=8)
+    args = build_parser().parse_args(["serve", "--predictor", "auto", "--expert-rounds", "8"])
+    assert engine_kwargs(args)["expert_rounds"] == 8
+    assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["expert_rounds"] == 0
