@@ -219,6 +219,14 @@
 #                                32, 25%: fcfs, route-aware, route-aware with the predictor, and with its rounds
 #                                by value (n = 8)
 #
+# The nineteenth session ran 50, 51, part 41 (fcfs, route-aware, route-aware:predictor) and part 51's command at
+# 10% on one H100 (docs/benchmarks/2026-12-06-h100-session19). For the next session, on one machine: 50, then
+#
+#   SERVE_POLICIES="fcfs route-aware:predictor route-aware:predictor:rounds=8" tools/gpu_session.sh 41 OUT
+#                                (about 5 minutes) served at 128 streams with --expert-rounds 8, which the
+#                                nineteenth session added after its calls
+#   tools/gpu_session.sh 39 OUT  the forecast path's GPU tests (they include rounds by value under graphs)
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -364,12 +372,14 @@ heldout_eval() {  # heldout_eval TIMEOUT: `predictor eval` of the held-out predi
 serve_policies() {  # serve_policies: moeflow serve at 25%, 128 rows, 32 a step, under each policy in turn, and
                     # bench serve at 128 streams against it (256 text prompts, 64 tokens each) into $p
     # (a policy route-aware:admit=A serves with --max-admit-wait A, one with :predictor with --predictor
-    # $w/pred/bench; its files are named route-aware-admit-A, route-aware-predictor)
-    local policy server extra
+    # $w/pred/bench, one with :rounds=N with --expert-rounds N; its files are named route-aware-admit-A,
+    # route-aware-predictor, route-aware-predictor-rounds-N)
+    local policy server extra n
     for policy in ${SERVE_POLICIES:-fcfs route-aware}; do
         extra=""
-        case $policy in *:admit=*) extra="--max-admit-wait ${policy##*admit=}" ;; esac
+        case $policy in *:admit=*) n=${policy##*admit=}; extra="--max-admit-wait ${n%%:*}" ;; esac
         case $policy in *:predictor*) extra="$extra --predictor $w/pred/bench" ;; esac
+        case $policy in *:rounds=*) n=${policy##*rounds=}; extra="$extra --expert-rounds ${n%%:*}" ;; esac
         python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
             --max-batch-size 32 --scheduling ${policy%%:*} $extra --log-level warning \
             > "$p/server-${policy//[:=]/-}.log" 2>&1 &
