@@ -268,7 +268,7 @@ pack() { tar czf "$out/$name.tgz" -C "$w" "$name"; }
 session6_tests() {  # session6_tests TIMEOUT: the GPU tests of the sixth session's changes into $p/gpu_tests.log
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider -k "not transformers" \
         tests/routing/test_learned_predictor.py tests/routing/test_learned_runtime.py tests/experts/test_predictive.py \
-        tests/engine/test_gpu.py \
+        tests/experts/test_predictive_tokens.py tests/engine/test_gpu.py \
         tests/experts/test_deferred_listener.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -3 "$p/gpu_tests.log"
@@ -624,7 +624,7 @@ case "$part" in
     train_bench "$p"
     pack
     timeout "${TESTS_TIMEOUT:-110}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/experts/test_deferred_listener.py \
-        tests/experts/test_predictive.py > "$p/gpu_tests.log" 2>&1
+        tests/experts/test_predictive.py tests/experts/test_predictive_tokens.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     tail -3 "$p/gpu_tests.log"
     pack
@@ -731,7 +731,7 @@ case "$part" in
         tests/models/test_decode_attention_triton.py tests/engine/test_gpu.py > "$p/gpu_tests.log" 2>&1
     echo "tests rc $?" >> "$p/gpu_tests.log"
     timeout "${PLANNER_TESTS_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider \
-        tests/experts/test_predictive.py -k "gate_ahead or cross_step" >> "$p/gpu_tests.log" 2>&1
+        tests/experts/test_predictive.py tests/experts/test_predictive_tokens.py -k "gate_ahead or cross_step" >> "$p/gpu_tests.log" 2>&1
     echo "planner tests rc $?" >> "$p/gpu_tests.log"
     grep -h "passed\|failed\|rc " "$p/gpu_tests.log" | tail -6
     pack
@@ -961,7 +961,7 @@ case "$part" in
     # the GPU tests of what changed after the twelfth session's calls: LYNX's kept set in the record's scratch
     # (10ce3f2), a round's reads all marked (c474cba), async scheduling's outputs never dropped (8839c6f)
     gpu_tests "${TESTS_TIMEOUT:-120}" tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
-        tests/engine/test_async_scheduling.py tests/engine/test_overlap_output.py tests/experts/test_predictive.py
+        tests/engine/test_async_scheduling.py tests/engine/test_overlap_output.py tests/experts/test_predictive.py tests/experts/test_predictive_tokens.py
     pack
     ;;
 30)  # the thirteenth session's last call (about 9 minutes with the start): the GPU test of rounds by value under
@@ -969,7 +969,7 @@ case "$part" in
      # three batches a cell (batch 64 read 1.21x and then 1.26x exact in two runs of two); the multiple-choice task
      # at (3, 1); and the served comparison of route-aware and fcfs at 128 streams (needs .whl)
     begin p30
-    gpu_tests "${TESTS_TIMEOUT:-150}" -k rounds tests/experts/test_predictive.py &
+    gpu_tests "${TESTS_TIMEOUT:-150}" -k rounds tests/experts/test_predictive.py tests/experts/test_predictive_tokens.py &
     keep_or_train "$p"
     wait
     pack
@@ -1088,7 +1088,7 @@ case "$part" in
      # graphs, the deferred listener, the hooks), decode features gathered at once (the graphed forward), the decode
      # wait count (async scheduling)
     begin p39
-    gpu_tests "${TESTS_TIMEOUT:-240}" tests/experts/test_predictive.py tests/experts/test_deferred_listener.py \
+    gpu_tests "${TESTS_TIMEOUT:-240}" tests/experts/test_predictive.py tests/experts/test_predictive_tokens.py tests/experts/test_deferred_listener.py \
         tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/routing/test_learned_runtime.py \
         tests/engine/test_async_scheduling.py
     pack
@@ -1167,7 +1167,7 @@ case "$part" in
      # 44's GPU tests in one call, on the tree with the seventeenth session's host-time changes (the compute stream
      # kept, quotas.ValueVictims) and the eighteenth's (a decode row scored once per sequence state)
     begin p49
-    gpu_tests "${TESTS_TIMEOUT:-480}" tests/experts/test_predictive.py tests/experts/test_deferred_listener.py \
+    gpu_tests "${TESTS_TIMEOUT:-480}" tests/experts/test_predictive.py tests/experts/test_predictive_tokens.py tests/experts/test_deferred_listener.py \
         tests/engine/test_gpu_hooks.py tests/routing/test_learned_predictor.py tests/routing/test_learned_runtime.py \
         tests/engine/test_async_scheduling.py \
         tests/routing/test_lynx.py tests/routing/test_lynx_engine.py tests/routing/test_lynx_triton.py \
