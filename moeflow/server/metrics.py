@@ -82,8 +82,8 @@ class ServerMetrics:
                                       "expert-cache planner: forecasts and cache moves during each step, and the "
                                       "predictor learning the step's routes after it", m, registry=r)
         self.step_time = Histogram("moeflow:step_duration_seconds", "One engine step, from its launch (once "
-                                   "scheduled) to its tokens on the host, by kind (prefill or decode)", (*m, "kind"), buckets=_STEP_BUCKETS,
-                                   registry=r)
+                                   "scheduled) to its tokens on the host, by kind (prefill or decode)", (*m, "kind"),
+                                   buckets=_STEP_BUCKETS, registry=r)
         self.gc_pause = Histogram("moeflow:gc_pause_seconds", "One garbage collection, which stops every thread, "
                                   "by generation (2: a full one)", (*m, "generation"), buckets=_GC_BUCKETS,
                                   registry=r)
@@ -126,13 +126,11 @@ class ServerMetrics:
         name = self.model_name
         self._take_gc_pauses()
         c, before = engine.counters, self._counters
-        self.prompt_tokens.labels(name).inc(max(0, c["prompt_tokens"] - before.get("prompt_tokens", 0)))
-        self.generation_tokens.labels(name).inc(max(0, c["generated_tokens"] - before.get("generated_tokens", 0)))
-        for counter, key in ((self.distinct, "distinct_experts"), (self.layer_steps, "layer_steps"),
-                             (self.picks, "picks"), (self.remapped, "remapped_picks")):
-            counter.labels(name).inc(max(0, c[key] - before.get(key, 0)))
-        for counter, key in ((self.schedule_time, "schedule_s"), (self.predictor_time, "predictor_s")):
-            counter.labels(name).inc(max(0.0, c[key] - before.get(key, 0.0)))
+        for counter, key in ((self.prompt_tokens, "prompt_tokens"), (self.generation_tokens, "generated_tokens"),
+                             (self.distinct, "distinct_experts"), (self.layer_steps, "layer_steps"),
+                             (self.picks, "picks"), (self.remapped, "remapped_picks"),
+                             (self.schedule_time, "schedule_s"), (self.predictor_time, "predictor_s")):
+            counter.labels(name).inc(max(0, c[key] - before.get(key, 0)))  # the step's share of the engine's total
         for kind in ("prefill", "decode"):  # a step adds its time to one of the two
             spent = c[f"{kind}_s"] - before.get(f"{kind}_s", 0.0)
             if spent > 0:
