@@ -225,7 +225,8 @@
 #   tools/gpu_session.sh 53 OUT  (about 5 minutes) issue 14's offline cell at 25%: fcfs beside route-aware with the
 #                                predictor and rounds (n = 8) under wait bounds of 4, 8 and 16 steps past the
 #                                round-robin share (moeflow-tiny: 0.68x, 0.63x and 0.59x fcfs's bytes,
-#                                docs/benchmarks/2026-12-06-cpu-session19); BUDGET=10% for the same at 10%
+#                                docs/benchmarks/2026-12-06-cpu-session19); BUDGET=10% for the same at 10%;
+#                                WAITS="8 16" for a shorter call (part 51 ran the default bound)
 #   SERVE_POLICIES="fcfs route-aware:predictor route-aware:predictor:rounds=8" tools/gpu_session.sh 41 OUT
 #                                (about 5 minutes) served at 128 streams with --expert-rounds 8, which the
 #                                nineteenth session added after its calls
@@ -1189,10 +1190,11 @@ case "$part" in
      # wait itself; the default bound, 4 steps past the round-robin share, keeps it at 0.8x)
     [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 50 first)" >&2; exit 3; }
     begin p53
-    P=$w/pred/bench:rounds=8 b=${BUDGET:-25%}
+    # WAITS: the wait bounds to run beside fcfs (default 4 8 16; 4 is route-aware's default bound)
+    P=$w/pred/bench:rounds=8 b=${BUDGET:-25%} configs=none/exact/fcfs
+    for W in ${WAITS:-4 8 16}; do configs+=",$P/exact/route-aware:wait=$W"; done
     offline "$p" "sched${b%\%}" "${SCHED_TIMEOUT:-540}" --budgets "$b" --batch-sizes 256 \
-        --max-num-seqs 256 --max-batch-size 32 --batches-per-cell 1 --configurations \
-        "none/exact/fcfs,$P/exact/route-aware,$P/exact/route-aware:wait=8,$P/exact/route-aware:wait=16"
+        --max-num-seqs 256 --max-batch-size 32 --batches-per-cell 1 --configurations "$configs"
     pack
     ;;
 50)  # (about 6 minutes with a warm machine) the bench model, a 300,000-token trace and the predictors at the default
