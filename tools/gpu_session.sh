@@ -232,6 +232,14 @@
 #                                nineteenth session added after its calls
 #   tools/gpu_session.sh 39 OUT  the forecast path's GPU tests (they include rounds by value under graphs)
 #
+# The twentieth session ran 50, 53 at 25% (WAITS="8 16") and at 10% (WAITS="16 32"), 41 with the three policies
+# above and 39 on one H100 (docs/benchmarks/2026-12-06-h100-session20): 1.34x fcfs at both budgets with the wait
+# bound at 16, the copy engine idle a fifth of the time and almost no prefetches. For the next session, on one
+# machine: 50, then
+#
+#   tools/gpu_session.sh 54 OUT  (about 5 minutes) issue 14's cell at 25%, wait bound 16: rounds as in part 53,
+#                                beside prefetch_margin 1 (and with prefetch_at 0.5); BUDGET=10% for the same at 10%
+#
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
 # tests`, about 5 minutes). Part 5's bench offline needs about 160 s per scheduling policy and budget.
@@ -1194,6 +1202,23 @@ case "$part" in
     P=$w/pred/bench:rounds=8 b=${BUDGET:-25%} configs=none/exact/fcfs
     for W in ${WAITS:-4 8 16}; do configs+=",$P/exact/route-aware:wait=$W"; done
     offline "$p" "sched${b%\%}" "${SCHED_TIMEOUT:-540}" --budgets "$b" --batch-sizes 256 \
+        --max-num-seqs 256 --max-batch-size 32 --batches-per-cell 1 --configurations "$configs"
+    pack
+    ;;
+54)  # on part 50's machine (about 5 minutes): issue 14's offline cell at $BUDGET (default 25%), wait bound 16: the
+     # predictive cache with rounds (n = 8) as part 53 ran it, beside the same with prefetches that may evict more
+     # ($ARMS: planner settings appended to the predictor's, one arm each). In part 53 the copy engine idled a fifth
+     # of the decode time, and the cache prefetched 258 of about 194,000 loads: a prefetch may evict only what is
+     # worth less than prefetch_margin (0.25) times its chance, and a routed layer's experts are worth more. On
+     # moeflow-tiny at this cell prefetch_margin 1 made 25,191 prefetches (73 wasted) for 2.4% more bytes
+     # (docs/benchmarks/2026-12-06-cpu-session20)
+    [ -f "$w/pred/bench/config.json" ] || { echo "no predictor here (part 50 first)" >&2; exit 3; }
+    begin p54
+    P=$w/pred/bench:rounds=8 b=${BUDGET:-25%} configs="none/exact/fcfs,$w/pred/bench:rounds=8/exact/route-aware:wait=16"
+    for arm in ${ARMS:-:prefetch_margin=1 :prefetch_margin=1:prefetch_at=0.5}; do
+        configs+=",$P$arm/exact/route-aware:wait=16"
+    done
+    offline "$p" "prefetch${b%\%}" "${SCHED_TIMEOUT:-540}" --budgets "$b" --batch-sizes 256 \
         --max-num-seqs 256 --max-batch-size 32 --batches-per-cell 1 --configurations "$configs"
     pack
     ;;
