@@ -16,10 +16,11 @@ moves from it (plan), after each router the predictor's refined forecast (refine
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
-from moeflow.engine.scheduler import ScheduledBatch
+from moeflow.engine.scheduler import RequestRows, ScheduledBatch
 from moeflow.engine.sequence import Sequence
 from moeflow.experts.cache import ExpertCache
 from moeflow.experts.planning import Planner, PrefetchTop
@@ -130,7 +131,7 @@ class Forecast:
 
     # -- for the scheduler ----------------------------------------------------------------------------
 
-    def running_predictions(self, running: list[Sequence], index: int) -> dict[str, np.ndarray]:
+    def running_predictions(self, running: list[Sequence], index: int) -> Mapping[str, np.ndarray]:
         """What each running sequence is expected to route next, [L, E] per request id, as if they all decoded
         at step `index` (predict looks, it does not learn: observe does); empty without per-request scores."""
         if self.predictor is None:
@@ -145,4 +146,4 @@ class Forecast:
             rows = None if guess is None else guess.per_request
         if rows is None:
             return {}
-        return {s.request_id: rows[i] for i, s in enumerate(running)}
+        return RequestRows([s.request_id for s in running], rows)

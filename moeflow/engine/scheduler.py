@@ -13,6 +13,7 @@ chooses.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +65,35 @@ class MeasuredCosts:
             self.decode_step_s[num_tokens] = seconds if d is None else 0.8 * d + 0.2 * seconds
 
 
+class RequestRows(Mapping[str, np.ndarray]):
+    """request id -> its row of one array [N, ...], the rows made at once (a predictor scoring every running
+    sequence), kept as that array: a policy takes the rows of many requests in one indexing (`rows`)."""
+
+    __slots__ = ("array", "_index")
+
+    def __init__(self, request_ids: list[str], array: np.ndarray):
+        if len(request_ids) != len(array):
+            raise ValueError(f"{len(request_ids)} request ids for {len(array)} rows")
+        self.array = array
+        self._index = {r: i for i, r in enumerate(request_ids)}
+
+    def __getitem__(self, request_id: str) -> np.ndarray:
+        return self.array[self._index[request_id]]
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def rows(self, request_ids: list[str]) -> np.ndarray:
+        """The rows of `request_ids`, in that order, as one new array."""
+        return self.array[[self._index[r] for r in request_ids]]
+
+
 @dataclass
 class SchedulerContext:
     """One step's view for the policy. L MoE layers, E experts, K top-k.
@@ -71,7 +101,8 @@ class SchedulerContext:
     residency [L, E] bool: experts on the device or on their way (None: every expert is resident).
     signatures: request id -> [L, K] the experts its latest token ran, per layer (absent before its first step;
         empty for a policy whose reads_routes is False).
-    predictions: request id -> [L, E] a predictor's scores for its next token (absent without a predictor).
+    predictions: request id -> [L, E] a predictor's scores for its next token (absent without a predictor); the
+        engine's is a RequestRows, whose `rows` takes many at once.
     """
 
     step: int
@@ -80,7 +111,7 @@ class SchedulerContext:
     max_batch_size: int
     residency: np.ndarray | None
     signatures: dict[str, np.ndarray]
-    predictions: dict[str, np.ndarray]
+    predictions: Mapping[str, np.ndarray]
     costs: MeasuredCosts
 
 

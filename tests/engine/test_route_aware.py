@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from moeflow.assets import default_model_dir
 from moeflow.bench.closed_loop import closed_loop
 from moeflow.bench.workload import Request
 from moeflow.engine.policies.route_aware import RouteAwarePolicy
-from moeflow.engine.scheduler import MeasuredCosts, SchedulerContext
+from moeflow.engine.scheduler import MeasuredCosts, RequestRows, SchedulerContext
 
 
 class FakeSeq:
@@ -83,6 +84,30 @@ def test_a_cohort_sharing_a_deadline_starts_early_enough_to_keep_the_bound():
 def test_fewer_running_than_a_step_takes_decodes_them_all():
     seqs = [FakeSeq(i, np.zeros((2, 2), dtype=int)) for i in range(3)]
     assert len(RouteAwarePolicy().plan([], seqs, ctx(0, 4, None)).decode) == 3
+
+
+def test_predictions_as_one_array_choose_as_the_same_rows_in_a_dict():
+    """The engine hands a predictor's rows for every running sequence as a RequestRows (one array, indexed by request
+    id); route-aware takes them in one indexing, and chooses as it does from the same rows in a plain dict, for every
+    step of a run in which the sequences wait and decode."""
+    rng = np.random.default_rng(2)
+    L, E, N, M = 3, 16, 20, 4
+    residency = rng.random((L, E)) < 0.3
+    seqs = [FakeSeq(i, rng.choice(E, (L, 2), replace=False)) for i in range(N)]
+    scores = rng.random((N, L, E)).astype(np.float32) ** 4
+    rows = RequestRows([s.request_id for s in seqs], scores)
+    assert len(rows) == N and "3" in rows and "x" not in rows and list(rows)[:2] == ["0", "1"]
+    np.testing.assert_array_equal(rows["7"], scores[7])
+    np.testing.assert_array_equal(rows.rows(["5", "2"]), scores[[5, 2]])
+    with pytest.raises(ValueError, match="3 request ids for 20 rows"):
+        RequestRows(["a", "b", "c"], scores)
+    as_array, as_dict = RouteAwarePolicy(max_decode_wait=2), RouteAwarePolicy(max_decode_wait=2)
+    for step in range(12):
+        a = as_array.plan([], seqs, replace(ctx(step, M, residency), predictions=rows)).decode
+        b = as_dict.plan([], seqs, replace(ctx(step, M, residency), predictions=dict(rows.items()))).decode
+        assert [s.request_id for s in a] == [s.request_id for s in b]
+        for s in a:
+            s.last_step = step
 
 
 def decode_bytes(policy, prompts, steps, budget="25%", **engine):

@@ -4,6 +4,8 @@ forward from CUDA graphs."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -202,6 +204,30 @@ def test_calibration_moves_by_the_log_loss_of_each_forecaster():
         np.testing.assert_allclose(cal.bias, bias, rtol=0, atol=1e-12)
         np.testing.assert_allclose(cal.theta, theta, rtol=0, atol=1e-12)
     assert not np.allclose(cal.theta, -3.0), "the mixing weights moved"
+
+
+def test_calibration_applies_in_the_logits_precision():
+    """OnlineCalibration.apply against its formula, (1 - m) sigmoid(z + bias) + m min(h, 1): float64 logits to
+    float64's rounding, the network's float32 ones in float32 to float32's; logits far below zero give 0 quietly."""
+    from moeflow.routing.predictors.learned import OnlineCalibration
+
+    rng = np.random.default_rng(5)
+    B, L, E, K = 7, 4, 16, 2
+    cal = OnlineCalibration(L, K)
+    cal.bias, cal.theta = rng.normal(scale=0.5, size=L), rng.normal(-1.0, 0.5, size=L)
+    logits, hist = rng.normal(scale=3.0, size=(B, L, E)), rng.random((B, L, E)) * 1.5
+    logits[0, 0, :3] = -1e4
+    m = (1.0 / (1.0 + np.exp(-cal.theta)))[None, :, None]
+    with np.errstate(over="ignore"):
+        want = (1 - m) / (1 + np.exp(-(logits + cal.bias[None, :, None]))) + m * np.minimum(hist, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning escapes
+        got64 = cal.apply(logits, hist)
+        got32 = cal.apply(logits.astype(np.float32), hist.astype(np.float32))
+    assert got64.dtype == np.float64 and got32.dtype == np.float32
+    np.testing.assert_allclose(got64, want, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(got32, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got32[0, 0, :3], (m * np.minimum(hist, 1.0))[0, 0, :3], rtol=1e-6)  # sigmoid: 0
 
 
 def test_the_forward_stays_eager_off_cuda(tiny):

@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from moeflow.engine.policies.fcfs import admit_in_order
-from moeflow.engine.scheduler import SchedulerContext, StepPlan
+from moeflow.engine.scheduler import RequestRows, SchedulerContext, StepPlan
 from moeflow.engine.sequence import Sequence
 from moeflow.routing.predictors.base import StepView
 from moeflow.routing.record import StepRoutes
@@ -148,20 +148,26 @@ class RouteAwarePolicy:
             L, E = routed[0].shape[0], int(max(r.max() for r in routed)) + 1
         else:
             return np.zeros((len(running), 1))
+        got = ctx.predictions
+        predicted = [i for i, s in enumerate(running) if s.request_id in got]
+        if len(predicted) == len(running):  # the usual case with a predictor: its scores are every signature
+            ids = [s.request_id for s in running]
+            rows = got.rows(ids) if isinstance(got, RequestRows) else np.stack([got[r] for r in ids])
+            return rows.reshape(len(running), L * E).astype(np.float64)
         sigs = np.zeros((len(running), L, E))
-        routed = [i for i, s in enumerate(running) if s.last_routes is not None]
+        if predicted:  # a predictor's scores replace the signature
+            sigs[predicted] = np.stack([got[running[i].request_id] for i in predicted])
+        guessed = sorted(set(range(len(running))) - set(predicted))  # the rest: the token table and latest routes
+        routed = [i for i in guessed if running[i].last_routes is not None]
         if routed:
             routes = np.stack([running[i].last_routes for i in routed]).astype(np.int64)  # [n, L, K]
             hot = np.zeros((len(routed), L, E))
             np.put_along_axis(hot, routes, 1.0, axis=2)
             sigs[routed] = hot
-        rows = np.array([self._row.get(s.last_token, -1) for s in running])
-        at = np.flatnonzero(rows >= 0)
+        rows = np.array([self._row.get(running[i].last_token, -1) for i in guessed], dtype=np.int64)
+        at = np.asarray(guessed, dtype=np.int64)[rows >= 0]
         if len(at):
-            sigs[at] = self.TABLE_SHARE * self._tab[rows[at]] + (1 - self.TABLE_SHARE) * sigs[at]
-        predicted = [(i, p) for i, p in enumerate(ctx.predictions.get(s.request_id) for s in running) if p is not None]
-        if predicted:  # a predictor's scores replace the signature
-            sigs[[i for i, _ in predicted]] = np.stack([p for _, p in predicted])
+            sigs[at] = self.TABLE_SHARE * self._tab[rows[rows >= 0]] + (1 - self.TABLE_SHARE) * sigs[at]
         return sigs.reshape(len(running), L * E)
 
     def update(self, step: StepView, routes: StepRoutes) -> None:

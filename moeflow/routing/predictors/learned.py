@@ -111,9 +111,19 @@ class OnlineCalibration:
         return sigmoid(logits + self.bias[None, :, None])
 
     def apply(self, logits: np.ndarray, hist: np.ndarray) -> np.ndarray:
-        """logits, hist [B, L, E] -> probabilities [B, L, E]."""
-        m = self.mix[None, :, None]
-        return (1.0 - m) * self.network(logits) + m * np.minimum(hist, 1.0)
+        """logits, hist [B, L, E] -> probabilities [B, L, E], in the logits' precision. The network's are float32, and
+        a route-aware scheduler has every running sequence's row calibrated before each step (256 rows of the bench
+        model's 12 x 64 took 2.5 ms in float64 on the CPU machine, 0.6 ms so)."""
+        dt = logits.dtype
+        m = self.mix.astype(dt)[None, :, None]
+        p = logits + self.bias.astype(dt)[None, :, None]
+        with np.errstate(over="ignore"):  # exp(-x) overflows for very negative logits: their probability is 0
+            np.exp(np.negative(p, out=p), out=p)
+        p += 1.0
+        np.reciprocal(p, out=p)
+        p *= 1.0 - m
+        p += m * np.minimum(hist, 1.0)
+        return p
 
     def update(self, logits: np.ndarray, hist: np.ndarray, actual: np.ndarray) -> None:
         """logits, hist [B, L, E] as predicted; actual [B, L, E] multi-hot of what the tokens picked."""
