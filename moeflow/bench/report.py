@@ -197,6 +197,12 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
     predicted = any(r.get("predictor_s") for r in rows)
     if predicted:
         header.append("predictor share")
+    scheduled = any(r.get("max_decode_wait") for r in rows) and any(r.get("schedule_s") for r in rows)
+    if scheduled:
+        header.append("schedule share")
+    load_rate = meta.get("expert_load_bytes_per_s")  # what the cache's loads ran at (None: not measured)
+    if load_rate:
+        header.append("copy busy")
     waited = any(r.get("max_decode_wait") for r in rows)  # more sequences running than a step takes
     if waited:
         header.append("decode wait max (p99)")
@@ -225,6 +231,11 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
             line.append(_pct(r["remapped_picks"] / r["picks"] if r["picks"] else None))
         if predicted:
             line.append(_pct(r.get("predictor_share") if moeflow else None))
+        if scheduled:
+            line.append(_pct(r.get("schedule_share") if moeflow else None))
+        if load_rate:
+            offloaded = moeflow and not r["fully_resident"] and r["decode_s"]
+            line.append(_pct(r["bytes_moved"] / load_rate / r["decode_s"] if offloaded else None))
         if waited:
             line.append("" if r.get("max_decode_wait") is None
                         else f"{r['max_decode_wait']} ({r['max_decode_wait_p99']:.0f})")
@@ -244,6 +255,12 @@ def markdown(meta: dict, rows: list[dict], speed: list[dict]) -> str:
               "decode time the host spent in the predictor and the cache planner (predict, refine, observe). "
               "Decode wait: the most decode steps a request sat out in a row, the longest over the cell's "
               "requests (and the 99th percentile of the per-request figure)."]
+    if scheduled:
+        lines[-1] += (" Schedule share: the decode time the host spent choosing each decode step, before it ran "
+                      "(with route-aware and a predictor, the forecast of every running sequence).")
+    if load_rate:
+        lines[-1] += (" Copy busy: the decode-phase expert bytes over the rate the cache's loads ran at (the copy "
+                      "engine line above), as a share of the decode time: how much of it the copy engine worked.")
     if compare:
         lines.append("Against the baseline configuration of the same cell: tok/s and MB/tok as ratios (tok/s with, "
                      "where the cell ran more than one batch, the lowest and highest ratio of a batch against the "

@@ -65,6 +65,7 @@ class RunResult:
     remapped_picks: int = 0
     graph_captures: int = 0  # decode graphs captured during the timed batches (should be 0)
     predictor_s: float = 0.0  # decode steps' host time in the predictor and the cache planner
+    schedule_s: float = 0.0  # decode steps' host time in the scheduler choosing them, outside the steps
     batch_decode: list[tuple[int, float]] = field(default_factory=list)  # per batch: (decode tokens, decode s)
     distinct_tokens: list[int] = field(default_factory=list)  # distinct output tokens, per request
     # per request (moeflow): the most decode steps it sat out in a row (RequestMetrics.max_decode_wait_steps)
@@ -118,6 +119,7 @@ class RunResult:
                     "hit_rate": self.hit_rate, "bytes_moved": self.bytes_moved, "bytes_per_token": self.bytes_per_token,
                     "belady_bytes_per_token": self.belady_bytes_per_token, "stall_share": self.stall_share,
                     "predictor_share": self.predictor_s / self.decode_s if self.decode_s else 0.0,
+                    "schedule_share": self.schedule_s / self.decode_s if self.decode_s else 0.0,
                     "distinct_experts_per_layer_step": self.distinct_experts_per_layer_step,
                     "distinct_tokens_mean": float(np.mean(tokens)) if tokens else None,
                     "distinct_tokens_min": min(tokens) if tokens else None}
@@ -256,7 +258,7 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
         while engine.has_unfinished_requests():
             residency = cache.residency().copy() if first_decode is None and not cache.fully_resident else None
             was_steps, was_prompt = engine.counters["decode_steps"], engine.counters["prompt_tokens"]
-            was_stats = cache.stats.total()
+            was_stats, was_scheduling = cache.stats.total(), engine.counters["schedule_s"]
             t = time.perf_counter()
             outputs = engine.step()
             dt = time.perf_counter() - t
@@ -267,6 +269,7 @@ def _timed_batch(engine: LLMEngine, batch: list[Request], tag: str, result: RunR
                 if settled_decode and first_decode is None:
                     first_decode, start_residency = len(steps) - 1, residency
                 result.decode_s += dt
+                result.schedule_s += engine.counters["schedule_s"] - was_scheduling
                 decode.add(_minus(cache.stats.total(), was_stats))
             elif outputs and first_decode is not None and engine.counters["prompt_tokens"] == was_prompt:
                 result.decode_s += dt  # a call that ran nothing and built the last decode step's outputs

@@ -110,6 +110,15 @@ def test_synthetic_cells_their_traffic_and_the_report(engine, tmp_path):
     assert "| moeflow | none/exact/fcfs | 25% | 4 |" in text and "speed-up" in text and "vs base" not in text
     assert "| transformers |  | all on GPU | 20.0 |" in text, "the summary: one column per batch size"
     assert "90.0% of one plain pinned copy" in text and "2.2 (2)" in text
+    # the copy engine's busy share: the decode bytes at the loads' measured rate (0.9 GB/s here) over the decode time
+    assert text.count("| copy busy |") == 1 and "schedule share" not in text, "no decode waited: fcfs, all running"
+    cells = {}
+    for line in text.splitlines():
+        row = [c.strip() for c in line.strip()[1:-1].split("|")]
+        if row[:2] == ["moeflow", "none/exact/fcfs"] and row[3] == "4":
+            cells[row[2]] = row[-1]
+    assert cells["25%"] == f"{100 * offloaded.bytes_moved / 0.9e9 / offloaded.decode_s:.1f}%"
+    assert cells["100%"] == "", "nothing to copy with every expert resident"
     assert sorted(plots(tmp_path, rows)) == ["bytes_per_token.png", "hit_rate.png", "tokens_per_s.png"]
     assert (tmp_path / "bytes_per_token.png").stat().st_size > 1000
 
@@ -312,6 +321,10 @@ def test_whole_configurations_in_place_of_the_product(tmp_path, capsys):
     assert sorted(runs) == ["none/exact/fcfs", "previous/exact/route-aware"]
     assert runs["previous/exact/route-aware"]["vs_base_same_tokens"] == 1.0
     assert all(r["max_decode_wait"] >= 1 for r in runs.values()), "four running, two a step"
-    assert "decode wait max (p99)" in (out / "results.md").read_text()
+    assert all(0 < r["schedule_s"] < r["decode_s"] for r in runs.values()), "choosing each step takes host time"
+    assert runs["previous/exact/route-aware"]["schedule_share"] == pytest.approx(
+        runs["previous/exact/route-aware"]["schedule_s"] / runs["previous/exact/route-aware"]["decode_s"])
+    assert "decode wait max (p99) |" in (out / "results.md").read_text()
+    assert "| schedule share |" in (out / "results.md").read_text()
     command = report["meta"]["command"]  # runs again as written
     assert "--configurations none/exact/fcfs,previous/exact/route-aware" in command and "--routing" not in command
