@@ -238,7 +238,11 @@
 # machine: 50, then
 #
 #   tools/gpu_session.sh 54 OUT  (about 5 minutes) issue 14's cell at 25%, wait bound 16: rounds as in part 53,
-#                                beside prefetch_margin 1 (and with prefetch_at 0.5); BUDGET=10% for the same at 10%
+#                                beside prefetch_margin 1 (and with prefetch_at 0.5); BUDGET=10% for the same at 10%.
+#                                Its results.md now has each run's schedule share and copy engine busy share, and
+#                                policy_host_time.txt the route-aware plan's host time on the machine's CPU (after
+#                                the twentieth session's cut, 5.2 ms a step at 256 running on this project's CPU)
+#   tools/gpu_session.sh 39 OUT  the forecast path's GPU tests, on the tree with that cut (the calibration in float32)
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -1218,6 +1222,8 @@ case "$part" in
     for arm in ${ARMS:-:prefetch_margin=1 :prefetch_margin=1:prefetch_at=0.5}; do
         configs+=",$P$arm/exact/route-aware:wait=16"
     done
+    # the route-aware plan's host time on this machine's CPU (with a predictor's rows, at the bench model's shape)
+    python3 tools/policy_host_time.py --running 128,256 --predictor > "$p/policy_host_time.txt" 2>&1
     offline "$p" "prefetch${b%\%}" "${SCHED_TIMEOUT:-540}" --budgets "$b" --batch-sizes 256 \
         --max-num-seqs 256 --max-batch-size 32 --batches-per-cell 1 --configurations "$configs"
     pack
