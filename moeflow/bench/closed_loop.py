@@ -17,7 +17,7 @@ class ClosedLoop:
     outputs: dict[str, RequestOutput] = field(default_factory=dict)  # by request id ("0", "1", ...), finished
     sent: dict[str, int] = field(default_factory=dict)  # the engine step index when each request was added
     prefilled: dict[str, int] = field(default_factory=dict)  # the index of the step that prefilled it
-    bytes_moved: int = 0  # expert bytes host->device over the loop
+    bytes_moved: int = 0  # expert bytes host->device over the loop: demand loads and prefetches
 
     @property
     def prefill_steps(self) -> int:
@@ -39,7 +39,11 @@ def closed_loop(engine: LLMEngine, requests: list[Request], in_flight: int) -> C
             run.prefilled.update(dict.fromkeys(view.request_ids, view.index))
 
     remove = engine.add_route_listener(prefilled)
-    moved = engine.cache.stats.total().bytes_moved
+    def moved() -> int:
+        total = engine.cache.stats.total()
+        return total.bytes_moved + total.prefetch_bytes
+
+    before = moved()
 
     def send(i: int) -> None:
         run.sent[str(i)] = engine.next_step_index
@@ -56,5 +60,5 @@ def closed_loop(engine: LLMEngine, requests: list[Request], in_flight: int) -> C
                         send(len(run.sent))
     finally:
         remove()
-    run.bytes_moved = engine.cache.stats.total().bytes_moved - moved
+    run.bytes_moved = moved() - before
     return run
