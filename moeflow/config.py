@@ -144,6 +144,8 @@ class EngineConfig:
     gate_ahead: bool = False  # True: each MoE layer guesses the next one's experts with its router (the planner's)
     expert_rounds: int = 0  # the predictive cache (a learned predictor): an offloaded layer whose loads would evict
     # experts worth more than ones it holds computes its experts in rounds of at least this many (0: off)
+    prefetch_margin: float | None = None  # the predictive cache: a prefetch may evict only an expert worth less than
+    # this times the prefetched expert's chance of use (None: the planner's own, 0.25)
     overlap_output: bool | None = None  # build a step's outputs while the next runs (step() returns them a step
     # later); None: on CUDA, where the device has a step to run meanwhile
     async_scheduling: bool | None = None  # plan and launch the next step before the host takes this one's tokens
@@ -180,6 +182,9 @@ class EngineConfig:
             raise ConfigError(f"max_admit_wait must be an integer >= 0 (steps) or None, got {self.max_admit_wait!r}")
         if not _is_int(self.expert_rounds) or self.expert_rounds < 0:
             raise ConfigError(f"expert_rounds must be an integer >= 0 (0: off), got {self.expert_rounds!r}")
+        m = self.prefetch_margin
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0):
+            raise ConfigError(f"prefetch_margin must be a finite number >= 0 (or None: the planner's own), got {m!r}")
         if self.scheduler not in SCHEDULER_POLICIES:
             raise ConfigError(f"scheduler {self.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_POLICIES)}")
 

@@ -49,6 +49,7 @@ class LLM:
         fused_ops: bool | None = None,
         gate_ahead: bool = False,
         expert_rounds: int = 0,
+        prefetch_margin: float | None = None,
         overlap_output: bool | None = None,
         async_scheduling: bool | None = None,
         skip_tokenizer_init: bool = False,
@@ -72,6 +73,10 @@ class LLM:
         experts worth more than ones it already holds computes its experts in rounds of at least this many, the
         experts of each round then making room for the rest (ExpertFlowPlanner's rounds by value; 0, the default:
         off). Fewer bytes cross to the device when a step runs many sequences; the tokens are the same either way.
+        prefetch_margin: with a learned predictor's predictive cache, a prefetch may evict only an expert worth less
+        than this times the prefetched expert's chance of use (None, the default: the planner's 0.25). Higher
+        prefetches more of what a step loads, so that the copies overlap the compute before them rather than wait
+        for their layer's router, for some more bytes; the tokens are the same either way.
         overlap_output: build each step's outputs (detokenisation, RequestOutput) while the device runs the next
         step, not between the two; None (the default): on CUDA. The outputs are the same, a step later.
         async_scheduling: plan and launch each decode step before the host has taken the last one's tokens (they
@@ -88,7 +93,8 @@ class LLM:
             max_decode_wait=max_decode_wait, max_admit_wait=max_admit_wait,
             routing_modes=tuple(routing_modes),
             predictor=predictor if isinstance(predictor, str) else None, seed=seed, enforce_eager=enforce_eager,
-            fused_ops=fused_ops, gate_ahead=gate_ahead, expert_rounds=expert_rounds, overlap_output=overlap_output,
+            fused_ops=fused_ops, gate_ahead=gate_ahead, expert_rounds=expert_rounds,
+            prefetch_margin=prefetch_margin, overlap_output=overlap_output,
             async_scheduling=async_scheduling, allow_nonfinite_weights=allow_nonfinite_weights,
         )
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init,

@@ -243,6 +243,8 @@
 #                                policy_host_time.txt the route-aware plan's host time on the machine's CPU (after
 #                                the twentieth session's cut, 5.2 ms a step at 256 running on this project's CPU)
 #   tools/gpu_session.sh 39 OUT  the forecast path's GPU tests, on the tree with that cut (the calibration in float32)
+#   SERVE_POLICIES="fcfs route-aware:predictor:rounds=8 route-aware:predictor:rounds=8:margin=1:wait=16" \
+#       tools/gpu_session.sh 41 OUT  if part 54's margin wins: served with --prefetch-margin 1 and --max-decode-wait 16
 #
 # Part 3's pytest -m gpu shares the GPU with training and got through one test in its 240 s on 2026-12-02 (the
 # exactness grid with the learned predictor is the slow one): the suite needs a call of its own (`tools/gpu_suite.sh
@@ -389,14 +391,17 @@ heldout_eval() {  # heldout_eval TIMEOUT: `predictor eval` of the held-out predi
 serve_policies() {  # serve_policies: moeflow serve at 25%, 128 rows, 32 a step, under each policy in turn, and
                     # bench serve at 128 streams against it (256 text prompts, 64 tokens each) into $p
     # (a policy route-aware:admit=A serves with --max-admit-wait A, one with :predictor with --predictor
-    # $w/pred/bench, one with :rounds=N with --expert-rounds N; its files are named route-aware-admit-A,
-    # route-aware-predictor, route-aware-predictor-rounds-N)
+    # $w/pred/bench, one with :rounds=N with --expert-rounds N, :margin=X with --prefetch-margin X, :wait=W with
+    # --max-decode-wait W; its files are named route-aware-admit-A, route-aware-predictor,
+    # route-aware-predictor-rounds-N, and so on)
     local policy server extra n
     for policy in ${SERVE_POLICIES:-fcfs route-aware}; do
         extra=""
         case $policy in *:admit=*) n=${policy##*admit=}; extra="--max-admit-wait ${n%%:*}" ;; esac
         case $policy in *:predictor*) extra="$extra --predictor $w/pred/bench" ;; esac
         case $policy in *:rounds=*) n=${policy##*rounds=}; extra="$extra --expert-rounds ${n%%:*}" ;; esac
+        case $policy in *:margin=*) n=${policy##*margin=}; extra="$extra --prefetch-margin ${n%%:*}" ;; esac
+        case $policy in *:wait=*) n=${policy##*wait=}; extra="$extra --max-decode-wait ${n%%:*}" ;; esac
         python3 -m moeflow.cli serve "$BENCH_MODEL" --expert-budget 25% --port 8111 --max-num-seqs 128 \
             --max-batch-size 32 --scheduling ${policy%%:*} $extra --log-level warning \
             > "$p/server-${policy//[:=]/-}.log" 2>&1 &

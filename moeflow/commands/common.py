@@ -66,6 +66,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "than ones it holds computes its experts in rounds of at least N, each round's experts then "
                         "making room for the rest (fewer bytes moved at large decode batches; default: 0, off); "
                         "the tokens are the same")
+    g.add_argument("--prefetch-margin", type=float, default=None, metavar="X",
+                   help="with a learned --predictor: a prefetch may evict only an expert worth less than X times "
+                        "the prefetched expert's chance of use (default: 0.25); higher prefetches more, so that "
+                        "copies overlap compute rather than wait for their layer's router, for some more bytes; "
+                        "the tokens are the same")
     g.add_argument("--overlap-output", action=argparse.BooleanOptionalAction, default=None,
                    help="build each step's outputs (detokenisation, responses) while the device runs the next "
                         "step; the same outputs, a step later (default: on CUDA)")
@@ -84,6 +89,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_admit_wait=args.max_admit_wait,
                 routing_modes=tuple(m for m in args.routing_modes.split(",") if m), seed=args.seed,
                 enforce_eager=args.enforce_eager, fused_ops=args.fused_ops, gate_ahead=args.gate_ahead,
-                expert_rounds=args.expert_rounds,
+                expert_rounds=args.expert_rounds, prefetch_margin=args.prefetch_margin,
                 overlap_output=args.overlap_output, async_scheduling=args.async_scheduling,
                 allow_nonfinite_weights=args.allow_nonfinite_weights)

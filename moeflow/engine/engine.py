@@ -38,7 +38,7 @@ from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.requests import new_sequence
 from moeflow.engine.scheduler import MeasuredCosts, ScheduledBatch, Scheduler, SchedulerContext, SchedulingPolicy
 from moeflow.engine.sequence import Sequence
-from moeflow.engine.setup import (budget_slots, check_expert_rounds, named_policy, named_predictor, named_selector,
+from moeflow.engine.setup import (budget_slots, check_planner_options, named_policy, named_predictor, named_selector,
                                   resolve_device, resolve_dtype, resolve_fused, resolve_max_model_len,
                                   resolve_overlap)
 from moeflow.engine.stats import count_step, new_counters
@@ -101,7 +101,7 @@ class LLMEngine:
         self.forecast = Forecast(self.record, spec.num_moe_layers, self.model.ahead_gate)
         self.set_predictor(predictor if predictor is not None else named_predictor(config, spec, self.checkpoint, self.device,
                                                                         self.model.w["model.embed_tokens.weight"]))
-        check_expert_rounds(config, self.predictor, self.planner)
+        check_planner_options(config, self.predictor, self.planner)
         self.selector: Selector | None = named_selector(config, spec)
         self.graph_captures = 0  # decode graphs captured over the engine's life
         self.graph_capture_s = 0.0
@@ -156,14 +156,14 @@ class LLMEngine:
 
     def set_predictor(self, predictor: Predictor | None, planner: Planner | None = None) -> None:
         """Install a predictor (None: load on demand) and the planner that turns its scores into cache moves
-        (default: ExpertFlow's predictive cache for a learned predictor, with config.expert_rounds' rounds by value,
-        and plain prefetching for the others).
+        (default: ExpertFlow's predictive cache for a learned predictor, with config.expert_rounds' rounds by value
+        and config.prefetch_margin, and plain prefetching for the others).
         The decode graphs stay as they are: a predictor runs around the step and never inside it; on CUDA a
         predictor that can (the learned one) captures its own forward as graphs, one per batch bucket."""
         self._refuse_while_running("the predictor can only be replaced")
         graphed = self.device.type == "cuda" and not self.config.enforce_eager
         self.forecast.install(predictor, planner, batch_buckets(self.max_batch_size) if graphed else (),
-                              self.config.expert_rounds)
+                              self.config.expert_rounds, self.config.prefetch_margin)
 
     @property
     def predictor(self) -> Predictor | None:

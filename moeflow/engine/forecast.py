@@ -49,16 +49,18 @@ class Forecast:
         self.phase_s = dict.fromkeys(PHASES, 0.0)  # the decode steps' host time by phase, summed since set-up
 
     def install(self, predictor: Predictor | None, planner: Planner | None = None,
-                graph_buckets: tuple[int, ...] = (), rounds: int = 0) -> None:
+                graph_buckets: tuple[int, ...] = (), rounds: int = 0, prefetch_margin: float | None = None) -> None:
         """A new predictor (None: experts load on demand) and its planner (default: ExpertFlow's predictive cache
-        for a learned predictor, with rounds by value of at least `rounds` experts where rounds > 0, and plain
-        prefetching for the others). A predictor that can capture its forward as CUDA graphs does so for
+        for a learned predictor, with rounds by value of at least `rounds` experts where rounds > 0 and, unless
+        None, `prefetch_margin`; plain prefetching for the others). A predictor that can capture its forward as CUDA graphs does so for
         `graph_buckets` (none: it stays eager)."""
         capture = getattr(predictor, "capture_graphs", None)
         if capture is not None and graph_buckets:
             capture(graph_buckets)
         if planner is None:
-            planner = ExpertFlowPlanner(rounds=rounds) if isinstance(predictor, LearnedPredictor) else PrefetchTop()
+            margin = {} if prefetch_margin is None else {"prefetch_margin": prefetch_margin}
+            planner = (ExpertFlowPlanner(rounds=rounds, **margin) if isinstance(predictor, LearnedPredictor)
+                       else PrefetchTop())
         self.predictor, self.planner = predictor, planner
 
     # -- around a step --------------------------------------------------------------------------------

@@ -103,15 +103,20 @@ def named_predictor(config: EngineConfig, spec: ModelSpec, checkpoint, device: t
     return load_predictor(path, checkpoint, device, embedding=embedding)
 
 
-def check_expert_rounds(config: EngineConfig, predictor: Predictor | None, planner) -> None:
-    """config.expert_rounds asks the predictive cache, which only a learned predictor brings, for rounds by value:
-    refused where the engine's planner took no rounds."""
-    if not config.expert_rounds or getattr(planner, "rounds", 0) == config.expert_rounds:
+def check_planner_options(config: EngineConfig, predictor: Predictor | None, planner) -> None:
+    """config.expert_rounds and config.prefetch_margin set the predictive cache, which only a learned predictor
+    brings: refused where the engine's planner did not take them."""
+    asked = []
+    if config.expert_rounds and getattr(planner, "rounds", 0) != config.expert_rounds:
+        asked.append(f"expert_rounds={config.expert_rounds}")
+    if config.prefetch_margin is not None and getattr(planner, "prefetch_margin", None) != config.prefetch_margin:
+        asked.append(f"prefetch_margin={config.prefetch_margin}")
+    if not asked:
         return
     has = (f"its predictor is {type(predictor).__name__}" if predictor is not None
            else f"predictor={config.predictor!r} found none" if config.predictor else "it has no predictor")
-    raise ConfigError(f"expert_rounds={config.expert_rounds} needs the predictive cache, which a learned predictor "
-                      f"brings (a predictor directory, or 'auto' with a model that ships one); {has}")
+    raise ConfigError(f"{' and '.join(asked)} {'needs' if len(asked) == 1 else 'need'} the predictive cache, which a "
+                      f"learned predictor brings (a predictor directory, or 'auto' with a model that ships one); {has}")
 
 
 def budget_slots(spec: ModelSpec, expert_bytes: int, budget: ExpertBudget) -> int:

@@ -148,7 +148,7 @@ def test_gpu_the_gate_ahead_the_planner_hears_is_the_same_from_graphs_and_eager(
     assert sum(a is not None and sum(a) > 0 for _, a in heard[False]) > 10
 
 
-def test_expert_rounds_are_set_from_llm_and_the_cli_and_refused_without_the_predictive_cache():
+def test_planner_options_are_set_from_llm_and_the_cli_and_refused_without_the_predictive_cache():
     from moeflow.cli import build_parser
     from moeflow.commands.common import engine_kwargs
     from moeflow.errors import ConfigError
@@ -168,3 +168,17 @@ def test_expert_rounds_are_set_from_llm_and_the_cli_and_refused_without_the_pred
     args = build_parser().parse_args(["serve", "--predictor", "auto", "--expert-rounds", "8"])
     assert engine_kwargs(args)["expert_rounds"] == 8
     assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["expert_rounds"] == 0
+    # the prefetch margin: the planner's own (0.25) unless set
+    assert llm(predictor="auto", prefetch_margin=1).engine.planner.prefetch_margin == 1
+    assert llm(predictor="auto").engine.planner.prefetch_margin == 0.25
+    for bad in (-0.5, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match="prefetch_margin must be a finite number >= 0"):
+            llm(predictor="auto", prefetch_margin=bad)
+    with pytest.raises(ConfigError, match="^prefetch_margin=1.0 needs the predictive cache.*it has no predictor"):
+        llm(prefetch_margin=1.0)
+    with pytest.raises(ConfigError, match="^expert_rounds=8 and prefetch_margin=0.5 need the predictive cache.*"
+                                          "its predictor is FrequencyPredictor"):
+        llm(predictor="frequency", expert_rounds=8, prefetch_margin=0.5)
+    args = build_parser().parse_args(["serve", "--predictor", "auto", "--prefetch-margin", "1"])
+    assert engine_kwargs(args)["prefetch_margin"] == 1.0
+    assert engine_kwargs(build_parser().parse_args(["generate", "--prompt", "hi"]))["prefetch_margin"] is None
