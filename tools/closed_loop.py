@@ -16,8 +16,8 @@ and whether every request's tokens equal the first policy's (they must: a reques
 own seed and step alone).
 
 A policy is fcfs or route-aware[:wait=W][:admit=A] (--max-decode-wait W, --max-admit-wait A), each with
-:predictor to run with --predictor (its predictive cache; route-aware then reads its forecasts) and :rounds=N
-with --expert-rounds N (the predictive cache's rounds by value); or
+:predictor to run with --predictor (its predictive cache; route-aware then reads its forecasts), :rounds=N
+with --expert-rounds N (the predictive cache's rounds by value) and :margin=X with --prefetch-margin X; or
 window[:wait=W], grouping over more than one step (tools/schedule_replay.py's WindowPolicy, not an engine policy),
 installed on a route-aware engine.
 """
@@ -39,8 +39,9 @@ from moeflow.tokenizer import Tokenizer
 
 def run(args, policy: str, requests) -> tuple[dict[str, list[int]], dict]:
     name, *options = policy.split(":")
-    keys = {"wait": "max_decode_wait", "admit": "max_admit_wait", "rounds": "expert_rounds"}
-    engine_options = {keys[k]: int(v) for k, v in (o.split("=") for o in options if o != "predictor")}
+    keys = {"wait": "max_decode_wait", "admit": "max_admit_wait", "rounds": "expert_rounds", "margin": "prefetch_margin"}
+    engine_options = {keys[k]: float(v) if k == "margin" else int(v)
+                      for k, v in (o.split("=") for o in options if o != "predictor")}
     if "predictor" in options:
         engine_options["predictor"] = args.predictor
     window = name == "window"

@@ -52,8 +52,8 @@ class Forecast:
                 graph_buckets: tuple[int, ...] = (), rounds: int = 0, prefetch_margin: float | None = None) -> None:
         """A new predictor (None: experts load on demand) and its planner (default: ExpertFlow's predictive cache
         for a learned predictor, with rounds by value of at least `rounds` experts where rounds > 0 and, unless
-        None, `prefetch_margin`; plain prefetching for the others). A predictor that can capture its forward as CUDA graphs does so for
-        `graph_buckets` (none: it stays eager)."""
+        None, `prefetch_margin`; plain prefetching for the others). A predictor that can capture its forward as
+        CUDA graphs does so for `graph_buckets` (none: it stays eager)."""
         capture = getattr(predictor, "capture_graphs", None)
         if capture is not None and graph_buckets:
             capture(graph_buckets)
