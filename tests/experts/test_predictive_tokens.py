@@ -126,6 +126,34 @@ def test_gpu_rounds_by_value_leave_the_tokens_alone_under_graphs(budget, rounds,
     assert any(a == b for a, b in zip(acquires, acquires[1:])), "some layer was computed in more than one round"
 
 
+def loose_margin_tokens(device: str, budget: str) -> tuple[list[list[int]], LLM]:
+    """Greedy tokens with --prefetch-margin 1 and --expert-rounds 8 (how route-aware would serve with them), and the
+    LLM, its prefetch counts in last_stats."""
+    llm = LLM(str(default_model_dir()), device=device, max_model_len=64, expert_budget=budget, predictor="auto",
+              expert_rounds=8, prefetch_margin=1.0)
+    assert llm.engine.planner.prefetch_margin == 1.0 and llm.engine.planner.rounds == 8
+    return greedy_tokens(llm), llm
+
+
+@pytest.mark.parametrize("budget", ["10%", "25%"])
+def test_a_loose_prefetch_margin_leaves_the_tokens_alone(budget, reference):
+    """A prefetch then evicts what the default margin keeps (the experts of layers that have routed): more copies
+    in flight while layers compute, none of them changing a token."""
+    tokens, llm = loose_margin_tokens("cpu", budget)
+    assert tokens == reference
+    assert llm.last_stats.cache.prefetches > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", ["1/layer", "10%", "25%"])
+def test_gpu_a_loose_prefetch_margin_leaves_the_tokens_alone_under_graphs(budget, gpu_reference):
+    """The same under CUDA graphs, where a prefetch's copy must land before a replayed graph reads its slot."""
+    tokens, llm = loose_margin_tokens("cuda", budget)
+    assert llm.engine.runner.graphs is not None, "decode runs as CUDA graphs"
+    assert tokens == gpu_reference
+    assert llm.last_stats.cache.prefetches > 0
+
+
 @pytest.mark.gpu
 def test_gpu_the_gate_ahead_the_planner_hears_is_the_same_from_graphs_and_eager():
     """Replayed decode graphs publish the gate ahead's counts with each layer's experts (one copy, one wait);
