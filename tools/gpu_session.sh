@@ -243,6 +243,7 @@
 #                                policy_host_time.txt the route-aware plan's host time on the machine's CPU (after
 #                                the twentieth session's cut, 5.2 ms a step at 256 running on this project's CPU)
 #   tools/gpu_session.sh 39 OUT  the forecast path's GPU tests, on the tree with that cut (the calibration in float32)
+#                                and with --prefetch-margin (its exactness under graphs: test_predictive_tokens.py)
 #   SERVE_POLICIES="fcfs route-aware:predictor:rounds=8 route-aware:predictor:rounds=8:margin=1:wait=16" \
 #       tools/gpu_session.sh 41 OUT  if part 54's margin wins: served with --prefetch-margin 1 and --max-decode-wait 16
 #
