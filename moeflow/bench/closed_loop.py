@@ -39,11 +39,7 @@ def closed_loop(engine: LLMEngine, requests: list[Request], in_flight: int) -> C
             run.prefilled.update(dict.fromkeys(view.request_ids, view.index))
 
     remove = engine.add_route_listener(prefilled)
-    def moved() -> int:
-        total = engine.cache.stats.total()
-        return total.bytes_moved + total.prefetch_bytes
-
-    before = moved()
+    before = engine.cache.stats.total().total_bytes
 
     def send(i: int) -> None:
         run.sent[str(i)] = engine.next_step_index
@@ -60,5 +56,5 @@ def closed_loop(engine: LLMEngine, requests: list[Request], in_flight: int) -> C
                         send(len(run.sent))
     finally:
         remove()
-    run.bytes_moved = moved() - before
+    run.bytes_moved = engine.cache.stats.total().total_bytes - before
     return run

@@ -113,7 +113,7 @@ class GenerateStats:
             f"prefill {self.prompt_tokens} tok at {self.prefill_tokens_per_s:.1f} tok/s | "
             f"decode {self.decode_tokens} tok at {self.decode_tokens_per_s:.1f} tok/s | "
             f"experts: {c.hits} hits, {c.misses} misses ({self.hit_rate:.1%}), "
-            f"{(c.bytes_moved + c.prefetch_bytes) / 2**20:.1f} MiB moved, {c.stall_s * 1e3:.1f} ms stalled, "
+            f"{c.total_bytes / 2**20:.1f} MiB moved, {c.stall_s * 1e3:.1f} ms stalled, "
             f"{self.distinct_experts_per_layer_step:.1f} distinct per layer-step"
         )
         if c.prefetches:

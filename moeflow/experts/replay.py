@@ -138,7 +138,7 @@ class ReplayResult:
     @property
     def bytes_moved(self) -> int:
         """Demand and prefetch bytes together."""
-        return self.stats.bytes_moved + self.stats.prefetch_bytes
+        return self.stats.total_bytes
 
     @property
     def bytes_per_token(self) -> float:

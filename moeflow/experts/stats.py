@@ -16,6 +16,11 @@ class LayerStats:
     prefetch_hits: int = 0  # prefetched experts a step then used (counted among the hits too)
     wasted_prefetches: int = 0  # prefetched experts that left the cache, or were dropped, before any use
 
+    @property
+    def total_bytes(self) -> int:
+        """Every host->device byte: demand loads and prefetches."""
+        return self.bytes_moved + self.prefetch_bytes
+
     def add(self, other: LayerStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -157,7 +157,7 @@ class RouteAwarePolicy:
         sigs = np.zeros((len(running), L, E))
         if predicted:  # a predictor's scores replace the signature
             sigs[predicted] = np.stack([got[running[i].request_id] for i in predicted])
-        guessed = sorted(set(range(len(running))) - set(predicted))  # the rest: the token table and latest routes
+        guessed = [i for i, s in enumerate(running) if s.request_id not in got]  # the token table, latest routes
         routed = [i for i in guessed if running[i].last_routes is not None]
         if routed:
             routes = np.stack([running[i].last_routes for i in routed]).astype(np.int64)  # [n, L, K]

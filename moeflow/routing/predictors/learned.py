@@ -113,17 +113,10 @@ class OnlineCalibration:
     def apply(self, logits: np.ndarray, hist: np.ndarray) -> np.ndarray:
         """logits, hist [B, L, E] -> probabilities [B, L, E], in the logits' precision. The network's are float32, and
         a route-aware scheduler has every running sequence's row calibrated before each step (256 rows of the bench
-        model's 12 x 64 took 2.5 ms in float64 on the CPU machine, 0.6 ms so)."""
+        model's 12 x 64 took 2.5 ms in float64 on the CPU machine, 0.7 ms so)."""
         dt = logits.dtype
         m = self.mix.astype(dt)[None, :, None]
-        p = logits + self.bias.astype(dt)[None, :, None]
-        with np.errstate(over="ignore"):  # exp(-x) overflows for very negative logits: their probability is 0
-            np.exp(np.negative(p, out=p), out=p)
-        p += 1.0
-        np.reciprocal(p, out=p)
-        p *= 1.0 - m
-        p += m * np.minimum(hist, 1.0)
-        return p
+        return (1 - m) * sigmoid(logits + self.bias.astype(dt)[None, :, None]) + m * np.minimum(hist, 1.0)
 
     def update(self, logits: np.ndarray, hist: np.ndarray, actual: np.ndarray) -> None:
         """logits, hist [B, L, E] as predicted; actual [B, L, E] multi-hot of what the tokens picked."""
@@ -352,7 +345,9 @@ class LearnedPredictor(PredictorBase):
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """In x's precision; exp(-x) overflows for very negative x (below -88 in float32), whose probability is 0."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def union(per: np.ndarray) -> np.ndarray:
