@@ -112,8 +112,8 @@ class OnlineCalibration:
 
     def apply(self, logits: np.ndarray, hist: np.ndarray) -> np.ndarray:
         """logits, hist [B, L, E] -> probabilities [B, L, E], in the logits' precision. The network's are float32, and
-        a route-aware scheduler has every running sequence's row calibrated before each step, where float64 took
-        four times as long (tools/policy_host_time.py --predictor times the rows)."""
+        a route-aware scheduler has every running sequence's row calibrated before each step
+        (tools/policy_host_time.py --predictor times the rows)."""
         dt = logits.dtype
         m = self.mix.astype(dt)[None, :, None]
         return (1 - m) * sigmoid(logits + self.bias.astype(dt)[None, :, None]) + m * np.minimum(hist, 1.0)
